@@ -1,0 +1,166 @@
+"""ApplicationInfoReportJob: the seed's 5-second job that writes this worker's PodInfo to Redis.
+
+`SET <prefix>:<ip>:<pid> <PodInfo JSON> EX <ttl>` at boot and on every tick; the key is deleted
+on a clean exit. While the registry is unreachable the worker goes on serving: the outage is
+logged once, attempts back off from the report interval up to `retry_max_seconds`, and the first
+write that succeeds again re-registers the worker and says so.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import UTC, datetime
+
+import anyio
+import msgspec
+from redis.exceptions import RedisError
+
+from app import __version__
+from app.clock import LoopWallClock
+from app.job_master import JobMaster
+from app.pod_info import PodInfo, encode_pod_info, pod_key
+from app.pod_registry import PodRegistry
+
+log = logging.getLogger(__name__)
+
+#: Failures that mean "the registry is not there right now", as opposed to a bug.
+REGISTRY_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
+
+
+class PodIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    """Who this worker is: fixed for the life of the process."""
+
+    ip: str
+    pid: int
+    host: str
+    grpc_port: int
+    start_datetime: str
+    version: str = __version__
+
+
+def advertised_ip(bound_host: str, override: str = "") -> str:
+    """The address others reach this worker at: the override, the bound address, or the host's."""
+    if override:
+        return override
+    if bound_host not in ("", "0.0.0.0", "::"):
+        return bound_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
+
+
+def make_identity(grpc_port: int, *, bound_host: str, advertise_ip: str = "") -> PodIdentity:
+    return PodIdentity(
+        ip=advertised_ip(bound_host, advertise_ip),
+        pid=os.getpid(),
+        host=socket.gethostname(),
+        grpc_port=grpc_port,
+        start_datetime=datetime.now(UTC).isoformat(timespec="milliseconds"),
+    )
+
+
+class ApplicationInfoReportJob:
+    """Writes PodInfo on each call; safe to call from a schedule and directly."""
+
+    def __init__(
+        self,
+        registry: PodRegistry,
+        job_master: JobMaster,
+        identity: PodIdentity,
+        *,
+        key_prefix: str = "wpm-apps",
+        ttl_seconds: int = 60,
+        interval_seconds: float = 5.0,
+        retry_max_seconds: float = 30.0,
+        clock: LoopWallClock | None = None,
+    ) -> None:
+        self._registry = registry
+        self._job_master = job_master
+        self._identity = identity
+        self.key = pod_key(key_prefix, identity.ip, identity.pid)
+        self._ttl = ttl_seconds
+        self._interval = interval_seconds
+        self._retry_max = retry_max_seconds
+        self._clock = clock or LoopWallClock()
+        self._connected: bool | None = None  # unknown until the first attempt
+        self._backoff = 0.0
+        self._next_attempt = -float("inf")
+        self._lock = anyio.Lock()
+        self.reports = 0
+        self.failures = 0
+
+    def __repr__(self) -> str:
+        state = {None: "unknown", True: "connected", False: "down"}[self._connected]
+        return f"<ApplicationInfoReportJob {self.key} {state} reports={self.reports}>"
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._connected)
+
+    def pod_info(self) -> PodInfo:
+        stats = self._job_master.statistics()
+        now = self._clock.now()
+        ident = self._identity
+        return PodInfo(
+            grpc_port=ident.grpc_port,
+            status=stats.status,
+            update_datetime=now.isoformat(timespec="milliseconds"),
+            update_epoch_ms=int(now.timestamp() * 1000),
+            ip=ident.ip,
+            pid=ident.pid,
+            host=ident.host,
+            start_datetime=ident.start_datetime,
+            active=stats.active,
+            capacity=stats.capacity,
+            core_size=stats.core_size,
+            max_size=stats.max_size,
+            queued=stats.queued,
+            queue_capacity=stats.queue_capacity,
+            watermark=stats.watermark,
+            version=ident.version,
+        )
+
+    async def __call__(self) -> None:
+        await self.report()
+
+    async def report(self, *, force: bool = False) -> bool:
+        """Write PodInfo now (unless backing off and not `force`); True when it was written."""
+        if not force and anyio.current_time() < self._next_attempt:
+            return False
+        async with self._lock:
+            try:
+                await self._registry.put(self.key, encode_pod_info(self.pod_info()), self._ttl)
+            except REGISTRY_ERRORS as exc:
+                self._failed(exc)
+                return False
+        if self._connected is False:
+            log.info("registry reachable again: PodInfo re-registered as %s", self.key)
+        elif self._connected is None:
+            log.info("PodInfo registered as %s (ttl %ds)", self.key, self._ttl)
+        self._connected = True
+        self._backoff = 0.0
+        self._next_attempt = -float("inf")
+        self.reports += 1
+        return True
+
+    def _failed(self, exc: Exception) -> None:
+        self.failures += 1
+        self._backoff = min(self._retry_max, max(self._interval, self._backoff * 2))
+        self._next_attempt = anyio.current_time() + self._backoff
+        if self._connected is not False:  # log the outage once, not on every tick
+            log.warning(
+                "registry unreachable (%s: %s); still serving, retrying with backoff up to %gs",
+                type(exc).__name__, exc, self._retry_max,
+            )  # fmt: skip
+        self._connected = False
+
+    async def unregister(self) -> None:
+        """Delete the key (a clean exit). Failures are logged, not raised."""
+        try:
+            await self._registry.delete(self.key)
+            log.info("PodInfo %s deleted", self.key)
+        except REGISTRY_ERRORS as exc:
+            log.warning("could not delete %s: %s: %s", self.key, type(exc).__name__, exc)

@@ -1,0 +1,41 @@
+"""Wall time derived from the event loop's clock, so virtual time (trio's MockClock) moves it too."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+import anyio
+
+
+class LoopWallClock:
+    """`now()` is the wall time at creation plus the loop time elapsed since.
+
+    Create it inside the event loop. A wall-clock step (NTP) after creation does not move it,
+    which is what a scheduler sleeping on the loop clock wants.
+    """
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._wall0 = (start or datetime.now(UTC)).timestamp()
+        self._loop0 = anyio.current_time()
+
+    def timestamp(self) -> float:
+        return self._wall0 + (anyio.current_time() - self._loop0)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.timestamp(), UTC)
+
+    def loop_time_at(self, instant: datetime) -> float:
+        """The loop time at which the wall clock will read `instant`."""
+        return self._loop0 + (instant.timestamp() - self._wall0)
+
+
+def utc_iso(timestamp: float | None) -> str:
+    """RFC 3339 in UTC with milliseconds; empty for None."""
+    if timestamp is None:
+        return ""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
+
+
+def wall_time() -> float:
+    return time.time()

@@ -1,0 +1,283 @@
+"""Configuration: TOML profiles decoded into msgspec Structs, with environment overrides.
+
+Layers, later ones winning (the seed's `application.yml` + `application-<profile>.yml`):
+
+1. `app/profiles/application.toml`, then `app/profiles/application-<PROFILE>.toml`;
+2. the same two names in an external config folder (`--config-dir` or `JOBWORKER_CONFIG_DIR`);
+3. `JOBWORKER_<SECTION>__<KEY>=value` for any key (the value read as a TOML value when it parses
+   as one, else as a string), and `REDIS_URL` for `redis.url`;
+4. command-line options.
+
+A value of the wrong type or out of range raises `ConfigError` naming the key and its source.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from app.errors import ConfigError
+
+PROFILES_DIR = Path(__file__).with_name("profiles")
+ENV_PREFIX = "JOBWORKER_"
+DEFAULT_PROFILE = "local"
+
+
+class _Section(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    pass
+
+
+def _check(ok: bool, key: str, problem: str) -> None:
+    # msgspec turns a ValueError raised in __post_init__ into a ValidationError at this path
+    if not ok:
+        raise ValueError(f"{problem} (`{key}`)")
+
+
+class GrpcConfig(_Section):
+    """The gRPC listener. `port` unset: the last port this worker used, else 9091."""
+
+    host: str = "0.0.0.0"
+    # the address written to PodInfo.ip; empty: the bound host, or this host's name resolved
+    advertise_ip: str = ""
+    port: int | None = None
+    default_port: int = 9091
+    # how many neighbours above the first port to try before an ephemeral one
+    port_search: int = 50
+    remember_port: bool = True
+    # seconds that in-flight RPCs get when the server closes
+    close_grace_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        _check(self.port is None or 0 <= self.port <= 65535, "port", "must be 0..65535")
+        _check(1 <= self.default_port <= 65535, "default_port", "must be 1..65535")
+        _check(0 <= self.port_search <= 1000, "port_search", "must be 0..1000")
+
+
+class WorkerConfig(_Section):
+    """The job master: Spring's ThreadPoolTaskExecutor(core, max, queue) plus the watermark."""
+
+    core_size: int = 4
+    max_size: int = 8
+    queue_capacity: int = 100
+    # percent of max_size in use at or under which the worker reports IDLE
+    watermark: int = 80
+    keep_alive_seconds: float = 60.0
+    # 0: no timeout unless the request sets one
+    default_timeout_seconds: float = 0.0
+    drain_grace_seconds: float = 30.0
+    # finished runs remembered for GetJob and for attaching a repeated RunWork
+    history_size: int = 1000
+    # modules whose @job functions are registered next to the built-ins
+    job_modules: list[str] = msgspec.field(default_factory=list)
+    builtin_jobs: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.core_size >= 1, "core_size", "must be at least 1")
+        _check(self.max_size >= self.core_size, "max_size", "must be at least core_size")
+        _check(self.queue_capacity >= 0, "queue_capacity", "must be 0 or more")
+        _check(0 <= self.watermark <= 100, "watermark", "must be 0..100")
+        _check(self.keep_alive_seconds >= 0, "keep_alive_seconds", "must be 0 or more")
+        _check(self.default_timeout_seconds >= 0, "default_timeout_seconds", "must be 0 or more")
+        _check(self.drain_grace_seconds >= 0, "drain_grace_seconds", "must be 0 or more")
+        _check(self.history_size >= 0, "history_size", "must be 0 or more")
+
+
+class ScheduleConfig(_Section):
+    """The scheduler's built-in schedules."""
+
+    report_interval_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check(self.report_interval_seconds > 0, "report_interval_seconds", "must be above 0")
+
+
+class RedisConfig(_Section):
+    """Where PodInfo goes. No `url` and no `host`: an embedded redis-server is started.
+
+    `host`/`port`/`tls` mirror the seed's `aws.elasticache.valkey.endpoint.*` (TLS gives
+    `rediss://`); `url` wins when both are set.
+    """
+
+    url: str = ""
+    host: str = ""
+    port: int = 6379
+    tls: bool = False
+    username: str = ""
+    password: str = ""
+    db: int = 0
+    key_prefix: str = "wpm-apps"
+    ttl_seconds: int = 60
+    connect_timeout_seconds: float = 2.0
+    # the report job backs off from report_interval up to this while Redis is down
+    retry_max_seconds: float = 30.0
+    embedded: bool = True
+
+    def __post_init__(self) -> None:
+        _check(
+            not self.url or self.url.split("://", 1)[0] in ("redis", "rediss", "unix"),
+            "url",
+            "must start with redis://, rediss:// or unix://",
+        )
+        _check(1 <= self.port <= 65535, "port", "must be 1..65535")
+        _check(self.ttl_seconds >= 1, "ttl_seconds", "must be at least 1")
+        _check(bool(self.key_prefix), "key_prefix", "must not be empty")
+        _check(self.connect_timeout_seconds > 0, "connect_timeout_seconds", "must be above 0")
+        _check(self.retry_max_seconds > 0, "retry_max_seconds", "must be above 0")
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.url or self.host)
+
+    def effective_url(self) -> str:
+        if self.url:
+            return self.url
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host}:{self.port}/{self.db}"
+
+
+class LogConfig(_Section):
+    level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        levels = ("DEBUG", "INFO", "WARNING", "ERROR")
+        _check(self.level.upper() in levels, "level", f"must be one of {', '.join(levels)}")
+
+
+class Config(_Section):
+    """The whole configuration of one process."""
+
+    profile: str = DEFAULT_PROFILE
+    grpc: GrpcConfig = msgspec.field(default_factory=GrpcConfig)
+    worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
+    schedule: ScheduleConfig = msgspec.field(default_factory=ScheduleConfig)
+    redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+
+
+def _merge(into: dict[str, Any], layer: Mapping[str, Any], source: str, origins: dict[str, str],
+           path: str = "") -> None:  # fmt: skip
+    for key, value in layer.items():
+        dotted = f"{path}{key}"
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value, source, origins, f"{dotted}.")
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+            origins[dotted] = source
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror}") from None
+
+
+def _env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def env_layer(env: Mapping[str, str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The overrides in `env`, as a nested mapping, and which variable set each dotted key."""
+    layer: dict[str, Any] = {}
+    names: dict[str, str] = {}
+    for name, raw in env.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name or name == "JOBWORKER_CONFIG_DIR":
+            continue
+        parts = [p.lower() for p in name[len(ENV_PREFIX) :].split("__")]
+        if not all(parts):
+            raise ConfigError(name, "empty section or key in the variable name")
+        node = layer
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = _env_value(raw)
+        names[".".join(parts)] = name
+    if env.get("REDIS_URL"):
+        layer.setdefault("redis", {})["url"] = env["REDIS_URL"]
+        names["redis.url"] = "REDIS_URL"
+    return layer, names
+
+
+_PATH_RE = re.compile(r"(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
+
+
+def _validation_error(exc: msgspec.ValidationError, origins: Mapping[str, str]) -> ConfigError:
+    match = _PATH_RE.match(str(exc))
+    assert match is not None  # the pattern matches any string
+    message, path = match["msg"], (match["path"] or "").lstrip(".")
+    # a __post_init__ check names its own field: "must be ... (`core_size`)"
+    own = re.search(r" \(`(\w+)`\)$", message)
+    if own:
+        message = message[: own.start()]
+        path = f"{path}.{own[1]}" if path else own[1]
+    unknown = re.match(r"Object contains unknown field `(\w+)`", message)
+    if unknown:
+        path = f"{path}.{unknown[1]}" if path else unknown[1]
+        message = "unknown key"
+    key = path or "config"
+    source = origins.get(key)
+    where = f" (from {source})" if source else ""
+    return ConfigError(f"{key}{where}", message[0].lower() + message[1:] if message else "invalid")
+
+
+def available_profiles(config_dir: Path | None = None) -> list[str]:
+    names = {p.stem.removeprefix("application-") for p in PROFILES_DIR.glob("application-*.toml")}
+    if config_dir is not None:
+        names |= {p.stem.removeprefix("application-") for p in config_dir.glob("application-*.toml")}
+    return sorted(names)
+
+
+def load_config(
+    env: Mapping[str, str],
+    *,
+    profile: str | None = None,
+    config_dir: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration from the profile files, `env` and command-line `overrides`.
+
+    `overrides` maps dotted keys (`grpc.port`) to values. Raises `ConfigError`.
+    """
+    profile = profile or env.get("PROFILE") or DEFAULT_PROFILE
+    if config_dir is None and env.get("JOBWORKER_CONFIG_DIR"):
+        config_dir = Path(env["JOBWORKER_CONFIG_DIR"])
+    if config_dir is not None and not config_dir.is_dir():
+        raise ConfigError("config_dir", f"{config_dir} is not a directory")
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    folders = [PROFILES_DIR] + ([config_dir] if config_dir is not None else [])
+    found_profile = False
+    for folder in folders:
+        for name in ("application.toml", f"application-{profile}.toml"):
+            path = folder / name
+            if path.is_file():
+                found_profile |= name != "application.toml"
+                _merge(merged, _read_toml(path), str(path), origins)
+    if not found_profile:
+        have = ", ".join(available_profiles(config_dir)) or "none"
+        raise ConfigError("PROFILE", f"no profile named {profile!r} (have: {have})")
+    layer, names = env_layer(env)
+    _merge(merged, layer, "environment", origins)
+    origins.update(names)
+    for dotted, value in (overrides or {}).items():
+        node = merged
+        *parents, last = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
+        origins[dotted] = "command line"
+    merged["profile"] = profile
+    try:
+        return msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _validation_error(exc, origins) from None

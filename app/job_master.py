@@ -1,0 +1,407 @@
+"""JobMaster: runs jobs on an anyio CapacityLimiter with ThreadPoolTaskExecutor semantics.
+
+Spring's executor, which the seed used, admits work like this, and so does this class:
+
+1. while fewer than `core_size` jobs run, a new job starts at once;
+2. then it waits in a queue of `queue_capacity`;
+3. only when that queue is full does the limiter grow by one token (up to `max_size`), and the
+   new job starts on it;
+4. past that the job is rejected (QueueFull).
+
+Tokens above `core_size` are given back after `keep_alive_seconds` without job activity.
+Admission and hand-over are plain synchronous methods (no await), so cancellation can never
+leave a token taken with no job behind it: a job's token is taken on its behalf
+(`acquire_on_behalf_of_nowait(job_id)`) before its task starts and released in its `finally`.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import anyio.abc
+import msgspec
+
+from app.errors import Draining, InvalidJobRequest, JobAlreadyExists, JobNotFound, QueueFull
+from app.job_record import JobRun, JobState
+from app.job_registry import JobRegistry, JobSpec
+from app.pod_info import PodStatus
+
+log = logging.getLogger(__name__)
+
+MAX_ID_LENGTH = 256
+_json = msgspec.json.Encoder()
+
+
+class JobMasterStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the job master for status, PodInfo and metrics."""
+
+    status: PodStatus
+    active: int
+    capacity: int
+    core_size: int
+    max_size: int
+    queued: int
+    queue_capacity: int
+    watermark: int
+    accepted: int
+    rejected: int
+    succeeded: int
+    failed: int
+    cancelled: int
+    timed_out: int
+
+
+class _Run:
+    """A live run: the public record plus what only the job master needs."""
+
+    __slots__ = ("cancel_reason", "done", "kwargs", "record", "scope", "spec")
+
+    def __init__(self, record: JobRun, spec: JobSpec, kwargs: dict[str, Any]) -> None:
+        self.record = record
+        self.spec = spec
+        self.kwargs = kwargs
+        self.done = anyio.Event()
+        self.scope: anyio.CancelScope | None = None
+        self.cancel_reason: str | None = None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+class JobMaster:
+    """Admits, runs, times out and cancels jobs; the live source of the IDLE/BUSY status."""
+
+    def __init__(
+        self,
+        registry: JobRegistry,
+        *,
+        core_size: int = 4,
+        max_size: int = 8,
+        queue_capacity: int = 100,
+        watermark: int = 80,
+        keep_alive_seconds: float = 60.0,
+        default_timeout_seconds: float = 0.0,
+        history_size: int = 1000,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 1 <= core_size <= max_size:
+            raise ValueError("need 1 <= core_size <= max_size")
+        self._registry = registry
+        self._core_size = core_size
+        self._max_size = max_size
+        self._queue_capacity = queue_capacity
+        self._watermark = watermark
+        self._keep_alive = keep_alive_seconds
+        self._default_timeout = default_timeout_seconds
+        self._history_size = history_size
+        self._wall_clock = wall_clock
+        self._limiter = anyio.CapacityLimiter(core_size)
+        # admission already bounds running jobs to the limiter's tokens; this one only gives the
+        # blocking jobs their own thread pool instead of anyio's shared default of 40
+        self._thread_limiter = anyio.CapacityLimiter(max_size)
+        self._queue: deque[_Run] = deque()
+        self._live: dict[str, _Run] = {}
+        self._history: OrderedDict[str, _Run] = OrderedDict()
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._scope = anyio.CancelScope()
+        self._wakeup = anyio.Event()
+        self._stopped = anyio.Event()
+        self._draining = False
+        self._last_activity = 0.0
+        self._counts = dict.fromkeys(("accepted", "rejected", *(s.value for s in JobState)), 0)
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"<JobMaster active={s.active}/{s.capacity} max={s.max_size}"
+            f" queued={s.queued}/{s.queue_capacity} {s.status.value}>"
+        )
+
+    # --- state -------------------------------------------------------------------------------
+
+    @property
+    def limiter(self) -> anyio.CapacityLimiter:
+        return self._limiter
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def status(self) -> PodStatus:
+        """The seed's JobMaster#isActive(): at or under the watermark is IDLE, above it BUSY."""
+        if self._draining:
+            return PodStatus.DRAINING
+        busy = self._limiter.borrowed_tokens * 100 > self._watermark * self._max_size
+        return PodStatus.BUSY if busy else PodStatus.IDLE
+
+    def statistics(self) -> JobMasterStatistics:
+        c = self._counts
+        return JobMasterStatistics(
+            status=self.status(),
+            active=self._limiter.borrowed_tokens,
+            capacity=int(self._limiter.total_tokens),
+            core_size=self._core_size,
+            max_size=self._max_size,
+            queued=len(self._queue),
+            queue_capacity=self._queue_capacity,
+            watermark=self._watermark,
+            accepted=c["accepted"],
+            rejected=c["rejected"],
+            succeeded=c[JobState.SUCCEEDED.value],
+            failed=c[JobState.FAILED.value],
+            cancelled=c[JobState.CANCELLED.value],
+            timed_out=c[JobState.TIMED_OUT.value],
+        )
+
+    def job_names(self) -> list[str]:
+        return self._registry.names()
+
+    def get(self, job_id: str) -> JobRun:
+        """The record of a queued, running or remembered finished job; JobNotFound otherwise."""
+        run = self._live.get(job_id) or self._history.get(job_id)
+        if run is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        return run.record
+
+    def jobs(self) -> list[JobRun]:
+        """Live runs (queued first, then running), then remembered ones, newest first."""
+        return [r.record for r in self._live.values()] + [
+            r.record for r in reversed(self._history.values())
+        ]
+
+    # --- admission (synchronous: no await between decision and effect) ------------------------
+
+    def submit_nowait(
+        self,
+        name: str,
+        *,
+        job_id: str,
+        params: dict[str, str] | None = None,
+        timeout_seconds: float = 0.0,
+    ) -> JobRun:
+        """Admit a job: start it, queue it, or grow the limiter for it; else raise.
+
+        Raises InvalidJobRequest, UnknownJob, JobAlreadyExists, QueueFull or Draining.
+        """
+        if self._task_group is None:
+            raise RuntimeError("JobMaster is not running")
+        if self._draining:
+            self._counts["rejected"] += 1
+            raise Draining("worker is draining and takes no new work")
+        params = params or {}
+        spec, kwargs = self._validate(name, job_id, params, timeout_seconds)
+        if job_id in self._live:
+            raise JobAlreadyExists(f"job {job_id!r} is already {self._live[job_id].record.state.value}")
+        record = JobRun(
+            id=job_id,
+            name=name,
+            params=params,
+            timeout_seconds=timeout_seconds or self._default_timeout,
+            submitted_at=self._wall_clock(),
+        )
+        run = _Run(record, spec, kwargs)
+        if self._limiter.available_tokens >= 1 and not self._queue:
+            self._start(run)
+        elif len(self._queue) < self._queue_capacity:
+            self._queue.append(run)
+        elif self._limiter.total_tokens < self._max_size:
+            self._limiter.total_tokens += 1
+            self._start(run)
+        else:
+            self._counts["rejected"] += 1
+            raise QueueFull(
+                f"queue is full ({self._queue_capacity} waiting, {self._max_size} running)"
+            )
+        self._history.pop(job_id, None)  # a finished id may run again
+        self._live[job_id] = run
+        self._counts["accepted"] += 1
+        return record
+
+    def _validate(
+        self, name: str, job_id: str, params: dict[str, str], timeout_seconds: float
+    ) -> tuple[JobSpec, dict[str, Any]]:
+        if not job_id:
+            raise InvalidJobRequest("id: must not be empty")
+        if len(job_id) > MAX_ID_LENGTH or not job_id.isprintable():
+            raise InvalidJobRequest(f"id: must be printable and at most {MAX_ID_LENGTH} characters")
+        if not name:
+            raise InvalidJobRequest("name: must not be empty")
+        if not math.isfinite(timeout_seconds) or timeout_seconds < 0:
+            raise InvalidJobRequest("timeout_seconds: must be a finite number, 0 or more")
+        spec = self._registry.get(name)
+        return spec, spec.bind(params)
+
+    def _start(self, run: _Run) -> None:
+        assert self._task_group is not None
+        self._limiter.acquire_on_behalf_of_nowait(run.record.id)
+        run.record.state = JobState.RUNNING
+        run.record.started_at = self._wall_clock()
+        self._last_activity = anyio.current_time()
+        self._task_group.start_soon(self._execute, run, name=f"job {run.record.id}")
+
+    def _finish(self, run: _Run, state: JobState, *, result: bytes = b"", error: str = "") -> None:
+        record = run.record
+        if record.started_at is not None:
+            self._limiter.release_on_behalf_of(record.id)
+        record.state, record.result_json, record.error = state, result, error
+        record.finished_at = self._wall_clock()
+        self._counts[state.value] += 1
+        if self._live.get(record.id) is run:
+            del self._live[record.id]
+        if self._history_size:
+            self._history[record.id] = run
+            while len(self._history) > self._history_size:
+                self._history.popitem(last=False)
+        run.done.set()
+        self._last_activity = anyio.current_time()
+        self._hand_over()
+        self._wakeup.set()
+        if state is JobState.FAILED:
+            log.info("job %s (%s) failed: %s", record.id, record.name, error)
+
+    def _hand_over(self) -> None:
+        """Give free tokens to queued jobs, oldest first."""
+        if self._scope.cancel_called:
+            while self._queue:
+                self._finish(self._queue.popleft(), JobState.CANCELLED, error="worker shut down")
+            return
+        while self._queue and self._limiter.available_tokens >= 1:
+            self._start(self._queue.popleft())
+
+    # --- running ------------------------------------------------------------------------------
+
+    async def _execute(self, run: _Run) -> None:
+        record = run.record
+        outcome: tuple[JobState, bytes, str] | None = None
+        try:
+            with anyio.CancelScope() as scope:
+                run.scope = scope
+                if record.timeout_seconds:
+                    scope.deadline = anyio.current_time() + record.timeout_seconds
+                if run.cancel_reason is not None:
+                    scope.cancel()
+                try:
+                    value = await self._call(run)
+                    outcome = (JobState.SUCCEEDED, _json.encode(value), "")
+                except Exception as exc:
+                    outcome = (JobState.FAILED, b"", _one_line(exc))
+            if outcome is None:  # this run's own scope stopped it
+                if run.cancel_reason is not None:
+                    outcome = (JobState.CANCELLED, b"", run.cancel_reason)
+                else:
+                    outcome = (JobState.TIMED_OUT, b"", f"timed out after {record.timeout_seconds:g}s")
+        finally:
+            if outcome is None:  # cancelled from outside: the drain's grace ran out
+                outcome = (JobState.CANCELLED, b"", "worker shut down before the job finished")
+            state, result, error = outcome
+            self._finish(run, state, result=result, error=error)
+
+    async def _call(self, run: _Run) -> Any:
+        spec = run.spec
+        if spec.blocking:
+            # abandon_on_cancel: a cancel or timeout takes effect now; a thread that ignores
+            # from_thread.check_cancelled() finishes in the background, its result dropped
+            return await anyio.to_thread.run_sync(
+                functools.partial(spec.fn, **run.kwargs),
+                limiter=self._thread_limiter,
+                abandon_on_cancel=True,
+            )
+        value = spec.fn(**run.kwargs)
+        if hasattr(value, "__await__"):
+            value = await value
+        return value
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Own the jobs' task group until drained (or cancelled); report ready once it exists."""
+        try:
+            with self._scope:
+                async with anyio.create_task_group() as tg:
+                    self._task_group = tg
+                    task_status.started()
+                    while not (self._draining and not self._live):
+                        with anyio.move_on_after(self._next_shrink_in()):
+                            await self._wakeup.wait()
+                        self._wakeup = anyio.Event()
+                        self._shrink_idle()
+        finally:
+            self._draining = True
+            self._task_group = None
+            while self._queue:  # never started: nothing to await
+                self._finish(self._queue.popleft(), JobState.CANCELLED, error="worker shut down")
+            self._stopped.set()
+
+    def _next_shrink_in(self) -> float:
+        if self._limiter.total_tokens <= self._core_size:
+            return math.inf
+        return max(0.0, self._last_activity + self._keep_alive - anyio.current_time())
+
+    def _shrink_idle(self) -> None:
+        if self._limiter.total_tokens > self._core_size and self._next_shrink_in() == 0:
+            self._limiter.total_tokens = max(self._core_size, self._limiter.borrowed_tokens)
+            # wake again later if busy tokens above core still have to come back
+            self._last_activity = anyio.current_time()
+
+    # --- waiting, cancelling, draining ------------------------------------------------------------
+
+    async def wait_finished(self, job_id: str) -> JobRun:
+        """Wait until the job has ended and return its record."""
+        run = self._live.get(job_id) or self._history.get(job_id)
+        if run is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        await run.done.wait()
+        return run.record
+
+    async def run_and_wait(
+        self,
+        name: str,
+        *,
+        job_id: str,
+        params: dict[str, str] | None = None,
+        timeout_seconds: float = 0.0,
+    ) -> JobRun:
+        """Submit and wait for the outcome; an id known under the same name attaches to it."""
+        known = self._live.get(job_id) or self._history.get(job_id)
+        if known is not None and job_id:
+            if known.record.name != name:
+                raise JobAlreadyExists(f"job {job_id!r} exists for job {known.record.name!r}")
+        else:
+            self.submit_nowait(name, job_id=job_id, params=params, timeout_seconds=timeout_seconds)
+        return await self.wait_finished(job_id)
+
+    async def cancel(self, job_id: str, reason: str = "cancelled by request") -> JobRun:
+        """Cancel a queued or running job and wait for it to end; a finished one is returned as is."""
+        run = self._live.get(job_id) or self._history.get(job_id)
+        if run is None:
+            raise JobNotFound(f"no job with id {job_id!r}")
+        if run.record.state is JobState.QUEUED:
+            self._queue.remove(run)
+            self._finish(run, JobState.CANCELLED, error=reason)
+        elif not run.done.is_set():
+            run.cancel_reason = reason
+            if run.scope is not None:
+                run.scope.cancel()
+        await run.done.wait()
+        return run.record
+
+    def begin_drain(self, grace_seconds: float) -> None:
+        """Refuse new work from now on; jobs still running after the grace are cancelled."""
+        self._draining = True
+        self._scope.deadline = min(self._scope.deadline, anyio.current_time() + grace_seconds)
+        self._wakeup.set()
+
+    def cancel_all(self) -> None:
+        """Cancel every job now (a second signal, or the grace already spent elsewhere)."""
+        self._draining = True
+        self._scope.cancel()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()

@@ -1,0 +1,45 @@
+"""The record of one job run on a worker, as the job master keeps it and the RPCs return it."""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+
+class JobState(enum.Enum):
+    """Where a job run is; the names match `worker.JobState` in proto/worker.proto."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def finished(self) -> bool:
+        return self not in (JobState.QUEUED, JobState.RUNNING)
+
+
+class JobRun(msgspec.Struct, kw_only=True):
+    """One run of a job. Mutable: the job master updates it in place as the run moves on.
+
+    Times are Unix epoch seconds; `result_json` is the job function's return value as JSON.
+    """
+
+    id: str
+    name: str
+    params: dict[str, str] = msgspec.field(default_factory=dict)
+    timeout_seconds: float = 0.0
+    state: JobState = JobState.QUEUED
+    result_json: bytes = b""
+    error: str = ""
+    submitted_at: float = 0.0
+    started_at: float | None = None
+    finished_at: float | None = None
+
+    def result(self) -> Any:
+        """The decoded return value (None when the job has not succeeded)."""
+        return msgspec.json.decode(self.result_json) if self.result_json else None

@@ -1,0 +1,57 @@
+"""`PodInfo`: what a worker writes about itself to `wpm-apps:<ip>:<pid>`."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class PodStatus(enum.Enum):
+    """The seed's POD_STATUS_TYPE, plus DRAINING for a worker on its way out."""
+
+    IDLE = "IDLE"
+    BUSY = "BUSY"
+    DRAINING = "DRAINING"
+
+
+class PodInfo(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
+    """The seed's three keys first (`grpcPort`, `status`, `updateDatetime`), then the fleet's.
+
+    Times are ISO 8601 with a UTC offset; `updateEpochMs` lets a reader compare without parsing.
+    The schema only grows by adding fields with defaults, so older readers keep working.
+    """
+
+    grpc_port: int
+    status: PodStatus
+    update_datetime: str
+    update_epoch_ms: int = 0
+    ip: str = ""
+    pid: int = 0
+    host: str = ""
+    start_datetime: str = ""
+    active: int = 0
+    capacity: int = 0
+    core_size: int = 0
+    max_size: int = 0
+    queued: int = 0
+    queue_capacity: int = 0
+    watermark: int = 0
+    version: str = ""
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(PodInfo)
+
+
+def encode_pod_info(info: PodInfo) -> bytes:
+    return _encoder.encode(info)
+
+
+def decode_pod_info(raw: bytes | str) -> PodInfo:
+    return _decoder.decode(raw)
+
+
+def pod_key(prefix: str, ip: str, pid: int) -> str:
+    """The seed's key: `<prefix>:<ip>:<pid>` (prefix `wpm-apps` by default)."""
+    return f"{prefix}:{ip}:{pid}"

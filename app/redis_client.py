@@ -1,0 +1,34 @@
+"""Build the redis-py asyncio client from config: redis://, rediss:// (TLS), unix://, ACL users."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from app.config import RedisConfig
+
+#: What "Redis is unreachable" looks like to callers (redis-py raises these, or OSError).
+REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def create_redis(config: RedisConfig, url: str | None = None) -> aioredis.Redis:
+    """A client for `url` (default: the config's endpoint). Every call has a socket timeout.
+
+    `redis.username`/`redis.password` apply when the URL carries none.
+    """
+    url = url or config.effective_url()
+    kwargs: dict[str, object] = {
+        "socket_timeout": config.connect_timeout_seconds,
+        "socket_connect_timeout": config.connect_timeout_seconds,
+        # a couple of quick retries for a blip; longer outages are the caller's backoff
+        "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
+        "health_check_interval": 30,
+    }
+    if config.username:
+        kwargs["username"] = config.username
+    if config.password:
+        kwargs["password"] = config.password
+    return aioredis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]

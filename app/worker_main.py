@@ -1,0 +1,165 @@
+"""The composition root of `jobworker worker`: config in, one task group, signals, drain.
+
+    root task group
+    ├── embedded redis-server        only when no Redis is configured
+    ├── JobMaster                    CapacityLimiter + bounded queue; a task per running job
+    ├── GrpcServer (grpclib)         WorkerService, reflection, health
+    └── ScheduleManager              ApplicationInfoReportJob every report interval
+
+Shutdown (SIGTERM/SIGINT): PodInfo DRAINING and health NOT_SERVING at once, new work refused
+with UNAVAILABLE, running and queued jobs get `drain_grace_seconds` to finish and are cancelled
+after it (a second signal cancels them at once), the PodInfo key is deleted, and the process
+exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import anyio
+
+from app import __version__
+from app.application_info_report_job import ApplicationInfoReportJob, make_identity
+from app.builtin_jobs import builtin_specs
+from app.clock import LoopWallClock
+from app.config import Config
+from app.embedded_redis import EmbeddedRedis
+from app.errors import ConfigError
+from app.grpc_server import GrpcServer
+from app.job_master import JobMaster
+from app.job_registry import JobRegistry, default_registry, load_job_modules
+from app.pod_registry import RedisPodRegistry
+from app.ports import LAST_PORT_FILE, candidate_ports, read_last_port, state_dir, write_last_port
+from app.redis_client import create_redis
+from app.schedule_manager import IntervalTrigger, ScheduleManager
+from app.worker_service import WorkerService
+
+log = logging.getLogger("app.worker")
+
+REPORT_SCHEDULE = "ApplicationInfoReportJob"
+# how long shutdown waits on Redis for the DRAINING report and the key's deletion
+REGISTRY_SHUTDOWN_SECONDS = 3.0
+
+
+def build_job_registry(config: Config, extra_modules: list[str]) -> JobRegistry:
+    """Built-ins (unless turned off), then every @job of the configured modules."""
+    registry = JobRegistry()
+    if config.worker.builtin_jobs:
+        registry.update(builtin_specs())
+    load_job_modules(config.worker.job_modules)
+    load_job_modules(extra_modules, key="--jobs")
+    registry.update(default_registry.specs())
+    if not registry.names():
+        raise ConfigError("worker.builtin_jobs", "no jobs: built-ins are off and no module adds any")
+    return registry
+
+
+def port_candidates(config: Config, env: dict[str, str]) -> list[int]:
+    """`grpc.port` when set, else the last port used, else `grpc.default_port`; then neighbours."""
+    first = config.grpc.port
+    if first is None:
+        last = read_last_port(state_dir(env) / LAST_PORT_FILE) if config.grpc.remember_port else None
+        first = last or config.grpc.default_port
+    return list(candidate_ports(first, config.grpc.port_search if first else 0))
+
+
+async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str]) -> None:
+    """Run the worker until a signal drains it."""
+    w = config.worker
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+            if config.redis.configured:
+                redis_url = config.redis.effective_url()
+            elif config.redis.embedded:
+                redis_url = await tg.start(EmbeddedRedis().run)
+            else:
+                raise ConfigError("redis.url", "no Redis configured and redis.embedded is false")
+            redis = create_redis(config.redis, redis_url)
+            clock = LoopWallClock()
+            job_master = JobMaster(
+                registry,
+                core_size=w.core_size,
+                max_size=w.max_size,
+                queue_capacity=w.queue_capacity,
+                watermark=w.watermark,
+                keep_alive_seconds=w.keep_alive_seconds,
+                default_timeout_seconds=w.default_timeout_seconds,
+                history_size=w.history_size,
+            )
+            await tg.start(job_master.run)
+            schedules = ScheduleManager(clock)
+            service = WorkerService(job_master, schedules)
+            server = GrpcServer(
+                [service], host=config.grpc.host, close_grace_seconds=config.grpc.close_grace_seconds
+            )
+            port = await tg.start(server.run, port_candidates(config, env))
+            if config.grpc.remember_port:
+                write_last_port(state_dir(env) / LAST_PORT_FILE, port)
+            identity = make_identity(
+                port, bound_host=config.grpc.host, advertise_ip=config.grpc.advertise_ip
+            )
+            report = ApplicationInfoReportJob(
+                RedisPodRegistry(redis),
+                job_master,
+                identity,
+                key_prefix=config.redis.key_prefix,
+                ttl_seconds=config.redis.ttl_seconds,
+                interval_seconds=config.schedule.report_interval_seconds,
+                retry_max_seconds=config.redis.retry_max_seconds,
+                clock=clock,
+            )
+            service.identity = identity
+            service.registry_connected = lambda: report.connected
+            try:
+                await report.report()
+                interval = config.schedule.report_interval_seconds
+                schedules.add_schedule(
+                    report,
+                    IntervalTrigger(interval, clock.now() + timedelta(seconds=interval)),
+                    name=REPORT_SCHEDULE,
+                )
+                await tg.start(schedules.run)
+                log.info(
+                    "worker ready: pid %d, port %d, profile %s, jobs %s, %r",
+                    identity.pid, port, config.profile, ",".join(registry.names()), job_master,
+                )  # fmt: skip
+                await _wait_and_drain(signals, job_master, server, report, w.drain_grace_seconds)
+            finally:
+                with anyio.move_on_after(REGISTRY_SHUTDOWN_SECONDS, shield=True):
+                    # stop the reports first, so that none rewrites the key after its deletion
+                    if any(i.name == REPORT_SCHEDULE for i in schedules.schedules()):
+                        schedules.remove_schedule(REPORT_SCHEDULE)
+                    await report.unregister()
+                with anyio.move_on_after(1, shield=True):
+                    await redis.aclose()
+                tg.cancel_scope.cancel()
+    log.info("worker stopped")
+
+
+async def _wait_and_drain(
+    signals: AsyncIterator[signal.Signals],
+    job_master: JobMaster,
+    server: GrpcServer,
+    report: ApplicationInfoReportJob,
+    grace: float,
+) -> None:
+    signum = await anext(signals)
+    log.info("%s: draining, %r, grace %gs", signum.name, job_master, grace)
+    job_master.begin_drain(grace)
+    server.set_serving(False)
+    with anyio.move_on_after(REGISTRY_SHUTDOWN_SECONDS):
+        await report.report(force=True)
+
+    async def second_signal() -> None:
+        async for again in signals:
+            log.warning("%s again: cancelling running jobs now", again.name)
+            job_master.cancel_all()
+
+    async with anyio.create_task_group() as drain:
+        drain.start_soon(second_signal)
+        await job_master.wait_stopped()
+        drain.cancel_scope.cancel()
+    log.info("drained: %r", job_master)

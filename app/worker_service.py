@@ -1,0 +1,141 @@
+"""`worker.WorkerService` on grpclib: RPC handlers hand work to the JobMaster, never spawn tasks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from app.application_info_report_job import PodIdentity
+from app.clock import utc_iso
+from app.errors import (
+    Draining,
+    InvalidJobRequest,
+    JobAlreadyExists,
+    JobNotFound,
+    JobWorkerError,
+    QueueFull,
+    UnknownJob,
+)
+from app.job_master import JobMaster
+from app.job_record import JobRun
+from app.pb import worker as pb
+from app.schedule_manager import ScheduleManager
+
+_STATUS: dict[type[JobWorkerError], Status] = {
+    InvalidJobRequest: Status.INVALID_ARGUMENT,
+    UnknownJob: Status.NOT_FOUND,
+    JobNotFound: Status.NOT_FOUND,
+    JobAlreadyExists: Status.ALREADY_EXISTS,
+    QueueFull: Status.RESOURCE_EXHAUSTED,
+    Draining: Status.UNAVAILABLE,
+}
+
+
+def grpc_error(exc: JobWorkerError) -> GRPCError:
+    """The status for a core error, its message the error's one line."""
+    return GRPCError(_STATUS.get(type(exc), Status.INTERNAL), str(exc))
+
+
+def job_info(record: JobRun) -> pb.JobInfo:
+    return pb.JobInfo(
+        id=record.id,
+        name=record.name,
+        state=pb.JobState[record.state.value],
+        params=dict(record.params),
+        result_json=record.result_json.decode(),
+        error=record.error,
+        submitted_at=utc_iso(record.submitted_at),
+        started_at=utc_iso(record.started_at),
+        finished_at=utc_iso(record.finished_at),
+        timeout_seconds=record.timeout_seconds,
+    )
+
+
+class WorkerService(pb.WorkerServiceBase):
+    """The seed's SendWork plus run-and-wait, get, cancel and status."""
+
+    def __init__(self, job_master: JobMaster, schedules: ScheduleManager) -> None:
+        self._jobs = job_master
+        self._schedules = schedules
+        # set once the port is bound and the registry is wired
+        self.identity: PodIdentity | None = None
+        self.registry_connected: Callable[[], bool] = lambda: False
+
+    async def send_work(self, message: pb.SendWorkReq) -> pb.SendWorkRes:
+        try:
+            record = self._jobs.submit_nowait(
+                message.name,
+                job_id=message.id,
+                params=dict(message.params),
+                timeout_seconds=message.timeout_seconds,
+            )
+        except JobWorkerError as exc:
+            raise grpc_error(exc) from None
+        state = pb.JobState[record.state.value]
+        return pb.SendWorkRes(message=f"job {record.id} accepted: {record.state.value}", state=state)
+
+    async def run_work(self, message: pb.SendWorkReq) -> pb.JobInfo:
+        try:
+            record = await self._jobs.run_and_wait(
+                message.name,
+                job_id=message.id,
+                params=dict(message.params),
+                timeout_seconds=message.timeout_seconds,
+            )
+        except JobWorkerError as exc:
+            raise grpc_error(exc) from None
+        return job_info(record)
+
+    async def get_job(self, message: pb.JobRef) -> pb.JobInfo:
+        try:
+            return job_info(self._jobs.get(message.id))
+        except JobWorkerError as exc:
+            raise grpc_error(exc) from None
+
+    async def cancel_job(self, message: pb.JobRef) -> pb.JobInfo:
+        try:
+            return job_info(await self._jobs.cancel(message.id))
+        except JobWorkerError as exc:
+            raise grpc_error(exc) from None
+
+    async def get_status(self, message: pb.StatusReq) -> pb.WorkerStatus:
+        s = self._jobs.statistics()
+        ident = self.identity
+        schedules = [
+            pb.ScheduleInfo(
+                name=i.name,
+                trigger=i.trigger,
+                next_fire_at=utc_iso(i.next_fire_at.timestamp() if i.next_fire_at else None),
+                last_run_at=utc_iso(i.last_run_at.timestamp() if i.last_run_at else None),
+                last_outcome=i.last_outcome,
+                run_count=i.run_count,
+                failure_count=i.failure_count,
+                paused=i.paused,
+            )
+            for i in self._schedules.schedules()
+        ]
+        return pb.WorkerStatus(
+            status=s.status.value,
+            ip=ident.ip if ident else "",
+            pid=ident.pid if ident else 0,
+            host=ident.host if ident else "",
+            grpc_port=ident.grpc_port if ident else 0,
+            version=ident.version if ident else "",
+            started_at=ident.start_datetime if ident else "",
+            active=s.active,
+            capacity=s.capacity,
+            core_size=s.core_size,
+            max_size=s.max_size,
+            queued=s.queued,
+            queue_capacity=s.queue_capacity,
+            watermark=s.watermark,
+            jobs_accepted=s.accepted,
+            jobs_rejected=s.rejected,
+            jobs_succeeded=s.succeeded,
+            jobs_failed=s.failed,
+            job_names=self._jobs.job_names(),
+            schedules=schedules,
+            registry_connected=self.registry_connected(),
+        )
