@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import anyio
 
 from app import __version__
-from app.config import Config, load_config
+from app.config import load_config
 from app.errors import ConfigError
 
 log = logging.getLogger("app")
@@ -34,7 +34,7 @@ def _setup_logging(level: str) -> None:
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:
     """grpclib and redis-py need asyncio; uvloop when it is installed."""
     try:
-        import uvloop  # noqa: F401, PLC0415
+        import uvloop  # noqa: F401
     except ImportError:
         options: dict[str, Any] = {}
     else:
@@ -43,7 +43,7 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from app.worker_main import build_job_registry, serve_worker  # noqa: PLC0415
+    from app.worker_main import build_job_registry, serve_worker
 
     overrides: dict[str, Any] = {}
     if args.port is not None:
@@ -58,12 +58,13 @@ def _worker(args: argparse.Namespace) -> int:
         run_async(lambda: serve_worker(config, registry, env))
     except BaseExceptionGroup as group:
         # a config problem found at run time (no Redis to embed) surfaces from the task group
-        found = group.subgroup(ConfigError)
-        while found is not None and isinstance(found, BaseExceptionGroup):
-            found = found.exceptions[0] if found.exceptions else None
-        if isinstance(found, ConfigError):
-            raise found from None
-        raise
+        config_errors = group.subgroup(ConfigError)
+        if config_errors is None:
+            raise
+        found: BaseException = config_errors
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        raise found from None
     return 0
 
 
@@ -79,7 +80,7 @@ def _split_target(target: str) -> tuple[str, int]:
 
 def _client_call(target: str, call: Callable[[Any], Awaitable[T]], timeout: float) -> T:
     """Open a channel to `target`, run `call(channel)` under `timeout`, close the channel."""
-    from grpclib.client import Channel  # noqa: PLC0415
+    from grpclib.client import Channel
 
     host, port = _split_target(target)
 
@@ -99,7 +100,7 @@ def _print_message(message: Any) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from app.pb import worker as pb  # noqa: PLC0415
+    from app.pb import worker as pb
 
     res = _client_call(
         args.target, lambda ch: pb.WorkerServiceStub(ch).get_status(pb.StatusReq()), args.timeout
@@ -119,9 +120,9 @@ def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
 
 
 def _submit(args: argparse.Namespace) -> int:
-    import uuid  # noqa: PLC0415
+    import uuid
 
-    from app.pb import worker as pb  # noqa: PLC0415
+    from app.pb import worker as pb
 
     req = pb.SendWorkReq(
         id=args.id or uuid.uuid4().hex,
@@ -141,7 +142,7 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _job(args: argparse.Namespace) -> int:
-    from app.pb import worker as pb  # noqa: PLC0415
+    from app.pb import worker as pb
 
     def call(ch: Any) -> Awaitable[Any]:
         stub = pb.WorkerServiceStub(ch)
@@ -154,8 +155,8 @@ def _job(args: argparse.Namespace) -> int:
 
 def _health(args: argparse.Namespace) -> int:
     """Exit 0 when the server answers SERVING (for HEALTHCHECK and probes), else 1."""
-    from grpclib.health.v1.health_grpc import HealthStub  # noqa: PLC0415
-    from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse  # noqa: PLC0415
+    from grpclib.health.v1.health_grpc import HealthStub
+    from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
     async def call(ch: Any) -> Any:
         return await HealthStub(ch).Check(HealthCheckRequest(service=args.service))
@@ -174,15 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a gRPC job worker")
     worker.add_argument("--profile", help="config profile (default: $PROFILE, else local)")
     worker.add_argument("--config-dir", type=_path, help="folder of external application*.toml")
-    worker.add_argument("--jobs", action="append", default=[], metavar="MODULE",
-                        help="import MODULE so its @job functions register (repeatable)")  # fmt: skip
+    worker.add_argument(
+        "--jobs",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE so its @job functions register (repeatable)",
+    )
     worker.add_argument("--port", type=int, help="first gRPC port to try (grpc.port)")
     worker.add_argument("--host", help="address to bind (grpc.host)")
     worker.set_defaults(func=_worker)
 
-    def client(name: str, help_: str, func: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    def client(
+        name: str, help_: str, func: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
-        p.add_argument("--target", default=DEFAULT_TARGET, help=f"HOST:PORT (default {DEFAULT_TARGET})")
+        p.add_argument(
+            "--target", default=DEFAULT_TARGET, help=f"HOST:PORT (default {DEFAULT_TARGET})"
+        )
         p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
         p.set_defaults(func=func)
         return p
@@ -202,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _path(value: str) -> Any:
-    from pathlib import Path  # noqa: PLC0415
+    from pathlib import Path
 
     return Path(value)
 
@@ -222,7 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _client_failure(exc: Exception) -> int:
     """One line for what a person can act on; a traceback only for what is a bug."""
-    from grpclib.exceptions import GRPCError  # noqa: PLC0415
+    from grpclib.exceptions import GRPCError
 
     if isinstance(exc, GRPCError):
         print(f"jobworker: {exc.status.name}: {exc.message}", file=sys.stderr)

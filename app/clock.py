@@ -1,4 +1,4 @@
-"""Wall time derived from the event loop's clock, so virtual time (trio's MockClock) moves it too."""
+"""Wall time derived from the event loop's clock, so that virtual time (MockClock) moves it."""
 
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ def _check(ok: bool, key: str, problem: str) -> None:
         raise ValueError(f"{problem} (`{key}`)")
 
 
-class GrpcConfig(_Section):
+class GrpcConfig(_Section, frozen=True):
     """The gRPC listener. `port` unset: the last port this worker used, else 9091."""
 
     host: str = "0.0.0.0"
@@ -58,7 +58,7 @@ class GrpcConfig(_Section):
         _check(0 <= self.port_search <= 1000, "port_search", "must be 0..1000")
 
 
-class WorkerConfig(_Section):
+class WorkerConfig(_Section, frozen=True):
     """The job master: Spring's ThreadPoolTaskExecutor(core, max, queue) plus the watermark."""
 
     core_size: int = 4
@@ -87,7 +87,7 @@ class WorkerConfig(_Section):
         _check(self.history_size >= 0, "history_size", "must be 0 or more")
 
 
-class ScheduleConfig(_Section):
+class ScheduleConfig(_Section, frozen=True):
     """The scheduler's built-in schedules."""
 
     report_interval_seconds: float = 5.0
@@ -96,7 +96,7 @@ class ScheduleConfig(_Section):
         _check(self.report_interval_seconds > 0, "report_interval_seconds", "must be above 0")
 
 
-class RedisConfig(_Section):
+class RedisConfig(_Section, frozen=True):
     """Where PodInfo goes. No `url` and no `host`: an embedded redis-server is started.
 
     `host`/`port`/`tls` mirror the seed's `aws.elasticache.valkey.endpoint.*` (TLS gives
@@ -140,7 +140,7 @@ class RedisConfig(_Section):
         return f"{scheme}://{self.host}:{self.port}/{self.db}"
 
 
-class LogConfig(_Section):
+class LogConfig(_Section, frozen=True):
     level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -148,7 +148,7 @@ class LogConfig(_Section):
         _check(self.level.upper() in levels, "level", f"must be one of {', '.join(levels)}")
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     """The whole configuration of one process."""
 
     profile: str = DEFAULT_PROFILE
@@ -225,7 +225,12 @@ def _validation_error(exc: msgspec.ValidationError, origins: Mapping[str, str]) 
         path = f"{path}.{unknown[1]}" if path else unknown[1]
         message = "unknown key"
     key = path or "config"
-    source = origins.get(key)
+    # prefer the variable or file that set this key (or, for a whole section, a key inside it)
+    inside = [v for k, v in origins.items() if k.startswith(f"{key}.")]
+    source = origins.get(key) if key in origins and origins[key] != "environment" else None
+    source = (
+        source or next((v for v in inside if v.startswith(ENV_PREFIX)), None) or origins.get(key)
+    )
     where = f" (from {source})" if source else ""
     return ConfigError(f"{key}{where}", message[0].lower() + message[1:] if message else "invalid")
 
@@ -233,7 +238,9 @@ def _validation_error(exc: msgspec.ValidationError, origins: Mapping[str, str]) 
 def available_profiles(config_dir: Path | None = None) -> list[str]:
     names = {p.stem.removeprefix("application-") for p in PROFILES_DIR.glob("application-*.toml")}
     if config_dir is not None:
-        names |= {p.stem.removeprefix("application-") for p in config_dir.glob("application-*.toml")}
+        names |= {
+            p.stem.removeprefix("application-") for p in config_dir.glob("application-*.toml")
+        }
     return sorted(names)
 
 

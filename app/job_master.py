@@ -200,7 +200,9 @@ class JobMaster:
         params = params or {}
         spec, kwargs = self._validate(name, job_id, params, timeout_seconds)
         if job_id in self._live:
-            raise JobAlreadyExists(f"job {job_id!r} is already {self._live[job_id].record.state.value}")
+            raise JobAlreadyExists(
+                f"job {job_id!r} is already {self._live[job_id].record.state.value}"
+            )
         record = JobRun(
             id=job_id,
             name=name,
@@ -298,7 +300,11 @@ class JobMaster:
                 if run.cancel_reason is not None:
                     outcome = (JobState.CANCELLED, b"", run.cancel_reason)
                 else:
-                    outcome = (JobState.TIMED_OUT, b"", f"timed out after {record.timeout_seconds:g}s")
+                    outcome = (
+                        JobState.TIMED_OUT,
+                        b"",
+                        f"timed out after {record.timeout_seconds:g}s",
+                    )
         finally:
             if outcome is None:  # cancelled from outside: the drain's grace ran out
                 outcome = (JobState.CANCELLED, b"", "worker shut down before the job finished")
@@ -320,7 +326,9 @@ class JobMaster:
             value = await value
         return value
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Own the jobs' task group until drained (or cancelled); report ready once it exists."""
         try:
             with self._scope:
@@ -378,7 +386,7 @@ class JobMaster:
         return await self.wait_finished(job_id)
 
     async def cancel(self, job_id: str, reason: str = "cancelled by request") -> JobRun:
-        """Cancel a queued or running job and wait for it to end; a finished one is returned as is."""
+        """Cancel a queued or running job and wait for its end; a finished one comes back as is."""
         run = self._live.get(job_id) or self._history.get(job_id)
         if run is None:
             raise JobNotFound(f"no job with id {job_id!r}")

@@ -52,12 +52,16 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
             param = signature.parameters.get(key)
             if param is None or param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
                 if not takes_any:
-                    raise InvalidJobRequest(f"params.{key}: job {self.name!r} takes no such parameter")
+                    raise InvalidJobRequest(
+                        f"params.{key}: job {self.name!r} takes no such parameter"
+                    )
                 kwargs[key] = raw
                 continue
             hint = hints.get(key, str)
             try:
-                kwargs[key] = raw if hint in (str, Any) else msgspec.convert(raw, hint, strict=False)
+                kwargs[key] = (
+                    raw if hint in (str, Any) else msgspec.convert(raw, hint, strict=False)
+                )
             except (msgspec.ValidationError, TypeError) as exc:
                 raise InvalidJobRequest(f"params.{key}: {str(exc).split(' - at ')[0]}") from None
         missing = [
@@ -141,4 +145,6 @@ def load_job_modules(modules: Iterable[str], *, key: str = "worker.job_modules")
         try:
             importlib.import_module(module)
         except Exception as exc:
-            raise ConfigError(key, f"cannot import {module!r}: {type(exc).__name__}: {exc}") from None
+            raise ConfigError(
+                key, f"cannot import {module!r}: {type(exc).__name__}: {exc}"
+            ) from None

@@ -37,7 +37,7 @@ class RedisPodRegistry:
 
     async def get(self, key: str) -> bytes | None:
         value = await self._redis.get(key)
-        return None if value is None else bytes(value)
+        return value.encode() if isinstance(value, str) else value
 
     async def delete(self, key: str) -> None:
         await self._redis.delete(key)

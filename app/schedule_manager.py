@@ -114,7 +114,9 @@ class ScheduleManager:
     def clock(self) -> LoopWallClock:
         return self._clock
 
-    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Run every schedule until cancelled; report ready when schedules can be added."""
         try:
             async with anyio.create_task_group() as tg:

@@ -21,7 +21,6 @@ from datetime import timedelta
 
 import anyio
 
-from app import __version__
 from app.application_info_report_job import ApplicationInfoReportJob, make_identity
 from app.builtin_jobs import builtin_specs
 from app.clock import LoopWallClock
@@ -53,7 +52,9 @@ def build_job_registry(config: Config, extra_modules: list[str]) -> JobRegistry:
     load_job_modules(extra_modules, key="--jobs")
     registry.update(default_registry.specs())
     if not registry.names():
-        raise ConfigError("worker.builtin_jobs", "no jobs: built-ins are off and no module adds any")
+        raise ConfigError(
+            "worker.builtin_jobs", "no jobs: built-ins are off and no module adds any"
+        )
     return registry
 
 
@@ -61,7 +62,9 @@ def port_candidates(config: Config, env: dict[str, str]) -> list[int]:
     """`grpc.port` when set, else the last port used, else `grpc.default_port`; then neighbours."""
     first = config.grpc.port
     if first is None:
-        last = read_last_port(state_dir(env) / LAST_PORT_FILE) if config.grpc.remember_port else None
+        last = (
+            read_last_port(state_dir(env) / LAST_PORT_FILE) if config.grpc.remember_port else None
+        )
         first = last or config.grpc.default_port
     return list(candidate_ports(first, config.grpc.port_search if first else 0))
 
@@ -93,7 +96,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             schedules = ScheduleManager(clock)
             service = WorkerService(job_master, schedules)
             server = GrpcServer(
-                [service], host=config.grpc.host, close_grace_seconds=config.grpc.close_grace_seconds
+                [service],
+                host=config.grpc.host,
+                close_grace_seconds=config.grpc.close_grace_seconds,
             )
             port = await tg.start(server.run, port_candidates(config, env))
             if config.grpc.remember_port:
@@ -112,7 +117,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 clock=clock,
             )
             service.identity = identity
-            service.registry_connected = lambda: report.connected
+            service.report_job = report
             try:
                 await report.report()
                 interval = config.schedule.report_interval_seconds

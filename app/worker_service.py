@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from app.application_info_report_job import PodIdentity
+from app.application_info_report_job import ApplicationInfoReportJob, PodIdentity
 from app.clock import utc_iso
 from app.errors import (
     Draining,
@@ -61,7 +59,7 @@ class WorkerService(pb.WorkerServiceBase):
         self._schedules = schedules
         # set once the port is bound and the registry is wired
         self.identity: PodIdentity | None = None
-        self.registry_connected: Callable[[], bool] = lambda: False
+        self.report_job: ApplicationInfoReportJob | None = None
 
     async def send_work(self, message: pb.SendWorkReq) -> pb.SendWorkRes:
         try:
@@ -74,7 +72,9 @@ class WorkerService(pb.WorkerServiceBase):
         except JobWorkerError as exc:
             raise grpc_error(exc) from None
         state = pb.JobState[record.state.value]
-        return pb.SendWorkRes(message=f"job {record.id} accepted: {record.state.value}", state=state)
+        return pb.SendWorkRes(
+            message=f"job {record.id} accepted: {record.state.value}", state=state
+        )
 
     async def run_work(self, message: pb.SendWorkReq) -> pb.JobInfo:
         try:
@@ -137,5 +137,6 @@ class WorkerService(pb.WorkerServiceBase):
             jobs_failed=s.failed,
             job_names=self._jobs.job_names(),
             schedules=schedules,
-            registry_connected=self.registry_connected(),
+            registry_connected=self.report_job.connected if self.report_job else False,
+            registry_failures=self.report_job.failures if self.report_job else 0,
         )

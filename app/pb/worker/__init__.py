@@ -75,9 +75,7 @@ class JobInfo(betterproto2.Message):
     params: "dict[str, str]" = betterproto2.field(
         4,
         betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(
-            betterproto2.TYPE_STRING, betterproto2.TYPE_STRING
-        ),
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
     )
 
     result_json: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
@@ -159,9 +157,7 @@ class SendWorkReq(betterproto2.Message):
     params: "dict[str, str]" = betterproto2.field(
         3,
         betterproto2.TYPE_MAP,
-        map_meta=betterproto2.map_meta(
-            betterproto2.TYPE_STRING, betterproto2.TYPE_STRING
-        ),
+        map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
     )
     """
     Parameters handed to the job function as keyword arguments.
@@ -255,15 +251,18 @@ class WorkerStatus(betterproto2.Message):
 
     jobs_failed: "int" = betterproto2.field(18, betterproto2.TYPE_UINT64)
 
-    job_names: "list[str]" = betterproto2.field(
-        19, betterproto2.TYPE_STRING, repeated=True
-    )
+    job_names: "list[str]" = betterproto2.field(19, betterproto2.TYPE_STRING, repeated=True)
 
     schedules: "list[ScheduleInfo]" = betterproto2.field(
         20, betterproto2.TYPE_MESSAGE, repeated=True
     )
 
     registry_connected: "bool" = betterproto2.field(21, betterproto2.TYPE_BOOL)
+    """
+    Whether the last PodInfo write reached the registry, and how many writes have failed.
+    """
+
+    registry_failures: "int" = betterproto2.field(22, betterproto2.TYPE_UINT64)
 
 
 default_message_pool.register_message("worker", "WorkerStatus", WorkerStatus)
@@ -381,7 +380,7 @@ class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
 
 
 WORKER_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n\x0cworker.proto\x12\x06worker"\xce\x01\n\x0bSendWorkReq\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x127\n\x06params\x18\x03 \x03(\x0b2\x1f.worker.SendWorkReq.ParamsEntryR\x06params\x12\'\n\x0ftimeout_seconds\x18\x04 \x01(\x01R\x0etimeoutSeconds\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"O\n\x0bSendWorkRes\x12\x18\n\x07message\x18\x01 \x01(\tR\x07message\x12&\n\x05state\x18\x02 \x01(\x0e2\x10.worker.JobStateR\x05state"\x18\n\x06JobRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id"\x88\x03\n\x07JobInfo\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12&\n\x05state\x18\x03 \x01(\x0e2\x10.worker.JobStateR\x05state\x123\n\x06params\x18\x04 \x03(\x0b2\x1b.worker.JobInfo.ParamsEntryR\x06params\x12\x1f\n\x0bresult_json\x18\x05 \x01(\tR\nresultJson\x12\x14\n\x05error\x18\x06 \x01(\tR\x05error\x12!\n\x0csubmitted_at\x18\x07 \x01(\tR\x0bsubmittedAt\x12\x1d\n\nstarted_at\x18\x08 \x01(\tR\tstartedAt\x12\x1f\n\x0bfinished_at\x18\t \x01(\tR\nfinishedAt\x12\'\n\x0ftimeout_seconds\x18\n \x01(\x01R\x0etimeoutSeconds\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\x0b\n\tStatusReq"\xfb\x01\n\x0cScheduleInfo\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07trigger\x18\x02 \x01(\tR\x07trigger\x12 \n\x0cnext_fire_at\x18\x03 \x01(\tR\nnextFireAt\x12\x1e\n\x0blast_run_at\x18\x04 \x01(\tR\tlastRunAt\x12!\n\x0clast_outcome\x18\x05 \x01(\tR\x0blastOutcome\x12\x1b\n\trun_count\x18\x06 \x01(\x04R\x08runCount\x12#\n\rfailure_count\x18\x07 \x01(\x04R\x0cfailureCount\x12\x16\n\x06paused\x18\x08 \x01(\x08R\x06paused"\x8d\x05\n\x0cWorkerStatus\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x0e\n\x02ip\x18\x02 \x01(\tR\x02ip\x12\x10\n\x03pid\x18\x03 \x01(\x05R\x03pid\x12\x12\n\x04host\x18\x04 \x01(\tR\x04host\x12\x1b\n\tgrpc_port\x18\x05 \x01(\x05R\x08grpcPort\x12\x18\n\x07version\x18\x06 \x01(\tR\x07version\x12\x1d\n\nstarted_at\x18\x07 \x01(\tR\tstartedAt\x12\x16\n\x06active\x18\x08 \x01(\x05R\x06active\x12\x1a\n\x08capacity\x18\t \x01(\x05R\x08capacity\x12\x1b\n\tcore_size\x18\n \x01(\x05R\x08coreSize\x12\x19\n\x08max_size\x18\x0b \x01(\x05R\x07maxSize\x12\x16\n\x06queued\x18\x0c \x01(\x05R\x06queued\x12%\n\x0equeue_capacity\x18\r \x01(\x05R\rqueueCapacity\x12\x1c\n\twatermark\x18\x0e \x01(\x05R\twatermark\x12#\n\rjobs_accepted\x18\x0f \x01(\x04R\x0cjobsAccepted\x12#\n\rjobs_rejected\x18\x10 \x01(\x04R\x0cjobsRejected\x12%\n\x0ejobs_succeeded\x18\x11 \x01(\x04R\rjobsSucceeded\x12\x1f\n\x0bjobs_failed\x18\x12 \x01(\x04R\njobsFailed\x12\x1b\n\tjob_names\x18\x13 \x03(\tR\x08jobNames\x122\n\tschedules\x18\x14 \x03(\x0b2\x14.worker.ScheduleInfoR\tschedules\x12-\n\x12registry_connected\x18\x15 \x01(\x08R\x11registryConnected*u\n\x08JobState\x12\x17\n\x15JOB_STATE_UNSPECIFIED\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06FAILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\r\n\tTIMED_OUT\x10\x062\x85\x02\n\rWorkerService\x124\n\x08SendWork\x12\x13.worker.SendWorkReq\x1a\x13.worker.SendWorkRes\x12/\n\x07RunWork\x12\x13.worker.SendWorkReq\x1a\x0f.worker.JobInfo\x12)\n\x06GetJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x12,\n\tCancelJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x124\n\tGetStatus\x12\x11.worker.StatusReq\x1a\x14.worker.WorkerStatusB&\n"com.dovaj.job_worker_app_demo.grpcP\x01b\x06proto3'
+    b'\n\x0cworker.proto\x12\x06worker"\xce\x01\n\x0bSendWorkReq\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x127\n\x06params\x18\x03 \x03(\x0b2\x1f.worker.SendWorkReq.ParamsEntryR\x06params\x12\'\n\x0ftimeout_seconds\x18\x04 \x01(\x01R\x0etimeoutSeconds\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"O\n\x0bSendWorkRes\x12\x18\n\x07message\x18\x01 \x01(\tR\x07message\x12&\n\x05state\x18\x02 \x01(\x0e2\x10.worker.JobStateR\x05state"\x18\n\x06JobRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id"\x88\x03\n\x07JobInfo\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12&\n\x05state\x18\x03 \x01(\x0e2\x10.worker.JobStateR\x05state\x123\n\x06params\x18\x04 \x03(\x0b2\x1b.worker.JobInfo.ParamsEntryR\x06params\x12\x1f\n\x0bresult_json\x18\x05 \x01(\tR\nresultJson\x12\x14\n\x05error\x18\x06 \x01(\tR\x05error\x12!\n\x0csubmitted_at\x18\x07 \x01(\tR\x0bsubmittedAt\x12\x1d\n\nstarted_at\x18\x08 \x01(\tR\tstartedAt\x12\x1f\n\x0bfinished_at\x18\t \x01(\tR\nfinishedAt\x12\'\n\x0ftimeout_seconds\x18\n \x01(\x01R\x0etimeoutSeconds\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\x0b\n\tStatusReq"\xfb\x01\n\x0cScheduleInfo\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07trigger\x18\x02 \x01(\tR\x07trigger\x12 \n\x0cnext_fire_at\x18\x03 \x01(\tR\nnextFireAt\x12\x1e\n\x0blast_run_at\x18\x04 \x01(\tR\tlastRunAt\x12!\n\x0clast_outcome\x18\x05 \x01(\tR\x0blastOutcome\x12\x1b\n\trun_count\x18\x06 \x01(\x04R\x08runCount\x12#\n\rfailure_count\x18\x07 \x01(\x04R\x0cfailureCount\x12\x16\n\x06paused\x18\x08 \x01(\x08R\x06paused"\xba\x05\n\x0cWorkerStatus\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x0e\n\x02ip\x18\x02 \x01(\tR\x02ip\x12\x10\n\x03pid\x18\x03 \x01(\x05R\x03pid\x12\x12\n\x04host\x18\x04 \x01(\tR\x04host\x12\x1b\n\tgrpc_port\x18\x05 \x01(\x05R\x08grpcPort\x12\x18\n\x07version\x18\x06 \x01(\tR\x07version\x12\x1d\n\nstarted_at\x18\x07 \x01(\tR\tstartedAt\x12\x16\n\x06active\x18\x08 \x01(\x05R\x06active\x12\x1a\n\x08capacity\x18\t \x01(\x05R\x08capacity\x12\x1b\n\tcore_size\x18\n \x01(\x05R\x08coreSize\x12\x19\n\x08max_size\x18\x0b \x01(\x05R\x07maxSize\x12\x16\n\x06queued\x18\x0c \x01(\x05R\x06queued\x12%\n\x0equeue_capacity\x18\r \x01(\x05R\rqueueCapacity\x12\x1c\n\twatermark\x18\x0e \x01(\x05R\twatermark\x12#\n\rjobs_accepted\x18\x0f \x01(\x04R\x0cjobsAccepted\x12#\n\rjobs_rejected\x18\x10 \x01(\x04R\x0cjobsRejected\x12%\n\x0ejobs_succeeded\x18\x11 \x01(\x04R\rjobsSucceeded\x12\x1f\n\x0bjobs_failed\x18\x12 \x01(\x04R\njobsFailed\x12\x1b\n\tjob_names\x18\x13 \x03(\tR\x08jobNames\x122\n\tschedules\x18\x14 \x03(\x0b2\x14.worker.ScheduleInfoR\tschedules\x12-\n\x12registry_connected\x18\x15 \x01(\x08R\x11registryConnected\x12+\n\x11registry_failures\x18\x16 \x01(\x04R\x10registryFailures*u\n\x08JobState\x12\x17\n\x15JOB_STATE_UNSPECIFIED\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06FAILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\r\n\tTIMED_OUT\x10\x062\x85\x02\n\rWorkerService\x124\n\x08SendWork\x12\x13.worker.SendWorkReq\x1a\x13.worker.SendWorkRes\x12/\n\x07RunWork\x12\x13.worker.SendWorkReq\x1a\x0f.worker.JobInfo\x12)\n\x06GetJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x12,\n\tCancelJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x124\n\tGetStatus\x12\x11.worker.StatusReq\x1a\x14.worker.WorkerStatusB&\n"com.dovaj.job_worker_app_demo.grpcP\x01b\x06proto3'
 )
 
 
@@ -430,25 +429,19 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.send_work(request)
         await stream.send_message(response)
 
-    async def __rpc_run_work(
-        self, stream: "grpclib.server.Stream[SendWorkReq, JobInfo]"
-    ) -> None:
+    async def __rpc_run_work(self, stream: "grpclib.server.Stream[SendWorkReq, JobInfo]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.run_work(request)
         await stream.send_message(response)
 
-    async def __rpc_get_job(
-        self, stream: "grpclib.server.Stream[JobRef, JobInfo]"
-    ) -> None:
+    async def __rpc_get_job(self, stream: "grpclib.server.Stream[JobRef, JobInfo]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.get_job(request)
         await stream.send_message(response)
 
-    async def __rpc_cancel_job(
-        self, stream: "grpclib.server.Stream[JobRef, JobInfo]"
-    ) -> None:
+    async def __rpc_cancel_job(self, stream: "grpclib.server.Stream[JobRef, JobInfo]") -> None:
         request = await stream.recv_message()
         assert request is not None
         response = await self.cancel_job(request)

@@ -1,0 +1,250 @@
+"""JobMaster: Spring executor semantics on a CapacityLimiter, on asyncio and trio."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import pytest
+
+from app.builtin_jobs import builtin_specs
+from app.errors import (
+    Draining,
+    InvalidJobRequest,
+    JobAlreadyExists,
+    JobNotFound,
+    QueueFull,
+    UnknownJob,
+)
+from app.job_master import JobMaster
+from app.job_record import JobState
+from app.job_registry import JobRegistry
+from app.pod_info import PodStatus
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.anyio
+
+
+class Gate:
+    """Jobs named `gate` wait on this until the test opens it; `entered` counts arrivals."""
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.entered = 0
+
+    async def job(self, tag: str = "") -> str:
+        self.entered += 1
+        await self.event.wait()
+        return tag
+
+
+def registry_with(gate: Gate) -> JobRegistry:
+    registry = JobRegistry()
+    registry.update(builtin_specs())
+    registry.register(gate.job, name="gate")
+    return registry
+
+
+@pytest.fixture
+async def gate() -> Gate:
+    return Gate()
+
+
+async def started_master(tg: anyio.abc.TaskGroup, gate: Gate, **options: Any) -> JobMaster:
+    options.setdefault("core_size", 2)
+    options.setdefault("max_size", 4)
+    options.setdefault("queue_capacity", 2)
+    master = JobMaster(registry_with(gate), **options)
+    await tg.start(master.run)
+    return master
+
+
+@pytest.fixture
+async def master_tg() -> AsyncIterator[anyio.abc.TaskGroup]:
+    async with anyio.create_task_group() as tg:
+        yield tg
+        tg.cancel_scope.cancel()
+
+
+async def test_executor_admission_order(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
+    """core run, then the queue fills, then the limiter grows to max, then reject."""
+    master = await started_master(master_tg, gate)
+    states = [master.submit_nowait("gate", job_id=f"j{i}").state for i in range(6)]
+    assert states == [JobState.RUNNING] * 2 + [JobState.QUEUED] * 2 + [JobState.RUNNING] * 2
+    s = master.statistics()
+    assert (s.active, s.capacity, s.queued) == (4, 4, 2)
+    with pytest.raises(QueueFull, match="queue is full"):
+        master.submit_nowait("gate", job_id="j6")
+    assert master.statistics().rejected == 1
+    # the queued ones run once tokens come back, oldest first
+    gate.event.set()
+    for i in range(6):
+        record = await master.wait_finished(f"j{i}")
+        assert record.state is JobState.SUCCEEDED
+    assert master.limiter.borrowed_tokens == 0
+
+
+async def test_queue_capacity_zero_grows_directly(
+    master_tg: anyio.abc.TaskGroup, gate: Gate
+) -> None:
+    master = await started_master(master_tg, gate, core_size=1, max_size=2, queue_capacity=0)
+    master.submit_nowait("gate", job_id="a")
+    assert master.submit_nowait("gate", job_id="b").state is JobState.RUNNING
+    with pytest.raises(QueueFull):
+        master.submit_nowait("gate", job_id="c")
+    gate.event.set()
+
+
+async def test_grown_tokens_shrink_after_keep_alive(
+    master_tg: anyio.abc.TaskGroup, gate: Gate
+) -> None:
+    master = await started_master(master_tg, gate, core_size=1, max_size=3, queue_capacity=0,
+                                  keep_alive_seconds=0.05)  # fmt: skip
+    for i in range(3):
+        master.submit_nowait("gate", job_id=f"g{i}")
+    assert master.limiter.total_tokens == 3
+    gate.event.set()
+    await eventually(lambda: master.limiter.borrowed_tokens == 0)
+    await eventually(lambda: master.limiter.total_tokens == 1)
+    assert master.statistics().capacity == 1
+
+
+async def test_watermark_status_follows_the_limiter(
+    master_tg: anyio.abc.TaskGroup, gate: Gate
+) -> None:
+    # max 4, watermark 50: up to 2 active is IDLE, 3 is BUSY
+    master = await started_master(master_tg, gate, core_size=4, max_size=4, watermark=50)
+    assert master.status() is PodStatus.IDLE
+    master.submit_nowait("gate", job_id="a")
+    master.submit_nowait("gate", job_id="b")
+    assert master.status() is PodStatus.IDLE
+    master.submit_nowait("gate", job_id="c")
+    assert master.status() is PodStatus.BUSY
+    gate.event.set()
+    await eventually(lambda: master.limiter.borrowed_tokens == 0)
+    assert master.status() is PodStatus.IDLE
+
+
+async def test_outcomes(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
+    master = await started_master(master_tg, gate)
+    ok = await master.run_and_wait("echo", job_id="e", params={"x": "1"})
+    assert (ok.state, ok.result()) == (JobState.SUCCEEDED, {"x": "1"})
+    failed = await master.run_and_wait("fail", job_id="f", params={"message": "boom"})
+    assert (failed.state, failed.error) == (JobState.FAILED, "JobFailedError: boom")
+    timed = await master.run_and_wait(
+        "sleep", job_id="t", params={"seconds": "5"}, timeout_seconds=0.05
+    )
+    assert timed.state is JobState.TIMED_OUT
+    assert timed.error == "timed out after 0.05s"
+    blocking = await master.run_and_wait("block", job_id="b", params={"seconds": "0.01"})
+    assert (blocking.state, blocking.result()) == (JobState.SUCCEEDED, {"blocked": 0.01})
+    s = master.statistics()
+    assert (s.succeeded, s.failed, s.timed_out, s.active) == (2, 1, 1, 0)
+
+
+async def test_cancel_running_and_queued(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
+    master = await started_master(master_tg, gate, core_size=1, max_size=1, queue_capacity=1)
+    master.submit_nowait("gate", job_id="run")
+    master.submit_nowait("gate", job_id="wait")
+    queued = await master.cancel("wait")
+    assert (queued.state, queued.started_at) == (JobState.CANCELLED, None)
+    await eventually(lambda: gate.entered == 1)
+    running = await master.cancel("run")
+    assert (running.state, running.error) == (JobState.CANCELLED, "cancelled by request")
+    assert master.limiter.borrowed_tokens == 0
+    # a finished job is returned as it is
+    assert (await master.cancel("run")).state is JobState.CANCELLED
+
+
+async def test_cancel_blocking_job(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
+    master = await started_master(master_tg, gate)
+    master.submit_nowait("block", job_id="b", params={"seconds": "30"})
+    record = await master.cancel("b")
+    assert record.state is JobState.CANCELLED
+    assert master.limiter.borrowed_tokens == 0
+
+
+async def test_bad_requests(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
+    master = await started_master(master_tg, gate)
+    with pytest.raises(InvalidJobRequest, match=r"^id: must not be empty$"):
+        master.submit_nowait("echo", job_id="")
+    with pytest.raises(InvalidJobRequest, match=r"^name: must not be empty$"):
+        master.submit_nowait("", job_id="x")
+    with pytest.raises(UnknownJob, match="no job named 'nope'"):
+        master.submit_nowait("nope", job_id="x")
+    with pytest.raises(InvalidJobRequest, match=r"^params.seconds: Expected `float`, got `str`$"):
+        master.submit_nowait("sleep", job_id="x", params={"seconds": "soon"})
+    with pytest.raises(
+        InvalidJobRequest, match=r"params\.colour: job 'sleep' takes no such parameter"
+    ):
+        master.submit_nowait("sleep", job_id="x", params={"colour": "red"})
+    with pytest.raises(InvalidJobRequest, match="timeout_seconds"):
+        master.submit_nowait("echo", job_id="x", timeout_seconds=-1)
+    with pytest.raises(JobNotFound):
+        master.get("x")
+    assert master.statistics().accepted == 0
+
+
+async def test_duplicate_ids_and_attach(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
+    master = await started_master(master_tg, gate)
+    master.submit_nowait("gate", job_id="same", params={"tag": "first"})
+    with pytest.raises(JobAlreadyExists, match="already RUNNING"):
+        master.submit_nowait("gate", job_id="same")
+    with pytest.raises(JobAlreadyExists, match="exists for job 'gate'"):
+        await master.run_and_wait("echo", job_id="same")
+    async with anyio.create_task_group() as tg:
+        results: list[str] = []
+
+        async def attach() -> None:
+            results.append((await master.run_and_wait("gate", job_id="same")).result())
+
+        tg.start_soon(attach)
+        await eventually(lambda: gate.entered == 1)
+        gate.event.set()
+    assert results == ["first"]
+    assert gate.entered == 1  # attached, not started twice
+    # a finished id may run again with SendWork semantics
+    assert master.submit_nowait("echo", job_id="same").state is JobState.RUNNING
+
+
+async def test_drain_lets_jobs_finish_then_cancels_the_rest(gate: Gate) -> None:
+    async with anyio.create_task_group() as tg:
+        master = await started_master(tg, gate, core_size=1, max_size=1, queue_capacity=1)
+        master.submit_nowait("sleep", job_id="quick", params={"seconds": "0.01"})
+        master.submit_nowait("gate", job_id="stuck")
+        master.begin_drain(0.2)
+        assert master.status() is PodStatus.DRAINING
+        with pytest.raises(Draining):
+            master.submit_nowait("echo", job_id="late")
+        with anyio.fail_after(5):
+            await master.wait_stopped()
+    assert master.get("quick").state is JobState.SUCCEEDED
+    stuck = master.get("stuck")
+    assert (stuck.state, stuck.error) == (
+        JobState.CANCELLED,
+        "worker shut down before the job finished",
+    )
+    assert master.limiter.borrowed_tokens == 0
+
+
+async def test_cancel_all_and_outer_cancellation_return_every_token(gate: Gate) -> None:
+    with anyio.CancelScope() as outer:
+        async with anyio.create_task_group() as tg:
+            master = await started_master(tg, gate, core_size=2, max_size=2, queue_capacity=3)
+            for i in range(5):
+                master.submit_nowait("gate", job_id=f"j{i}")
+            await eventually(lambda: gate.entered == 2)
+            outer.cancel()
+    assert master.limiter.borrowed_tokens == 0
+    states = {master.get(f"j{i}").state for i in range(5)}
+    assert states == {JobState.CANCELLED}
+
+
+async def test_history_is_bounded(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
+    master = await started_master(master_tg, gate, history_size=3)
+    for i in range(5):
+        await master.run_and_wait("echo", job_id=f"h{i}")
+    with pytest.raises(JobNotFound):
+        master.get("h0")
+    assert [r.id for r in master.jobs()] == ["h4", "h3", "h2"]
