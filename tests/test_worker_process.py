@@ -311,6 +311,18 @@ def test_port_falls_back_to_a_neighbour_and_is_remembered(
     assert again.port == taken + 1
 
 
+def test_9091_taken_falls_back_to_9092(
+    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis, start_worker: StartWorker
+) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 9091))
+        blocker.listen()
+        worker = start_worker(base_env(tmp_path, REDIS_URL=redis_server.url))
+    assert worker.port == 9092
+    info = wait_for(lambda: pod_info(redis_client, worker), what="PodInfo key")
+    assert info["grpcPort"] == 9092
+
+
 def test_all_neighbours_taken_gives_an_ephemeral_port(
     worker_env: dict[str, str], start_worker: StartWorker
 ) -> None:
