@@ -165,12 +165,15 @@ class JobMaster:
     def job_names(self) -> list[str]:
         return self._registry.names()
 
-    def get(self, job_id: str) -> JobRun:
-        """The record of a queued, running or remembered finished job; JobNotFound otherwise."""
+    def _find(self, job_id: str) -> _Run:
         run = self._live.get(job_id) or self._history.get(job_id)
         if run is None:
             raise JobNotFound(f"no job with id {job_id!r}")
-        return run.record
+        return run
+
+    def get(self, job_id: str) -> JobRun:
+        """The record of a queued, running or remembered finished job; JobNotFound otherwise."""
+        return self._find(job_id).record
 
     def jobs(self) -> list[JobRun]:
         """Live runs (queued first, then running), then remembered ones, newest first."""
@@ -362,9 +365,7 @@ class JobMaster:
 
     async def wait_finished(self, job_id: str) -> JobRun:
         """Wait until the job has ended and return its record."""
-        run = self._live.get(job_id) or self._history.get(job_id)
-        if run is None:
-            raise JobNotFound(f"no job with id {job_id!r}")
+        run = self._find(job_id)
         await run.done.wait()
         return run.record
 
@@ -387,9 +388,7 @@ class JobMaster:
 
     async def cancel(self, job_id: str, reason: str = "cancelled by request") -> JobRun:
         """Cancel a queued or running job and wait for its end; a finished one comes back as is."""
-        run = self._live.get(job_id) or self._history.get(job_id)
-        if run is None:
-            raise JobNotFound(f"no job with id {job_id!r}")
+        run = self._find(job_id)
         if run.record.state is JobState.QUEUED:
             self._queue.remove(run)
             self._finish(run, JobState.CANCELLED, error=reason)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
@@ -36,6 +39,15 @@ def grpc_error(exc: JobWorkerError) -> GRPCError:
     return GRPCError(_STATUS.get(type(exc), Status.INTERNAL), str(exc))
 
 
+@contextmanager
+def _as_status() -> Iterator[None]:
+    """Turn the core's errors into gRPC statuses with their one-line reason."""
+    try:
+        yield
+    except JobWorkerError as exc:
+        raise grpc_error(exc) from None
+
+
 def job_info(record: JobRun) -> pb.JobInfo:
     return pb.JobInfo(
         id=record.id,
@@ -62,43 +74,35 @@ class WorkerService(pb.WorkerServiceBase):
         self.report_job: ApplicationInfoReportJob | None = None
 
     async def send_work(self, message: pb.SendWorkReq) -> pb.SendWorkRes:
-        try:
+        with _as_status():
             record = self._jobs.submit_nowait(
                 message.name,
                 job_id=message.id,
                 params=dict(message.params),
                 timeout_seconds=message.timeout_seconds,
             )
-        except JobWorkerError as exc:
-            raise grpc_error(exc) from None
         state = pb.JobState[record.state.value]
         return pb.SendWorkRes(
             message=f"job {record.id} accepted: {record.state.value}", state=state
         )
 
     async def run_work(self, message: pb.SendWorkReq) -> pb.JobInfo:
-        try:
+        with _as_status():
             record = await self._jobs.run_and_wait(
                 message.name,
                 job_id=message.id,
                 params=dict(message.params),
                 timeout_seconds=message.timeout_seconds,
             )
-        except JobWorkerError as exc:
-            raise grpc_error(exc) from None
         return job_info(record)
 
     async def get_job(self, message: pb.JobRef) -> pb.JobInfo:
-        try:
+        with _as_status():
             return job_info(self._jobs.get(message.id))
-        except JobWorkerError as exc:
-            raise grpc_error(exc) from None
 
     async def cancel_job(self, message: pb.JobRef) -> pb.JobInfo:
-        try:
+        with _as_status():
             return job_info(await self._jobs.cancel(message.id))
-        except JobWorkerError as exc:
-            raise grpc_error(exc) from None
 
     async def get_status(self, message: pb.StatusReq) -> pb.WorkerStatus:
         s = self._jobs.statistics()
