@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import time
 from datetime import UTC, datetime
+from typing import Protocol
 
 import anyio
+
+
+class WallClock(Protocol):
+    """Wall time, and the loop time at which it will read a given instant."""
+
+    def timestamp(self) -> float: ...
+
+    def now(self) -> datetime: ...
+
+    def loop_time_at(self, instant: datetime) -> float: ...
 
 
 class LoopWallClock:
@@ -28,6 +39,29 @@ class LoopWallClock:
     def loop_time_at(self, instant: datetime) -> float:
         """The loop time at which the wall clock will read `instant`."""
         return self._loop0 + (instant.timestamp() - self._wall0)
+
+    def step(self, seconds: float) -> None:
+        """Set this clock `seconds` ahead (behind when negative), as an NTP step or a person
+        setting the clock would: for tests of what a scheduler does when the wall clock jumps."""
+        self._wall0 += seconds
+
+
+class SystemWallClock:
+    """The system's wall clock (`time.time()`), NTP steps included, mapped to loop time.
+
+    For a scheduler that should follow the real wall clock: it notices a step as a change of
+    `timestamp() - anyio.current_time()`. A suspended machine resuming shows as a forward step
+    (the loop's monotonic clock stands still while suspended).
+    """
+
+    def timestamp(self) -> float:
+        return time.time()
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(time.time(), UTC)
+
+    def loop_time_at(self, instant: datetime) -> float:
+        return anyio.current_time() + (instant.timestamp() - time.time())
 
 
 def utc_iso(timestamp: float | None) -> str:

@@ -1,58 +1,117 @@
-"""ScheduleManager: runs functions on triggers, one task per schedule, in one task group.
+"""ScheduleManager: runs functions on triggers in one task group, with a decision for every tick.
 
-The seed's `ScheduleManager` + `Job`/`JobBuilder`. A trigger is a pure object that answers
-"when next, after this instant?"; the manager only sleeps until then and runs the function.
-Overlap is forbidden: a tick that comes while the previous run still goes is skipped and
-recorded as such. A function that raises is logged and counted and never stops its schedule.
+The seed's `ScheduleManager` + `Job`/`JobBuilder`, grown into a scheduler a nightly batch can
+trust. Pure core, async shell: triggers (`app.triggers`) say when; `decide()` says what to do
+with the ticks that are due (run, skip, miss, coalesce); the async part only sleeps until the
+next tick and starts runs. One dispatcher task sleeps for all schedules; each run is a task in
+the manager's task group.
+
+Per schedule:
+
+- overlap (Kubernetes CronJob's names): FORBID skips a tick while a run is going (the default);
+  ALLOW runs up to `max_instances` at once (no limit when None); REPLACE cancels the running one
+  and starts the new one when it has ended;
+- misfire: a tick later than `misfire_grace` seconds is MISSED (None: no limit, the default);
+  several ticks due at once (the process was paused, the loop blocked) run once for the latest
+  when `coalesce` (the default), the others are COALESCED;
+- `jitter`: each tick is delayed by up to that many seconds, a fixed fraction per schedule name
+  and tick (deterministic, so replicas and reruns agree);
+- `initial_delay`: no tick before that many seconds after the schedule begins.
+
+A wall-clock step (NTP, a resumed VM) is noticed as a change of wall time minus loop time. A step
+forward runs the ticks it jumped over once, coalesced (no burst); a step back repeats no tick
+(no tick runs twice). Rate and delay triggers keep their pace across a step (no gap).
+
+Every nominal tick gets a `Decision` with a reason; each schedule keeps its last ones.
+A function that raises is logged and counted and never stops its schedule or another.
 """
 
 from __future__ import annotations
 
+import enum
+import hashlib
+import heapq
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from datetime import datetime, timedelta
-from typing import Protocol
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime, timedelta
 
 import anyio
 import anyio.abc
 import msgspec
 
-from app.clock import LoopWallClock
+from app.clock import LoopWallClock, SystemWallClock, WallClock
+from app.triggers import IntervalTrigger as IntervalTrigger  # the worker imports it from here
+from app.triggers import Tick, Trigger, utc
 
 log = logging.getLogger(__name__)
 
 ScheduledFn = Callable[[], Awaitable[object]]
 
-
-class Trigger(Protocol):
-    """When a schedule fires. Pure: no I/O, no clock reads of its own."""
-
-    def next_fire(self, after: datetime) -> datetime | None:
-        """The first fire instant strictly after `after`, or None when it fires no more."""
-        ...
-
-    def describe(self) -> str: ...
+DECISIONS_KEPT = 20
+# more due ticks than this at once (a long pause) are not listed one by one
+_MAX_DUE = 1000
+_EPSILON = 1e-6
 
 
-class IntervalTrigger(msgspec.Struct, frozen=True):
-    """Fixed rate: every `seconds`, on a grid that starts at `start`."""
+class Overlap(enum.StrEnum):
+    """What a tick does while the schedule's previous run still goes (Kubernetes' names)."""
 
-    seconds: float
-    start: datetime
+    FORBID = "forbid"
+    ALLOW = "allow"
+    REPLACE = "replace"
+
+
+class DecisionKind(enum.StrEnum):
+    FIRED = "fired"
+    MOVED = "moved"
+    """Fired at an instant a DST rule moved it to."""
+    SKIPPED = "skipped"
+    """Not run: a run still going (overlap), a DST-skipped time, or the schedule paused."""
+    MISSED = "missed"
+    """Later than the misfire grace."""
+    COALESCED = "coalesced"
+    """Folded into the run of a later tick that was due at the same time."""
+
+
+class Decision(msgspec.Struct, frozen=True, kw_only=True):
+    """What the scheduler did with one nominal tick (or `count` of them, `tick` the last)."""
+
+    tick: datetime
+    kind: DecisionKind
+    reason: str = ""
+    count: int = 1
+    decided_at: datetime
+
+
+class SchedulePolicy(msgspec.Struct, frozen=True, kw_only=True):
+    """How a schedule treats overlap, lateness, jitter and its start. See the module doc."""
+
+    overlap: Overlap = Overlap.FORBID
+    max_instances: int | None = None
+    misfire_grace: float | None = None
+    coalesce: bool = True
+    jitter: float = 0.0
+    initial_delay: float = 0.0
 
     def __post_init__(self) -> None:
-        if not (self.seconds > 0 and math.isfinite(self.seconds)):
-            raise ValueError("interval must be a positive number of seconds")
+        if self.max_instances is not None:
+            if self.max_instances < 1:
+                raise ValueError("max_instances must be at least 1")
+            if self.overlap is not Overlap.ALLOW and self.max_instances != 1:
+                raise ValueError("max_instances above 1 needs overlap=allow")
+        for name in ("misfire_grace", "jitter", "initial_delay"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number of seconds, 0 or more")
 
-    def next_fire(self, after: datetime) -> datetime | None:
-        if after < self.start:
-            return self.start
-        periods = math.floor((after - self.start).total_seconds() / self.seconds) + 1
-        return self.start + timedelta(seconds=periods * self.seconds)
-
-    def describe(self) -> str:
-        return f"every {self.seconds:g}s"
+    @property
+    def limit(self) -> float:
+        """Runs allowed at once."""
+        if self.overlap is Overlap.ALLOW:
+            return math.inf if self.max_instances is None else self.max_instances
+        return 1
 
 
 class ScheduleInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -67,90 +126,383 @@ class ScheduleInfo(msgspec.Struct, frozen=True, kw_only=True):
     failure_count: int
     skipped_count: int
     paused: bool
+    missed_count: int = 0
+    coalesced_count: int = 0
+    running: int = 0
+    overlap: Overlap = Overlap.FORBID
+    decisions: list[Decision] = msgspec.field(default_factory=list)
+
+
+class ScheduleManagerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    state: str
+    schedules: int
+    running: int
+    started: int
+    failed: int
+    clock_steps: int
+
+
+# --- the pure core ---------------------------------------------------------------------------
+
+
+class DueTick(msgspec.Struct, frozen=True, kw_only=True):
+    """A tick that is due now, and how late."""
+
+    tick: Tick
+    late: float = 0.0
+    """Seconds past its planned instant (jitter included)."""
+    jumped: bool = False
+    """The wall clock stepped forward over it: not late, and never a burst."""
+
+
+class Verdict(msgspec.Struct, frozen=True, kw_only=True):
+    """`decide()`'s answer for one tick (or `count` ticks, `tick` the last)."""
+
+    tick: Tick
+    kind: DecisionKind
+    reason: str = ""
+    count: int = 1
+    run: bool = False
+    replace: bool = False
+
+
+def _when(tick: Tick) -> str:
+    return tick.at.isoformat(timespec="seconds")
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.3g}s" if value < 100 else f"{value:,.0f}s"
+
+
+def _group(kind: DecisionKind, items: list[DueTick], reason: str) -> list[Verdict]:
+    """One verdict per tick, or one for all of them when there are many (a long pause)."""
+    if len(items) <= 3:
+        return [Verdict(tick=d.tick, kind=kind, reason=reason) for d in items]
+    span = f"{len(items)} ticks from {_when(items[0].tick)} to {_when(items[-1].tick)}"
+    return [Verdict(tick=items[-1].tick, kind=kind, reason=f"{span}: {reason}", count=len(items))]
+
+
+def decide(
+    due: Sequence[DueTick], *, policy: SchedulePolicy, running: int, uncounted: bool = False
+) -> list[Verdict]:
+    """What to do with one schedule's ticks that are due now (oldest first); pure.
+
+    `running` is how many of its runs are going. `uncounted` says that more ticks than listed
+    were due (between the last two), which the reasons then mention.
+    """
+    if len(due) == 1 and running < policy.limit:  # the common case, taken on every tick
+        d = due[0]
+        grace = math.inf if policy.misfire_grace is None else policy.misfire_grace
+        if d.tick.runs and not d.jumped and d.late < 1 and d.late <= grace:
+            kind = DecisionKind.MOVED if d.tick.moved else DecisionKind.FIRED
+            return [Verdict(tick=d.tick, kind=kind, reason=d.tick.note, run=True)]
+    verdicts: list[Verdict] = []
+    eligible: list[DueTick] = []
+    missed: list[DueTick] = []
+    for d in due:
+        if not d.tick.runs:
+            verdicts.append(Verdict(tick=d.tick, kind=DecisionKind.SKIPPED, reason=d.tick.note))
+        elif policy.misfire_grace is not None and not d.jumped and d.late > policy.misfire_grace:
+            missed.append(d)
+        else:
+            eligible.append(d)
+    more = " and more" if uncounted else ""
+    if missed:
+        worst = max(d.late for d in missed)
+        reason = f"late by up to {_seconds(worst)}, past the {policy.misfire_grace:g}s grace{more}"
+        verdicts += _group(DecisionKind.MISSED, missed, reason)
+    # ticks the wall clock stepped over always run once together; others as `coalesce` says
+    plain = [d for d in eligible if not d.jumped]
+    jumped = [d for d in eligible if d.jumped]
+    groups = ([plain] if policy.coalesce else [[d] for d in plain]) if plain else []
+    if jumped:
+        groups.append(jumped)
+    limit = policy.limit
+    for group in groups:
+        runner, folded = group[-1], group[:-1]
+        if folded:
+            reason = f"folded into the run for {_when(runner.tick)}{more}"
+            verdicts += _group(DecisionKind.COALESCED, folded, reason)
+        notes = [runner.tick.note] if runner.tick.note else []
+        if runner.jumped:
+            notes.append("the wall clock stepped over it")
+        elif runner.late >= 1:
+            notes.append(f"late by {_seconds(runner.late)}")
+        if folded:
+            notes.append(f"{len(folded)}{more} earlier due tick(s) folded in")
+        kind = DecisionKind.MOVED if runner.tick.moved else DecisionKind.FIRED
+        if running < limit:
+            running += 1
+            verdicts.append(Verdict(tick=runner.tick, kind=kind, reason="; ".join(notes), run=True))
+        elif policy.overlap is Overlap.REPLACE:
+            notes.append("cancelled the run still going")
+            verdicts.append(
+                Verdict(
+                    tick=runner.tick, kind=kind, reason="; ".join(notes), run=True, replace=True
+                )
+            )
+        else:
+            why = (
+                "the previous run is still going"
+                if policy.overlap is Overlap.FORBID
+                else f"{running} runs going (max_instances {policy.max_instances})"
+            )
+            verdicts.append(Verdict(tick=runner.tick, kind=DecisionKind.SKIPPED, reason=why))
+    verdicts.sort(key=lambda v: v.tick.timestamp)
+    return verdicts
+
+
+def jitter_for(name: str, tick: Tick, jitter: float) -> float:
+    """The delay for this schedule's tick: a fixed fraction of `jitter` per (name, tick)."""
+    if not jitter:
+        return 0.0
+    digest = hashlib.blake2b(f"{name}\0{tick.timestamp!r}".encode(), digest_size=8).digest()
+    return jitter * int.from_bytes(digest) / 2**64
+
+
+# --- the async shell -------------------------------------------------------------------------
+
+
+class _Run:
+    __slots__ = ("_done", "ended", "replaced", "scope", "tick")
+
+    def __init__(self, tick: Tick) -> None:
+        self.tick = tick
+        self.scope = anyio.CancelScope()
+        self.replaced = self.ended = False
+        self._done: anyio.Event | None = None  # made only when someone waits: most never do
+
+    async def wait_ended(self) -> None:
+        if not self.ended:
+            if self._done is None:
+                self._done = anyio.Event()
+            await self._done.wait()
+
+    def set_ended(self) -> None:
+        self.ended = True
+        if self._done is not None:
+            self._done.set()
 
 
 class _Schedule:
     __slots__ = (
-        "failures", "fn", "last_outcome", "last_run_at", "name", "next_fire_at", "paused",
-        "resumed", "running", "runs", "scope", "skipped", "trigger",
+        "begin", "coalesced", "decisions", "failures", "finished", "fn", "jump_from",
+        "last_outcome", "last_run_at", "missed", "name", "next", "paused_since", "planned",
+        "policy", "runs", "shift", "skipped", "started", "trigger", "version",
     )  # fmt: skip
 
-    def __init__(self, name: str, fn: ScheduledFn, trigger: Trigger) -> None:
-        self.name, self.fn, self.trigger = name, fn, trigger
-        self.next_fire_at: datetime | None = None
+    def __init__(
+        self, name: str, fn: ScheduledFn, trigger: Trigger, policy: SchedulePolicy
+    ) -> None:
+        self.name, self.fn, self.trigger, self.policy = name, fn, trigger, policy
+        self.begin: datetime | None = None
+        self.next: Tick | None = None
+        self.planned = math.inf  # wall timestamp of `next`, jitter included
+        self.shift = timedelta(0)  # wall-clock steps so far, for rate and delay triggers
+        self.jump_from: float | None = None  # wall time a forward step started from
+        self.paused_since: datetime | None = None
+        self.version = 0
+        self.runs: list[_Run] = []
         self.last_run_at: datetime | None = None
         self.last_outcome = "never run"
-        self.runs = self.failures = self.skipped = 0
-        self.running = self.paused = False
-        self.resumed = anyio.Event()
-        self.scope = anyio.CancelScope()
+        self.started = self.finished = self.failures = 0
+        self.skipped = self.missed = self.coalesced = 0
+        self.decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
+
+    @property
+    def active_runs(self) -> int:
+        return sum(not r.replaced for r in self.runs)
 
     def info(self) -> ScheduleInfo:
+        paused = self.paused_since is not None
         return ScheduleInfo(
             name=self.name,
             trigger=self.trigger.describe(),
-            next_fire_at=None if self.paused else self.next_fire_at,
+            next_fire_at=None if paused or self.next is None else self.next.at,
             last_run_at=self.last_run_at,
             last_outcome=self.last_outcome,
-            run_count=self.runs,
+            run_count=self.finished,
             failure_count=self.failures,
             skipped_count=self.skipped,
-            paused=self.paused,
+            paused=paused,
+            missed_count=self.missed,
+            coalesced_count=self.coalesced,
+            running=len(self.runs),
+            overlap=self.policy.overlap,
+            decisions=list(self.decisions),
         )
 
 
 class ScheduleManager:
-    """Owns one task group with a task per schedule. Create and run it inside the event loop."""
+    """Runs schedules until cancelled or drained. Create it, and run it, in the event loop.
 
-    def __init__(self, clock: LoopWallClock | None = None) -> None:
-        self._clock = clock or LoopWallClock()
+    `clock` gives wall time (default: the system's). A step of the wall clock against the loop
+    clock of `step_threshold` seconds or more is a step; the manager looks at least every
+    `step_check_interval` seconds (default: every second with a `SystemWallClock`; with a
+    `LoopWallClock`, which only steps when told, at each wake).
+    """
+
+    def __init__(
+        self,
+        clock: WallClock | None = None,
+        *,
+        step_threshold: float = 1.0,
+        step_check_interval: float | None = None,
+    ) -> None:
+        self._clock: WallClock = clock or SystemWallClock()
+        if step_check_interval is None and not isinstance(self._clock, LoopWallClock):
+            step_check_interval = 1.0
+        self._step_threshold = step_threshold
+        self._step_check_interval = step_check_interval
         self._schedules: dict[str, _Schedule] = {}
-        self._task_group: anyio.abc.TaskGroup | None = None
+        self._heap: list[tuple[float, int, int, _Schedule]] = []
+        self._seq = 0
+        self._offset = 0.0
+        self._state = "created"
+        self._wake = anyio.Event()
+        self._stopped = anyio.Event()
+        self._dispatch_scope = anyio.CancelScope()
+        self._runs_group: anyio.abc.TaskGroup | None = None
+        self._clock_steps = 0
 
     def __repr__(self) -> str:
-        return f"<ScheduleManager schedules={len(self._schedules)}>"
+        s = self.statistics()
+        return (
+            f"<ScheduleManager schedules={s.schedules} running={s.running} started={s.started} "
+            f"failed={s.failed} {s.state.upper()}>"
+        )
 
     @property
-    def clock(self) -> LoopWallClock:
+    def clock(self) -> WallClock:
         return self._clock
+
+    def statistics(self) -> ScheduleManagerStatistics:
+        schedules = self._schedules.values()
+        return ScheduleManagerStatistics(
+            state=self._state,
+            schedules=len(self._schedules),
+            running=sum(len(s.runs) for s in schedules),
+            started=sum(s.started for s in schedules),
+            failed=sum(s.failures for s in schedules),
+            clock_steps=self._clock_steps,
+        )
+
+    # --- lifecycle ---
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Run every schedule until cancelled; report ready when schedules can be added."""
+        """Run every schedule; report ready when schedules fire. Returns once drained."""
+        if self._state != "created":
+            raise RuntimeError("a ScheduleManager runs once")
         try:
-            async with anyio.create_task_group() as tg:
-                self._task_group = tg
+            async with anyio.create_task_group() as runs:
+                self._runs_group = runs
+                self._state = "running"
+                self._offset = self._clock.timestamp() - anyio.current_time()
                 for schedule in self._schedules.values():
-                    tg.start_soon(self._loop, schedule, name=f"schedule {schedule.name}")
+                    self._begin(schedule)
                 task_status.started()
-                await anyio.sleep_forever()
+                with self._dispatch_scope:
+                    await self._dispatch()
         finally:
-            self._task_group = None
+            self._state = "stopped"
+            self._runs_group = None
+            self._stopped.set()
 
-    def add_schedule(self, fn: ScheduledFn, trigger: Trigger, *, name: str) -> None:
-        """Add a schedule; it starts at once when the manager runs. Names are unique."""
+    def begin_drain(self, grace_seconds: float) -> None:
+        """Stop firing now; runs still going after `grace_seconds` are cancelled."""
+        if self._state in ("stopped", "draining"):
+            return
+        self._state = "draining"
+        self._dispatch_scope.cancel()
+        if self._runs_group is not None:
+            scope = self._runs_group.cancel_scope
+            scope.deadline = min(scope.deadline, anyio.current_time() + grace_seconds)
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    # --- schedules ---
+
+    def add_schedule(
+        self,
+        fn: ScheduledFn,
+        trigger: Trigger,
+        *,
+        name: str,
+        overlap: Overlap | str = Overlap.FORBID,
+        max_instances: int | None = None,
+        misfire_grace: float | None = None,
+        coalesce: bool = True,
+        jitter: float = 0.0,
+        initial_delay: float = 0.0,
+    ) -> None:
+        """Add a schedule; it begins at once when the manager runs. Names are unique.
+
+        The options are `SchedulePolicy`'s (see the module doc). A bad value raises ValueError.
+        """
         if name in self._schedules:
             raise ValueError(f"a schedule named {name!r} exists already")
-        schedule = _Schedule(name, fn, trigger)
+        policy = SchedulePolicy(
+            overlap=Overlap(overlap),
+            max_instances=max_instances,
+            misfire_grace=misfire_grace,
+            coalesce=coalesce,
+            jitter=jitter,
+            initial_delay=initial_delay,
+        )
+        schedule = _Schedule(name, fn, trigger, policy)
         self._schedules[name] = schedule
-        if self._task_group is not None:
-            self._task_group.start_soon(self._loop, schedule, name=f"schedule {name}")
+        if self._state == "running":
+            self._begin(schedule)
 
     def remove_schedule(self, name: str) -> None:
-        self._get(name).scope.cancel()
+        """Remove a schedule and cancel its runs that are going."""
+        schedule = self._get(name)
         del self._schedules[name]
+        schedule.version += 1
+        for run in schedule.runs:
+            run.scope.cancel()
+        self._wake.set()
 
     def pause_schedule(self, name: str) -> None:
-        self._get(name).paused = True
+        """No ticks until resumed (runs going are left alone); resuming owes none of them."""
+        schedule = self._get(name)
+        if schedule.paused_since is None:
+            schedule.paused_since = self._clock.now()
+            schedule.version += 1
 
     def resume_schedule(self, name: str) -> None:
         schedule = self._get(name)
-        schedule.paused = False
-        schedule.resumed.set()
+        since = schedule.paused_since
+        if since is None:
+            return
+        schedule.paused_since = None
+        if self._state != "running" or schedule.next is None:
+            return
+        now = self._clock.now()
+        if schedule.next.timestamp > now.timestamp():
+            self._plan(schedule, schedule.next)
+            return
+        ticks, uncounted, _ = self._due(schedule, now.timestamp())
+        reason = f"paused since {since.isoformat(timespec='seconds')}"
+        self._record(
+            schedule,
+            _group(
+                DecisionKind.SKIPPED,
+                [DueTick(tick=t) for t in ticks],
+                reason + (" (and more)" if uncounted else ""),
+            ),
+            now,
+        )
+        self._plan(schedule, self._next(schedule, now))
 
     def schedules(self) -> list[ScheduleInfo]:
         return [s.info() for s in self._schedules.values()]
+
+    def schedule(self, name: str) -> ScheduleInfo:
+        return self._get(name).info()
 
     def _get(self, name: str) -> _Schedule:
         try:
@@ -158,40 +510,204 @@ class ScheduleManager:
         except KeyError:
             raise KeyError(f"no schedule named {name!r}") from None
 
-    async def _loop(self, schedule: _Schedule) -> None:
-        with schedule.scope:
-            async with anyio.create_task_group() as runs:
-                after = self._clock.now() - timedelta(microseconds=1)  # a fire at "now" counts
-                while True:
-                    fire_at = schedule.trigger.next_fire(after)
-                    schedule.next_fire_at = fire_at
-                    if fire_at is None:
-                        break
-                    await anyio.sleep_until(self._clock.loop_time_at(fire_at))
-                    after = fire_at
-                    while schedule.paused:
-                        schedule.resumed = anyio.Event()
-                        await schedule.resumed.wait()
-                        after = self._clock.now()
-                    if schedule.paused or after != fire_at:
-                        continue  # ticks that fell into the pause are not owed
-                    if schedule.running:
-                        schedule.skipped += 1
-                        schedule.last_outcome = f"skipped {fire_at.isoformat()}: still running"
-                        continue
-                    schedule.running = True
-                    runs.start_soon(self._run_once, schedule, fire_at)
+    # --- ticks in wall terms (a rate or delay trigger moves with wall-clock steps) ---
 
-    async def _run_once(self, schedule: _Schedule, fire_at: datetime) -> None:
-        schedule.last_run_at = self._clock.now()
-        try:
-            await schedule.fn()
-        except Exception as exc:
-            schedule.failures += 1
-            schedule.last_outcome = f"failed: {type(exc).__name__}: {exc}"
-            log.exception("schedule %s failed", schedule.name)
+    def _shifted(self, schedule: _Schedule, tick: Tick | None) -> Tick | None:
+        if tick is None or not schedule.shift:
+            return tick
+        return self._shifted_by(tick, schedule.shift)
+
+    def _first(self, schedule: _Schedule, begin: datetime) -> Tick | None:
+        return self._shifted(schedule, schedule.trigger.first_tick(utc(begin) - schedule.shift))
+
+    def _next(self, schedule: _Schedule, after: datetime) -> Tick | None:
+        return self._shifted(schedule, schedule.trigger.next_tick(utc(after) - schedule.shift))
+
+    def _begin(self, schedule: _Schedule) -> None:
+        begin = self._clock.now() + timedelta(seconds=schedule.policy.initial_delay)
+        schedule.begin = begin
+        self._plan(schedule, self._first(schedule, begin))
+
+    def _plan(self, schedule: _Schedule, tick: Tick | None) -> None:
+        """Make `tick` the schedule's next one and wake the dispatcher for it."""
+        schedule.version += 1
+        schedule.next = tick
+        if tick is None or schedule.paused_since is not None:
+            schedule.planned = math.inf
+            return
+        schedule.planned = tick.timestamp + jitter_for(schedule.name, tick, schedule.policy.jitter)
+        due = schedule.planned - self._offset  # loop time; the offset is kept by _check_clock
+        self._seq += 1
+        heapq.heappush(self._heap, (due, self._seq, schedule.version, schedule))
+        self._wake.set()
+
+    # --- the dispatcher ---
+
+    async def _dispatch(self) -> None:
+        while True:
+            # read the clocks once a pass: each read costs more than the arithmetic around it
+            now = anyio.current_time()
+            wall_now = self._clock.timestamp()
+            self._check_clock(wall_now - now, wall_now)
+            wall_dt = datetime.fromtimestamp(wall_now, UTC)
+            while self._heap and self._heap[0][0] <= now + _EPSILON:
+                _, _, version, schedule = heapq.heappop(self._heap)
+                if version == schedule.version and self._schedules.get(schedule.name) is schedule:
+                    self._fire(schedule, wall_now, wall_dt)
+            deadline = self._heap[0][0] if self._heap else math.inf
+            if self._step_check_interval is not None:
+                deadline = min(deadline, now + self._step_check_interval)
+            if self._wake.is_set():
+                self._wake = anyio.Event()
+            with anyio.CancelScope(deadline=deadline):
+                await self._wake.wait()
+
+    def _check_clock(self, offset: float, wall_now: float) -> None:
+        step = offset - self._offset
+        self._offset = offset  # slow drift (NTP slewing) is followed silently
+        if abs(step) < self._step_threshold:
+            return
+        self._clock_steps += 1
+        log.warning("wall clock stepped %+.3fs; schedules follow it", step)
+        for schedule in self._schedules.values():
+            if not schedule.trigger.wall_anchored:
+                schedule.shift += timedelta(seconds=step)
+                if schedule.next is not None:
+                    schedule.next = self._shifted_by(schedule.next, timedelta(seconds=step))
+            elif step > 0 and schedule.jump_from is None and schedule.planned <= wall_now:
+                schedule.jump_from = wall_now - step  # the step made its next tick due
+            if schedule.paused_since is None and schedule.next is not None:
+                self._plan(schedule, schedule.next)
+
+    @staticmethod
+    def _shifted_by(tick: Tick, shift: timedelta) -> Tick:
+        # in UTC, then back to the tick's zone: arithmetic on a zoned datetime drops its fold
+        return msgspec.structs.replace(tick, at=(utc(tick.at) + shift).astimezone(tick.at.tzinfo))
+
+    def _due(
+        self, schedule: _Schedule, wall_now: float
+    ) -> tuple[list[Tick], bool, tuple[Tick | None] | None]:
+        """The schedule's ticks due by `wall_now`, from its next one; whether some between the
+        last two were left out (more than `_MAX_DUE`); and the tick after them when known."""
+        assert schedule.next is not None
+        ticks = [schedule.next]
+        if schedule.trigger.from_run_end:
+            return ticks, False, None
+        jitter = schedule.policy.jitter
+        while len(ticks) < _MAX_DUE:
+            tick = self._next(schedule, ticks[-1].at)
+            if tick is None or tick.timestamp + jitter_for(schedule.name, tick, jitter) > wall_now:
+                return ticks, False, (tick,)
+            ticks.append(tick)
+        last = self._last_due(schedule, ticks[-1], wall_now)
+        if last.timestamp > ticks[-1].timestamp:
+            ticks.append(last)
+            return ticks, True, None
+        return ticks, False, None
+
+    def _last_due(self, schedule: _Schedule, known: Tick, wall_now: float) -> Tick:
+        """The latest tick at or before `wall_now`, by bisection (a week of 1 s ticks is ~40
+        trigger calls, not 600,000)."""
+        lo, hi = known.at.astimezone(UTC), datetime.fromtimestamp(wall_now, UTC)
+        best = known
+        while hi - lo > timedelta(microseconds=1):
+            mid = lo + (hi - lo) / 2
+            tick = self._next(schedule, mid)
+            if tick is not None and tick.timestamp <= wall_now:
+                lo, best = mid, tick
+            else:
+                hi = mid
+        return best
+
+    def _fire(self, schedule: _Schedule, wall_now: float, now: datetime) -> None:
+        """Decide on the schedule's due ticks, start the runs, plan the next tick (no await)."""
+        ticks, uncounted, following = self._due(schedule, wall_now)
+        jump_from, schedule.jump_from = schedule.jump_from, None
+        step = 0.0 if jump_from is None else wall_now - jump_from
+        due = []
+        for tick in ticks:
+            planned = tick.timestamp + jitter_for(schedule.name, tick, schedule.policy.jitter)
+            if jump_from is not None and planned > jump_from:
+                due.append(DueTick(tick=tick, jumped=True))
+            else:
+                due.append(DueTick(tick=tick, late=max(0.0, wall_now - step - planned)))
+        verdicts = decide(
+            due, policy=schedule.policy, running=schedule.active_runs, uncounted=uncounted
+        )
+        self._record(schedule, verdicts, now)
+        started = False
+        for verdict in verdicts:
+            if verdict.run:
+                self._start(schedule, verdict)
+                started = True
+        if schedule.trigger.from_run_end:
+            # the next tick counts from the end of this run; without a run, from now
+            self._plan(schedule, None if started else self._next(schedule, now))
+        elif following is not None:
+            self._plan(schedule, following[0])
         else:
-            schedule.last_outcome = "ok"
+            self._plan(schedule, self._next(schedule, ticks[-1].at))
+
+    def _record(self, schedule: _Schedule, verdicts: Sequence[Verdict], now: datetime) -> None:
+        for v in verdicts:
+            schedule.decisions.append(
+                Decision(
+                    tick=v.tick.at, kind=v.kind, reason=v.reason, count=v.count, decided_at=now
+                )
+            )
+            if v.kind is DecisionKind.SKIPPED:
+                schedule.skipped += v.count
+            elif v.kind is DecisionKind.MISSED:
+                schedule.missed += v.count
+            elif v.kind is DecisionKind.COALESCED:
+                schedule.coalesced += v.count
+            if v.kind is not DecisionKind.FIRED:
+                level = logging.INFO if v.kind is DecisionKind.MISSED else logging.DEBUG
+                log.log(
+                    level, "schedule %s: %s %s: %s", schedule.name, v.kind, _when(v.tick), v.reason
+                )
+
+    def _start(self, schedule: _Schedule, verdict: Verdict) -> None:
+        assert self._runs_group is not None
+        previous: list[_Run] = []
+        if verdict.replace:
+            previous = [r for r in schedule.runs if not r.replaced]
+            for r in previous:
+                r.replaced = True
+                r.scope.cancel()
+        run = _Run(verdict.tick)
+        schedule.runs.append(run)
+        schedule.started += 1
+        self._runs_group.start_soon(
+            self._run, schedule, run, previous, name=f"schedule {schedule.name}"
+        )
+
+    async def _run(self, schedule: _Schedule, run: _Run, previous: list[_Run]) -> None:
+        try:
+            for old in previous:  # REPLACE: the new run starts once the old one has ended
+                await old.wait_ended()
+            with run.scope:
+                schedule.last_run_at = self._clock.now()
+                try:
+                    await schedule.fn()
+                except Exception as exc:
+                    schedule.failures += 1
+                    schedule.last_outcome = f"failed: {type(exc).__name__}: {exc}"
+                    log.exception("schedule %s failed", schedule.name)
+                else:
+                    schedule.last_outcome = "ok"
+            if run.scope.cancelled_caught:
+                schedule.last_outcome = (
+                    "cancelled: replaced by a newer run" if run.replaced else "cancelled"
+                )
         finally:
-            schedule.runs += 1
-            schedule.running = False
+            schedule.runs.remove(run)
+            schedule.finished += 1
+            run.set_ended()
+            if (
+                schedule.trigger.from_run_end
+                and self._state == "running"
+                and self._schedules.get(schedule.name) is schedule
+                and not schedule.runs
+            ):
+                self._plan(schedule, self._next(schedule, self._clock.now()))

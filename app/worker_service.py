@@ -117,6 +117,21 @@ class WorkerService(pb.WorkerServiceBase):
                 run_count=i.run_count,
                 failure_count=i.failure_count,
                 paused=i.paused,
+                skipped_count=i.skipped_count,
+                missed_count=i.missed_count,
+                coalesced_count=i.coalesced_count,
+                running=i.running,
+                overlap=i.overlap.value,
+                decisions=[
+                    pb.ScheduleDecision(
+                        tick=d.tick.isoformat(),
+                        kind=d.kind.value,
+                        reason=d.reason,
+                        count=d.count,
+                        decided_at=utc_iso(d.decided_at.timestamp()),
+                    )
+                    for d in i.decisions
+                ],
             )
             for i in self._schedules.schedules()
         ]

@@ -7,6 +7,7 @@ __all__ = (
     "JobInfo",
     "JobRef",
     "JobState",
+    "ScheduleDecision",
     "ScheduleInfo",
     "SendWorkReq",
     "SendWorkRes",
@@ -117,6 +118,39 @@ default_message_pool.register_message("worker", "JobRef", JobRef)
 
 
 @dataclass(eq=False, repr=False)
+class ScheduleDecision(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return WORKER_PROTO_DESCRIPTOR.message_types_by_name["ScheduleDecision"]
+
+    tick: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
+    """
+    The nominal tick, RFC 3339 with the UTC offset of the schedule's zone.
+    """
+
+    kind: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    fired, moved (fired where a DST rule moved it), skipped, missed or coalesced.
+    """
+
+    reason: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    count: "int" = betterproto2.field(4, betterproto2.TYPE_UINT32)
+    """
+    How many ticks this decision covers (a long pause), `tick` being the last of them.
+    """
+
+    decided_at: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    RFC 3339 in UTC.
+    """
+
+
+default_message_pool.register_message("worker", "ScheduleDecision", ScheduleDecision)
+
+
+@dataclass(eq=False, repr=False)
 class ScheduleInfo(betterproto2.Message):
     @betterproto2.staticproperty
     @staticmethod
@@ -138,6 +172,38 @@ class ScheduleInfo(betterproto2.Message):
     failure_count: "int" = betterproto2.field(7, betterproto2.TYPE_UINT64)
 
     paused: "bool" = betterproto2.field(8, betterproto2.TYPE_BOOL)
+
+    skipped_count: "int" = betterproto2.field(9, betterproto2.TYPE_UINT64)
+    """
+    Ticks not run because a run was still going, a DST rule skipped them, or while paused.
+    """
+
+    missed_count: "int" = betterproto2.field(10, betterproto2.TYPE_UINT64)
+    """
+    Ticks later than the schedule's misfire grace.
+    """
+
+    coalesced_count: "int" = betterproto2.field(11, betterproto2.TYPE_UINT64)
+    """
+    Ticks folded into the run of a later tick that was due at the same time.
+    """
+
+    running: "int" = betterproto2.field(12, betterproto2.TYPE_UINT32)
+    """
+    Runs going now.
+    """
+
+    overlap: "str" = betterproto2.field(13, betterproto2.TYPE_STRING)
+    """
+    forbid, allow or replace (Kubernetes CronJob's concurrency policies).
+    """
+
+    decisions: "list[ScheduleDecision]" = betterproto2.field(
+        14, betterproto2.TYPE_MESSAGE, repeated=True
+    )
+    """
+    The last decisions, oldest first: what the scheduler did with each nominal tick, and why.
+    """
 
 
 default_message_pool.register_message("worker", "ScheduleInfo", ScheduleInfo)
@@ -278,7 +344,8 @@ class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
         metadata: "MetadataLike | None" = None,
     ) -> "SendWorkRes":
         """
-        The seed's RPC: accept the job, start it on the job master, answer at once.
+        The seed's RPC: accept the job, start it on the job master, answer at once. An id this worker
+        still remembers (queued, running, or among its recent finished jobs) is ALREADY_EXISTS.
         """
 
         return await self._unary_unary(
@@ -380,14 +447,15 @@ class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
 
 
 WORKER_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n\x0cworker.proto\x12\x06worker"\xce\x01\n\x0bSendWorkReq\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x127\n\x06params\x18\x03 \x03(\x0b2\x1f.worker.SendWorkReq.ParamsEntryR\x06params\x12\'\n\x0ftimeout_seconds\x18\x04 \x01(\x01R\x0etimeoutSeconds\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"O\n\x0bSendWorkRes\x12\x18\n\x07message\x18\x01 \x01(\tR\x07message\x12&\n\x05state\x18\x02 \x01(\x0e2\x10.worker.JobStateR\x05state"\x18\n\x06JobRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id"\x88\x03\n\x07JobInfo\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12&\n\x05state\x18\x03 \x01(\x0e2\x10.worker.JobStateR\x05state\x123\n\x06params\x18\x04 \x03(\x0b2\x1b.worker.JobInfo.ParamsEntryR\x06params\x12\x1f\n\x0bresult_json\x18\x05 \x01(\tR\nresultJson\x12\x14\n\x05error\x18\x06 \x01(\tR\x05error\x12!\n\x0csubmitted_at\x18\x07 \x01(\tR\x0bsubmittedAt\x12\x1d\n\nstarted_at\x18\x08 \x01(\tR\tstartedAt\x12\x1f\n\x0bfinished_at\x18\t \x01(\tR\nfinishedAt\x12\'\n\x0ftimeout_seconds\x18\n \x01(\x01R\x0etimeoutSeconds\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\x0b\n\tStatusReq"\xfb\x01\n\x0cScheduleInfo\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07trigger\x18\x02 \x01(\tR\x07trigger\x12 \n\x0cnext_fire_at\x18\x03 \x01(\tR\nnextFireAt\x12\x1e\n\x0blast_run_at\x18\x04 \x01(\tR\tlastRunAt\x12!\n\x0clast_outcome\x18\x05 \x01(\tR\x0blastOutcome\x12\x1b\n\trun_count\x18\x06 \x01(\x04R\x08runCount\x12#\n\rfailure_count\x18\x07 \x01(\x04R\x0cfailureCount\x12\x16\n\x06paused\x18\x08 \x01(\x08R\x06paused"\xba\x05\n\x0cWorkerStatus\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x0e\n\x02ip\x18\x02 \x01(\tR\x02ip\x12\x10\n\x03pid\x18\x03 \x01(\x05R\x03pid\x12\x12\n\x04host\x18\x04 \x01(\tR\x04host\x12\x1b\n\tgrpc_port\x18\x05 \x01(\x05R\x08grpcPort\x12\x18\n\x07version\x18\x06 \x01(\tR\x07version\x12\x1d\n\nstarted_at\x18\x07 \x01(\tR\tstartedAt\x12\x16\n\x06active\x18\x08 \x01(\x05R\x06active\x12\x1a\n\x08capacity\x18\t \x01(\x05R\x08capacity\x12\x1b\n\tcore_size\x18\n \x01(\x05R\x08coreSize\x12\x19\n\x08max_size\x18\x0b \x01(\x05R\x07maxSize\x12\x16\n\x06queued\x18\x0c \x01(\x05R\x06queued\x12%\n\x0equeue_capacity\x18\r \x01(\x05R\rqueueCapacity\x12\x1c\n\twatermark\x18\x0e \x01(\x05R\twatermark\x12#\n\rjobs_accepted\x18\x0f \x01(\x04R\x0cjobsAccepted\x12#\n\rjobs_rejected\x18\x10 \x01(\x04R\x0cjobsRejected\x12%\n\x0ejobs_succeeded\x18\x11 \x01(\x04R\rjobsSucceeded\x12\x1f\n\x0bjobs_failed\x18\x12 \x01(\x04R\njobsFailed\x12\x1b\n\tjob_names\x18\x13 \x03(\tR\x08jobNames\x122\n\tschedules\x18\x14 \x03(\x0b2\x14.worker.ScheduleInfoR\tschedules\x12-\n\x12registry_connected\x18\x15 \x01(\x08R\x11registryConnected\x12+\n\x11registry_failures\x18\x16 \x01(\x04R\x10registryFailures*u\n\x08JobState\x12\x17\n\x15JOB_STATE_UNSPECIFIED\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06FAILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\r\n\tTIMED_OUT\x10\x062\x85\x02\n\rWorkerService\x124\n\x08SendWork\x12\x13.worker.SendWorkReq\x1a\x13.worker.SendWorkRes\x12/\n\x07RunWork\x12\x13.worker.SendWorkReq\x1a\x0f.worker.JobInfo\x12)\n\x06GetJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x12,\n\tCancelJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x124\n\tGetStatus\x12\x11.worker.StatusReq\x1a\x14.worker.WorkerStatusB&\n"com.dovaj.job_worker_app_demo.grpcP\x01b\x06proto3'
+    b'\n\x0cworker.proto\x12\x06worker"\xce\x01\n\x0bSendWorkReq\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x127\n\x06params\x18\x03 \x03(\x0b2\x1f.worker.SendWorkReq.ParamsEntryR\x06params\x12\'\n\x0ftimeout_seconds\x18\x04 \x01(\x01R\x0etimeoutSeconds\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"O\n\x0bSendWorkRes\x12\x18\n\x07message\x18\x01 \x01(\tR\x07message\x12&\n\x05state\x18\x02 \x01(\x0e2\x10.worker.JobStateR\x05state"\x18\n\x06JobRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id"\x88\x03\n\x07JobInfo\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12&\n\x05state\x18\x03 \x01(\x0e2\x10.worker.JobStateR\x05state\x123\n\x06params\x18\x04 \x03(\x0b2\x1b.worker.JobInfo.ParamsEntryR\x06params\x12\x1f\n\x0bresult_json\x18\x05 \x01(\tR\nresultJson\x12\x14\n\x05error\x18\x06 \x01(\tR\x05error\x12!\n\x0csubmitted_at\x18\x07 \x01(\tR\x0bsubmittedAt\x12\x1d\n\nstarted_at\x18\x08 \x01(\tR\tstartedAt\x12\x1f\n\x0bfinished_at\x18\t \x01(\tR\nfinishedAt\x12\'\n\x0ftimeout_seconds\x18\n \x01(\x01R\x0etimeoutSeconds\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\x0b\n\tStatusReq"\xd8\x03\n\x0cScheduleInfo\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07trigger\x18\x02 \x01(\tR\x07trigger\x12 \n\x0cnext_fire_at\x18\x03 \x01(\tR\nnextFireAt\x12\x1e\n\x0blast_run_at\x18\x04 \x01(\tR\tlastRunAt\x12!\n\x0clast_outcome\x18\x05 \x01(\tR\x0blastOutcome\x12\x1b\n\trun_count\x18\x06 \x01(\x04R\x08runCount\x12#\n\rfailure_count\x18\x07 \x01(\x04R\x0cfailureCount\x12\x16\n\x06paused\x18\x08 \x01(\x08R\x06paused\x12#\n\rskipped_count\x18\t \x01(\x04R\x0cskippedCount\x12!\n\x0cmissed_count\x18\n \x01(\x04R\x0bmissedCount\x12\'\n\x0fcoalesced_count\x18\x0b \x01(\x04R\x0ecoalescedCount\x12\x18\n\x07running\x18\x0c \x01(\rR\x07running\x12\x18\n\x07overlap\x18\r \x01(\tR\x07overlap\x126\n\tdecisions\x18\x0e \x03(\x0b2\x18.worker.ScheduleDecisionR\tdecisions"\x87\x01\n\x10ScheduleDecision\x12\x12\n\x04tick\x18\x01 \x01(\tR\x04tick\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12\x14\n\x05count\x18\x04 \x01(\rR\x05count\x12\x1d\n\ndecided_at\x18\x05 \x01(\tR\tdecidedAt"\xba\x05\n\x0cWorkerStatus\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x0e\n\x02ip\x18\x02 \x01(\tR\x02ip\x12\x10\n\x03pid\x18\x03 \x01(\x05R\x03pid\x12\x12\n\x04host\x18\x04 \x01(\tR\x04host\x12\x1b\n\tgrpc_port\x18\x05 \x01(\x05R\x08grpcPort\x12\x18\n\x07version\x18\x06 \x01(\tR\x07version\x12\x1d\n\nstarted_at\x18\x07 \x01(\tR\tstartedAt\x12\x16\n\x06active\x18\x08 \x01(\x05R\x06active\x12\x1a\n\x08capacity\x18\t \x01(\x05R\x08capacity\x12\x1b\n\tcore_size\x18\n \x01(\x05R\x08coreSize\x12\x19\n\x08max_size\x18\x0b \x01(\x05R\x07maxSize\x12\x16\n\x06queued\x18\x0c \x01(\x05R\x06queued\x12%\n\x0equeue_capacity\x18\r \x01(\x05R\rqueueCapacity\x12\x1c\n\twatermark\x18\x0e \x01(\x05R\twatermark\x12#\n\rjobs_accepted\x18\x0f \x01(\x04R\x0cjobsAccepted\x12#\n\rjobs_rejected\x18\x10 \x01(\x04R\x0cjobsRejected\x12%\n\x0ejobs_succeeded\x18\x11 \x01(\x04R\rjobsSucceeded\x12\x1f\n\x0bjobs_failed\x18\x12 \x01(\x04R\njobsFailed\x12\x1b\n\tjob_names\x18\x13 \x03(\tR\x08jobNames\x122\n\tschedules\x18\x14 \x03(\x0b2\x14.worker.ScheduleInfoR\tschedules\x12-\n\x12registry_connected\x18\x15 \x01(\x08R\x11registryConnected\x12+\n\x11registry_failures\x18\x16 \x01(\x04R\x10registryFailures*u\n\x08JobState\x12\x17\n\x15JOB_STATE_UNSPECIFIED\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06FAILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\r\n\tTIMED_OUT\x10\x062\x85\x02\n\rWorkerService\x124\n\x08SendWork\x12\x13.worker.SendWorkReq\x1a\x13.worker.SendWorkRes\x12/\n\x07RunWork\x12\x13.worker.SendWorkReq\x1a\x0f.worker.JobInfo\x12)\n\x06GetJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x12,\n\tCancelJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x124\n\tGetStatus\x12\x11.worker.StatusReq\x1a\x14.worker.WorkerStatusB&\n"com.dovaj.job_worker_app_demo.grpcP\x01b\x06proto3'
 )
 
 
 class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
     async def send_work(self, message: "SendWorkReq") -> "SendWorkRes":
         """
-        The seed's RPC: accept the job, start it on the job master, answer at once.
+        The seed's RPC: accept the job, start it on the job master, answer at once. An id this worker
+        still remembers (queued, running, or among its recent finished jobs) is ALREADY_EXISTS.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
