@@ -18,7 +18,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from app import __version__
-from app.clock import LoopWallClock
+from app.clock import SystemWallClock, WallClock
 from app.job_master import JobMaster
 from app.pod_info import PodInfo, encode_pod_info, pod_key
 from app.pod_registry import PodRegistry
@@ -75,7 +75,7 @@ class ApplicationInfoReportJob:
         ttl_seconds: int = 60,
         interval_seconds: float = 5.0,
         retry_max_seconds: float = 30.0,
-        clock: LoopWallClock | None = None,
+        clock: WallClock | None = None,
     ) -> None:
         self._registry = registry
         self._job_master = job_master
@@ -84,7 +84,7 @@ class ApplicationInfoReportJob:
         self._ttl = ttl_seconds
         self._interval = interval_seconds
         self._retry_max = retry_max_seconds
-        self._clock = clock or LoopWallClock()
+        self._clock: WallClock = clock or SystemWallClock()
         self._connected: bool | None = None  # unknown until the first attempt
         self._backoff = 0.0
         self._next_attempt = -float("inf")
@@ -121,6 +121,7 @@ class ApplicationInfoReportJob:
             queue_capacity=stats.queue_capacity,
             watermark=stats.watermark,
             version=ident.version,
+            job_names=self._job_master.job_names(),
         )
 
     async def __call__(self) -> None:

@@ -44,6 +44,8 @@ class GrpcConfig(_Section, frozen=True):
     host: str = "0.0.0.0"
     # the address written to PodInfo.ip; empty: the bound host, or this host's name resolved
     advertise_ip: str = ""
+    # the port written to PodInfo.grpcPort when others reach this worker through a proxy or NAT
+    advertise_port: int = 0
     port: int | None = None
     default_port: int = 9091
     # how many neighbours above the first port to try before an ephemeral one
@@ -54,6 +56,7 @@ class GrpcConfig(_Section, frozen=True):
 
     def __post_init__(self) -> None:
         _check(self.port is None or 0 <= self.port <= 65535, "port", "must be 0..65535")
+        _check(0 <= self.advertise_port <= 65535, "advertise_port", "must be 0..65535")
         _check(1 <= self.default_port <= 65535, "default_port", "must be 1..65535")
         _check(0 <= self.port_search <= 1000, "port_search", "must be 0..1000")
 
@@ -140,6 +143,63 @@ class RedisConfig(_Section, frozen=True):
         return f"{scheme}://{self.host}:{self.port}/{self.db}"
 
 
+class OrchestratorConfig(_Section, frozen=True):
+    """The gateway tier: its listener, the queue, retry, breaker and discovery."""
+
+    host: str = "0.0.0.0"
+    port: int = 9090
+    port_search: int = 50
+    # the orchestrators' consumer group on the job stream; a name for this one (default host:pid)
+    group: str = "orchestrators"
+    consumer: str = ""
+    stream_key: str = "wpm-jobs:stream"
+    job_prefix: str = "wpm-job"
+    # jobs one orchestrator dispatches at once; the rest wait in the stream
+    max_inflight: int = 256
+    # queued (unfinished) jobs per job type; a submit past it gets RESOURCE_EXHAUSTED
+    queue_bound_per_type: int = 10_000
+    default_timeout_seconds: float = 0.0
+    # how long a job may wait for a worker and run, in all
+    default_deadline_seconds: float = 3600.0
+    retention_seconds: int = 86_400
+    max_attempts: int = 3
+    retry_base_seconds: float = 0.2
+    retry_max_seconds: float = 5.0
+    retry_budget_ratio: float = 0.2
+    retry_budget_window_seconds: float = 10.0
+    breaker_failure_threshold: int = 5
+    breaker_failure_rate: float = 0.5
+    breaker_min_calls: int = 10
+    breaker_window_seconds: float = 30.0
+    breaker_open_seconds: float = 5.0
+    balancer: str = "p2c"
+    discovery_interval_seconds: float = 1.0
+    # the workers' report interval: a PodInfo older than two of them is stale
+    worker_report_interval_seconds: float = 5.0
+    # an entry idle this long in another orchestrator's hands is claimed (it died)
+    claim_idle_seconds: float = 10.0
+    # HTTP/2 pings to a worker during a call, to notice a silent peer
+    keepalive_seconds: float = 2.0
+    keepalive_timeout_seconds: float = 3.0
+    drain_grace_seconds: float = 10.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", "must be 0..65535")
+        _check(self.max_inflight >= 1, "max_inflight", "must be at least 1")
+        _check(self.queue_bound_per_type >= 1, "queue_bound_per_type", "must be at least 1")
+        _check(self.default_deadline_seconds > 0, "default_deadline_seconds", "must be above 0")
+        _check(self.max_attempts >= 1, "max_attempts", "must be at least 1")
+        _check(0 <= self.retry_base_seconds <= self.retry_max_seconds, "retry_base_seconds",
+               "must be 0..retry_max_seconds")  # fmt: skip
+        _check(0 <= self.retry_budget_ratio <= 1, "retry_budget_ratio", "must be 0..1")
+        _check(self.breaker_failure_threshold >= 1, "breaker_failure_threshold", "must be >= 1")
+        _check(0 < self.breaker_failure_rate <= 1, "breaker_failure_rate", "must be in (0, 1]")
+        _check(self.balancer in ("p2c", "round_robin"), "balancer", "must be p2c or round_robin")
+        _check(self.discovery_interval_seconds > 0, "discovery_interval_seconds", "must be > 0")
+        _check(self.claim_idle_seconds > 0, "claim_idle_seconds", "must be above 0")
+        _check(bool(self.stream_key) and bool(self.job_prefix), "stream_key", "must not be empty")
+
+
 class LogConfig(_Section, frozen=True):
     level: str = "INFO"
 
@@ -156,6 +216,7 @@ class Config(_Section, frozen=True):
     worker: WorkerConfig = msgspec.field(default_factory=WorkerConfig)
     schedule: ScheduleConfig = msgspec.field(default_factory=ScheduleConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
+    orchestrator: OrchestratorConfig = msgspec.field(default_factory=OrchestratorConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
 

@@ -202,10 +202,12 @@ class JobMaster:
             raise Draining("worker is draining and takes no new work")
         params = params or {}
         spec, kwargs = self._validate(name, job_id, params, timeout_seconds)
-        if job_id in self._live:
-            raise JobAlreadyExists(
-                f"job {job_id!r} is already {self._live[job_id].record.state.value}"
-            )
+        known = self._live.get(job_id) or self._history.get(job_id)
+        if known is not None:
+            # ids are idempotent: a retried submit must not run the job twice
+            state = known.record.state
+            verb = "already ran" if state.finished else "is already"
+            raise JobAlreadyExists(f"job {job_id!r} {verb} {state.value}")
         record = JobRun(
             id=job_id,
             name=name,
@@ -226,7 +228,6 @@ class JobMaster:
             raise QueueFull(
                 f"queue is full ({self._queue_capacity} waiting, {self._max_size} running)"
             )
-        self._history.pop(job_id, None)  # a finished id may run again
         self._live[job_id] = run
         self._counts["accepted"] += 1
         return record

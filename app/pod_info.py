@@ -38,6 +38,8 @@ class PodInfo(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     queue_capacity: int = 0
     watermark: int = 0
     version: str = ""
+    # the job names this worker runs, so that an orchestrator sends it only those
+    job_names: list[str] = msgspec.field(default_factory=list)
 
 
 _encoder = msgspec.json.Encoder()

@@ -18,6 +18,10 @@ class PodRegistry(Protocol):
 
     async def delete(self, key: str) -> None: ...
 
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The values of `keys`, in order (None for a key that is gone)."""
+        ...
+
     async def keys(self, prefix: str) -> list[str]:
         """Every live key that starts with `prefix` (unordered)."""
         ...
@@ -41,6 +45,12 @@ class RedisPodRegistry:
 
     async def delete(self, key: str) -> None:
         await self._redis.delete(key)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        values = await self._redis.mget(keys)
+        return [v.encode() if isinstance(v, str) else v for v in values]
 
     async def keys(self, prefix: str) -> list[str]:
         found = [
@@ -81,6 +91,9 @@ class MemoryPodRegistry:
 
     async def delete(self, key: str) -> None:
         self._data.pop(key, None)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [self._live(k) for k in keys]
 
     async def keys(self, prefix: str) -> list[str]:
         return sorted(k for k in list(self._data) if k.startswith(prefix) and self._live(k))

@@ -23,7 +23,7 @@ import anyio
 
 from app.application_info_report_job import ApplicationInfoReportJob, make_identity
 from app.builtin_jobs import builtin_specs
-from app.clock import LoopWallClock
+from app.clock import SystemWallClock
 from app.config import Config
 from app.embedded_redis import EmbeddedRedis
 from app.errors import ConfigError
@@ -81,7 +81,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             else:
                 raise ConfigError("redis.url", "no Redis configured and redis.embedded is false")
             redis = create_redis(config.redis, redis_url)
-            clock = LoopWallClock()
+            # the system's clock, steps included: the scheduler notices an NTP step or a resumed
+            # VM, and PodInfo.updateDatetime is what other hosts compare with their own clocks
+            clock = SystemWallClock()
             job_master = JobMaster(
                 registry,
                 core_size=w.core_size,
@@ -104,7 +106,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             if config.grpc.remember_port:
                 write_last_port(state_dir(env) / LAST_PORT_FILE, port)
             identity = make_identity(
-                port, bound_host=config.grpc.host, advertise_ip=config.grpc.advertise_ip
+                config.grpc.advertise_port or port,
+                bound_host=config.grpc.host,
+                advertise_ip=config.grpc.advertise_ip,
             )
             report = ApplicationInfoReportJob(
                 RedisPodRegistry(redis),

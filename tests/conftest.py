@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import redis
 
-from tests.helpers import RedisServer, WorkerProcess, base_env, free_port
+from tests.grpc_clients import generate_grpcio_stubs, import_stubs
+from tests.helpers import ROOT, RedisServer, WorkerProcess, base_env, free_port
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +62,24 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     finally:
         for worker in workers:
             worker.close()
+
+
+@pytest.fixture(scope="session")
+def stubs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """grpcio stubs for proto/worker.proto (the official client, generated at test time)."""
+    out = tmp_path_factory.mktemp("grpcio_worker")
+    generate_grpcio_stubs(ROOT / "proto", out)
+    pb2, pb2_grpc = import_stubs(out)
+    return SimpleNamespace(pb2=pb2, grpc=pb2_grpc)
+
+
+@pytest.fixture(scope="session")
+def orch_stubs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """grpcio stubs for proto/orchestrator.proto."""
+    out = tmp_path_factory.mktemp("grpcio_orchestrator")
+    generate_grpcio_stubs(ROOT / "proto", out, "orchestrator")
+    pb2, pb2_grpc = import_stubs(out, "orchestrator")
+    return SimpleNamespace(pb2=pb2, grpc=pb2_grpc)
 
 
 # The core (job master, scheduler, retry, breaker) is tested on both anyio backends.

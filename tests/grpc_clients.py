@@ -8,24 +8,26 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 from typing import Any
+
+import grpc
 
 from tests.helpers import ROOT
 
 
-def generate_grpcio_stubs(proto_dir: Path, out: Path) -> None:
+def generate_grpcio_stubs(proto_dir: Path, out: Path, name: str = "worker") -> None:
     subprocess.run(
         [sys.executable, "-m", "grpc_tools.protoc", f"-I{proto_dir}", f"--python_out={out}",
-         f"--grpc_python_out={out}", "worker.proto"],
+         f"--grpc_python_out={out}", f"{name}.proto"],
         check=True, timeout=60,
     )  # fmt: skip
 
 
-def import_stubs(out: Path) -> tuple[ModuleType, ModuleType]:
+def import_stubs(out: Path, name: str = "worker") -> tuple[ModuleType, ModuleType]:
     sys.path.insert(0, str(out))
     try:
-        return importlib.import_module("worker_pb2"), importlib.import_module("worker_pb2_grpc")
+        return importlib.import_module(f"{name}_pb2"), importlib.import_module(f"{name}_pb2_grpc")
     finally:
         sys.path.remove(str(out))
 
@@ -49,3 +51,32 @@ def grpcurl_json(*args: str) -> Any:
     result = grpcurl(*args)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+class Client:
+    """A grpcio channel and stub to one worker."""
+
+    def __init__(self, stubs: SimpleNamespace, target: str) -> None:
+        self.pb2: ModuleType = stubs.pb2
+        self.channel = grpc.insecure_channel(target)
+        self.stub = stubs.grpc.WorkerServiceStub(self.channel)
+
+    def send(self, name: str, job_id: str, timeout: float = 0.0, **params: str) -> Any:
+        req = self.pb2.SendWorkReq(id=job_id, name=name, params=params, timeout_seconds=timeout)
+        return self.stub.SendWork(req, timeout=10)
+
+    def run(self, name: str, job_id: str, timeout: float = 0.0, **params: str) -> Any:
+        req = self.pb2.SendWorkReq(id=job_id, name=name, params=params, timeout_seconds=timeout)
+        return self.stub.RunWork(req, timeout=30)
+
+    def get(self, job_id: str) -> Any:
+        return self.stub.GetJob(self.pb2.JobRef(id=job_id), timeout=10)
+
+    def cancel(self, job_id: str) -> Any:
+        return self.stub.CancelJob(self.pb2.JobRef(id=job_id), timeout=10)
+
+    def status(self) -> Any:
+        return self.stub.GetStatus(self.pb2.StatusReq(), timeout=10)
+
+    def state(self, job_id: str) -> str:
+        return str(self.pb2.JobState.Name(self.get(job_id).state))

@@ -117,14 +117,18 @@ class RedisServer:
 
 
 class WorkerProcess:
-    """A real `python -m app worker` subprocess; its stderr log goes to a file."""
+    """A real `python -m app worker` (or another role's) subprocess; its log goes to a file."""
 
-    def __init__(self, env: dict[str, str], log_path: Path, args: list[str]) -> None:
+    def __init__(
+        self, env: dict[str, str], log_path: Path, args: list[str], role: str = "worker"
+    ) -> None:
+        self.role = role
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "app", "worker", *args],
+            [sys.executable, "-m", "app", role, *args],
             env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+            start_new_session=True,  # so that a SIGSTOPped one stays stopped under any supervisor
         )  # fmt: skip
         self.port = 0
 
@@ -154,7 +158,7 @@ class WorkerProcess:
         self.port = int(
             self.wait_log(r"->SVC::gRPC server started on port (\d+)", timeout=timeout)[1]
         )
-        self.wait_log(r"worker ready", timeout=timeout)
+        self.wait_log(rf"{self.role} ready", timeout=timeout)
         return self
 
     def signal(self, signum: int = signal.SIGTERM) -> None:

@@ -204,8 +204,9 @@ async def test_duplicate_ids_and_attach(master_tg: anyio.abc.TaskGroup, gate: Ga
         gate.event.set()
     assert results == ["first"]
     assert gate.entered == 1  # attached, not started twice
-    # a finished id may run again with SendWork semantics
-    assert master.submit_nowait("echo", job_id="same").state is JobState.RUNNING
+    # a finished id is not run again while the worker remembers it
+    with pytest.raises(JobAlreadyExists, match="already ran SUCCEEDED"):
+        master.submit_nowait("gate", job_id="same")
 
 
 async def test_drain_lets_jobs_finish_then_cancels_the_rest(gate: Gate) -> None:

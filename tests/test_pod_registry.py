@@ -49,6 +49,13 @@ async def test_put_get_delete(registry: PodRegistry) -> None:
     await registry.delete("wpm-apps:1.2.3.4:1")  # deleting twice is fine
 
 
+async def test_get_many(registry: PodRegistry) -> None:
+    await registry.put("wpm-apps:a:1", b"1", 60)
+    await registry.put("wpm-apps:b:2", b"2", 60)
+    assert await registry.get_many(["wpm-apps:b:2", "nope", "wpm-apps:a:1"]) == [b"2", None, b"1"]
+    assert await registry.get_many([]) == []
+
+
 async def test_keys_by_prefix(registry: PodRegistry) -> None:
     for key in ("wpm-apps:a:1", "wpm-apps:b:2", "other:c:3", "wpm-apps*x"):
         await registry.put(key, b"{}", 60)

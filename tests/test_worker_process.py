@@ -12,54 +12,17 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
 import pytest
 import redis
 
-from tests.grpc_clients import generate_grpcio_stubs, grpcurl, grpcurl_json, import_stubs
+from tests.grpc_clients import Client, generate_grpcio_stubs, grpcurl, grpcurl_json
 from tests.helpers import ROOT, RedisServer, WorkerProcess, base_env, free_port, wait_for
 
 StartWorker = Callable[..., WorkerProcess]
-
-
-@pytest.fixture(scope="session")
-def stubs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    out = tmp_path_factory.mktemp("grpcio_stubs")
-    generate_grpcio_stubs(ROOT / "proto", out)
-    pb2, pb2_grpc = import_stubs(out)
-    return SimpleNamespace(pb2=pb2, grpc=pb2_grpc)
-
-
-class Client:
-    """A grpcio channel and stub to one worker."""
-
-    def __init__(self, stubs: SimpleNamespace, target: str) -> None:
-        self.pb2: ModuleType = stubs.pb2
-        self.channel = grpc.insecure_channel(target)
-        self.stub = stubs.grpc.WorkerServiceStub(self.channel)
-
-    def send(self, name: str, job_id: str, timeout: float = 0.0, **params: str) -> Any:
-        req = self.pb2.SendWorkReq(id=job_id, name=name, params=params, timeout_seconds=timeout)
-        return self.stub.SendWork(req, timeout=10)
-
-    def run(self, name: str, job_id: str, timeout: float = 0.0, **params: str) -> Any:
-        req = self.pb2.SendWorkReq(id=job_id, name=name, params=params, timeout_seconds=timeout)
-        return self.stub.RunWork(req, timeout=30)
-
-    def get(self, job_id: str) -> Any:
-        return self.stub.GetJob(self.pb2.JobRef(id=job_id), timeout=10)
-
-    def cancel(self, job_id: str) -> Any:
-        return self.stub.CancelJob(self.pb2.JobRef(id=job_id), timeout=10)
-
-    def status(self) -> Any:
-        return self.stub.GetStatus(self.pb2.StatusReq(), timeout=10)
-
-    def state(self, job_id: str) -> str:
-        return str(self.pb2.JobState.Name(self.get(job_id).state))
 
 
 @pytest.fixture

@@ -1,0 +1,81 @@
+"""The orchestrator's job record, as stored at `wpm-job:<id>` (JSON) and returned by its RPCs."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class BatchJobState(enum.Enum):
+    """Names match `orchestrator.JobState`."""
+
+    PENDING = "PENDING"
+    DISPATCHED = "DISPATCHED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    TIMED_OUT = "TIMED_OUT"
+
+    @property
+    def finished(self) -> bool:
+        return self in FINISHED
+
+
+FINISHED = frozenset(
+    {
+        BatchJobState.SUCCEEDED,
+        BatchJobState.FAILED,
+        BatchJobState.CANCELLED,
+        BatchJobState.TIMED_OUT,
+    }
+)
+
+
+class AttemptRecord(msgspec.Struct, kw_only=True):
+    """One delegation to one worker. `outcome` is empty while the call is going."""
+
+    number: int
+    worker: str
+    fencing_token: int
+    started_at: float
+    finished_at: float | None = None
+    outcome: str = ""
+    error: str = ""
+
+
+class BatchJob(msgspec.Struct, kw_only=True):
+    """A job of the fleet. Times are Unix epoch seconds.
+
+    `fencing_token` is the token of the attempt that may write now; the authoritative counter
+    is the `<record>:fence` key, so a writer holding an older token is refused.
+    """
+
+    job_id: str
+    job_type: str
+    params: dict[str, str] = msgspec.field(default_factory=dict)
+    timeout_seconds: float = 0.0
+    priority: int = 0
+    deadline_at: float = 0.0
+    retry_on_failure: bool = False
+    max_attempts: int = 3
+    state: BatchJobState = BatchJobState.PENDING
+    attempts: list[AttemptRecord] = msgspec.field(default_factory=list)
+    result_json: str = ""
+    error: str = ""
+    submitted_at: float = 0.0
+    finished_at: float | None = None
+    fencing_token: int = 0
+
+
+_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(BatchJob)
+
+
+def encode_job(job: BatchJob) -> bytes:
+    return _encoder.encode(job)
+
+
+def decode_job(raw: bytes | str) -> BatchJob:
+    return _decoder.decode(raw)

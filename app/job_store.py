@@ -1,0 +1,276 @@
+"""The orchestrators' shared state in Redis: job records, fencing tokens, the stream, events.
+
+Keys (prefixes configurable):
+
+| key | what |
+|---|---|
+| `wpm-job:<id>` | the BatchJob as JSON; EX retention once it ends |
+| `wpm-job:<id>:fence` | the fencing token: INCR per attempt; only its holder may write |
+| `wpm-job:<id>:cancel` | set when a cancel was asked for |
+| `wpm-job-queued:<type>` | unfinished jobs of that type (the per-type bound) |
+| `wpm-jobs:stream` | job ids, consumer group `orchestrators`; acked and deleted at the end |
+| `wpm-job-events:<id>` | pub/sub channel: the record after each change |
+
+Every write goes through a Lua script that checks the fencing token, so a late result from a
+superseded attempt is refused and never overwrites the job's outcome.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+import anyio.abc
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from app.batch_job import FINISHED, BatchJob, decode_job, encode_job
+
+log = logging.getLogger(__name__)
+
+_FINISHED_NAMES = "{" + ",".join(f"'{s.value}'" for s in FINISHED) + "}"
+
+# KEYS: record, counter, stream   ARGV: json, bound, job_id
+_SUBMIT = """
+local existing = redis.call('GET', KEYS[1])
+if existing then return {0, existing} end
+local queued = tonumber(redis.call('GET', KEYS[2]) or '0')
+if queued >= tonumber(ARGV[2]) then return {2, tostring(queued)} end
+redis.call('INCR', KEYS[2])
+redis.call('SET', KEYS[1], ARGV[1])
+local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[3])
+return {1, id}
+"""
+
+# KEYS: record, fence, counter, channel, cancel   ARGV: json, token, final (0/1), retention
+_WRITE = f"""
+local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
+if tonumber(ARGV[2]) ~= fence then return 0 end
+local current = redis.call('GET', KEYS[1])
+if not current then return -1 end
+local finished = {{}}
+for _, name in ipairs({_FINISHED_NAMES}) do finished[name] = true end
+if finished[cjson.decode(current)['state']] then return -2 end
+redis.call('SET', KEYS[1], ARGV[1])
+if ARGV[3] == '1' then
+  redis.call('DECR', KEYS[3])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  redis.call('EXPIRE', KEYS[5], ARGV[4])
+end
+redis.call('PUBLISH', KEYS[4], ARGV[1])
+return 1
+"""
+
+
+class SubmitResult(enum.Enum):
+    CREATED = "CREATED"
+    EXISTS = "EXISTS"
+    QUEUE_FULL = "QUEUE_FULL"
+
+
+class WriteResult(enum.IntEnum):
+    WRITTEN = 1
+    SUPERSEDED = 0  # another attempt holds a newer token
+    MISSING = -1
+    ALREADY_FINISHED = -2
+
+
+class JobStore:
+    """Job records, fencing, the stream and job events on one Redis (or Valkey) server."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        job_prefix: str = "wpm-job",
+        stream_key: str = "wpm-jobs:stream",
+        group: str = "orchestrators",
+        retention_seconds: int = 86_400,
+    ) -> None:
+        self._redis = client
+        self._prefix = job_prefix
+        self.stream_key = stream_key
+        self.group = group
+        self._retention = retention_seconds
+        self._submit = client.register_script(_SUBMIT)
+        self._write = client.register_script(_WRITE)
+
+    def __repr__(self) -> str:
+        return f"<JobStore {self.stream_key} group={self.group}>"
+
+    # --- keys -------------------------------------------------------------------------------------
+
+    def record_key(self, job_id: str) -> str:
+        return f"{self._prefix}:{job_id}"
+
+    def _keys(self, job: BatchJob) -> list[str]:
+        base = self.record_key(job.job_id)
+        return [
+            base,
+            f"{base}:fence",
+            f"{self._prefix}-queued:{job.job_type}",
+            self.events_channel(job.job_id),
+            f"{base}:cancel",
+        ]
+
+    def events_channel(self, job_id: str) -> str:
+        return f"{self._prefix}-events:{job_id}"
+
+    @property
+    def events_pattern(self) -> str:
+        return f"{self._prefix}-events:*"
+
+    # --- records ----------------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        """Create the stream and the consumer group if they are not there yet."""
+        try:
+            await self._redis.xgroup_create(self.stream_key, self.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def submit(
+        self, job: BatchJob, *, bound: int
+    ) -> tuple[SubmitResult, BatchJob | None, int]:
+        """Create the record and queue it, atomically, unless the id exists or the type is full.
+
+        Returns (result, the existing job for EXISTS, the queued count for QUEUE_FULL).
+        """
+        keys = self._keys(job)
+        status, payload = await self._submit(
+            keys=[keys[0], keys[2], self.stream_key], args=[encode_job(job), bound, job.job_id]
+        )
+        if status == 0:
+            return SubmitResult.EXISTS, decode_job(payload), 0
+        if status == 2:
+            return SubmitResult.QUEUE_FULL, None, int(payload)
+        return SubmitResult.CREATED, None, 0
+
+    async def get(self, job_id: str) -> BatchJob | None:
+        raw = await self._redis.get(self.record_key(job_id))
+        return None if raw is None else decode_job(raw)
+
+    async def fence(self, job_id: str) -> int:
+        return int(await self._redis.get(f"{self.record_key(job_id)}:fence") or 0)
+
+    async def next_token(self, job_id: str) -> int:
+        """A new fencing token: from now on, holders of older ones are refused."""
+        return int(await self._redis.incr(f"{self.record_key(job_id)}:fence"))
+
+    async def write(self, job: BatchJob, token: int) -> WriteResult:
+        """Store `job` if `token` is still the job's fencing token and the job has not ended."""
+        job.fencing_token = token
+        final = "1" if job.state.finished else "0"
+        result = await self._write(
+            keys=self._keys(job), args=[encode_job(job), token, final, self._retention]
+        )
+        return WriteResult(int(result))
+
+    async def request_cancel(self, job_id: str) -> None:
+        await self._redis.set(f"{self.record_key(job_id)}:cancel", 1, ex=self._retention)
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        return bool(await self._redis.exists(f"{self.record_key(job_id)}:cancel"))
+
+    async def queued_count(self, job_type: str) -> int:
+        return int(await self._redis.get(f"{self._prefix}-queued:{job_type}") or 0)
+
+    # --- the stream -------------------------------------------------------------------------------
+
+    async def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[tuple[str, str]]:
+        """New entries for this consumer: (entry id, job id)."""
+        reply: Any = await self._redis.xreadgroup(
+            self.group, consumer, {self.stream_key: ">"}, count=count, block=block_ms
+        )
+        return [_entry(e) for _, entries in reply or [] for e in entries]
+
+    async def claim_idle(
+        self, consumer: str, *, min_idle_ms: int, count: int
+    ) -> list[tuple[str, str]]:
+        """Entries another consumer has held idle for `min_idle_ms` (it died): now ours."""
+        reply: Any = await self._redis.xautoclaim(
+            self.stream_key, self.group, consumer, min_idle_time=min_idle_ms, start_id="0-0",
+            count=count,
+        )  # fmt: skip
+        return [_entry(e) for e in reply[1] if e and e[1]]
+
+    async def keep_alive(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        """Reset the idle time of entries we are working on, so that nobody claims them."""
+        if entry_ids:
+            await self._redis.xclaim(
+                self.stream_key, self.group, consumer, min_idle_time=0,
+                message_ids=list(entry_ids), justid=True,
+            )  # fmt: skip
+
+    async def ack(self, entry_id: str) -> None:
+        """The job has ended: acknowledge and drop its entry (the stream holds open work only)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xack(self.stream_key, self.group, entry_id)
+            pipe.xdel(self.stream_key, entry_id)
+            await pipe.execute()
+
+
+def _entry(entry: tuple[bytes | str, dict[bytes | str, bytes | str]]) -> tuple[str, str]:
+    entry_id, fields = entry
+    job_id = fields.get(b"job_id", fields.get("job_id", b""))
+    return _text(entry_id), _text(job_id)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class JobEvents:
+    """One pub/sub connection per process; waiters for a job id are woken on its changes."""
+
+    def __init__(self, client: aioredis.Redis, store: JobStore) -> None:
+        self._redis = client
+        self._store = store
+        self._waiters: dict[str, set[anyio.Event]] = {}
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.psubscribe(self._store.events_pattern)
+            task_status.started()
+            prefix = self._store.events_channel("")
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                job_id = _text(message["channel"]).removeprefix(prefix)
+                for event in self._waiters.pop(job_id, ()):
+                    event.set()
+        finally:
+            with anyio.move_on_after(1, shield=True):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def wait_changed(self, job_id: str) -> None:
+        """Return after the job's next change (callers bound it and re-read the record)."""
+        event = anyio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            await event.wait()
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[job_id]
+
+    async def wait_finished(self, job_id: str, *, deadline: float) -> BatchJob | None:
+        """The record once the job has ended, or the latest when `deadline` (loop time) passes."""
+        while True:
+            job = await self._store.get(job_id)
+            if job is None or job.state.finished or anyio.current_time() >= deadline:
+                return job
+            # re-read at least every 2 s, in case a message was missed
+            with anyio.move_on_after(min(2.0, deadline - anyio.current_time())):
+                await self.wait_changed(job_id)

@@ -1,0 +1,106 @@
+"""The composition root of `jobworker orchestrator` (the seed's server-cloud gateway).
+
+    root task group
+    ├── JobEvents          one pub/sub connection: wakes Execute, WatchJob and CancelJob
+    ├── WorkerDirectory    the workers' PodInfo, refreshed every discovery interval
+    ├── Dispatcher         the job stream → workers, with retry, breaker and fencing
+    └── GrpcServer         OrchestratorService, reflection, health
+
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING, submissions refused with UNAVAILABLE, no new
+stream entries taken; jobs in hand get `drain_grace_seconds` to end, and those still going
+after it stay pending in the stream, where another orchestrator claims them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+
+import anyio
+
+from app.config import Config
+from app.dispatcher import Dispatcher
+from app.errors import ConfigError
+from app.grpc_server import GrpcServer
+from app.job_store import JobEvents, JobStore
+from app.load_balancer import make_balancer
+from app.orchestrator_service import OrchestratorService
+from app.pod_registry import RedisPodRegistry
+from app.ports import candidate_ports
+from app.redis_client import create_redis
+from app.worker_channels import WorkerChannels
+from app.worker_directory import WorkerDirectory
+
+log = logging.getLogger("app.orchestrator")
+
+
+async def serve_orchestrator(config: Config) -> None:
+    """Run an orchestrator until a signal drains it."""
+    o = config.orchestrator
+    if not config.redis.configured:
+        raise ConfigError(
+            "redis.url", "the orchestrator needs the Redis its workers use; set REDIS_URL"
+        )
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+            redis = create_redis(config.redis)
+            store = JobStore(
+                redis,
+                job_prefix=o.job_prefix,
+                stream_key=o.stream_key,
+                group=o.group,
+                retention_seconds=o.retention_seconds,
+            )
+            events = JobEvents(redis, store)
+            directory = WorkerDirectory(
+                RedisPodRegistry(redis),
+                prefix=config.redis.key_prefix,
+                report_interval_seconds=o.worker_report_interval_seconds,
+                refresh_seconds=o.discovery_interval_seconds,
+            )
+            channels = WorkerChannels(
+                keepalive_seconds=o.keepalive_seconds,
+                keepalive_timeout_seconds=o.keepalive_timeout_seconds,
+            )
+            consumer = o.consumer or f"{socket.gethostname()}:{os.getpid()}"
+            dispatcher = Dispatcher(
+                store, directory, channels, make_balancer(o.balancer), o, consumer=consumer
+            )
+            service = OrchestratorService(store, events, directory, dispatcher, channels, o)
+            server = GrpcServer([service], host=o.host)
+            try:
+                await tg.start(events.run)
+                await tg.start(directory.run)
+                dispatcher_scope = anyio.CancelScope()
+
+                async def run_dispatcher() -> None:
+                    with dispatcher_scope:
+                        await dispatcher.run()
+
+                tg.start_soon(run_dispatcher)
+                port = await tg.start(
+                    server.run, candidate_ports(o.port, o.port_search if o.port else 0)
+                )
+                log.info("orchestrator ready: consumer %s, port %d, %r", consumer, port, directory)
+                signum = await anext(signals)
+                log.info(
+                    "%s: draining, %r, grace %gs", signum.name, dispatcher, o.drain_grace_seconds
+                )
+                server.set_serving(False)
+                service.draining = True
+                dispatcher.begin_drain()
+                with anyio.move_on_after(o.drain_grace_seconds):
+                    while dispatcher.statistics().inflight:
+                        with anyio.move_on_after(0.2):
+                            await anext(signals)
+                            break  # a second signal: stop waiting
+                dispatcher_scope.cancel()
+                log.info("drained: %r", dispatcher)
+            finally:
+                channels.close()
+                with anyio.move_on_after(1, shield=True):
+                    await redis.aclose()
+                tg.cancel_scope.cancel()
+    log.info("orchestrator stopped")

@@ -1,0 +1,249 @@
+"""`orchestrator.OrchestratorService` on grpclib: validate, queue, answer; the Dispatcher runs."""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import anyio
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
+
+from app.batch_job import BatchJob, BatchJobState, encode_job
+from app.clock import utc_iso
+from app.config import OrchestratorConfig
+from app.dispatcher import Dispatcher, cancel_on_worker
+from app.job_store import JobEvents, JobStore, SubmitResult, WriteResult
+from app.pb import orchestrator as pb
+from app.worker_channels import WorkerChannels
+from app.worker_directory import WorkerDirectory
+
+_NAME = re.compile(r"^[A-Za-z0-9_.:@/-]+$")
+MAX_ID = 256
+MAX_PARAMS = 64
+MAX_PARAM_BYTES = 64 * 1024
+MAX_PRIORITY = 9
+MAX_ATTEMPTS = 20
+CANCEL_WAIT_SECONDS = 10.0
+
+
+def _invalid(field: str, problem: str) -> GRPCError:
+    return GRPCError(Status.INVALID_ARGUMENT, f"{field}: {problem}")
+
+
+def job_message(job: BatchJob) -> pb.Job:
+    return pb.Job(
+        job_id=job.job_id,
+        job_type=job.job_type,
+        state=pb.JobState[job.state.value],
+        params=dict(job.params),
+        timeout_seconds=job.timeout_seconds,
+        priority=job.priority,
+        attempts=[
+            pb.Attempt(
+                number=a.number,
+                worker=a.worker,
+                fencing_token=a.fencing_token,
+                started_at=utc_iso(a.started_at),
+                finished_at=utc_iso(a.finished_at),
+                outcome=a.outcome,
+                error=a.error,
+            )
+            for a in job.attempts
+        ],
+        result_json=job.result_json,
+        error=job.error,
+        submitted_at=utc_iso(job.submitted_at),
+        finished_at=utc_iso(job.finished_at),
+        deadline_at=utc_iso(job.deadline_at),
+        fencing_token=job.fencing_token,
+    )
+
+
+class OrchestratorService(pb.OrchestratorServiceBase):
+    """The gateway's RPCs. Submissions go to the stream; the Dispatcher does the rest."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        events: JobEvents,
+        directory: WorkerDirectory,
+        dispatcher: Dispatcher,
+        channels: WorkerChannels,
+        config: OrchestratorConfig,
+    ) -> None:
+        self._store = store
+        self._events = events
+        self._directory = directory
+        self._dispatcher = dispatcher
+        self._channels = channels
+        self._config = config
+        self.draining = False
+
+    # --- validation -------------------------------------------------------------------------------
+
+    def _new_job(self, req: pb.BatchExecutionRequest) -> BatchJob:
+        """The record for a request, or INVALID_ARGUMENT / NOT_FOUND naming the field."""
+        c = self._config
+        if not req.job_type:
+            raise _invalid("job_type", "must not be empty")
+        if len(req.job_type) > 128 or not _NAME.match(req.job_type):
+            raise _invalid("job_type", "letters, digits and _.:@/- only, at most 128")
+        job_id = req.job_id or uuid.uuid4().hex
+        if len(job_id) > MAX_ID or not _NAME.match(job_id):
+            raise _invalid("job_id", f"letters, digits and _.:@/- only, at most {MAX_ID}")
+        if len(req.params) > MAX_PARAMS:
+            raise _invalid("params", f"at most {MAX_PARAMS} entries")
+        for key, value in req.params.items():
+            if not key:
+                raise _invalid("params", "keys must not be empty")
+            if len(value.encode()) > MAX_PARAM_BYTES:
+                raise _invalid(f"params.{key}", f"at most {MAX_PARAM_BYTES} bytes")
+        for name, number in (
+            ("timeout_seconds", req.timeout_seconds),
+            ("deadline_seconds", req.deadline_seconds),
+        ):
+            if not math.isfinite(number) or number < 0:
+                raise _invalid(name, "must be a finite number, 0 or more")
+        if not 0 <= req.priority <= MAX_PRIORITY:
+            raise _invalid("priority", f"must be 0..{MAX_PRIORITY}")
+        if req.max_attempts > MAX_ATTEMPTS:
+            raise _invalid("max_attempts", f"must be 0..{MAX_ATTEMPTS}")
+        self._check_job_type(req.job_type)
+        now = time.time()
+        timeout = req.timeout_seconds or c.default_timeout_seconds
+        deadline = req.deadline_seconds or max(c.default_deadline_seconds, timeout)
+        return BatchJob(
+            job_id=job_id,
+            job_type=req.job_type,
+            params=dict(req.params),
+            timeout_seconds=timeout,
+            priority=req.priority,
+            deadline_at=now + deadline,
+            retry_on_failure=req.retry_on_failure,
+            max_attempts=req.max_attempts or c.max_attempts,
+            submitted_at=now,
+        )
+
+    def _check_job_type(self, job_type: str) -> None:
+        """NOT_FOUND when live workers are known and none runs this job type.
+
+        With no live worker at all the job is accepted and waits (backpressure).
+        """
+        live = [e for e in self._directory.entries() if self._directory.stale_reason(e) is None]
+        if live and all(e.info.job_names and job_type not in e.info.job_names for e in live):
+            raise GRPCError(Status.NOT_FOUND, f"no worker runs job type {job_type!r}")
+
+    async def _submit(self, req: pb.BatchExecutionRequest) -> tuple[BatchJob, bool]:
+        if self.draining:
+            raise GRPCError(Status.UNAVAILABLE, "orchestrator is draining; send to another")
+        job = self._new_job(req)
+        bound = self._config.queue_bound_per_type
+        result, existing, queued = await self._store.submit(job, bound=bound)
+        if result is SubmitResult.QUEUE_FULL:
+            raise GRPCError(
+                Status.RESOURCE_EXHAUSTED,
+                f"queue for job type {job.job_type!r} is full ({queued} of {bound});"
+                " retry after 5s",
+            )
+        if result is SubmitResult.EXISTS:
+            assert existing is not None
+            return existing, True
+        return job, False
+
+    # --- RPCs -------------------------------------------------------------------------------------
+
+    async def submit(self, message: pb.BatchExecutionRequest) -> pb.SubmitResponse:
+        job, existing = await self._submit(message)
+        return pb.SubmitResponse(
+            job_id=job.job_id, state=pb.JobState[job.state.value], existing=existing
+        )
+
+    async def execute(self, message: pb.BatchExecutionRequest) -> pb.BatchExecutionResponse:
+        job, _ = await self._submit(message)
+        # the dispatcher ends the job at its deadline; wait a little past it for that write
+        deadline = anyio.current_time() + max(0.0, job.deadline_at - time.time()) + 5.0
+        final = await self._events.wait_finished(job.job_id, deadline=deadline)
+        return pb.BatchExecutionResponse(job=job_message(final or job))
+
+    async def get_job(self, message: pb.JobRequest) -> pb.Job:
+        return job_message(await self._get(message.job_id))
+
+    async def _get(self, job_id: str) -> BatchJob:
+        if not job_id:
+            raise _invalid("job_id", "must not be empty")
+        job = await self._store.get(job_id)
+        if job is None:
+            raise GRPCError(Status.NOT_FOUND, f"no job with id {job_id!r}")
+        return job
+
+    async def cancel_job(self, message: pb.JobRequest) -> pb.Job:
+        job = await self._get(message.job_id)
+        if job.state.finished:
+            return job_message(job)
+        await self._store.request_cancel(job.job_id)
+        if job.state is BatchJobState.PENDING:
+            job.state, job.error, job.finished_at = (
+                BatchJobState.CANCELLED,
+                "cancelled by request",
+                time.time(),
+            )
+            if (
+                await self._store.write(job, await self._store.fence(job.job_id))
+                is WriteResult.WRITTEN
+            ):
+                return job_message(job)
+        # dispatched: cancel it where it runs, again until the dispatcher has recorded the end
+        deadline = anyio.current_time() + CANCEL_WAIT_SECONDS
+        while anyio.current_time() < deadline:
+            current = await self._store.get(job.job_id)
+            if current is None or current.state.finished:
+                return job_message(current or job)
+            if current.attempts:
+                await cancel_on_worker(self._channels, current.attempts[-1].worker, job.job_id)
+            with anyio.move_on_after(1.0):
+                await self._events.wait_changed(job.job_id)
+        return job_message(await self._get(job.job_id))
+
+    async def list_workers(self, message: pb.ListWorkersRequest) -> pb.ListWorkersResponse:
+        workers = []
+        for entry in self._directory.entries():
+            info = entry.info
+            breaker = self._dispatcher.breaker(entry.address).statistics()
+            reason = self._dispatcher.eligibility(entry)
+            workers.append(
+                pb.WorkerInfo(
+                    address=entry.address,
+                    ip=info.ip,
+                    grpc_port=info.grpc_port,
+                    pid=info.pid,
+                    status=info.status.value,
+                    active=info.active,
+                    capacity=info.capacity,
+                    max_size=info.max_size,
+                    queued=info.queued,
+                    update_datetime=info.update_datetime,
+                    eligible=reason is None,
+                    reason=reason or "",
+                    breaker_state=breaker.state.value,
+                    breaker_consecutive_failures=breaker.consecutive_failures,
+                    inflight=self._dispatcher.inflight_to(entry.address),
+                    job_names=list(info.job_names),
+                )
+            )
+        return pb.ListWorkersResponse(workers=workers)
+
+    async def watch_job(self, message: pb.JobRequest) -> AsyncIterator[pb.Job]:
+        job = await self._get(message.job_id)
+        last = encode_job(job)
+        yield job_message(job)
+        while not job.state.finished:
+            with anyio.move_on_after(2.0):
+                await self._events.wait_changed(job.job_id)
+            job = await self._get(job.job_id)
+            if (now := encode_job(job)) != last:
+                last = now
+                yield job_message(job)

@@ -1,0 +1,115 @@
+"""The fleet as one orchestrator sees it: the workers' PodInfo, read from `wpm-apps:*`.
+
+Refreshed on an interval with SCAN (never KEYS) and MGET, and cached between refreshes. A worker
+whose `updateDatetime` is older than two report intervals is stale and gets no new work.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import anyio
+import anyio.abc
+import msgspec
+
+from app.pod_info import PodInfo, decode_pod_info
+from app.pod_registry import PodRegistry
+
+log = logging.getLogger(__name__)
+
+
+class WorkerEntry(msgspec.Struct, frozen=True, kw_only=True):
+    """One worker's last report, and when it was read."""
+
+    key: str
+    info: PodInfo
+
+    @property
+    def address(self) -> str:
+        return f"{self.info.ip}:{self.info.grpc_port}"
+
+    def age_seconds(self, now: float) -> float:
+        return now - self.info.update_epoch_ms / 1000
+
+
+class WorkerDirectory:
+    """Cached PodInfo of every worker under `prefix`."""
+
+    def __init__(
+        self,
+        registry: PodRegistry,
+        *,
+        prefix: str = "wpm-apps",
+        report_interval_seconds: float = 5.0,
+        refresh_seconds: float = 1.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._registry = registry
+        self._prefix = prefix
+        self._stale_after = 2 * report_interval_seconds
+        self._refresh = refresh_seconds
+        self._wall_clock = wall_clock
+        self._entries: dict[str, WorkerEntry] = {}
+        self._changed = anyio.Event()
+        self.refreshes = 0
+        self.errors = 0
+
+    def __repr__(self) -> str:
+        return f"<WorkerDirectory workers={len(self._entries)} refreshes={self.refreshes}>"
+
+    def entries(self) -> list[WorkerEntry]:
+        return sorted(self._entries.values(), key=lambda e: e.address)
+
+    def get(self, address: str) -> WorkerEntry | None:
+        return self._entries.get(address)
+
+    def is_stale(self, entry: WorkerEntry) -> bool:
+        return entry.age_seconds(self._wall_clock()) > self._stale_after
+
+    def stale_reason(self, entry: WorkerEntry | None) -> str | None:
+        """Why a worker should be taken for gone, or None when its report is fresh."""
+        if entry is None:
+            return "its PodInfo key is gone"
+        age = entry.age_seconds(self._wall_clock())
+        return f"its last report is {age:.1f}s old" if age > self._stale_after else None
+
+    async def refresh(self) -> None:
+        """Read every worker's PodInfo now."""
+        keys = await self._registry.keys(f"{self._prefix}:")
+        values = await self._registry.get_many(keys)
+        entries: dict[str, WorkerEntry] = {}
+        for key, raw in zip(keys, values, strict=True):
+            if raw is None:
+                continue
+            try:
+                entry = WorkerEntry(key=key, info=decode_pod_info(raw))
+            except msgspec.DecodeError as exc:
+                log.warning("ignoring %s: not a PodInfo (%s)", key, exc)
+                continue
+            entries[entry.address] = entry
+        self._entries = entries
+        self.refreshes += 1
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    async def wait_refreshed(self) -> None:
+        """Return after the next refresh."""
+        await self._changed.wait()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Refresh on the interval until cancelled; ready after the first attempt."""
+        first = True
+        while True:
+            try:
+                await self.refresh()
+            except Exception as exc:  # Redis away or confused: keep the last view, try again
+                self.errors += 1
+                log.warning("worker discovery failed: %s: %s", type(exc).__name__, exc)
+            if first:
+                task_status.started()
+                first = False
+            await anyio.sleep(self._refresh)
