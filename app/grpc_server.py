@@ -21,8 +21,8 @@ from grpclib.health.v1 import health_pb2
 from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2
 from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
-from grpclib.server import Server
 
+from app.grpc_fastpath import FastServer
 from app.pb.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ class GrpcServer:
         checks[OVERALL] = [self._status]
         health = Health(checks)
         all_services = ServerReflection.extend([*services, health], pool=_descriptor_pool())
-        self._server = Server(all_services)
+        # grpclib's server; unary-unary calls take a leaner path with the same wire behaviour
+        self._server = FastServer(all_services)
         self._host = host
         self._close_grace = close_grace_seconds
         self.port = 0

@@ -1,0 +1,629 @@
+"""A lean path for unary-unary calls on grpclib's HTTP/2 server, same wire behaviour.
+
+grpclib serves every call through the same machinery as a bidirectional stream: a protocol
+stream with three events, a read buffer on an asyncio.Queue, a server stream with dispatch
+hooks, a deadline wrapper, and one socket write for each of the headers, the message and the
+trailers. For a unary-unary call none of that is needed: the request is one message.
+
+`FastServer` is a `grpclib.server.Server` whose connections take a well-formed unary-unary
+request (POST, gRPC content type, `te: trailers`, a known method, a valid `grpc-timeout`) off
+the h2 events directly: the message is collected from its DATA frames, one task runs the method
+handler with a `UnaryStream` (the `grpclib.server.Stream` API for one request and one reply),
+and what h2 has to send is written once per event-loop turn, so concurrent replies share a
+write. Everything else (streaming methods such as reflection and health Watch, malformed
+requests, servers with grpclib event listeners) takes grpclib's own path unchanged.
+
+What a client sees is what grpclib sends: the same headers, trailers-only replies for errors,
+`grpc-status`/`grpc-message`/`grpc-status-details-bin`, RST_STREAM(NO_ERROR) after an error
+status on a stream the client has not finished, DEADLINE_EXCEEDED when `grpc-timeout` runs
+out, and the same log records on the `grpclib.server` logger.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import h2.exceptions
+from grpclib.config import Configuration
+from grpclib.const import Cardinality, Status
+from grpclib.const import Handler as MethodHandler
+from grpclib.encoding.base import GRPC_CONTENT_TYPE
+from grpclib.encoding.proto import ProtoStatusDetailsCodec, _googleapis_available
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.metadata import (
+    _STATUS_DETAILS_KEY,
+    Deadline,
+    decode_metadata,
+    decode_timeout,
+    encode_bin_value,
+    encode_grpc_message,
+    encode_metadata,
+)
+from grpclib.protocol import EventsProcessor, H2Protocol, Peer
+from grpclib.server import Handler, Server
+from grpclib.stream import StreamIterator
+from h2.connection import ConnectionState
+from h2.errors import ErrorCodes
+from h2.events import (
+    DataReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.settings import SettingCodes
+from multidict import MultiDict
+
+from app.grpc_codec import UpbProtoCodec
+
+if TYPE_CHECKING:
+    from asyncio import Transport
+    from collections.abc import Collection
+
+    from grpclib._typing import IServable
+    from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
+    from grpclib.protocol import Connection
+    from h2.connection import H2Connection
+
+# the records grpclib writes for the same outcomes, on its logger
+log = logging.getLogger("grpclib.server")
+
+_Headers = list[tuple[str, str]]
+_MESSAGE_PREFIX = 5  # compressed flag (1 byte) and length (4 bytes, big endian)
+
+
+class _Call:
+    """One unary-unary request on a connection, from its HEADERS frame to its reply."""
+
+    __slots__ = (
+        "chunks",
+        "deadline",
+        "done",
+        "fields",
+        "headers",
+        "method",
+        "method_name",
+        "needed",
+        "received",
+        "started",
+        "stream_id",
+        "task",
+        "terminated",
+        "timed_out",
+        "timer",
+    )
+
+    def __init__(
+        self,
+        stream_id: int,
+        method_name: str,
+        method: MethodHandler,
+        headers: _Headers,
+        fields: dict[str, str],
+    ) -> None:
+        self.stream_id = stream_id
+        self.method_name = method_name
+        self.method = method
+        self.headers = headers
+        self.fields = fields
+        self.deadline: float | None = None  # time.monotonic() when grpc-timeout runs out
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.needed = -1  # prefix plus message length, once the prefix is in
+        self.started = False
+        self.done = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.timed_out = False
+        self.terminated: str | None = None  # why the client reset the stream
+
+    def message_bytes(self) -> bytes:
+        data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
+        self.chunks = [data]
+        return data
+
+
+class UnaryStream(StreamIterator[Any]):
+    """`grpclib.server.Stream` for one unary-unary call: the same methods, state and errors."""
+
+    def __init__(self, processor: _FastProcessor, call: _Call) -> None:
+        self._processor = processor
+        self._call = call
+        self._codec = processor.codec
+        self._recv_type = call.method.request_type
+        self._send_type = call.method.reply_type
+        self._metadata: MultiDict[Any] | None = None
+        self._received = False
+        self.deadline: Deadline | None = None
+        self.user_agent: str | None = None
+        self._send_initial_metadata_done = False
+        self._send_message_done = False
+        self._send_trailing_metadata_done = False
+        self._cancel_done = False
+
+    # --- what grpclib.server.Stream offers a handler --------------------------------------------
+
+    @property
+    def metadata(self) -> MultiDict[Any]:
+        """Invocation metadata from the request headers, as a multi-dict."""
+        if self._metadata is None:
+            self._metadata = decode_metadata(self._call.headers)
+        return self._metadata
+
+    @metadata.setter
+    def metadata(self, value: MultiDict[Any]) -> None:
+        self._metadata = value
+
+    @property
+    def peer(self) -> Peer:
+        return self._processor.connection.get_peer()
+
+    async def recv_message(self) -> Any:
+        """The request message; None once it has been received (or when none was sent)."""
+        if self._received:
+            return None
+        self._received = True
+        call = self._call
+        if not call.received:
+            return None
+        data = call.message_bytes()
+        if len(data) < _MESSAGE_PREFIX:
+            raise AssertionError("Received less data than expected")
+        if data[0]:
+            raise NotImplementedError("Compression not implemented")
+        if len(data) < call.needed:
+            raise AssertionError("Received less data than expected")
+        message = self._codec.decode(data[_MESSAGE_PREFIX : call.needed], self._recv_type)
+        connection = self._processor.connection
+        connection.messages_received += 1
+        connection.last_message_received = time.monotonic()
+        return message
+
+    async def send_initial_metadata(self, *, metadata: Any = None) -> None:
+        if self._send_initial_metadata_done:
+            raise ProtocolError("Initial metadata was already sent")
+        headers = [(":status", "200"), ("content-type", self._processor.content_type)]
+        if metadata:
+            headers.extend(encode_metadata(MultiDict(metadata)))
+        await self._processor.send_headers(self._call, headers)
+        self._send_initial_metadata_done = True
+
+    async def send_message(self, message: Any) -> None:
+        if not self._send_initial_metadata_done:
+            await self.send_initial_metadata()
+        if self._send_message_done:
+            raise ProtocolError("Message was already sent")
+        reply = self._codec.encode(message, self._send_type)
+        data = b"\x00" + len(reply).to_bytes(4, "big") + reply
+        await self._processor.send_data(self._call, data)
+        self._send_message_done = True
+        connection = self._processor.connection
+        connection.messages_sent += 1
+        connection.last_message_sent = time.monotonic()
+
+    async def send_trailing_metadata(
+        self,
+        *,
+        status: Status = Status.OK,
+        status_message: str | None = None,
+        status_details: Any = None,
+        metadata: Any = None,
+    ) -> None:
+        if self._send_trailing_metadata_done:
+            raise ProtocolError("Trailing metadata was already sent")
+        if not self._send_message_done and status is Status.OK:
+            raise ProtocolError(
+                "Unary response with OK status requires a single message to be sent"
+            )
+        if self._send_initial_metadata_done:
+            headers: _Headers = []
+        else:  # trailers-only response
+            headers = [(":status", "200"), ("content-type", self._processor.content_type)]
+        headers.append(("grpc-status", str(status.value)))
+        if status_message is not None:
+            headers.append(("grpc-message", encode_grpc_message(status_message)))
+        details_codec = self._processor.status_details_codec
+        if status_details is not None and details_codec is not None:
+            encoded = details_codec.encode(status, status_message, status_details)
+            headers.append((_STATUS_DETAILS_KEY, encode_bin_value(encoded).decode("ascii")))
+        if metadata:
+            headers.extend(encode_metadata(MultiDict(metadata)))
+        await self._processor.send_headers(self._call, headers, end_stream=True)
+        self._send_trailing_metadata_done = True
+        if status is not Status.OK:
+            self._processor.reset_if_open(self._call)
+
+    async def cancel(self) -> None:
+        if self._cancel_done:
+            raise ProtocolError("Stream was already cancelled")
+        await self._processor.reset(self._call)
+        self._cancel_done = True
+
+    # --- the end of the call: what grpclib.server.Stream.__aexit__ does -------------------------
+
+    async def finish(self, exc: BaseException | None) -> None:
+        """Send the trailers the handler's outcome calls for, unless they have been sent."""
+        if (
+            self._send_trailing_metadata_done
+            or self._cancel_done
+            or self._processor.connection.is_closing()
+        ):
+            return
+        protocol_error = None
+        status_message: str | None = None
+        status_details: Any = None
+        if isinstance(exc, GRPCError):
+            status, status_message, status_details = exc.status, exc.message, exc.details
+        elif exc is not None:
+            status, status_message = Status.UNKNOWN, "Internal Server Error"
+        elif not self._send_message_done:
+            status, status_message = Status.UNKNOWN, "Internal Server Error"
+            protocol_error = (
+                f"Unary response with OK status requires a single message to be sent: "
+                f"{self._call.method_name!r}"
+            )
+        else:
+            status = Status.OK
+        with contextlib.suppress(h2.exceptions.StreamClosedError):
+            await self.send_trailing_metadata(
+                status=status, status_message=status_message, status_details=status_details
+            )
+        if protocol_error is not None:
+            raise ProtocolError(protocol_error)
+
+
+class _FastProcessor(EventsProcessor):
+    """grpclib's h2 event processor, with unary-unary calls taken off the events directly."""
+
+    def __init__(self, handler: FastHandler, connection: Connection) -> None:
+        super().__init__(handler, connection)
+        self.fast_handler = handler
+        self.codec: CodecBase = handler.codec
+        self.status_details_codec: StatusDetailsCodecBase | None = handler.status_details_codec
+        self.content_type = f"{GRPC_CONTENT_TYPE}+{self.codec.__content_subtype__}"
+        self._accepted_content_types = {self.content_type}
+        if self.codec.__content_subtype__ == "proto":
+            self._accepted_content_types.add(GRPC_CONTENT_TYPE)
+        self._h2: H2Connection = connection._connection
+        self._transport: Transport = connection._transport
+        self._loop = asyncio.get_running_loop()
+        self._calls: dict[int, _Call] = {}
+        # replies waiting for flow-control window: set on a WINDOW_UPDATE for them or for all
+        self._window_waiters: dict[_Call, asyncio.Event] = {}
+        self._flush_scheduled = False
+
+    # --- h2 events ----------------------------------------------------------------------------
+
+    def process_request_received(self, event: RequestReceived) -> None:
+        call = self._unary_call(event)
+        if call is None:
+            super().process_request_received(event)
+            return
+        connection = self.connection
+        connection.streams_started += 1
+        connection.last_stream_created = time.monotonic()
+        self._calls[call.stream_id] = call
+        # HEADERS with END_STREAM (no message) comes with a StreamEnded event, which starts it
+
+    def _unary_call(self, event: RequestReceived) -> _Call | None:
+        """A call for the fast path, or None for grpclib's (which answers odd requests)."""
+        headers: _Headers = event.headers  # type: ignore[assignment]
+        stream_id = event.stream_id
+        if stream_id is None or not headers:
+            return None
+        fields = dict(headers)
+        method_name = fields.get(":path")
+        method = self.fast_handler.unary.get(method_name)  # type: ignore[arg-type]
+        if (
+            method is None
+            or fields.get(":method") != "POST"
+            or fields.get("content-type") not in self._accepted_content_types
+            or fields.get("te") != "trailers"
+            or self.fast_handler.dispatch_has_listeners()
+        ):
+            return None
+        if any(key.endswith("-bin") for key in fields):
+            try:  # grpclib decodes metadata up front and gives up on a bad value
+                decode_metadata(headers)
+            except Exception:
+                return None
+        call = _Call(stream_id, method_name, method, headers, fields)  # type: ignore[arg-type]
+        if "grpc-timeout" in fields:
+            try:
+                timeout = min(decode_timeout(v) for k, v in headers if k == "grpc-timeout")
+            except ValueError:
+                return None  # grpclib answers UNKNOWN "Invalid grpc-timeout header"
+            if timeout <= 0:
+                return None  # grpclib answers an expired deadline its own way
+            call.deadline = time.monotonic() + timeout
+            call.timer = self._loop.call_later(timeout, self._deadline_expired, call)
+        return call
+
+    def process_data_received(self, event: DataReceived) -> None:
+        call = self._calls.get(event.stream_id)
+        if call is None:
+            super().process_data_received(event)
+            return
+        data: bytes = event.data
+        size = len(data)
+        connection = self.connection
+        connection.data_received += size
+        connection.last_data_received = time.monotonic()
+        if event.flow_controlled_length:
+            self._h2.acknowledge_received_data(event.flow_controlled_length, call.stream_id)
+        if call.started or not size:
+            return  # a unary call reads one message; grpclib leaves the rest unread too
+        call.chunks.append(data)
+        call.received += size
+        if call.needed < 0 and call.received >= _MESSAGE_PREFIX:
+            head = call.message_bytes()
+            call.needed = _MESSAGE_PREFIX + int.from_bytes(head[1:_MESSAGE_PREFIX], "big")
+        if 0 <= call.needed <= call.received:
+            self._start(call)
+
+    def process_stream_ended(self, event: StreamEnded) -> None:
+        call = self._calls.get(event.stream_id)
+        if call is None:
+            super().process_stream_ended(event)
+            return
+        self.connection.streams_succeeded += 1
+        if not call.started:  # the client ended its side before a whole message came
+            self._start(call)
+
+    def process_stream_reset(self, event: StreamReset) -> None:
+        call = self._calls.get(event.stream_id)
+        if call is None:
+            super().process_stream_reset(event)
+            return
+        self.connection.streams_failed += 1
+        if event.remote_reset:
+            reason = f"Stream reset by remote party, error_code: {event.error_code}"
+        else:
+            reason = "Protocol error"
+        call.terminated = reason
+        if call.task is not None:
+            call.task.cancel()
+        else:
+            log.info("Request was cancelled: %s", StreamTerminatedError(reason))
+            self._release(call)
+
+    def process_window_updated(self, event: WindowUpdated) -> None:
+        super().process_window_updated(event)
+        for call, window_updated in self._window_waiters.items():
+            if event.stream_id in (0, call.stream_id):
+                window_updated.set()
+
+    def process_remote_settings_changed(self, event: RemoteSettingsChanged) -> None:
+        super().process_remote_settings_changed(event)
+        if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
+            for window_updated in self._window_waiters.values():
+                window_updated.set()
+
+    def close(self, reason: str = "Connection closed") -> None:
+        # grpclib's close cancels the handler's tasks, ours among them
+        super().close(reason)
+        for call in list(self._calls.values()):
+            if call.task is None:
+                self._release(call)
+
+    # --- running a call -------------------------------------------------------------------------
+
+    def _start(self, call: _Call) -> None:
+        call.started = True
+        call.task = self._loop.create_task(self._run(call))
+        self.fast_handler.track(call, call.task)
+
+    async def _run(self, call: _Call) -> None:
+        stream = UnaryStream(self, call)
+        try:
+            try:
+                await self._handle(call, stream)
+            except Exception as exc:  # GRPCError included: its status goes to the trailers
+                await stream.finish(exc)
+            else:
+                await stream.finish(None)
+        except ProtocolError:
+            log.exception("Application error")
+        except Exception:
+            log.exception("Server error")
+        finally:
+            self._release(call)
+            if not self._calls:
+                # the last reply in flight goes out now, ahead of what the handler started (a
+                # job's task); with more calls going, replies share the write at the turn's end
+                self._flush()
+
+    async def _handle(self, call: _Call, stream: UnaryStream) -> None:
+        """What grpclib's request_handler does around the method handler."""
+        if call.deadline is not None:
+            stream.deadline = Deadline(_timestamp=call.deadline)
+        stream.user_agent = call.fields.get("user-agent")
+        try:
+            if call.timed_out:  # before the message was in
+                raise asyncio.CancelledError  # noqa: TRY301
+            await call.method.func(stream)
+        except asyncio.CancelledError:
+            if call.terminated is not None:
+                err = StreamTerminatedError(call.terminated)
+                log.info("Request was cancelled: %s", err)
+                raise err from None
+            if call.timed_out:
+                log.info("Deadline exceeded")
+                raise GRPCError(Status.DEADLINE_EXCEEDED) from None
+            raise
+        except GRPCError:
+            if call.timed_out:
+                log.exception("Failed to handle cancellation")
+                raise GRPCError(Status.DEADLINE_EXCEEDED) from None
+            raise
+        except Exception:
+            if call.timed_out:
+                log.exception("Failed to handle cancellation")
+                raise GRPCError(Status.DEADLINE_EXCEEDED) from None
+            log.exception("Application error")
+            raise
+        finally:
+            if call.timer is not None:  # the deadline covers the handler, not the trailers
+                call.timer.cancel()
+                call.timer = None
+        if call.timed_out:
+            log.error("Failed to handle cancellation")
+            raise GRPCError(Status.DEADLINE_EXCEEDED)
+
+    def _deadline_expired(self, call: _Call) -> None:
+        call.timer = None
+        if call.done:
+            return
+        call.timed_out = True
+        if call.task is not None:
+            call.task.cancel()
+        else:  # still waiting for the message: answer now, as grpclib's cancelled read does
+            self._start(call)
+
+    def _release(self, call: _Call) -> None:
+        if call.done:
+            return
+        call.done = True
+        if call.timer is not None:
+            call.timer.cancel()
+            call.timer = None
+        self._calls.pop(call.stream_id, None)
+        self.connection.stream_close_waiter.set()
+
+    # --- sending ----------------------------------------------------------------------------------
+
+    def _writable(self, call: _Call) -> None:
+        if call.stream_id not in self._h2.streams:
+            raise h2.exceptions.StreamClosedError(call.stream_id)
+
+    async def send_headers(
+        self, call: _Call, headers: _Headers, *, end_stream: bool = False
+    ) -> None:
+        connection = self.connection
+        if not connection.write_ready.is_set():
+            await connection.write_ready.wait()
+        self._writable(call)
+        self._h2.send_headers(call.stream_id, headers, end_stream=end_stream)
+        connection.ping_count_in_sequence = 0  # Connection.headers_send_process
+        self._schedule_flush()
+
+    async def send_data(self, call: _Call, data: bytes) -> None:
+        connection = self.connection
+        h2c = self._h2
+        view = memoryview(data)
+        while True:
+            if not connection.write_ready.is_set():
+                await connection.write_ready.wait()
+            window = h2c.local_flow_control_window(call.stream_id)
+            if window <= 0:
+                window_updated = self._window_waiters[call] = asyncio.Event()
+                try:
+                    await window_updated.wait()
+                finally:
+                    del self._window_waiters[call]
+                continue
+            size = min(window, h2c.max_outbound_frame_size, len(view))
+            h2c.send_data(call.stream_id, view[:size].tobytes())
+            view = view[size:]
+            connection.data_sent += size
+            connection.ping_count_in_sequence = 0  # Connection.data_send_process
+            connection.last_data_sent = time.monotonic()
+            self._schedule_flush()
+            if not view:
+                return
+
+    def reset_if_open(self, call: _Call) -> None:
+        """RST_STREAM(NO_ERROR) after an error status, when the stream is still open."""
+        if self._transport.is_closing():
+            return
+        stream = self._h2.streams.get(call.stream_id)
+        if stream is None or stream.closed:
+            return
+        if self._h2.state_machine.state is ConnectionState.CLOSED:
+            return
+        self._h2.reset_stream(call.stream_id, error_code=ErrorCodes.NO_ERROR)
+        self._schedule_flush()
+
+    async def reset(self, call: _Call) -> None:
+        if not self.connection.write_ready.is_set():
+            await self.connection.write_ready.wait()
+        self._h2.reset_stream(call.stream_id, error_code=ErrorCodes.NO_ERROR)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Write what h2 has to send once this turn of the event loop is over."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self.connection.is_closing():
+            self.connection.flush()
+
+
+class FastHandler(Handler):
+    """grpclib's per-connection handler, which also keeps the fast path's tasks."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unary: dict[str, MethodHandler] = {
+            name: method
+            for name, method in self.mapping.items()
+            if method.cardinality is Cardinality.UNARY_UNARY
+        }
+
+    def dispatch_has_listeners(self) -> bool:
+        """grpclib events (grpclib.events.listen) are served by grpclib's own path only."""
+        return any(self.dispatch._listeners.values())
+
+    def track(self, key: Any, task: asyncio.Task[None]) -> None:
+        """Keep `task` like grpclib keeps a request's: Server.close cancels it, and waits."""
+        self.__gc_step__()
+        self._tasks[key] = task
+
+
+class _FastProtocol(H2Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        assert isinstance(self.handler, FastHandler)
+        self.processor = _FastProcessor(self.handler, self.connection)
+
+
+class FastServer(Server):
+    """`grpclib.server.Server` with the unary-unary fast path on every connection.
+
+    Its default codec is `UpbProtoCodec` (grpclib's ProtoCodec, faster for betterproto2).
+    """
+
+    def __init__(
+        self,
+        handlers: Collection[IServable],
+        *,
+        codec: CodecBase | None = None,
+        status_details_codec: StatusDetailsCodecBase | None = None,
+        config: Configuration | None = None,
+    ) -> None:
+        if codec is None:  # what grpclib does for its default codec
+            codec = UpbProtoCodec()
+            if status_details_codec is None and _googleapis_available():
+                status_details_codec = ProtoStatusDetailsCodec()
+        super().__init__(
+            handlers, codec=codec, status_details_codec=status_details_codec, config=config
+        )
+
+    def _protocol_factory(self) -> H2Protocol:
+        self.__gc_step__()
+        handler = FastHandler(
+            self._mapping, self._codec, self._status_details_codec, self.__dispatch__
+        )
+        self._handlers.add(handler)
+        return _FastProtocol(handler, self._config, self._h2_config)
+
+
+__all__ = ["FastHandler", "FastServer", "UnaryStream"]
