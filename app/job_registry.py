@@ -17,6 +17,7 @@ parameter's annotation when the job is submitted, so a bad value is refused befo
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import typing
@@ -41,15 +42,10 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
 
     def bind(self, params: Mapping[str, str]) -> dict[str, Any]:
         """Convert `params` to the function's keyword arguments; raise InvalidJobRequest."""
-        signature = inspect.signature(self.fn)
-        try:
-            hints = typing.get_type_hints(self.fn)
-        except Exception:  # unresolvable annotations: pass strings through
-            hints = {}
+        parameters, hints, takes_any, required = _call_shape(self.fn)
         kwargs: dict[str, Any] = {}
-        takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
         for key, raw in params.items():
-            param = signature.parameters.get(key)
+            param = parameters.get(key)
             if param is None or param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
                 if not takes_any:
                     raise InvalidJobRequest(
@@ -64,14 +60,32 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
                 )
             except (msgspec.ValidationError, TypeError) as exc:
                 raise InvalidJobRequest(f"params.{key}: {str(exc).split(' - at ')[0]}") from None
-        missing = [
-            name for name, p in signature.parameters.items()
-            if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-            and name not in kwargs
-        ]  # fmt: skip
+        missing = [name for name in required if name not in kwargs]
         if missing:
             raise InvalidJobRequest(f"params.{missing[0]}: required by job {self.name!r}")
         return kwargs
+
+
+@functools.cache
+def _call_shape(
+    fn: Callable[..., Any],
+) -> tuple[Mapping[str, inspect.Parameter], dict[str, Any], bool, tuple[str, ...]]:
+    """A job function's parameters, resolved annotations, **kwargs-ness and required names.
+
+    Worked out once per function: inspect.signature and typing.get_type_hints cost more than
+    the rest of a submission together.
+    """
+    parameters = inspect.signature(fn).parameters
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: pass strings through
+        hints = {}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    required = tuple(
+        name for name, p in parameters.items()
+        if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )  # fmt: skip
+    return parameters, hints, takes_any, required
 
 
 class JobRegistry:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from app.builtin_jobs import builtin_specs
@@ -249,3 +250,19 @@ async def test_history_is_bounded(master_tg: anyio.abc.TaskGroup, gate: Gate) ->
     with pytest.raises(JobNotFound):
         master.get("h0")
     assert [r.id for r in master.jobs()] == ["h4", "h3", "h2"]
+
+
+async def test_a_deep_queue_of_quick_jobs_drains_in_a_few_loop_turns(gate: Gate) -> None:
+    """A finished job's task runs the next queued one itself, not one job per token per turn."""
+    async with anyio.create_task_group() as tg:
+        master = await started_master(tg, gate, core_size=2, max_size=2, queue_capacity=1000)
+        for i in range(1000):
+            master.submit_nowait("echo", job_id=f"q{i}")
+        turns = 0
+        with anyio.fail_after(10):
+            while master.statistics().succeeded < 1000:
+                await anyio.lowlevel.checkpoint()
+                turns += 1
+        assert turns < 100, f"{turns} turns of the loop for 1000 queued jobs"
+        assert master.limiter.borrowed_tokens == 0
+        tg.cancel_scope.cancel()
