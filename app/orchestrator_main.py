@@ -74,10 +74,12 @@ async def serve_orchestrator(config: Config) -> None:
                 await tg.start(events.run)
                 await tg.start(directory.run)
                 dispatcher_scope = anyio.CancelScope()
+                dispatcher_done = anyio.Event()
 
                 async def run_dispatcher() -> None:
                     with dispatcher_scope:
-                        await dispatcher.run()
+                        await dispatcher.run()  # returns by itself once drained
+                    dispatcher_done.set()
 
                 tg.start_soon(run_dispatcher)
                 port = await tg.start(
@@ -91,11 +93,18 @@ async def serve_orchestrator(config: Config) -> None:
                 server.set_serving(False)
                 service.draining = True
                 dispatcher.begin_drain()
-                with anyio.move_on_after(o.drain_grace_seconds):
-                    while dispatcher.statistics().inflight:
-                        with anyio.move_on_after(0.2):
-                            await anext(signals)
-                            break  # a second signal: stop waiting
+                with anyio.move_on_after(o.drain_grace_seconds) as grace:
+
+                    async def second_signal() -> None:
+                        again = await anext(signals)
+                        log.warning("%s again: leaving the jobs in hand to others now", again.name)
+                        grace.cancel()
+
+                    async with anyio.create_task_group() as drain:
+                        drain.start_soon(second_signal)
+                        await dispatcher_done.wait()
+                        drain.cancel_scope.cancel()
+                # jobs still in hand stay pending in the stream: another orchestrator claims them
                 dispatcher_scope.cancel()
                 log.info("drained: %r", dispatcher)
             finally:

@@ -421,3 +421,41 @@ def test_a_silent_worker_is_noticed_whatever_the_job_length(fleet: Fleet) -> Non
     assert fleet.state(job) == "SUCCEEDED"
     assert job.attempts[0].outcome in {"LOST", "UNREACHABLE"}
     assert job.attempts[-1].worker != first
+
+
+def test_sigterm_drains_an_orchestrator(fleet: Fleet) -> None:
+    fleet.worker()
+    orch = fleet.orchestrator()
+    stub = fleet.stub(orch)
+    stub.Submit(fleet.request("sleep", "in-hand", params={"seconds": "1.5"}), timeout=10)
+    fleet.wait_job(stub, "in-hand", {"RUNNING"})
+    orch.signal(signal.SIGTERM)
+    orch.wait_log("draining")
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Submit(fleet.request("echo", "too-late"), timeout=10)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert orch.wait_exit() == 0
+    other = fleet.stub(fleet.orchestrator())
+    job = fleet.wait_job(other, "in-hand", TERMINAL)
+    assert fleet.state(job) == "SUCCEEDED"
+    assert len(job.attempts) == 1  # finished by the draining orchestrator itself
+
+
+def test_jobs_past_an_orchestrators_grace_are_left_to_another(fleet: Fleet) -> None:
+    worker = fleet.worker()
+    first = fleet.orchestrator(
+        JOBWORKER_ORCHESTRATOR__DRAIN_GRACE_SECONDS="0.2",
+        JOBWORKER_ORCHESTRATOR__CLAIM_IDLE_SECONDS="1",
+    )
+    stub = fleet.stub(first)
+    stub.Submit(fleet.request("sleep", "long", params={"seconds": "3"}), timeout=10)
+    fleet.wait_job(stub, "long", {"RUNNING"})
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit() == 0
+    second = fleet.orchestrator(JOBWORKER_ORCHESTRATOR__CLAIM_IDLE_SECONDS="1")
+    job = fleet.wait_job(fleet.stub(second), "long", TERMINAL)
+    assert fleet.state(job) == "SUCCEEDED"
+    # the second re-dispatched to the same worker, which attached to the run in progress
+    assert {a.worker for a in job.attempts} == {job.attempts[0].worker}
+    assert accepted_total(fleet, [worker]) == 1
+    assert "claimed job long" in second.log()
