@@ -200,6 +200,16 @@ class OrchestratorConfig(_Section, frozen=True):
         _check(bool(self.stream_key) and bool(self.job_prefix), "stream_key", "must not be empty")
 
 
+class MetricsConfig(_Section, frozen=True):
+    """Prometheus metrics over HTTP at /metrics. No port: off (0: any free port, logged)."""
+
+    host: str = "0.0.0.0"
+    port: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.port is None or 0 <= self.port <= 65535, "port", "must be 0..65535")
+
+
 class LogConfig(_Section, frozen=True):
     level: str = "INFO"
 
@@ -217,6 +227,7 @@ class Config(_Section, frozen=True):
     schedule: ScheduleConfig = msgspec.field(default_factory=ScheduleConfig)
     redis: RedisConfig = msgspec.field(default_factory=RedisConfig)
     orchestrator: OrchestratorConfig = msgspec.field(default_factory=OrchestratorConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
 
 

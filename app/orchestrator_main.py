@@ -26,6 +26,7 @@ from app.errors import ConfigError
 from app.grpc_server import GrpcServer
 from app.job_store import JobEvents, JobStore
 from app.load_balancer import make_balancer
+from app.metrics import MetricsServer, orchestrator_metrics
 from app.orchestrator_service import OrchestratorService
 from app.pod_registry import RedisPodRegistry
 from app.ports import candidate_ports
@@ -82,6 +83,13 @@ async def serve_orchestrator(config: Config) -> None:
                     dispatcher_done.set()
 
                 tg.start_soon(run_dispatcher)
+                if config.metrics.port is not None:
+                    metrics = MetricsServer(
+                        lambda: orchestrator_metrics(dispatcher, directory),
+                        host=config.metrics.host,
+                        port=config.metrics.port,
+                    )
+                    await tg.start(metrics.run)
                 port = await tg.start(
                     server.run, candidate_ports(o.port, o.port_search if o.port else 0)
                 )

@@ -30,6 +30,7 @@ from app.errors import ConfigError
 from app.grpc_server import GrpcServer
 from app.job_master import JobMaster
 from app.job_registry import JobRegistry, default_registry, load_job_modules
+from app.metrics import MetricsServer, worker_metrics
 from app.pod_registry import RedisPodRegistry
 from app.ports import LAST_PORT_FILE, candidate_ports, read_last_port, state_dir, write_last_port
 from app.redis_client import create_redis
@@ -122,6 +123,13 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             )
             service.identity = identity
             service.report_job = report
+            if config.metrics.port is not None:
+                metrics = MetricsServer(
+                    lambda: worker_metrics(job_master, report),
+                    host=config.metrics.host,
+                    port=config.metrics.port,
+                )
+                await tg.start(metrics.run)
             try:
                 await report.report()
                 interval = config.schedule.report_interval_seconds

@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from tests.grpc_clients import Client
-from tests.helpers import RedisServer, WorkerProcess, base_env, free_port, wait_for
+from tests.helpers import RedisServer, WorkerProcess, base_env, free_port, scrape, wait_for
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
@@ -380,7 +380,9 @@ def test_a_failing_worker_opens_its_breaker_and_recovers(
     fleet.worker(
         JOBWORKER_GRPC__PORT=str(worker_port), JOBWORKER_GRPC__ADVERTISE_PORT=str(proxy.port)
     )
+    metrics_port = free_port()
     orch = fleet.orchestrator(
+        JOBWORKER_METRICS__PORT=str(metrics_port),
         JOBWORKER_ORCHESTRATOR__BREAKER_FAILURE_THRESHOLD="2",
         # long enough that a slow machine still sees it OPEN between two looks
         JOBWORKER_ORCHESTRATOR__BREAKER_OPEN_SECONDS="3",
@@ -396,6 +398,13 @@ def test_a_failing_worker_opens_its_breaker_and_recovers(
 
     view = wait_for(open_view, timeout=30, what="breaker OPEN")
     assert (view.eligible, view.reason) == (False, "circuit breaker OPEN")
+    state = "jobworker_orchestrator_breaker_state"
+    metrics = scrape(metrics_port)
+    assert metrics[(state, frozenset({("worker", address), (state, "OPEN")}))] == 1
+    assert (
+        metrics[("jobworker_orchestrator_breaker_opened_total", frozenset({("worker", address)}))]
+        >= 1
+    )
     job = stub.GetJob(fleet.orch.pb2.JobRequest(job_id="patient"), timeout=5)
     assert fleet.state(job) in {"PENDING", "DISPATCHED"}
     assert {a.outcome for a in job.attempts} == {"UNREACHABLE"}
@@ -403,6 +412,11 @@ def test_a_failing_worker_opens_its_breaker_and_recovers(
     job = fleet.wait_job(stub, "patient", TERMINAL)
     assert fleet.state(job) == "SUCCEEDED"
     assert fleet.workers_view(stub)[address].breaker_state == "CLOSED"
+    metrics = scrape(metrics_port)
+    assert metrics[(state, frozenset({("worker", address), (state, "CLOSED")}))] == 1
+    # the record is written before the dispatcher counts it: wait for the count
+    succeeded = ("jobworker_orchestrator_jobs_total", frozenset({("state", "succeeded")}))
+    wait_for(lambda: scrape(metrics_port).get(succeeded) == 1, what="the success counted")
 
 
 def test_a_silent_worker_is_noticed_whatever_the_job_length(fleet: Fleet) -> None:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +22,7 @@ import pytest
 import redis
 
 from tests.grpc_clients import Client, generate_grpcio_stubs, grpcurl, grpcurl_json
-from tests.helpers import ROOT, RedisServer, WorkerProcess, base_env, free_port, wait_for
+from tests.helpers import ROOT, RedisServer, WorkerProcess, base_env, free_port, scrape, wait_for
 
 StartWorker = Callable[..., WorkerProcess]
 
@@ -551,3 +553,27 @@ def test_cli_clients(worker_env: dict[str, str], start_worker: StartWorker) -> N
         1,
         "jobworker: NOT_FOUND: no job with id 'nope'",
     )
+
+
+def test_prometheus_metrics(
+    worker_env: dict[str, str],
+    start_worker: StartWorker,
+    connect: Callable[[WorkerProcess], Client],
+) -> None:
+    port = free_port()
+    worker = start_worker({**worker_env, "JOBWORKER_METRICS__PORT": str(port)})
+    client = connect(worker)
+    client.run("echo", "m1")
+    client.run("fail", "m2")
+    metrics = scrape(port)
+    assert metrics[("jobworker_jobs_total", frozenset({("outcome", "succeeded")}))] == 1
+    assert metrics[("jobworker_jobs_total", frozenset({("outcome", "failed")}))] == 1
+    assert metrics[("jobworker_status", frozenset({("jobworker_status", "IDLE")}))] == 1
+    assert metrics[("jobworker_max_size", frozenset())] == 8
+    assert metrics[("jobworker_registry_connected", frozenset())] == 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        assert response.read() == b"ok\n"
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/nope", timeout=5)
+    assert info.value.code == 404
+    info.value.close()
