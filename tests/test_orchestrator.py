@@ -18,7 +18,7 @@ import grpc
 import pytest
 import redis
 
-from tests.grpc_clients import Client
+from tests.grpc_clients import Client, grpcurl, grpcurl_json
 from tests.helpers import RedisServer, WorkerProcess, base_env, free_port, scrape, wait_for
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
@@ -132,6 +132,20 @@ def test_execute_runs_a_job_and_returns_its_outcome(fleet: Fleet) -> None:
     failed = stub.Execute(fleet.request("fail", "f1", params={"message": "nope"}), timeout=30)
     assert (fleet.state(failed.job), failed.job.error) == ("FAILED", "JobFailedError: nope")
     assert len(failed.job.attempts) == 1  # a run that failed is not retried unless asked
+
+
+def test_reflection_and_health_for_grpcurl(fleet: Fleet) -> None:
+    orch = fleet.orchestrator()
+    listed = grpcurl("-plaintext", orch.target, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert {"orchestrator.OrchestratorService", "grpc.health.v1.Health"} <= set(
+        listed.stdout.split()
+    )
+    described = grpcurl("-plaintext", orch.target, "describe", "orchestrator.BatchExecutionRequest")
+    assert "string job_type = 2;" in described.stdout
+    assert grpcurl_json("-plaintext", orch.target, "grpc.health.v1.Health/Check") == {
+        "status": "SERVING"
+    }
 
 
 def test_jobs_spread_over_the_workers_by_load(fleet: Fleet) -> None:
