@@ -78,6 +78,9 @@ async def test_a_late_result_from_a_superseded_attempt_is_refused(store: JobStor
     assert final is not None
     assert (final.state, final.result_json) == (BatchJobState.SUCCEEDED, '"from the new attempt"')
     assert await store.queued_count("echo") == 0  # the bound counts unfinished jobs only
+    # kept for the retention (60 s here) once it has ended, no longer
+    ttl = await store._redis.ttl(store.record_key("j1"))
+    assert 0 < ttl <= 60
 
 
 async def test_idle_entries_are_claimed_and_held_ones_are_not(store: JobStore) -> None:
