@@ -487,3 +487,22 @@ def test_jobs_past_an_orchestrators_grace_are_left_to_another(fleet: Fleet) -> N
     assert {a.worker for a in job.attempts} == {job.attempts[0].worker}
     assert accepted_total(fleet, [worker]) == 1
     assert "claimed job long" in second.log()
+
+
+def test_a_draining_worker_gets_no_new_work(fleet: Fleet) -> None:
+    draining = fleet.worker(JOBWORKER_WORKER__DRAIN_GRACE_SECONDS="30")
+    other = fleet.worker()
+    stub = fleet.stub(fleet.orchestrator())
+    wait_for(lambda: len(fleet.workers_view(stub)) == 2, what="two workers discovered")
+    # keep it draining for a while: a job of its own that outlasts this test's checks
+    fleet.worker_client(draining).send("sleep", "keeps-it-busy", seconds="10")
+    draining.signal(signal.SIGTERM)
+    wait_for(
+        lambda: fleet.workers_view(stub)[draining.target].status == "DRAINING", what="DRAINING"
+    )
+    view = fleet.workers_view(stub)[draining.target]
+    assert (view.eligible, view.reason) == (False, "DRAINING")
+    for i in range(5):
+        job = stub.Execute(fleet.request("echo", f"after-drain-{i}"), timeout=30).job
+        assert fleet.state(job) == "SUCCEEDED"
+        assert [a.worker for a in job.attempts] == [other.target]
