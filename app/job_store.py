@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import anyio.abc
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
 from app.batch_job import FINISHED, BatchJob, decode_job, encode_job
 
@@ -236,21 +236,35 @@ class JobEvents:
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            await pubsub.psubscribe(self._store.events_pattern)
-            task_status.started()
-            prefix = self._store.events_channel("")
-            while True:
-                message = await pubsub.get_message(timeout=1.0)
-                if message is None:
-                    continue
-                job_id = _text(message["channel"]).removeprefix(prefix)
-                for event in self._waiters.pop(job_id, ()):
-                    event.set()
-        finally:
-            with anyio.move_on_after(1, shield=True):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        """Listen for job changes; reconnect after an outage (waiters re-read meanwhile)."""
+        started = False
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(self._store.events_pattern)
+                if not started:
+                    task_status.started()
+                    started = True
+                await self._listen(pubsub)
+            except (RedisError, OSError) as exc:
+                log.warning("job events lost (%s: %s); reconnecting", type(exc).__name__, exc)
+                if not started:
+                    task_status.started()
+                    started = True
+            finally:
+                with anyio.move_on_after(1, shield=True):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await anyio.sleep(1.0)
+
+    async def _listen(self, pubsub: Any) -> None:
+        prefix = self._store.events_channel("")
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            job_id = _text(message["channel"]).removeprefix(prefix)
+            for event in self._waiters.pop(job_id, ()):
+                event.set()
 
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next change (callers bound it and re-read the record)."""

@@ -30,7 +30,7 @@ from app.metrics import MetricsServer, orchestrator_metrics
 from app.orchestrator_service import OrchestratorService
 from app.pod_registry import RedisPodRegistry
 from app.ports import candidate_ports
-from app.redis_client import create_redis
+from app.redis_client import create_redis, wait_for_redis
 from app.worker_channels import WorkerChannels
 from app.worker_directory import WorkerDirectory
 
@@ -72,6 +72,17 @@ async def serve_orchestrator(config: Config) -> None:
             service = OrchestratorService(store, events, directory, dispatcher, channels, o)
             server = GrpcServer([service], host=o.host)
             try:
+                # nothing works without the shared Redis: wait for it (a signal still stops us)
+                async with anyio.create_task_group() as waiting:
+
+                    async def stop_on_signal() -> None:
+                        signum = await anext(signals)
+                        log.info("%s while waiting for Redis: stopping", signum.name)
+                        tg.cancel_scope.cancel()
+
+                    waiting.start_soon(stop_on_signal)
+                    await wait_for_redis(redis, what=f"Redis at {config.redis.effective_url()}")
+                    waiting.cancel_scope.cancel()
                 await tg.start(events.run)
                 await tg.start(directory.run)
                 dispatcher_scope = anyio.CancelScope()

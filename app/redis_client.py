@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+
+import anyio
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.config import RedisConfig
+
+log = logging.getLogger(__name__)
 
 #: What "Redis is unreachable" looks like to callers (redis-py raises these, or OSError).
 REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
@@ -32,3 +38,22 @@ def create_redis(config: RedisConfig, url: str | None = None) -> aioredis.Redis:
     if config.password:
         kwargs["password"] = config.password
     return aioredis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+
+
+async def wait_for_redis(client: aioredis.Redis, *, what: str = "Redis", cap: float = 5.0) -> None:
+    """Return once `client` answers PING; log the wait once, retry with backoff up to `cap` s."""
+    delay = 0.1
+    logged = False
+    while True:
+        try:
+            await client.ping()
+        except (RedisError, OSError) as exc:
+            if not logged:
+                log.warning("waiting for %s: %s: %s", what, type(exc).__name__, exc)
+                logged = True
+            await anyio.sleep(delay)
+            delay = min(cap, delay * 2)
+            continue
+        if logged:
+            log.info("%s is reachable", what)
+        return

@@ -38,9 +38,9 @@ class Fleet:
         self.channels: list[grpc.Channel] = []
 
     def env(self, **extra: str) -> dict[str, str]:
+        extra.setdefault("REDIS_URL", self.redis_url)
         return base_env(
             self.tmp / f"p{len(self.procs)}",
-            REDIS_URL=self.redis_url,
             JOBWORKER_SCHEDULE__REPORT_INTERVAL_SECONDS="0.3",
             JOBWORKER_ORCHESTRATOR__WORKER_REPORT_INTERVAL_SECONDS="0.3",
             JOBWORKER_ORCHESTRATOR__DISCOVERY_INTERVAL_SECONDS="0.2",
@@ -506,3 +506,29 @@ def test_a_draining_worker_gets_no_new_work(fleet: Fleet) -> None:
         job = stub.Execute(fleet.request("echo", f"after-drain-{i}"), timeout=30).job
         assert fleet.state(job) == "SUCCEEDED"
         assert [a.worker for a in job.attempts] == [other.target]
+
+
+def test_an_orchestrator_waits_for_redis_and_stops_cleanly_meanwhile(
+    tmp_path: Path, fleet: Fleet
+) -> None:
+    late = RedisServer(tmp_path / "late-redis", port=free_port())
+    (tmp_path / "late-redis").mkdir()
+    env = fleet.env(REDIS_URL=late.url, JOBWORKER_ORCHESTRATOR__PORT=str(free_port()))
+    orch = WorkerProcess(env, tmp_path / "waiting.log", [], "orchestrator")
+    fleet.procs.append(orch)
+    try:
+        orch.wait_log("waiting for Redis at")
+        late.start()
+        orch.wait_ready()
+        orch.signal(signal.SIGTERM)
+        assert orch.wait_exit() == 0
+    finally:
+        late.stop()
+    # and a SIGTERM while it still waits stops it at once, exit 0, no traceback
+    never = fleet.env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    waiting = WorkerProcess(never, tmp_path / "never.log", [], "orchestrator")
+    fleet.procs.append(waiting)
+    waiting.wait_log("waiting for Redis at")
+    waiting.signal(signal.SIGTERM)
+    assert waiting.wait_exit() == 0
+    assert "Traceback" not in waiting.log()
