@@ -10,13 +10,11 @@ import anyio
 
 
 class WallClock(Protocol):
-    """Wall time, and the loop time at which it will read a given instant."""
+    """Wall time as a timestamp and as an aware datetime."""
 
     def timestamp(self) -> float: ...
 
     def now(self) -> datetime: ...
-
-    def loop_time_at(self, instant: datetime) -> float: ...
 
 
 class LoopWallClock:
@@ -35,10 +33,6 @@ class LoopWallClock:
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.timestamp(), UTC)
-
-    def loop_time_at(self, instant: datetime) -> float:
-        """The loop time at which the wall clock will read `instant`."""
-        return self._loop0 + (instant.timestamp() - self._wall0)
 
     def step(self, seconds: float) -> None:
         """Set this clock `seconds` ahead (behind when negative), as an NTP step or a person
@@ -60,16 +54,9 @@ class SystemWallClock:
     def now(self) -> datetime:
         return datetime.fromtimestamp(time.time(), UTC)
 
-    def loop_time_at(self, instant: datetime) -> float:
-        return anyio.current_time() + (instant.timestamp() - time.time())
-
 
 def utc_iso(timestamp: float | None) -> str:
     """RFC 3339 in UTC with milliseconds; empty for None."""
     if timestamp is None:
         return ""
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds")
-
-
-def wall_time() -> float:
-    return time.time()

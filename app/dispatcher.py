@@ -72,6 +72,14 @@ class CallResult(msgspec.Struct, frozen=True, kw_only=True):
 _REFUSED = {Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED}
 _REJECTED = {Status.INVALID_ARGUMENT, Status.NOT_FOUND, Status.ALREADY_EXISTS}
 
+# an attempt whose orchestrator stopped while it ran; the re-dispatch that attaches to it is
+# not a new attempt, so it does not count against max_attempts
+ORPHANED = "ORPHANED"
+
+
+def _attempts_made(job: BatchJob) -> int:
+    return sum(a.outcome != ORPHANED for a in job.attempts)
+
 
 class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     inflight: int
@@ -302,7 +310,7 @@ class Dispatcher:
         if job.attempts and not job.attempts[-1].outcome:
             # its orchestrator stopped during this attempt: the worker may still run the job
             sticky = job.attempts[-1].worker
-            job.attempts[-1].outcome = "ORPHANED"
+            job.attempts[-1].outcome = ORPHANED
         else:
             self._budget.record_call()
         while True:
@@ -317,7 +325,7 @@ class Dispatcher:
                     job, token, BatchJobState.TIMED_OUT, error=f"deadline passed: {why}"
                 )
                 return
-            made = sum(a.outcome != "ORPHANED" for a in job.attempts)
+            made = _attempts_made(job)
             if sticky is None and made >= job.max_attempts:
                 error = f"gave up after {made} attempts: {last_error}"
                 await self._finish(job, token, BatchJobState.FAILED, error=error)
@@ -385,7 +393,7 @@ class Dispatcher:
                 return True
             return False  # the worker shut down under it: run it elsewhere
         if state is wpb.JobState.FAILED:
-            made = sum(a.outcome != "ORPHANED" for a in job.attempts)
+            made = _attempts_made(job)
             if job.retry_on_failure and made < job.max_attempts:
                 return False
             await self._finish(job, token, BatchJobState.FAILED, error=info.error)

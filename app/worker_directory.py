@@ -65,9 +65,6 @@ class WorkerDirectory:
     def get(self, address: str) -> WorkerEntry | None:
         return self._entries.get(address)
 
-    def is_stale(self, entry: WorkerEntry) -> bool:
-        return entry.age_seconds(self._wall_clock()) > self._stale_after
-
     def stale_reason(self, entry: WorkerEntry | None) -> str | None:
         """Why a worker should be taken for gone, or None when its report is fresh."""
         if entry is None:
