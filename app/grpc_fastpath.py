@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import struct
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +47,7 @@ from grpclib.metadata import (
 from grpclib.protocol import EventsProcessor, H2Protocol, Peer
 from grpclib.server import Handler, Server
 from grpclib.stream import StreamIterator
-from h2.connection import ConnectionState
+from h2.connection import ConnectionInputs, ConnectionState
 from h2.errors import ErrorCodes
 from h2.events import (
     DataReceived,
@@ -57,6 +58,8 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.settings import SettingCodes
+from h2.stream import StreamInputs
+from hpack.hpack import encode_integer
 from multidict import MultiDict
 
 from app.grpc_codec import UpbProtoCodec
@@ -75,6 +78,39 @@ log = logging.getLogger("grpclib.server")
 
 _Headers = list[tuple[str, str]]
 _MESSAGE_PREFIX = 5  # compressed flag (1 byte) and length (4 bytes, big endian)
+
+# --- an OK unary reply in one write: HEADERS, DATA, HEADERS(END_STREAM) ---------------------------
+# The header blocks use only HPACK representations that leave the dynamic table alone (an indexed
+# static entry, literals without indexing), so they are the same bytes on every connection and
+# h2's encoder state stays what it was. h2's state machines still see every frame.
+_FRAME_HEAD = struct.Struct(">BHBBL")  # length (24 bits as 8 + 16), type, flags, stream id
+_DATA, _HEADERS = 0x0, 0x1
+_END_STREAM, _END_HEADERS = 0x1, 0x4
+_STATUS_200 = b"\x88"  # static table entry 8, ":status: 200"
+_CONTENT_TYPE_INDEX = 31  # static table name "content-type"
+
+
+def _hpack_string(value: bytes) -> bytes:
+    return bytes(encode_integer(len(value), 7)) + value  # no Huffman coding
+
+
+def _hpack_literal(name: bytes | int, value: bytes) -> bytes:
+    """A header field "literal without indexing" (RFC 7541 6.2.2), name by index or literal."""
+    if isinstance(name, int):
+        return bytes(encode_integer(name, 4)) + _hpack_string(value)
+    return b"\x00" + _hpack_string(name) + _hpack_string(value)
+
+
+def _ok_headers(content_type: str) -> bytes:
+    """The header block of a reply: `:status: 200` and the content type."""
+    return _STATUS_200 + _hpack_literal(_CONTENT_TYPE_INDEX, content_type.encode("ascii"))
+
+
+_OK_TRAILERS = _hpack_literal(b"grpc-status", b"0")
+
+
+def _frame_head(length: int, kind: int, flags: int, stream_id: int) -> bytes:
+    return _FRAME_HEAD.pack(length >> 16, length & 0xFFFF, kind, flags, stream_id)
 
 
 class _Call:
@@ -143,6 +179,8 @@ class UnaryStream(StreamIterator[Any]):
         self.user_agent: str | None = None
         self._send_initial_metadata_done = False
         self._send_message_done = False
+        # the framed reply, held back to go out with its headers and trailers in one write
+        self._held: bytes | None = None
         self._send_trailing_metadata_done = False
         self._cancel_done = False
 
@@ -187,20 +225,27 @@ class UnaryStream(StreamIterator[Any]):
     async def send_initial_metadata(self, *, metadata: Any = None) -> None:
         if self._send_initial_metadata_done:
             raise ProtocolError("Initial metadata was already sent")
-        headers = [(":status", "200"), ("content-type", self._processor.content_type)]
+        headers = self._response_headers()
         if metadata:
             headers.extend(encode_metadata(MultiDict(metadata)))
         await self._processor.send_headers(self._call, headers)
         self._send_initial_metadata_done = True
 
+    def _response_headers(self) -> _Headers:
+        return [(":status", "200"), ("content-type", self._processor.content_type)]
+
     async def send_message(self, message: Any) -> None:
-        if not self._send_initial_metadata_done:
-            await self.send_initial_metadata()
         if self._send_message_done:
             raise ProtocolError("Message was already sent")
         reply = self._codec.encode(message, self._send_type)
         data = b"\x00" + len(reply).to_bytes(4, "big") + reply
-        await self._processor.send_data(self._call, data)
+        if self._send_initial_metadata_done:
+            await self._processor.send_data(self._call, data)
+        else:
+            # a unary client reads nothing before the trailers: hold the default headers and the
+            # message back, so that an OK reply goes out as one write (send_trailing_metadata)
+            self._held = data
+            self._send_initial_metadata_done = True
         self._send_message_done = True
         connection = self._processor.connection
         connection.messages_sent += 1
@@ -220,10 +265,21 @@ class UnaryStream(StreamIterator[Any]):
             raise ProtocolError(
                 "Unary response with OK status requires a single message to be sent"
             )
-        if self._send_initial_metadata_done:
-            headers: _Headers = []
-        else:  # trailers-only response
-            headers = [(":status", "200"), ("content-type", self._processor.content_type)]
+        if self._held is not None:
+            held, self._held = self._held, None
+            plain_ok = (
+                status is Status.OK
+                and status_message is None
+                and status_details is None
+                and not metadata
+            )
+            if plain_ok and self._processor.send_ok_reply(self._call, held):
+                self._send_trailing_metadata_done = True
+                return
+            await self._processor.send_headers(self._call, self._response_headers())
+            await self._processor.send_data(self._call, held)
+        # after the response headers: trailers; else a trailers-only response
+        headers = [] if self._send_initial_metadata_done else self._response_headers()
         headers.append(("grpc-status", str(status.value)))
         if status_message is not None:
             headers.append(("grpc-message", encode_grpc_message(status_message)))
@@ -296,6 +352,7 @@ class _FastProcessor(EventsProcessor):
         # replies waiting for flow-control window: set on a WINDOW_UPDATE for them or for all
         self._window_waiters: dict[_Call, asyncio.Event] = {}
         self._flush_scheduled = False
+        self._ok_headers = _ok_headers(self.content_type)
 
     # --- h2 events ----------------------------------------------------------------------------
 
@@ -536,6 +593,47 @@ class _FastProcessor(EventsProcessor):
             self._schedule_flush()
             if not view:
                 return
+
+    def send_ok_reply(self, call: _Call, data: bytes) -> bool:
+        """Headers, message and OK trailers in one go; False when they cannot go out now.
+
+        What h2's send_headers, send_data and send_headers(end_stream=True) do, minus encoding
+        the same headers each time: the state machines and flow-control windows are updated the
+        same way, and a closed stream raises StreamClosedError the same way.
+        """
+        connection = self.connection
+        h2c = self._h2
+        stream = h2c.streams.get(call.stream_id)
+        if stream is None:
+            raise h2.exceptions.StreamClosedError(call.stream_id)
+        size = len(data)
+        if (
+            not connection.write_ready.is_set()
+            or size > min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window)
+            or size > h2c.max_outbound_frame_size
+        ):
+            return False  # the general path waits for the transport or the window
+        streams_sm, connection_sm = stream.state_machine, h2c.state_machine
+        connection_sm.process_input(ConnectionInputs.SEND_HEADERS)
+        streams_sm.process_input(StreamInputs.SEND_HEADERS)  # StreamClosedError when closed
+        connection_sm.process_input(ConnectionInputs.SEND_DATA)
+        streams_sm.process_input(StreamInputs.SEND_DATA)
+        connection_sm.process_input(ConnectionInputs.SEND_HEADERS)
+        streams_sm.process_input(StreamInputs.SEND_HEADERS)
+        streams_sm.process_input(StreamInputs.SEND_END_STREAM)
+        stream.outbound_flow_control_window -= size
+        h2c.outbound_flow_control_window -= size
+        sid, headers, trailers = call.stream_id, self._ok_headers, _OK_TRAILERS
+        h2c._data_to_send += b"".join((
+            _frame_head(len(headers), _HEADERS, _END_HEADERS, sid), headers,
+            _frame_head(size, _DATA, 0, sid), data,
+            _frame_head(len(trailers), _HEADERS, _END_HEADERS | _END_STREAM, sid), trailers,
+        ))  # fmt: skip
+        connection.ping_count_in_sequence = 0
+        connection.data_sent += size
+        connection.last_data_sent = time.monotonic()
+        self._schedule_flush()
+        return True
 
     def reset_if_open(self, call: _Call) -> None:
         """RST_STREAM(NO_ERROR) after an error status, when the stream is still open."""

@@ -33,6 +33,24 @@ log = logging.getLogger(__name__)
 h2.connection.H2Connection.MAX_CLOSED_STREAMS = 4096
 
 
+class _LazyRepr:
+    """repr(obj), computed only if a log record is ever formatted."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __str__(self) -> str:
+        return repr(self.obj)
+
+
+# h2 formats every received frame for a trace log that is off unless a logger is configured
+# (H2Configuration.logger): a few % of a unary call's CPU. `repr` is used for nothing else in
+# h2.connection, and the message reads the same when that logger is on.
+h2.connection.repr = _LazyRepr  # type: ignore[attr-defined]
+
+
 def _descriptor_pool() -> Any:
     """Our generated descriptors plus health and reflection, so grpcurl can describe them all."""
     pool = default_google_proto_descriptor_pool

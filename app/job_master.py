@@ -11,7 +11,13 @@ Spring's executor, which the seed used, admits work like this, and so does this 
 Tokens above `core_size` are given back after `keep_alive_seconds` without job activity.
 Admission and hand-over are plain synchronous methods (no await), so cancellation can never
 leave a token taken with no job behind it: a job's token is taken on its behalf
-(`acquire_on_behalf_of_nowait(job_id)`) before its task starts and released in its `finally`.
+(`acquire_on_behalf_of_nowait(job_id)`) before it is handed to a runner and released in the
+runner's `finally`.
+
+Jobs run on pooled runner tasks, the threads of the seed's pool: a runner that finishes a job
+takes the next queued one, or parks until it is handed a new one (at most one parked runner per
+token). Admitting a job on a worker that has a parked runner is a list pop and an Event.set,
+not a new task, which keeps it off the path of the gRPC reply.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 
 from app.errors import Draining, InvalidJobRequest, JobAlreadyExists, JobNotFound, QueueFull
@@ -63,15 +70,34 @@ class JobMasterStatistics(msgspec.Struct, frozen=True, kw_only=True):
 class _Run:
     """A live run: the public record plus what only the job master needs."""
 
-    __slots__ = ("cancel_reason", "done", "kwargs", "record", "scope", "spec")
+    __slots__ = ("cancel_reason", "ended", "kwargs", "record", "scope", "spec")
 
     def __init__(self, record: JobRun, spec: JobSpec, kwargs: dict[str, Any]) -> None:
         self.record = record
         self.spec = spec
         self.kwargs = kwargs
-        self.done = anyio.Event()
+        # made by the first waiter: most runs are never waited for
+        self.ended: anyio.Event | None = None
         self.scope: anyio.CancelScope | None = None
         self.cancel_reason: str | None = None
+
+    async def wait_ended(self) -> None:
+        if self.record.state.finished:
+            await anyio.lowlevel.checkpoint()
+            return
+        if self.ended is None:
+            self.ended = anyio.Event()
+        await self.ended.wait()
+
+
+class _Runner:
+    """A parked runner task: `_start` hands it its next run and sets `wake`."""
+
+    __slots__ = ("next_run", "wake")
+
+    def __init__(self) -> None:
+        self.next_run: _Run | None = None
+        self.wake = anyio.Event()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -113,6 +139,7 @@ class JobMaster:
         self._queue: deque[_Run] = deque()
         self._live: dict[str, _Run] = {}
         self._history: OrderedDict[str, _Run] = OrderedDict()
+        self._parked: list[_Runner] = []
         self._task_group: anyio.abc.TaskGroup | None = None
         self._scope = anyio.CancelScope()
         self._wakeup = anyio.Event()
@@ -224,6 +251,7 @@ class JobMaster:
             self._queue.append(run)
         elif self._limiter.total_tokens < self._max_size:
             self._limiter.total_tokens += 1
+            self._wakeup.set()  # the housekeeping loop now has a keep-alive to time
             self._start(run)
         else:
             self._counts["rejected"] += 1
@@ -249,16 +277,21 @@ class JobMaster:
         return spec, spec.bind(params)
 
     def _start(self, run: _Run) -> None:
+        """Begin `run` and hand it to a parked runner, or to a new one."""
         assert self._task_group is not None
         self._begin(run)
-        self._task_group.start_soon(self._execute, run, name=f"job {run.record.id}")
+        if self._parked:
+            runner = self._parked.pop()  # the most recently parked: its memory is warm
+            runner.next_run = run
+            runner.wake.set()
+        else:
+            self._task_group.start_soon(self._runner, run, name="JobMaster runner")
 
     def _begin(self, run: _Run) -> None:
-        """Give `run` a token and mark it running (its task is started, or goes on, elsewhere)."""
+        """Give `run` a token and mark it running (a runner runs it next)."""
         self._limiter.acquire_on_behalf_of_nowait(run.record.id)
         run.record.state = JobState.RUNNING
         run.record.started_at = self._wall_clock()
-        self._last_activity = anyio.current_time()
 
     def _take_over(self) -> _Run | None:
         """The oldest queued run, begun on the token a finished run gave back; None if none.
@@ -294,11 +327,13 @@ class JobMaster:
             self._history[record.id] = run
             while len(self._history) > self._history_size:
                 self._history.popitem(last=False)
-        run.done.set()
+        if run.ended is not None:
+            run.ended.set()
         self._last_activity = anyio.current_time()
         if hand_over:
             self._hand_over()
-        self._wakeup.set()
+        if self._draining and not self._live:
+            self._wakeup.set()  # the drain is complete
         if state is JobState.FAILED:
             log.info("job %s (%s) failed: %s", record.id, record.name, error)
 
@@ -313,19 +348,53 @@ class JobMaster:
 
     # --- running ------------------------------------------------------------------------------
 
-    async def _execute(self, run: _Run) -> None:
-        """Run `run`, then queued runs on the same token, then leave the rest to a new task."""
-        for _ in range(TAKE_OVER_LIMIT):
-            await self._execute_one(run)
+    async def _runner(self, run: _Run) -> None:
+        """Run `run`, then queued runs on the same token, then park for the next one."""
+        parking: _Runner | None = None
+        taken_over = 0
+        while True:
+            # after a long streak of queued quick jobs, yield to the event loop once
+            await self._execute_one(run, yield_first=taken_over == TAKE_OVER_LIMIT)
+            taken_over = taken_over % TAKE_OVER_LIMIT + 1
             next_run = self._take_over()
             if next_run is None:
-                return
+                taken_over = 0
+                if self._draining or len(self._parked) >= self._limiter.total_tokens:
+                    return
+                parking = parking or _Runner()
+                next_run = await self._park(parking)
+                if next_run is None:
+                    return
             run = next_run
-        # back to the event loop now and then: a fresh task goes on with the queue
-        assert self._task_group is not None
-        self._task_group.start_soon(self._execute, run, name=f"job {run.record.id}")
 
-    async def _execute_one(self, run: _Run) -> None:
+    async def _park(self, runner: _Runner) -> _Run | None:
+        """Wait to be handed a run; None when released (a drain, or tokens given back)."""
+        runner.next_run = None
+        if runner.wake.is_set():
+            runner.wake = anyio.Event()
+        self._parked.append(runner)
+        try:
+            await runner.wake.wait()
+        except BaseException:
+            # cancelled while parked: a run handed over meanwhile must still end (the backends
+            # resume a woken task before they cancel it, so this is insurance, not a path)
+            if runner in self._parked:
+                self._parked.remove(runner)
+            elif runner.next_run is not None:
+                self._finish(
+                    runner.next_run,
+                    JobState.CANCELLED,
+                    error="worker shut down before the job started",
+                )
+            raise
+        return runner.next_run
+
+    def _release_parked(self, keep: int) -> None:
+        """Let all but the `keep` most recently parked runners end."""
+        while len(self._parked) > keep:
+            self._parked.pop(0).wake.set()
+
+    async def _execute_one(self, run: _Run, *, yield_first: bool = False) -> None:
         record = run.record
         outcome: tuple[JobState, bytes, str] | None = None
         try:
@@ -336,6 +405,8 @@ class JobMaster:
                 if run.cancel_reason is not None:
                     scope.cancel()
                 try:
+                    if yield_first:
+                        await anyio.lowlevel.checkpoint()
                     value = await self._call(run)
                     outcome = (JobState.SUCCEEDED, _json.encode(value), "")
                 except Exception as exc:
@@ -355,7 +426,7 @@ class JobMaster:
                 outcome = (JobState.CANCELLED, b"", "worker shut down before the job finished")
             assert outcome is not None
             state, result, error = outcome
-            # a run that ended on its own leaves the hand-over to _execute's take-over
+            # a run that ended on its own leaves the hand-over to its runner's take-over
             self._finish(run, state, result=result, error=error, hand_over=outside)
 
     async def _call(self, run: _Run) -> Any:
@@ -387,6 +458,7 @@ class JobMaster:
                             await self._wakeup.wait()
                         self._wakeup = anyio.Event()
                         self._shrink_idle()
+                    self._release_parked(keep=0)
         finally:
             self._draining = True
             self._task_group = None
@@ -402,6 +474,7 @@ class JobMaster:
     def _shrink_idle(self) -> None:
         if self._limiter.total_tokens > self._core_size and self._next_shrink_in() == 0:
             self._limiter.total_tokens = max(self._core_size, self._limiter.borrowed_tokens)
+            self._release_parked(keep=int(self._limiter.total_tokens))
             # wake again later if busy tokens above core still have to come back
             self._last_activity = anyio.current_time()
 
@@ -410,7 +483,7 @@ class JobMaster:
     async def wait_finished(self, job_id: str) -> JobRun:
         """Wait until the job has ended and return its record."""
         run = self._find(job_id)
-        await run.done.wait()
+        await run.wait_ended()
         return run.record
 
     async def run_and_wait(
@@ -436,11 +509,11 @@ class JobMaster:
         if run.record.state is JobState.QUEUED:
             self._queue.remove(run)
             self._finish(run, JobState.CANCELLED, error=reason)
-        elif not run.done.is_set():
+        elif not run.record.state.finished:
             run.cancel_reason = reason
             if run.scope is not None:
                 run.scope.cancel()
-        await run.done.wait()
+        await run.wait_ended()
         return run.record
 
     def begin_drain(self, grace_seconds: float) -> None:

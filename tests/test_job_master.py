@@ -109,6 +109,48 @@ async def test_grown_tokens_shrink_after_keep_alive(
     await eventually(lambda: master.limiter.borrowed_tokens == 0)
     await eventually(lambda: master.limiter.total_tokens == 1)
     assert master.statistics().capacity == 1
+    # like the pool's threads above core size, the runners above the token count end
+    await eventually(lambda: runner_tasks() <= 1)
+
+
+def runner_tasks() -> int:
+    """The JobMaster's pooled runner tasks alive now (running a job or parked)."""
+    return sum(task.name == "JobMaster runner" for task in anyio.get_running_tasks())
+
+
+async def test_runners_are_pooled(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
+    """A worker that runs one job after another reuses its parked runner for each."""
+    master = await started_master(master_tg, gate, core_size=2, max_size=4)
+    for i in range(50):
+        record = await master.run_and_wait("echo", job_id=f"s{i}", params={"n": str(i)})
+        assert record.state is JobState.SUCCEEDED
+    assert runner_tasks() == 1
+    # two at once need a second runner, and no more than that
+    master.submit_nowait("gate", job_id="g1")
+    master.submit_nowait("gate", job_id="g2")
+    await eventually(lambda: gate.entered == 2)
+    assert runner_tasks() == 2
+    gate.event.set()
+    await eventually(lambda: master.limiter.borrowed_tokens == 0)
+    assert runner_tasks() == 2
+    assert master.statistics().succeeded == 52
+
+
+async def test_a_run_handed_to_a_parked_runner_ends_when_all_is_cancelled(gate: Gate) -> None:
+    """Handed to a parked runner, then cancelled before it ran: it still ends, token back."""
+    with anyio.CancelScope() as outer:
+        async with anyio.create_task_group() as tg:
+            master = await started_master(tg, gate, core_size=2, max_size=2, queue_capacity=2)
+            await master.run_and_wait("echo", job_id="first")
+            assert runner_tasks() == 1  # parked
+            master.submit_nowait("gate", job_id="handed")
+            master.submit_nowait("gate", job_id="fresh")
+            master.submit_nowait("gate", job_id="queued")
+            outer.cancel()  # before any of them had a turn
+    assert master.limiter.borrowed_tokens == 0
+    for job_id in ("handed", "fresh", "queued"):
+        assert master.get(job_id).state is JobState.CANCELLED, job_id
+    assert runner_tasks() == 0
 
 
 async def test_watermark_status_follows_the_limiter(
