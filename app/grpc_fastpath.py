@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import struct
 import time
 from typing import TYPE_CHECKING, Any
@@ -77,6 +78,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("grpclib.server")
 
 _Headers = list[tuple[str, str]]
+_ENDS_WITH_BIN = operator.methodcaller("endswith", "-bin")
 _MESSAGE_PREFIX = 5  # compressed flag (1 byte) and length (4 bytes, big endian)
 
 # --- an OK unary reply in one write: HEADERS, DATA, HEADERS(END_STREAM) ---------------------------
@@ -384,7 +386,7 @@ class _FastProcessor(EventsProcessor):
             or self.fast_handler.dispatch_has_listeners()
         ):
             return None
-        if any(key.endswith("-bin") for key in fields):
+        if any(map(_ENDS_WITH_BIN, fields)):
             try:  # grpclib decodes metadata up front and gives up on a bad value
                 decode_metadata(headers)
             except Exception:
@@ -392,7 +394,10 @@ class _FastProcessor(EventsProcessor):
         call = _Call(stream_id, method_name, method, headers, fields)  # type: ignore[arg-type]
         if "grpc-timeout" in fields:
             try:
-                timeout = min(decode_timeout(v) for k, v in headers if k == "grpc-timeout")
+                if len(fields) == len(headers):  # the usual case: no header twice
+                    timeout = decode_timeout(fields["grpc-timeout"])
+                else:
+                    timeout = min(decode_timeout(v) for k, v in headers if k == "grpc-timeout")
             except ValueError:
                 return None  # grpclib answers UNKNOWN "Invalid grpc-timeout header"
             if timeout <= 0:
@@ -490,6 +495,7 @@ class _FastProcessor(EventsProcessor):
             log.exception("Server error")
         finally:
             self._release(call)
+            self.fast_handler.untrack(call)
             if not self._calls:
                 # the last reply in flight goes out now, ahead of what the handler started (a
                 # job's task); with more calls going, replies share the write at the turn's end
@@ -682,8 +688,11 @@ class FastHandler(Handler):
 
     def track(self, key: Any, task: asyncio.Task[None]) -> None:
         """Keep `task` like grpclib keeps a request's: Server.close cancels it, and waits."""
-        self.__gc_step__()
         self._tasks[key] = task
+
+    def untrack(self, key: Any) -> None:
+        """The task is ending: forget it now (grpclib sweeps its own every few calls)."""
+        self._tasks.pop(key, None)
 
 
 class _FastProtocol(H2Protocol):
