@@ -13,6 +13,7 @@ after it stay pending in the stream, where another orchestrator claims them.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -104,6 +105,7 @@ async def serve_orchestrator(config: Config) -> None:
                 port = await tg.start(
                     server.run, candidate_ports(o.port, o.port_search if o.port else 0)
                 )
+                gc.freeze()  # start-up's objects out of the collector's sight (see worker_main)
                 log.info("orchestrator ready: consumer %s, port %d, %r", consumer, port, directory)
                 signum = await anext(signals)
                 log.info(

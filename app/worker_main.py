@@ -14,6 +14,7 @@ exits 0.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 from collections.abc import AsyncIterator
@@ -139,6 +140,10 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                     name=REPORT_SCHEDULE,
                 )
                 await tg.start(schedules.run)
+                # what start-up made (modules, config, registry, descriptors: ~50k objects) lives
+                # as long as the process: out of the collector's sight, a full collection scans
+                # only what requests made, ~1 ms instead of ~20 ms of stalled calls
+                gc.freeze()
                 log.info(
                     "worker ready: pid %d, port %d, profile %s, jobs %s, %r",
                     identity.pid, port, config.profile, ",".join(registry.names()), job_master,
