@@ -9,9 +9,10 @@ trailers. For a unary-unary call none of that is needed: the request is one mess
 request (POST, gRPC content type, `te: trailers`, a known method, a valid `grpc-timeout`) off
 the h2 events directly: the message is collected from its DATA frames, one task runs the method
 handler with a `UnaryStream` (the `grpclib.server.Stream` API for one request and one reply),
-and what h2 has to send is written once per event-loop turn, so concurrent replies share a
-write. Everything else (streaming methods such as reflection and health Watch, malformed
-requests, servers with grpclib event listeners) takes grpclib's own path unchanged.
+an OK reply without metadata is framed in one piece (`send_ok_reply`), and what h2 has to send
+is written once per event-loop turn, so concurrent replies share a write. Everything else
+(streaming methods such as reflection and health Watch, malformed requests, servers with
+grpclib event listeners) takes grpclib's own path unchanged.
 
 What a client sees is what grpclib sends: the same headers, trailers-only replies for errors,
 `grpc-status`/`grpc-message`/`grpc-status-details-bin`, RST_STREAM(NO_ERROR) after an error
