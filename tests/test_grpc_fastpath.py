@@ -7,17 +7,21 @@ The worker's own RPCs are covered end to end with grpcio and grpcurl in test_wor
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
+import h2.connection
 import hpack
 import pytest
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
+from hyperframe.frame import PingFrame
 
+import app.grpc_server  # noqa: F401  (h2 settings the worker's server applies)
 from app.grpc_fastpath import _OK_TRAILERS, FastServer, _FastProcessor, _ok_headers
 from app.pb import worker as pb
 
@@ -157,3 +161,14 @@ def test_the_fixed_header_blocks_decode_with_any_table_state() -> None:
     ]
     assert [tuple(h) for h in decoder.decode(_OK_TRAILERS, raw=True)] == [(b"grpc-status", b"0")]
     assert len(decoder.header_table.dynamic_entries) == 1  # literals without indexing
+
+
+def test_h2_frame_trace_is_formatted_only_when_logged() -> None:
+    frame = PingFrame(0, b"12345678")
+    lazy = h2.connection.repr(frame)  # type: ignore[attr-defined]
+    assert not isinstance(lazy, str)  # nothing formatted yet
+    # what a logger makes of h2's trace call, once one is configured
+    record = logging.LogRecord(
+        "h2", logging.DEBUG, __file__, 0, "Received frame: %s", (lazy,), None
+    )
+    assert record.getMessage() == f"Received frame: {frame!r}"
