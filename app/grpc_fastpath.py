@@ -610,13 +610,12 @@ class _FastProcessor(EventsProcessor):
         """
         connection = self.connection
         h2c = self._h2
-        stream = h2c.streams.get(call.stream_id)
-        if stream is None:
-            raise h2.exceptions.StreamClosedError(call.stream_id)
+        self._writable(call)
+        stream = h2c.streams[call.stream_id]
         size = len(data)
         if (
             not connection.write_ready.is_set()
-            or size > min(h2c.outbound_flow_control_window, stream.outbound_flow_control_window)
+            or size > h2c.local_flow_control_window(call.stream_id)
             or size > h2c.max_outbound_frame_size
         ):
             return False  # the general path waits for the transport or the window

@@ -405,7 +405,7 @@ class JobMaster:
                 if run.cancel_reason is not None:
                     scope.cancel()
                 try:
-                    if yield_first:
+                    if yield_first:  # here, so that a cancel meanwhile still ends the run
                         await anyio.lowlevel.checkpoint()
                     value = await self._call(run)
                     outcome = (JobState.SUCCEEDED, _json.encode(value), "")
