@@ -18,7 +18,7 @@ import msgspec
 from redis.exceptions import RedisError
 
 from app import __version__
-from app.clock import SystemWallClock, WallClock
+from app.core.clock import SystemWallClock, WallClock
 from app.job_master import JobMaster
 from app.pod_info import PodInfo, encode_pod_info, pod_key
 from app.pod_registry import PodRegistry

@@ -26,7 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from app.application_info_report_job import ApplicationInfoReportJob
-from app.circuit_breaker import BreakerState
+from app.core.breaker import BreakerState
 from app.dispatcher import Dispatcher
 from app.job_master import JobMaster
 from app.pod_info import PodStatus

@@ -22,11 +22,11 @@ import socket
 import anyio
 
 from app.config import Config
+from app.core.balancer import make_balancer
 from app.dispatcher import Dispatcher
 from app.errors import ConfigError
 from app.grpc_server import GrpcServer
 from app.job_store import JobEvents, JobStore
-from app.load_balancer import make_balancer
 from app.metrics import MetricsServer, orchestrator_metrics
 from app.orchestrator_service import OrchestratorService
 from app.pod_registry import RedisPodRegistry

@@ -13,8 +13,8 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from app.batch_job import BatchJob, BatchJobState, encode_job
-from app.clock import utc_iso
 from app.config import OrchestratorConfig
+from app.core.clock import utc_iso
 from app.dispatcher import Dispatcher, cancel_on_worker
 from app.job_store import JobEvents, JobStore, SubmitResult, WriteResult
 from app.pb import orchestrator as pb

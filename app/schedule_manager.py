@@ -41,7 +41,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from app.clock import LoopWallClock, SystemWallClock, WallClock
+from app.core.clock import LoopWallClock, SystemWallClock, WallClock
 from app.triggers import IntervalTrigger as IntervalTrigger  # the worker imports it from here
 from app.triggers import Tick, Trigger, utc
 

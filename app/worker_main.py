@@ -24,8 +24,8 @@ import anyio
 
 from app.application_info_report_job import ApplicationInfoReportJob, make_identity
 from app.builtin_jobs import builtin_specs
-from app.clock import SystemWallClock
 from app.config import Config
+from app.core.clock import SystemWallClock
 from app.embedded_redis import EmbeddedRedis
 from app.errors import ConfigError
 from app.grpc_server import GrpcServer

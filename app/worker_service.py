@@ -9,7 +9,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from app.application_info_report_job import ApplicationInfoReportJob, PodIdentity
-from app.clock import utc_iso
+from app.core.clock import utc_iso
 from app.errors import (
     Draining,
     InvalidJobRequest,

@@ -8,9 +8,9 @@ from collections import Counter
 import anyio
 import pytest
 
-from app.circuit_breaker import BreakerConfig, BreakerState, CircuitBreaker
-from app.load_balancer import Candidate, PowerOfTwoChoices, RoundRobin, make_balancer
-from app.retry import RetryBudget, RetryPolicy
+from app.core.balancer import Candidate, PowerOfTwoChoices, RoundRobin, make_balancer
+from app.core.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from app.core.retry import RetryBudget, RetryPolicy
 
 pytestmark = pytest.mark.anyio
 

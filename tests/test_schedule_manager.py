@@ -18,7 +18,7 @@ import anyio
 import pytest
 import trio.testing
 
-from app.clock import LoopWallClock
+from app.core.clock import LoopWallClock
 from app.cron import RepeatedTime, SkippedTime
 from app.schedule_manager import (
     DecisionKind,
