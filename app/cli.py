@@ -239,7 +239,14 @@ def _cron_preview(args: argparse.Namespace) -> int:
     the zone first (what scripts read), then the same in UTC, then a mark when DST moved it."""
     from datetime import UTC, datetime
 
-    from app.cron import CronError, RepeatedTime, SkippedTime, next_fire, parse_cron, parse_zone
+    from app.scheduling.cron import (
+        CronError,
+        RepeatedTime,
+        SkippedTime,
+        next_fire,
+        parse_cron,
+        parse_zone,
+    )
 
     try:
         cron = parse_cron(args.expression)

@@ -35,7 +35,8 @@ from app.metrics import MetricsServer, worker_metrics
 from app.pod_registry import RedisPodRegistry
 from app.ports import LAST_PORT_FILE, candidate_ports, read_last_port, state_dir, write_last_port
 from app.redis_client import create_redis
-from app.schedule_manager import IntervalTrigger, ScheduleManager
+from app.scheduling.schedule_manager import ScheduleManager
+from app.scheduling.triggers import IntervalTrigger
 from app.worker_service import WorkerService
 
 log = logging.getLogger("app.worker")

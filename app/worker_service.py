@@ -22,7 +22,7 @@ from app.errors import (
 from app.job_master import JobMaster
 from app.job_record import JobRun
 from app.pb import worker as pb
-from app.schedule_manager import ScheduleManager
+from app.scheduling.schedule_manager import ScheduleManager
 
 _STATUS: dict[type[JobWorkerError], Status] = {
     InvalidJobRequest: Status.INVALID_ARGUMENT,

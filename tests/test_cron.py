@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from app.cron import (
+from app.scheduling.cron import (
     CronError,
     CronFire,
     RepeatedTime,

@@ -19,17 +19,23 @@ import pytest
 import trio.testing
 
 from app.core.clock import LoopWallClock
-from app.cron import RepeatedTime, SkippedTime
-from app.schedule_manager import (
+from app.scheduling.cron import RepeatedTime, SkippedTime
+from app.scheduling.decisions import (
     DecisionKind,
     DueTick,
     Overlap,
-    ScheduleManager,
     SchedulePolicy,
     decide,
     jitter_for,
 )
-from app.triggers import CronTrigger, FixedDelayTrigger, IntervalTrigger, OneShotTrigger, Tick
+from app.scheduling.schedule_manager import ScheduleManager
+from app.scheduling.triggers import (
+    CronTrigger,
+    FixedDelayTrigger,
+    IntervalTrigger,
+    OneShotTrigger,
+    Tick,
+)
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio

@@ -7,8 +7,14 @@ from datetime import UTC, datetime, timedelta
 import msgspec
 import pytest
 
-from app.cron import CronError, RepeatedTime, SkippedTime
-from app.triggers import CronTrigger, FixedDelayTrigger, IntervalTrigger, OneShotTrigger, Tick
+from app.scheduling.cron import CronError, RepeatedTime, SkippedTime
+from app.scheduling.triggers import (
+    CronTrigger,
+    FixedDelayTrigger,
+    IntervalTrigger,
+    OneShotTrigger,
+    Tick,
+)
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

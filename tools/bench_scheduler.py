@@ -64,8 +64,8 @@ def _measure(run: Callable[[float, list[float]], None], seconds: float) -> dict[
 def run_ours(n: int, seconds: float, uvloop: bool) -> dict[str, Any]:
     import anyio
 
-    from app.schedule_manager import ScheduleManager
-    from app.triggers import IntervalTrigger
+    from app.scheduling.schedule_manager import ScheduleManager
+    from app.scheduling.triggers import IntervalTrigger
 
     def run(start: float, fired: list[float]) -> None:
         async def main() -> None:

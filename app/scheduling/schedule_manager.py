@@ -1,10 +1,10 @@
 """ScheduleManager: runs functions on triggers in one task group, with a decision for every tick.
 
 The seed's `ScheduleManager` + `Job`/`JobBuilder`, grown into a scheduler a nightly batch can
-trust. Pure core, async shell: triggers (`app.triggers`) say when; `decide()` says what to do
-with the ticks that are due (run, skip, miss, coalesce); the async part only sleeps until the
-next tick and starts runs. One dispatcher task sleeps for all schedules; each run is a task in
-the manager's task group.
+trust. Pure core, async shell: triggers (`app.scheduling.triggers`) say when;
+`app.scheduling.decisions.decide()` says what to do with the ticks that are due (run, skip, miss,
+coalesce); the async part only sleeps until the next tick and starts runs. One dispatcher task
+sleeps for all schedules; each run is a task in the manager's task group.
 
 Per schedule:
 
@@ -28,8 +28,6 @@ A function that raises is logged and counted and never stops its schedule or ano
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import heapq
 import logging
 import math
@@ -42,8 +40,19 @@ import anyio.abc
 import msgspec
 
 from app.core.clock import LoopWallClock, SystemWallClock, WallClock
-from app.triggers import IntervalTrigger as IntervalTrigger  # the worker imports it from here
-from app.triggers import Tick, Trigger, utc
+from app.scheduling.decisions import (
+    Decision,
+    DecisionKind,
+    DueTick,
+    Overlap,
+    SchedulePolicy,
+    Verdict,
+    decide,
+    grouped,
+    jitter_for,
+    tick_label,
+)
+from app.scheduling.triggers import Tick, Trigger, utc
 
 log = logging.getLogger(__name__)
 
@@ -53,65 +62,6 @@ DECISIONS_KEPT = 20
 # more due ticks than this at once (a long pause) are not listed one by one
 _MAX_DUE = 1000
 _EPSILON = 1e-6
-
-
-class Overlap(enum.StrEnum):
-    """What a tick does while the schedule's previous run still goes (Kubernetes' names)."""
-
-    FORBID = "forbid"
-    ALLOW = "allow"
-    REPLACE = "replace"
-
-
-class DecisionKind(enum.StrEnum):
-    FIRED = "fired"
-    MOVED = "moved"
-    """Fired at an instant a DST rule moved it to."""
-    SKIPPED = "skipped"
-    """Not run: a run still going (overlap), a DST-skipped time, or the schedule paused."""
-    MISSED = "missed"
-    """Later than the misfire grace."""
-    COALESCED = "coalesced"
-    """Folded into the run of a later tick that was due at the same time."""
-
-
-class Decision(msgspec.Struct, frozen=True, kw_only=True):
-    """What the scheduler did with one nominal tick (or `count` of them, `tick` the last)."""
-
-    tick: datetime
-    kind: DecisionKind
-    reason: str = ""
-    count: int = 1
-    decided_at: datetime
-
-
-class SchedulePolicy(msgspec.Struct, frozen=True, kw_only=True):
-    """How a schedule treats overlap, lateness, jitter and its start. See the module doc."""
-
-    overlap: Overlap = Overlap.FORBID
-    max_instances: int | None = None
-    misfire_grace: float | None = None
-    coalesce: bool = True
-    jitter: float = 0.0
-    initial_delay: float = 0.0
-
-    def __post_init__(self) -> None:
-        if self.max_instances is not None:
-            if self.max_instances < 1:
-                raise ValueError("max_instances must be at least 1")
-            if self.overlap is not Overlap.ALLOW and self.max_instances != 1:
-                raise ValueError("max_instances above 1 needs overlap=allow")
-        for name in ("misfire_grace", "jitter", "initial_delay"):
-            value = getattr(self, name)
-            if value is not None and not (value >= 0 and math.isfinite(value)):
-                raise ValueError(f"{name} must be a finite number of seconds, 0 or more")
-
-    @property
-    def limit(self) -> float:
-        """Runs allowed at once."""
-        if self.overlap is Overlap.ALLOW:
-            return math.inf if self.max_instances is None else self.max_instances
-        return 1
 
 
 class ScheduleInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -140,124 +90,6 @@ class ScheduleManagerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     started: int
     failed: int
     clock_steps: int
-
-
-# --- the pure core ---------------------------------------------------------------------------
-
-
-class DueTick(msgspec.Struct, frozen=True, kw_only=True):
-    """A tick that is due now, and how late."""
-
-    tick: Tick
-    late: float = 0.0
-    """Seconds past its planned instant (jitter included)."""
-    jumped: bool = False
-    """The wall clock stepped forward over it: not late, and never a burst."""
-
-
-class Verdict(msgspec.Struct, frozen=True, kw_only=True):
-    """`decide()`'s answer for one tick (or `count` ticks, `tick` the last)."""
-
-    tick: Tick
-    kind: DecisionKind
-    reason: str = ""
-    count: int = 1
-    run: bool = False
-    replace: bool = False
-
-
-def _when(tick: Tick) -> str:
-    return tick.at.isoformat(timespec="seconds")
-
-
-def _seconds(value: float) -> str:
-    return f"{value:.3g}s" if value < 100 else f"{value:,.0f}s"
-
-
-def _group(kind: DecisionKind, items: list[DueTick], reason: str) -> list[Verdict]:
-    """One verdict per tick, or one for all of them when there are many (a long pause)."""
-    if len(items) <= 3:
-        return [Verdict(tick=d.tick, kind=kind, reason=reason) for d in items]
-    span = f"{len(items)} ticks from {_when(items[0].tick)} to {_when(items[-1].tick)}"
-    return [Verdict(tick=items[-1].tick, kind=kind, reason=f"{span}: {reason}", count=len(items))]
-
-
-def decide(
-    due: Sequence[DueTick], *, policy: SchedulePolicy, running: int, uncounted: bool = False
-) -> list[Verdict]:
-    """What to do with one schedule's ticks that are due now (oldest first); pure.
-
-    `running` is how many of its runs are going. `uncounted` says that more ticks than listed
-    were due (between the last two), which the reasons then mention.
-    """
-    if len(due) == 1 and running < policy.limit:  # the common case, taken on every tick
-        d = due[0]
-        grace = math.inf if policy.misfire_grace is None else policy.misfire_grace
-        if d.tick.runs and not d.jumped and d.late < 1 and d.late <= grace:
-            kind = DecisionKind.MOVED if d.tick.moved else DecisionKind.FIRED
-            return [Verdict(tick=d.tick, kind=kind, reason=d.tick.note, run=True)]
-    verdicts: list[Verdict] = []
-    eligible: list[DueTick] = []
-    missed: list[DueTick] = []
-    for d in due:
-        if not d.tick.runs:
-            verdicts.append(Verdict(tick=d.tick, kind=DecisionKind.SKIPPED, reason=d.tick.note))
-        elif policy.misfire_grace is not None and not d.jumped and d.late > policy.misfire_grace:
-            missed.append(d)
-        else:
-            eligible.append(d)
-    more = " and more" if uncounted else ""
-    if missed:
-        worst = max(d.late for d in missed)
-        reason = f"late by up to {_seconds(worst)}, past the {policy.misfire_grace:g}s grace{more}"
-        verdicts += _group(DecisionKind.MISSED, missed, reason)
-    # ticks the wall clock stepped over always run once together; others as `coalesce` says
-    plain = [d for d in eligible if not d.jumped]
-    jumped = [d for d in eligible if d.jumped]
-    groups = ([plain] if policy.coalesce else [[d] for d in plain]) if plain else []
-    if jumped:
-        groups.append(jumped)
-    limit = policy.limit
-    for group in groups:
-        runner, folded = group[-1], group[:-1]
-        if folded:
-            reason = f"folded into the run for {_when(runner.tick)}{more}"
-            verdicts += _group(DecisionKind.COALESCED, folded, reason)
-        notes = [runner.tick.note] if runner.tick.note else []
-        if runner.jumped:
-            notes.append("the wall clock stepped over it")
-        elif runner.late >= 1:
-            notes.append(f"late by {_seconds(runner.late)}")
-        if folded:
-            notes.append(f"{len(folded)}{more} earlier due tick(s) folded in")
-        kind = DecisionKind.MOVED if runner.tick.moved else DecisionKind.FIRED
-        if running < limit:
-            running += 1
-            verdicts.append(Verdict(tick=runner.tick, kind=kind, reason="; ".join(notes), run=True))
-        elif policy.overlap is Overlap.REPLACE:
-            notes.append("cancelled the run still going")
-            verdicts.append(
-                Verdict(
-                    tick=runner.tick, kind=kind, reason="; ".join(notes), run=True, replace=True
-                )
-            )
-        else:
-            why = (
-                "the previous run is still going"
-                if policy.overlap is Overlap.FORBID
-                else f"{running} runs going (max_instances {policy.max_instances})"
-            )
-            verdicts.append(Verdict(tick=runner.tick, kind=DecisionKind.SKIPPED, reason=why))
-    verdicts.sort(key=lambda v: v.tick.timestamp)
-    return verdicts
-
-
-def jitter_for(name: str, tick: Tick, jitter: float) -> float:
-    """The delay for this schedule's tick: a fixed fraction of `jitter` per (name, tick)."""
-    if not jitter:
-        return 0.0
-    digest = hashlib.blake2b(f"{name}\0{tick.timestamp!r}".encode(), digest_size=8).digest()
-    return jitter * int.from_bytes(digest) / 2**64
 
 
 # --- the async shell -------------------------------------------------------------------------
@@ -489,7 +321,7 @@ class ScheduleManager:
         reason = f"paused since {since.isoformat(timespec='seconds')}"
         self._record(
             schedule,
-            _group(
+            grouped(
                 DecisionKind.SKIPPED,
                 [DueTick(tick=t) for t in ticks],
                 reason + (" (and more)" if uncounted else ""),
@@ -664,7 +496,12 @@ class ScheduleManager:
             if v.kind is not DecisionKind.FIRED:
                 level = logging.INFO if v.kind is DecisionKind.MISSED else logging.DEBUG
                 log.log(
-                    level, "schedule %s: %s %s: %s", schedule.name, v.kind, _when(v.tick), v.reason
+                    level,
+                    "schedule %s: %s %s: %s",
+                    schedule.name,
+                    v.kind,
+                    tick_label(v.tick),
+                    v.reason,
                 )
 
     def _start(self, schedule: _Schedule, verdict: Verdict) -> None:

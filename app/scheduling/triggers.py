@@ -21,7 +21,7 @@ from typing import ClassVar, Protocol
 
 import msgspec
 
-from app.cron import RepeatedTime, SkippedTime, next_fire, parse_cron, parse_zone
+from app.scheduling.cron import RepeatedTime, SkippedTime, next_fire, parse_cron, parse_zone
 
 _TICK = timedelta(microseconds=1)
 
