@@ -19,9 +19,9 @@ from redis.exceptions import RedisError
 
 from app import __version__
 from app.core.clock import SystemWallClock, WallClock
+from app.fleet.pod_info import PodInfo, encode_pod_info, pod_key
 from app.job_master import JobMaster
-from app.pod_info import PodInfo, encode_pod_info, pod_key
-from app.pod_registry import PodRegistry
+from app.stores.abc import PodRegistry
 
 log = logging.getLogger(__name__)
 

@@ -29,14 +29,14 @@ import msgspec
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from app.batch_job import AttemptRecord, BatchJob, BatchJobState
 from app.config import OrchestratorConfig
 from app.core.balancer import Candidate, LoadBalancer
 from app.core.breaker import BreakerConfig, CircuitBreaker
 from app.core.retry import RetryBudget, RetryPolicy
-from app.job_store import JobStore, WriteResult
+from app.fleet.batch_job import AttemptRecord, BatchJob, BatchJobState
+from app.fleet.pod_info import PodStatus
 from app.pb import worker as wpb
-from app.pod_info import PodStatus
+from app.stores.redis.job_store import JobStore, WriteResult
 from app.worker_channels import WorkerChannels
 from app.worker_directory import WorkerDirectory, WorkerEntry
 

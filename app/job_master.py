@@ -36,9 +36,9 @@ import anyio.lowlevel
 import msgspec
 
 from app.errors import Draining, InvalidJobRequest, JobAlreadyExists, JobNotFound, QueueFull
+from app.fleet.pod_info import PodStatus
 from app.job_record import JobRun, JobState
 from app.job_registry import JobRegistry, JobSpec
-from app.pod_info import PodStatus
 
 log = logging.getLogger(__name__)
 

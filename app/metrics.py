@@ -28,8 +28,8 @@ from prometheus_client.registry import Collector
 from app.application_info_report_job import ApplicationInfoReportJob
 from app.core.breaker import BreakerState
 from app.dispatcher import Dispatcher
+from app.fleet.pod_info import PodStatus
 from app.job_master import JobMaster
-from app.pod_info import PodStatus
 from app.worker_directory import WorkerDirectory
 
 log = logging.getLogger(__name__)

@@ -26,12 +26,12 @@ from app.core.balancer import make_balancer
 from app.dispatcher import Dispatcher
 from app.errors import ConfigError
 from app.grpc_server import GrpcServer
-from app.job_store import JobEvents, JobStore
 from app.metrics import MetricsServer, orchestrator_metrics
 from app.orchestrator_service import OrchestratorService
-from app.pod_registry import RedisPodRegistry
 from app.ports import candidate_ports
-from app.redis_client import create_redis, wait_for_redis
+from app.stores.redis.client import create_redis, wait_for_redis
+from app.stores.redis.job_store import JobEvents, JobStore
+from app.stores.redis.pod_registry import RedisPodRegistry
 from app.worker_channels import WorkerChannels
 from app.worker_directory import WorkerDirectory
 

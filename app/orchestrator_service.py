@@ -12,12 +12,12 @@ import anyio
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from app.batch_job import BatchJob, BatchJobState, encode_job
 from app.config import OrchestratorConfig
 from app.core.clock import utc_iso
 from app.dispatcher import Dispatcher, cancel_on_worker
-from app.job_store import JobEvents, JobStore, SubmitResult, WriteResult
+from app.fleet.batch_job import BatchJob, BatchJobState, encode_job
 from app.pb import orchestrator as pb
+from app.stores.redis.job_store import JobEvents, JobStore, SubmitResult, WriteResult
 from app.worker_channels import WorkerChannels
 from app.worker_directory import WorkerDirectory
 

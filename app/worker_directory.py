@@ -14,8 +14,8 @@ import anyio
 import anyio.abc
 import msgspec
 
-from app.pod_info import PodInfo, decode_pod_info
-from app.pod_registry import PodRegistry
+from app.fleet.pod_info import PodInfo, decode_pod_info
+from app.stores.abc import PodRegistry
 
 log = logging.getLogger(__name__)
 

@@ -26,17 +26,17 @@ from app.application_info_report_job import ApplicationInfoReportJob, make_ident
 from app.builtin_jobs import builtin_specs
 from app.config import Config
 from app.core.clock import SystemWallClock
-from app.embedded_redis import EmbeddedRedis
 from app.errors import ConfigError
 from app.grpc_server import GrpcServer
 from app.job_master import JobMaster
 from app.job_registry import JobRegistry, default_registry, load_job_modules
 from app.metrics import MetricsServer, worker_metrics
-from app.pod_registry import RedisPodRegistry
 from app.ports import LAST_PORT_FILE, candidate_ports, read_last_port, state_dir, write_last_port
-from app.redis_client import create_redis
 from app.scheduling.schedule_manager import ScheduleManager
 from app.scheduling.triggers import IntervalTrigger
+from app.stores.redis.client import create_redis
+from app.stores.redis.embedded import EmbeddedRedis
+from app.stores.redis.pod_registry import RedisPodRegistry
 from app.worker_service import WorkerService
 
 log = logging.getLogger("app.worker")

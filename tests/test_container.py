@@ -27,7 +27,7 @@ import psutil
 import pytest
 import redis
 
-from app.pod_info import PodStatus, decode_pod_info
+from app.fleet.pod_info import PodStatus, decode_pod_info
 from tests.grpc_clients import grpcurl, grpcurl_json
 from tests.helpers import ROOT, RedisServer, free_port, wait_for
 

@@ -9,7 +9,7 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from app.embedded_redis import EmbeddedRedis, find_redis_server
+from app.stores.redis.embedded import EmbeddedRedis, find_redis_server
 
 pytestmark = pytest.mark.anyio
 

@@ -18,10 +18,10 @@ from app.errors import (
     QueueFull,
     UnknownJob,
 )
+from app.fleet.pod_info import PodStatus
 from app.job_master import JobMaster
 from app.job_record import JobState
 from app.job_registry import JobRegistry
-from app.pod_info import PodStatus
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio

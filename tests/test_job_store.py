@@ -9,8 +9,8 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from app.batch_job import AttemptRecord, BatchJob, BatchJobState
-from app.job_store import JobEvents, JobStore, SubmitResult, WriteResult
+from app.fleet.batch_job import AttemptRecord, BatchJob, BatchJobState
+from app.stores.redis.job_store import JobEvents, JobStore, SubmitResult, WriteResult
 from tests.helpers import RedisServer
 
 pytestmark = pytest.mark.anyio

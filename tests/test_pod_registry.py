@@ -7,7 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from app.pod_registry import MemoryPodRegistry, PodRegistry, RedisPodRegistry
+from app.stores.abc import PodRegistry
+from app.stores.memory import MemoryPodRegistry
+from app.stores.redis.pod_registry import RedisPodRegistry
 from tests.helpers import RedisServer, eventually
 
 pytestmark = pytest.mark.anyio

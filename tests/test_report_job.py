@@ -10,10 +10,10 @@ import pytest
 
 from app.application_info_report_job import ApplicationInfoReportJob, PodIdentity
 from app.builtin_jobs import builtin_specs
+from app.fleet.pod_info import PodStatus, decode_pod_info
 from app.job_master import JobMaster
 from app.job_registry import JobRegistry
-from app.pod_info import PodStatus, decode_pod_info
-from app.pod_registry import MemoryPodRegistry
+from app.stores.memory import MemoryPodRegistry
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from app.pod_info import decode_pod_info
+from app.fleet.pod_info import decode_pod_info
 from tests.helpers import ROOT, RedisServer, free_port, wait_for
 
 RUN_SH = ROOT / "tools" / "run.sh"

@@ -27,7 +27,7 @@ import anyio.abc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from app.batch_job import FINISHED, BatchJob, decode_job, encode_job
+from app.fleet.batch_job import FINISHED, BatchJob, decode_job, encode_job
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import anyio.abc
 import redis.asyncio as aioredis
 
 from app.errors import ConfigError
-from app.redis_client import REDIS_DOWN_ERRORS
+from app.stores.redis.client import REDIS_DOWN_ERRORS
 
 log = logging.getLogger(__name__)
 

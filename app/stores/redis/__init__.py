@@ -1,0 +1,1 @@
+"""The stores on Redis/Valkey (redis-py's asyncio client), and the embedded redis-server."""

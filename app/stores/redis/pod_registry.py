@@ -1,0 +1,42 @@
+"""The pod registry on Redis/Valkey: `SET key value EX ttl`, SCAN (never KEYS) to list."""
+
+from __future__ import annotations
+
+import redis.asyncio as aioredis
+
+
+class RedisPodRegistry:
+    """`SET key value EX ttl` on Redis/Valkey; SCAN (never KEYS) to list."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self._redis = client
+
+    def __repr__(self) -> str:
+        return f"<RedisPodRegistry {self._redis!r}>"
+
+    async def put(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        await self._redis.set(key, value, ex=ttl_seconds)
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._redis.get(key)
+        return value.encode() if isinstance(value, str) else value
+
+    async def delete(self, key: str) -> None:
+        await self._redis.delete(key)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        values = await self._redis.mget(keys)
+        return [v.encode() if isinstance(v, str) else v for v in values]
+
+    async def keys(self, prefix: str) -> list[str]:
+        found = [
+            k.decode() if isinstance(k, bytes) else str(k)
+            async for k in self._redis.scan_iter(match=_glob_escape(prefix) + "*", count=500)
+        ]
+        return sorted(set(found))
+
+
+def _glob_escape(text: str) -> str:
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
