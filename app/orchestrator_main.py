@@ -25,10 +25,10 @@ from app.config import Config
 from app.core.balancer import make_balancer
 from app.dispatcher import Dispatcher
 from app.errors import ConfigError
-from app.grpc_server import GrpcServer
+from app.grpc.ports import candidate_ports
+from app.grpc.server import GrpcServer
 from app.metrics import MetricsServer, orchestrator_metrics
 from app.orchestrator_service import OrchestratorService
-from app.ports import candidate_ports
 from app.stores.redis.client import create_redis, wait_for_redis
 from app.stores.redis.job_store import JobEvents, JobStore
 from app.stores.redis.pod_registry import RedisPodRegistry

@@ -27,11 +27,17 @@ from app.builtin_jobs import builtin_specs
 from app.config import Config
 from app.core.clock import SystemWallClock
 from app.errors import ConfigError
-from app.grpc_server import GrpcServer
+from app.grpc.ports import (
+    LAST_PORT_FILE,
+    candidate_ports,
+    read_last_port,
+    state_dir,
+    write_last_port,
+)
+from app.grpc.server import GrpcServer
 from app.job_master import JobMaster
 from app.job_registry import JobRegistry, default_registry, load_job_modules
 from app.metrics import MetricsServer, worker_metrics
-from app.ports import LAST_PORT_FILE, candidate_ports, read_last_port, state_dir, write_last_port
 from app.scheduling.schedule_manager import ScheduleManager
 from app.scheduling.triggers import IntervalTrigger
 from app.stores.redis.client import create_redis

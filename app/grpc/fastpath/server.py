@@ -64,7 +64,7 @@ from h2.stream import StreamInputs
 from hpack.hpack import encode_integer
 from multidict import MultiDict
 
-from app.grpc_codec import UpbProtoCodec
+from app.grpc.fastpath.codec import UpbProtoCodec
 
 if TYPE_CHECKING:
     from asyncio import Transport

@@ -22,7 +22,7 @@ from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2
 from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 
-from app.grpc_fastpath import FastServer
+from app.grpc.fastpath.server import FastServer
 from app.pb.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 
 log = logging.getLogger(__name__)
