@@ -44,7 +44,7 @@ def run_async(fn: Callable[[], Awaitable[T]]) -> T:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from app.worker_main import build_job_registry, serve_worker
+    from app.worker.main import build_job_registry, serve_worker
 
     overrides: dict[str, Any] = {}
     if args.port is not None:

@@ -25,11 +25,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from app.application_info_report_job import ApplicationInfoReportJob
 from app.core.breaker import BreakerState
 from app.dispatcher import Dispatcher
-from app.fleet.pod_info import PodStatus
-from app.job_master import JobMaster
 from app.worker_directory import WorkerDirectory
 
 log = logging.getLogger(__name__)
@@ -98,45 +95,6 @@ class MetricsServer:
 
 
 # --- what each role exposes ---------------------------------------------------------------------
-
-
-def worker_metrics(job_master: JobMaster, report: ApplicationInfoReportJob | None) -> list[Metric]:
-    """The job master's load and counters, and the registry's health."""
-    s = job_master.statistics()
-    out: list[Metric] = [
-        GaugeMetricFamily("jobworker_jobs_active", "Jobs running now", value=s.active),
-        GaugeMetricFamily("jobworker_jobs_queued", "Jobs waiting for a token", value=s.queued),
-        GaugeMetricFamily("jobworker_capacity", "The limiter's tokens now", value=s.capacity),
-        GaugeMetricFamily("jobworker_max_size", "The limiter's most tokens", value=s.max_size),
-    ]
-    status = StateSetMetricFamily("jobworker_status", "IDLE, BUSY or DRAINING")
-    status.add_metric([], {p.value: p is s.status for p in PodStatus})
-    jobs = CounterMetricFamily(
-        "jobworker_jobs", "Jobs by how admission or the run ended", labels=["outcome"]
-    )
-    counts = {
-        "accepted": s.accepted,
-        "rejected": s.rejected,
-        "succeeded": s.succeeded,
-        "failed": s.failed,
-        "cancelled": s.cancelled,
-        "timed_out": s.timed_out,
-    }
-    for outcome, value in counts.items():
-        jobs.add_metric([outcome], value)
-    out += [status, jobs]
-    if report is not None:
-        out.append(
-            GaugeMetricFamily(
-                "jobworker_registry_connected", "PodInfo reaches Redis", value=int(report.connected)
-            )
-        )
-        out.append(
-            CounterMetricFamily(
-                "jobworker_registry_failures", "Failed PodInfo writes", value=report.failures
-            )
-        )
-    return out
 
 
 def orchestrator_metrics(dispatcher: Dispatcher, directory: WorkerDirectory) -> list[Metric]:

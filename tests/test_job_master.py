@@ -9,7 +9,6 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from app.builtin_jobs import builtin_specs
 from app.errors import (
     Draining,
     InvalidJobRequest,
@@ -19,9 +18,10 @@ from app.errors import (
     UnknownJob,
 )
 from app.fleet.pod_info import PodStatus
-from app.job_master import JobMaster
-from app.job_record import JobState
-from app.job_registry import JobRegistry
+from app.worker.builtin_jobs import builtin_specs
+from app.worker.job_master import JobMaster
+from app.worker.job_registry import JobRegistry
+from app.worker.job_run import JobState
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio

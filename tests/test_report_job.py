@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from app.application_info_report_job import ApplicationInfoReportJob, PodIdentity
-from app.builtin_jobs import builtin_specs
 from app.fleet.pod_info import PodStatus, decode_pod_info
-from app.job_master import JobMaster
-from app.job_registry import JobRegistry
 from app.stores.memory import MemoryPodRegistry
+from app.worker.builtin_jobs import builtin_specs
+from app.worker.job_master import JobMaster
+from app.worker.job_registry import JobRegistry
+from app.worker.reporter import ApplicationInfoReportJob, PodIdentity
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio

@@ -504,10 +504,10 @@ class TestVirtualTime:
         assert [round(t - start, 6) for t in rate] == [60.0 * i for i in range(61)]
 
     async def test_the_status_rpc_shows_schedules_with_their_decisions(self) -> None:
-        from app.job_master import JobMaster
-        from app.job_registry import JobRegistry
         from app.pb import worker as pb
-        from app.worker_service import WorkerService
+        from app.worker.job_master import JobMaster
+        from app.worker.job_registry import JobRegistry
+        from app.worker.service import WorkerService
 
         clock = LoopWallClock(datetime(2026, 3, 7, 12, tzinfo=UTC))
         manager = ScheduleManager(clock)

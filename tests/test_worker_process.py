@@ -517,7 +517,7 @@ def test_user_jobs_from_a_module(
 ) -> None:  # fmt: skip
     (tmp_path / "userjobs.py").write_text(
         textwrap.dedent("""
-        from app.job_registry import job
+        from app.worker.job_registry import job
 
         @job
         async def double(n: int) -> int:

@@ -20,8 +20,8 @@ from redis.exceptions import RedisError
 from app import __version__
 from app.core.clock import SystemWallClock, WallClock
 from app.fleet.pod_info import PodInfo, encode_pod_info, pod_key
-from app.job_master import JobMaster
 from app.stores.abc import PodRegistry
+from app.worker.job_master import JobMaster
 
 log = logging.getLogger(__name__)
 

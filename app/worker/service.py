@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
-from app.application_info_report_job import ApplicationInfoReportJob, PodIdentity
 from app.core.clock import utc_iso
 from app.errors import (
     Draining,
@@ -19,10 +18,11 @@ from app.errors import (
     QueueFull,
     UnknownJob,
 )
-from app.job_master import JobMaster
-from app.job_record import JobRun
 from app.pb import worker as pb
 from app.scheduling.schedule_manager import ScheduleManager
+from app.worker.job_master import JobMaster
+from app.worker.job_run import JobRun
+from app.worker.reporter import ApplicationInfoReportJob, PodIdentity
 
 _STATUS: dict[type[JobWorkerError], Status] = {
     InvalidJobRequest: Status.INVALID_ARGUMENT,

@@ -37,8 +37,8 @@ import msgspec
 
 from app.errors import Draining, InvalidJobRequest, JobAlreadyExists, JobNotFound, QueueFull
 from app.fleet.pod_info import PodStatus
-from app.job_record import JobRun, JobState
-from app.job_registry import JobRegistry, JobSpec
+from app.worker.job_registry import JobRegistry, JobSpec
+from app.worker.job_run import JobRun, JobState
 
 log = logging.getLogger(__name__)
 

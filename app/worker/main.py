@@ -22,8 +22,6 @@ from datetime import timedelta
 
 import anyio
 
-from app.application_info_report_job import ApplicationInfoReportJob, make_identity
-from app.builtin_jobs import builtin_specs
 from app.config import Config
 from app.core.clock import SystemWallClock
 from app.errors import ConfigError
@@ -35,15 +33,18 @@ from app.grpc.ports import (
     write_last_port,
 )
 from app.grpc.server import GrpcServer
-from app.job_master import JobMaster
-from app.job_registry import JobRegistry, default_registry, load_job_modules
-from app.metrics import MetricsServer, worker_metrics
+from app.metrics import MetricsServer
 from app.scheduling.schedule_manager import ScheduleManager
 from app.scheduling.triggers import IntervalTrigger
 from app.stores.redis.client import create_redis
 from app.stores.redis.embedded import EmbeddedRedis
 from app.stores.redis.pod_registry import RedisPodRegistry
-from app.worker_service import WorkerService
+from app.worker.builtin_jobs import builtin_specs
+from app.worker.job_master import JobMaster
+from app.worker.job_registry import JobRegistry, default_registry, load_job_modules
+from app.worker.metrics import worker_metrics
+from app.worker.reporter import ApplicationInfoReportJob, make_identity
+from app.worker.service import WorkerService
 
 log = logging.getLogger("app.worker")
 

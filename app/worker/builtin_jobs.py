@@ -7,7 +7,7 @@ import time
 import anyio
 import anyio.from_thread
 
-from app.job_registry import JobRegistry, JobSpec
+from app.worker.job_registry import JobRegistry, JobSpec
 
 
 class JobFailedError(Exception):

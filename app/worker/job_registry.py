@@ -1,0 +1,164 @@
+"""Jobs are plain functions registered by name.
+
+A user module registers its own with the `job` decorator and is named on the command line
+(`jobworker worker --jobs mypkg.jobs`) or in config (`worker.job_modules`)::
+
+    from app.worker.job_registry import job
+
+    @job
+    async def resize(image: str, width: int = 640) -> dict[str, int]: ...
+
+    @job(name="crunch")          # a plain `def` runs in a worker thread
+    def crunch_numbers(n: int) -> int: ...
+
+Parameters arrive as strings (`map<string,string>` on the wire) and are converted to each
+parameter's annotation when the job is submitted, so a bad value is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import typing
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, TypeVar, overload
+
+import msgspec
+
+from app.errors import ConfigError, InvalidJobRequest, UnknownJob
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """A registered job: its function and how to call it."""
+
+    name: str
+    fn: Callable[..., Any]
+    # run in a worker thread (plain `def` functions, unless registered with blocking=False)
+    blocking: bool
+    description: str = ""
+
+    def bind(self, params: Mapping[str, str]) -> dict[str, Any]:
+        """Convert `params` to the function's keyword arguments; raise InvalidJobRequest."""
+        parameters, hints, takes_any, required = _call_shape(self.fn)
+        kwargs: dict[str, Any] = {}
+        for key, raw in params.items():
+            param = parameters.get(key)
+            if param is None or param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
+                if not takes_any:
+                    raise InvalidJobRequest(
+                        f"params.{key}: job {self.name!r} takes no such parameter"
+                    )
+                kwargs[key] = raw
+                continue
+            hint = hints.get(key, str)
+            try:
+                kwargs[key] = (
+                    raw if hint in (str, Any) else msgspec.convert(raw, hint, strict=False)
+                )
+            except (msgspec.ValidationError, TypeError) as exc:
+                raise InvalidJobRequest(f"params.{key}: {str(exc).split(' - at ')[0]}") from None
+        missing = [name for name in required if name not in kwargs]
+        if missing:
+            raise InvalidJobRequest(f"params.{missing[0]}: required by job {self.name!r}")
+        return kwargs
+
+
+@functools.cache
+def _call_shape(
+    fn: Callable[..., Any],
+) -> tuple[Mapping[str, inspect.Parameter], dict[str, Any], bool, tuple[str, ...]]:
+    """A job function's parameters, resolved annotations, **kwargs-ness and required names.
+
+    Worked out once per function: inspect.signature and typing.get_type_hints cost more than
+    the rest of a submission together.
+    """
+    parameters = inspect.signature(fn).parameters
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: pass strings through
+        hints = {}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    required = tuple(
+        name for name, p in parameters.items()
+        if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    )  # fmt: skip
+    return parameters, hints, takes_any, required
+
+
+class JobRegistry:
+    """Name → JobSpec."""
+
+    def __init__(self) -> None:
+        self._specs: dict[str, JobSpec] = {}
+
+    def __repr__(self) -> str:
+        return f"<JobRegistry {sorted(self._specs)}>"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+    def register(
+        self, fn: Callable[..., Any], *, name: str | None = None, blocking: bool | None = None
+    ) -> JobSpec:
+        """Register `fn`; an async function runs on the loop, a plain one in a thread."""
+        is_async = inspect.iscoroutinefunction(fn)
+        if blocking and is_async:
+            raise ValueError(f"{fn.__qualname__}: an async function cannot be blocking")
+        spec = JobSpec(
+            name=name or fn.__name__,
+            fn=fn,
+            blocking=(not is_async) if blocking is None else blocking,
+            description=(inspect.getdoc(fn) or "").split("\n", 1)[0],
+        )
+        self._specs[spec.name] = spec
+        return spec
+
+    def update(self, specs: Iterable[JobSpec]) -> None:
+        for spec in specs:
+            self._specs[spec.name] = spec
+
+    def get(self, name: str) -> JobSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownJob(f"no job named {name!r}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def specs(self) -> list[JobSpec]:
+        return [self._specs[n] for n in self.names()]
+
+
+#: What the `job` decorator registers into; the worker copies it into its own registry.
+default_registry = JobRegistry()
+
+
+@overload
+def job(fn: F, /) -> F: ...
+@overload
+def job(*, name: str | None = None, blocking: bool | None = None) -> Callable[[F], F]: ...
+def job(
+    fn: F | None = None, /, *, name: str | None = None, blocking: bool | None = None
+) -> F | Callable[[F], F]:
+    """Register a job function in `default_registry` (bare, or with options)."""
+
+    def decorate(f: F) -> F:
+        default_registry.register(f, name=name, blocking=blocking)
+        return f
+
+    return decorate(fn) if fn is not None else decorate
+
+
+def load_job_modules(modules: Iterable[str], *, key: str = "worker.job_modules") -> None:
+    """Import each module so that its `@job` functions register; ConfigError when one fails."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            raise ConfigError(
+                key, f"cannot import {module!r}: {type(exc).__name__}: {exc}"
+            ) from None
