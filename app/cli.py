@@ -74,7 +74,7 @@ def _run_service(main: Callable[[], Awaitable[None]]) -> None:
 
 
 def _orchestrator(args: argparse.Namespace) -> int:
-    from app.orchestrator_main import serve_orchestrator
+    from app.orchestrator.main import serve_orchestrator
 
     overrides: dict[str, Any] = {}
     if args.port is not None:

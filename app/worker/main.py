@@ -33,7 +33,7 @@ from app.grpc.ports import (
     write_last_port,
 )
 from app.grpc.server import GrpcServer
-from app.metrics import MetricsServer
+from app.http.metrics_server import MetricsServer
 from app.scheduling.schedule_manager import ScheduleManager
 from app.scheduling.triggers import IntervalTrigger
 from app.stores.redis.client import create_redis

@@ -23,17 +23,18 @@ import anyio
 
 from app.config import Config
 from app.core.balancer import make_balancer
-from app.dispatcher import Dispatcher
 from app.errors import ConfigError
 from app.grpc.ports import candidate_ports
 from app.grpc.server import GrpcServer
-from app.metrics import MetricsServer, orchestrator_metrics
-from app.orchestrator_service import OrchestratorService
+from app.http.metrics_server import MetricsServer
+from app.orchestrator.directory import WorkerDirectory
+from app.orchestrator.dispatcher import Dispatcher
+from app.orchestrator.metrics import orchestrator_metrics
+from app.orchestrator.service import OrchestratorService
+from app.orchestrator.worker_channels import WorkerChannels
 from app.stores.redis.client import create_redis, wait_for_redis
 from app.stores.redis.job_store import JobEvents, JobStore
 from app.stores.redis.pod_registry import RedisPodRegistry
-from app.worker_channels import WorkerChannels
-from app.worker_directory import WorkerDirectory
 
 log = logging.getLogger("app.orchestrator")
 

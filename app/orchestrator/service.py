@@ -14,12 +14,12 @@ from grpclib.exceptions import GRPCError
 
 from app.config import OrchestratorConfig
 from app.core.clock import utc_iso
-from app.dispatcher import Dispatcher, cancel_on_worker
 from app.fleet.batch_job import BatchJob, BatchJobState, encode_job
+from app.orchestrator.directory import WorkerDirectory
+from app.orchestrator.dispatcher import Dispatcher, cancel_on_worker
+from app.orchestrator.worker_channels import WorkerChannels
 from app.pb import orchestrator as pb
 from app.stores.redis.job_store import JobEvents, JobStore, SubmitResult, WriteResult
-from app.worker_channels import WorkerChannels
-from app.worker_directory import WorkerDirectory
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:@/-]+$")
 MAX_ID = 256

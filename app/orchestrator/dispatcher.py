@@ -35,10 +35,10 @@ from app.core.breaker import BreakerConfig, CircuitBreaker
 from app.core.retry import RetryBudget, RetryPolicy
 from app.fleet.batch_job import AttemptRecord, BatchJob, BatchJobState
 from app.fleet.pod_info import PodStatus
+from app.orchestrator.directory import WorkerDirectory, WorkerEntry
+from app.orchestrator.worker_channels import WorkerChannels
 from app.pb import worker as wpb
 from app.stores.redis.job_store import JobStore, WriteResult
-from app.worker_channels import WorkerChannels
-from app.worker_directory import WorkerDirectory, WorkerEntry
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The HTTP edge every role serves: /metrics and health probes."""

@@ -1,0 +1,61 @@
+"""What the orchestrator exposes at /metrics: dispatches, retries, claims, breakers per worker."""
+
+from __future__ import annotations
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+    StateSetMetricFamily,
+)
+
+from app.core.breaker import BreakerState
+from app.orchestrator.directory import WorkerDirectory
+from app.orchestrator.dispatcher import Dispatcher
+
+
+def orchestrator_metrics(dispatcher: Dispatcher, directory: WorkerDirectory) -> list[Metric]:
+    """The dispatcher's counters, and each known worker's eligibility and circuit breaker."""
+    s = dispatcher.statistics()
+    jobs = CounterMetricFamily(
+        "jobworker_orchestrator_jobs", "Jobs this orchestrator ended", labels=["state"]
+    )
+    for state, value in (
+        ("succeeded", s.succeeded),
+        ("failed", s.failed),
+        ("timed_out", s.timed_out),
+        ("cancelled", s.cancelled),
+    ):
+        jobs.add_metric([state], value)
+    out: list[Metric] = [
+        GaugeMetricFamily("jobworker_orchestrator_jobs_inflight", "Jobs in hand", value=s.inflight),
+        GaugeMetricFamily(
+            "jobworker_orchestrator_jobs_waiting_for_worker",
+            "Jobs waiting for an eligible worker",
+            value=s.waiting_for_worker,
+        ),
+        jobs,
+    ]
+    for name, help_, value in (
+        ("dispatched", "Attempts sent to a worker", s.dispatched),
+        ("retries", "Attempts that were retries", s.retries),
+        ("claimed", "Jobs claimed from an orchestrator that stopped", s.claimed),
+        ("superseded", "Results refused for a superseded fencing token", s.superseded),
+        ("retry_budget_refused", "Retries the budget held back", s.retry_budget_refused),
+    ):
+        out.append(CounterMetricFamily(f"jobworker_orchestrator_{name}", help_, value=value))
+    breaker = StateSetMetricFamily(
+        "jobworker_orchestrator_breaker_state", "Circuit breaker per worker", labels=["worker"]
+    )
+    opened = CounterMetricFamily(
+        "jobworker_orchestrator_breaker_opened", "Times a breaker opened", labels=["worker"]
+    )
+    eligible = GaugeMetricFamily(
+        "jobworker_orchestrator_worker_eligible", "1 when a worker gets new work", labels=["worker"]
+    )
+    for entry in directory.entries():
+        stats = dispatcher.breaker(entry.address).statistics()
+        breaker.add_metric([entry.address], {b.value: b is stats.state for b in BreakerState})
+        opened.add_metric([entry.address], stats.opened_count)
+        eligible.add_metric([entry.address], int(dispatcher.eligibility(entry) is None))
+    return [*out, breaker, opened, eligible]
