@@ -1,0 +1,55 @@
+"""`jobworker`: the one console script, with a subcommand per role and per client task.
+
+`launcher` runs the roles, `clients` talks to running ones, `cron` previews expressions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from app import __version__
+from app.cli import clients, cron, launcher
+from app.cli.runtime import EXIT_CONFIG
+from app.errors import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line: every subcommand of every module."""
+    parser = argparse.ArgumentParser(
+        prog="jobworker", description="A gRPC job worker and batch fleet: roles and clients."
+    )
+    parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    launcher.add_parsers(sub)
+    clients.add_parsers(sub)
+    cron.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run `jobworker` with `argv`; the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"jobworker: config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        return _client_failure(exc)
+
+
+def _client_failure(exc: Exception) -> int:
+    """One line for what a person can act on; a traceback only for what is a bug."""
+    from grpclib.exceptions import GRPCError
+
+    if isinstance(exc, GRPCError):
+        print(f"jobworker: {exc.status.name}: {exc.message}", file=sys.stderr)
+        return 1
+    if isinstance(exc, OSError | TimeoutError):
+        print(f"jobworker: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    raise exc

@@ -1,0 +1,89 @@
+"""The role commands: `jobworker worker` and `jobworker orchestrator` (room for more).
+
+Each loads the configuration, sets up logging and runs the role's composition root on asyncio;
+a configuration problem found at run time (no Redis to embed) surfaces as a ConfigError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from app.cli.runtime import run_async, setup_logging
+from app.config import load_config
+from app.errors import ConfigError
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from app.worker.main import build_job_registry, serve_worker
+
+    overrides: dict[str, Any] = {}
+    if args.port is not None:
+        overrides["grpc.port"] = args.port
+    if args.host is not None:
+        overrides["grpc.host"] = args.host
+    env = dict(os.environ)
+    config = load_config(env, profile=args.profile, config_dir=args.config_dir, overrides=overrides)
+    setup_logging(config.log.level)
+    registry = build_job_registry(config, args.jobs)
+    _run_service(lambda: serve_worker(config, registry, env))
+    return 0
+
+
+def _run_service(main: Callable[[], Awaitable[None]]) -> None:
+    try:
+        run_async(main)
+    except BaseExceptionGroup as group:
+        # a config problem found at run time (no Redis to embed) surfaces from the task group
+        config_errors = group.subgroup(ConfigError)
+        if config_errors is None:
+            raise
+        found: BaseException = config_errors
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        raise found from None
+
+
+def _orchestrator(args: argparse.Namespace) -> int:
+    from app.orchestrator.main import serve_orchestrator
+
+    overrides: dict[str, Any] = {}
+    if args.port is not None:
+        overrides["orchestrator.port"] = args.port
+    if args.host is not None:
+        overrides["orchestrator.host"] = args.host
+    config = load_config(
+        dict(os.environ), profile=args.profile, config_dir=args.config_dir, overrides=overrides
+    )
+    setup_logging(config.log.level)
+    _run_service(lambda: serve_orchestrator(config))
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """`worker` and `orchestrator`, on the `jobworker` subparsers `sub`."""
+    worker = sub.add_parser("worker", help="run a gRPC job worker")
+    worker.add_argument("--profile", help="config profile (default: $PROFILE, else local)")
+    worker.add_argument("--config-dir", type=Path, help="folder of external application*.toml")
+    worker.add_argument(
+        "--jobs",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="import MODULE so its @job functions register (repeatable)",
+    )
+    worker.add_argument("--port", type=int, help="first gRPC port to try (grpc.port)")
+    worker.add_argument("--host", help="address to bind (grpc.host)")
+    worker.set_defaults(func=_worker)
+
+    orchestrator = sub.add_parser("orchestrator", help="run the gateway: queue, balance, delegate")
+    orchestrator.add_argument("--profile", help="config profile (default: $PROFILE, else local)")
+    orchestrator.add_argument(
+        "--config-dir", type=Path, help="folder of external application*.toml"
+    )
+    orchestrator.add_argument("--port", type=int, help="first gRPC port to try (orchestrator.port)")
+    orchestrator.add_argument("--host", help="address to bind (orchestrator.host)")
+    orchestrator.set_defaults(func=_orchestrator)
