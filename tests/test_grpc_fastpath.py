@@ -21,7 +21,7 @@ from grpclib.exceptions import GRPCError
 from grpclib.server import Stream
 from hyperframe.frame import PingFrame
 
-import app.grpc.server  # noqa: F401  (h2 settings the worker's server applies)
+import app.grpc.fastpath.server  # noqa: F401  (h2 settings the worker's server applies)
 from app.grpc.fastpath.server import _OK_TRAILERS, FastServer, _FastProcessor, _ok_headers
 from app.pb import worker as pb
 

@@ -14,7 +14,6 @@ from typing import Any, cast
 
 import anyio
 import anyio.abc
-import h2.connection
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
 from grpclib.health.v1 import health_pb2
@@ -26,29 +25,6 @@ from app.grpc.fastpath.server import FastServer
 from app.pb.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 
 log = logging.getLogger(__name__)
-
-# h2 remembers up to 65,536 closed stream ids per connection (to tell a late frame for a closed
-# stream from a protocol error); at gRPC request rates that is ~12 MiB per busy connection kept
-# forever. A few thousand ids is ample for late frames.
-h2.connection.H2Connection.MAX_CLOSED_STREAMS = 4096
-
-
-class _LazyRepr:
-    """repr(obj), computed only if a log record is ever formatted."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: object) -> None:
-        self.obj = obj
-
-    def __str__(self) -> str:
-        return repr(self.obj)
-
-
-# h2 formats every received frame for a trace log that is off unless a logger is configured
-# (H2Configuration.logger): a few % of a unary call's CPU. `repr` is used for nothing else in
-# h2.connection, and the message reads the same when that logger is on.
-h2.connection.repr = _LazyRepr  # type: ignore[attr-defined]
 
 
 def _descriptor_pool() -> Any:

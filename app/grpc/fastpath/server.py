@@ -30,6 +30,7 @@ import struct
 import time
 from typing import TYPE_CHECKING, Any
 
+import h2.connection
 import h2.exceptions
 from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
@@ -74,6 +75,30 @@ if TYPE_CHECKING:
     from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
     from grpclib.protocol import Connection
     from h2.connection import H2Connection
+
+# h2 remembers up to 65,536 closed stream ids per connection (to tell a late frame for a closed
+# stream from a protocol error); at gRPC request rates that is ~12 MiB per busy connection kept
+# forever. A few thousand ids is ample for late frames.
+h2.connection.H2Connection.MAX_CLOSED_STREAMS = 4096
+
+
+class _LazyRepr:
+    """repr(obj), computed only if a log record is ever formatted."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __str__(self) -> str:
+        return repr(self.obj)
+
+
+# h2 formats every received frame for a trace log that is off unless a logger is configured
+# (H2Configuration.logger): a few % of a unary call's CPU. `repr` is used for nothing else in
+# h2.connection, and the message reads the same when that logger is on.
+h2.connection.repr = _LazyRepr  # type: ignore[attr-defined]
+
 
 # the records grpclib writes for the same outcomes, on its logger
 log = logging.getLogger("grpclib.server")
