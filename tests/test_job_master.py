@@ -17,11 +17,11 @@ from app.errors import (
     QueueFull,
     UnknownJob,
 )
+from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
 from app.worker.builtin_jobs import builtin_specs
 from app.worker.job_master import JobMaster
 from app.worker.job_registry import JobRegistry
-from app.worker.job_run import JobState
 from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio

@@ -9,7 +9,8 @@ import anyio
 import pytest
 import redis.asyncio as aioredis
 
-from app.fleet.batch_job import AttemptRecord, BatchJob, BatchJobState
+from app.fleet.batch_job import AttemptRecord, BatchJob
+from app.fleet.job_state import JobState
 from app.stores.redis.job_store import JobEvents, JobStore, SubmitResult, WriteResult
 from tests.helpers import RedisServer
 
@@ -64,19 +65,19 @@ async def test_a_late_result_from_a_superseded_attempt_is_refused(store: JobStor
     assert new == old + 1
     late = await store.get("j1")
     assert late is not None
-    late.state, late.result_json = BatchJobState.SUCCEEDED, '"from the old attempt"'
+    late.state, late.result_json = JobState.SUCCEEDED, '"from the old attempt"'
     assert await store.write(late, old) is WriteResult.SUPERSEDED
     current = await store.get("j1")
     assert current is not None
-    assert (current.state, current.result_json) == (BatchJobState.PENDING, "")
-    current.state, current.result_json = BatchJobState.SUCCEEDED, '"from the new attempt"'
+    assert (current.state, current.result_json) == (JobState.PENDING, "")
+    current.state, current.result_json = JobState.SUCCEEDED, '"from the new attempt"'
     assert await store.write(current, new) is WriteResult.WRITTEN
     # the outcome is final: not even the token holder rewrites it
-    current.state = BatchJobState.FAILED
+    current.state = JobState.FAILED
     assert await store.write(current, new) is WriteResult.ALREADY_FINISHED
     final = await store.get("j1")
     assert final is not None
-    assert (final.state, final.result_json) == (BatchJobState.SUCCEEDED, '"from the new attempt"')
+    assert (final.state, final.result_json) == (JobState.SUCCEEDED, '"from the new attempt"')
     assert await store.queued_count("echo") == 0  # the bound counts unfinished jobs only
     # kept for the retention (60 s here) once it has ended, no longer
     ttl = await store._redis.ttl(store.record_key("j1"))
@@ -107,13 +108,13 @@ async def test_events_wake_a_waiter(store: JobStore, redis_server: RedisServer) 
 
         async def finish_later() -> None:
             await anyio.sleep(0.05)
-            record.state = BatchJobState.SUCCEEDED
+            record.state = JobState.SUCCEEDED
             await store.write(record, token)
 
         tg.start_soon(finish_later)
         with anyio.fail_after(5):
             final = await events.wait_finished("j1", deadline=anyio.current_time() + 10)
         assert final is not None
-        assert final.state is BatchJobState.SUCCEEDED
+        assert final.state is JobState.SUCCEEDED
         tg.cancel_scope.cancel()
     await client.aclose()

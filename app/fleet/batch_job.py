@@ -2,35 +2,9 @@
 
 from __future__ import annotations
 
-import enum
-
 import msgspec
 
-
-class BatchJobState(enum.Enum):
-    """Names match `orchestrator.JobState`."""
-
-    PENDING = "PENDING"
-    DISPATCHED = "DISPATCHED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    TIMED_OUT = "TIMED_OUT"
-
-    @property
-    def finished(self) -> bool:
-        return self in FINISHED
-
-
-FINISHED = frozenset(
-    {
-        BatchJobState.SUCCEEDED,
-        BatchJobState.FAILED,
-        BatchJobState.CANCELLED,
-        BatchJobState.TIMED_OUT,
-    }
-)
+from app.fleet.job_state import JobState
 
 
 class AttemptRecord(msgspec.Struct, kw_only=True):
@@ -60,7 +34,7 @@ class BatchJob(msgspec.Struct, kw_only=True):
     deadline_at: float = 0.0
     retry_on_failure: bool = False
     max_attempts: int = 3
-    state: BatchJobState = BatchJobState.PENDING
+    state: JobState = JobState.PENDING
     attempts: list[AttemptRecord] = msgspec.field(default_factory=list)
     result_json: str = ""
     error: str = ""

@@ -33,7 +33,8 @@ from app.config import OrchestratorConfig
 from app.core.balancer import Candidate, LoadBalancer
 from app.core.breaker import BreakerConfig, CircuitBreaker
 from app.core.retry import RetryBudget, RetryPolicy
-from app.fleet.batch_job import AttemptRecord, BatchJob, BatchJobState
+from app.fleet.batch_job import AttemptRecord, BatchJob
+from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
 from app.orchestrator.directory import WorkerDirectory, WorkerEntry
 from app.orchestrator.worker_channels import WorkerChannels
@@ -182,10 +183,10 @@ class Dispatcher:
             waiting_for_worker=sum(self._waiting.values()),
             dispatched=c["dispatched"],
             retries=c["retries"],
-            succeeded=c[BatchJobState.SUCCEEDED.value],
-            failed=c[BatchJobState.FAILED.value],
-            timed_out=c[BatchJobState.TIMED_OUT.value],
-            cancelled=c[BatchJobState.CANCELLED.value],
+            succeeded=c[JobState.SUCCEEDED.value],
+            failed=c[JobState.FAILED.value],
+            timed_out=c[JobState.TIMED_OUT.value],
+            cancelled=c[JobState.CANCELLED.value],
             claimed=c["claimed"],
             superseded=c["superseded"],
             retry_budget_refused=self._budget.refused,
@@ -315,20 +316,16 @@ class Dispatcher:
             self._budget.record_call()
         while True:
             if await self._store.cancel_requested(job.job_id):
-                await self._finish(
-                    job, token, BatchJobState.CANCELLED, error="cancelled by request"
-                )
+                await self._finish(job, token, JobState.CANCELLED, error="cancelled by request")
                 return
             if self._wall() >= job.deadline_at:
                 why = last_error or "no eligible worker took it"
-                await self._finish(
-                    job, token, BatchJobState.TIMED_OUT, error=f"deadline passed: {why}"
-                )
+                await self._finish(job, token, JobState.TIMED_OUT, error=f"deadline passed: {why}")
                 return
             made = _attempts_made(job)
             if sticky is None and made >= job.max_attempts:
                 error = f"gave up after {made} attempts: {last_error}"
-                await self._finish(job, token, BatchJobState.FAILED, error=error)
+                await self._finish(job, token, JobState.FAILED, error=error)
                 return
             if sticky is None and made > 0 and not await self._back_off(job, policy, made + 1):
                 continue  # deadline or cancel: the checks above end it
@@ -344,7 +341,7 @@ class Dispatcher:
                 started_at=self._wall(),
             )
             job.attempts.append(attempt)
-            job.state = BatchJobState.DISPATCHED
+            job.state = JobState.DISPATCHED
             if (written := await self._store.write(job, token)) is not WriteResult.WRITTEN:
                 log.info("job %s: not dispatched, the record is %s", job.job_id, written.name)
                 self.breaker(address).release()
@@ -359,10 +356,10 @@ class Dispatcher:
                 log.info("job %s: attempt %d superseded by a newer one", job.job_id, attempt.number)
                 return
             if result.kind is CallKind.DEADLINE:
-                await self._finish(job, token, BatchJobState.TIMED_OUT, error=result.error)
+                await self._finish(job, token, JobState.TIMED_OUT, error=result.error)
                 return
             if result.kind is CallKind.REJECTED:
-                await self._finish(job, token, BatchJobState.FAILED, error=result.error)
+                await self._finish(job, token, JobState.FAILED, error=result.error)
                 return
             if result.kind is CallKind.DONE and result.info is not None:
                 done = await self._done(job, token, result.info)
@@ -371,7 +368,7 @@ class Dispatcher:
             # retry: elsewhere if anywhere else
             last_error = f"{attempt.outcome} on {address}: {result.error}".rstrip(": ")
             excluded.add(address)
-            job.state = BatchJobState.PENDING
+            job.state = JobState.PENDING
             if (written := await self._store.write(job, token)) is not WriteResult.WRITTEN:
                 log.info("job %s: not retried, the record is %s", job.job_id, written.name)
                 return
@@ -382,23 +379,23 @@ class Dispatcher:
         """Record a run that ended on the worker; False when it should be retried."""
         state = wpb.JobState(info.state)
         if state is wpb.JobState.SUCCEEDED:
-            await self._finish(job, token, BatchJobState.SUCCEEDED, result_json=info.result_json)
+            await self._finish(job, token, JobState.SUCCEEDED, result_json=info.result_json)
             return True
         if state is wpb.JobState.TIMED_OUT:
-            await self._finish(job, token, BatchJobState.TIMED_OUT, error=info.error)
+            await self._finish(job, token, JobState.TIMED_OUT, error=info.error)
             return True
         if state is wpb.JobState.CANCELLED:
             if await self._store.cancel_requested(job.job_id):
-                await self._finish(job, token, BatchJobState.CANCELLED, error=info.error)
+                await self._finish(job, token, JobState.CANCELLED, error=info.error)
                 return True
             return False  # the worker shut down under it: run it elsewhere
         if state is wpb.JobState.FAILED:
             made = _attempts_made(job)
             if job.retry_on_failure and made < job.max_attempts:
                 return False
-            await self._finish(job, token, BatchJobState.FAILED, error=info.error)
+            await self._finish(job, token, JobState.FAILED, error=info.error)
             return True
-        await self._finish(job, token, BatchJobState.FAILED, error=f"worker answered {state.name}")
+        await self._finish(job, token, JobState.FAILED, error=f"worker answered {state.name}")
         return True
 
     async def _back_off(self, job: BatchJob, policy: RetryPolicy, attempt: int) -> bool:
@@ -544,7 +541,7 @@ class Dispatcher:
                 raise
             running = True  # the worker runs this id already (a re-dispatch): attach to it
         if running:
-            job.state = BatchJobState.RUNNING
+            job.state = JobState.RUNNING
             if await self._store.write(job, token) is not WriteResult.WRITTEN:
                 return CallResult(kind=CallKind.SUPERSEDED, error="superseded")
         info = await stub.run_work(request)
@@ -569,7 +566,7 @@ class Dispatcher:
         self,
         job: BatchJob,
         token: int,
-        state: BatchJobState,
+        state: JobState,
         *,
         result_json: str = "",
         error: str = "",

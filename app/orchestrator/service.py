@@ -14,7 +14,8 @@ from grpclib.exceptions import GRPCError
 
 from app.config import OrchestratorConfig
 from app.core.clock import utc_iso
-from app.fleet.batch_job import BatchJob, BatchJobState, encode_job
+from app.fleet.batch_job import BatchJob, encode_job
+from app.fleet.job_state import JobState, to_orchestrator_wire
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher, cancel_on_worker
 from app.orchestrator.worker_channels import WorkerChannels
@@ -38,7 +39,7 @@ def job_message(job: BatchJob) -> pb.Job:
     return pb.Job(
         job_id=job.job_id,
         job_type=job.job_type,
-        state=pb.JobState[job.state.value],
+        state=to_orchestrator_wire(job.state),
         params=dict(job.params),
         timeout_seconds=job.timeout_seconds,
         priority=job.priority,
@@ -159,7 +160,7 @@ class OrchestratorService(pb.OrchestratorServiceBase):
     async def submit(self, message: pb.BatchExecutionRequest) -> pb.SubmitResponse:
         job, existing = await self._submit(message)
         return pb.SubmitResponse(
-            job_id=job.job_id, state=pb.JobState[job.state.value], existing=existing
+            job_id=job.job_id, state=to_orchestrator_wire(job.state), existing=existing
         )
 
     async def execute(self, message: pb.BatchExecutionRequest) -> pb.BatchExecutionResponse:
@@ -185,9 +186,9 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         if job.state.finished:
             return job_message(job)
         await self._store.request_cancel(job.job_id)
-        if job.state is BatchJobState.PENDING:
+        if job.state is JobState.PENDING:
             job.state, job.error, job.finished_at = (
-                BatchJobState.CANCELLED,
+                JobState.CANCELLED,
                 "cancelled by request",
                 time.time(),
             )

@@ -36,9 +36,10 @@ import anyio.lowlevel
 import msgspec
 
 from app.errors import Draining, InvalidJobRequest, JobAlreadyExists, JobNotFound, QueueFull
+from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
 from app.worker.job_registry import JobRegistry, JobSpec
-from app.worker.job_run import JobRun, JobState
+from app.worker.job_run import JobRun
 
 log = logging.getLogger(__name__)
 

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import enum
 from typing import Any
 
 import msgspec
 
-
-class JobState(enum.Enum):
-    """Where a job run is; the names match `worker.JobState` in proto/worker.proto."""
-
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-    TIMED_OUT = "TIMED_OUT"
-
-    @property
-    def finished(self) -> bool:
-        return self not in (JobState.QUEUED, JobState.RUNNING)
+from app.fleet.job_state import JobState
 
 
 class JobRun(msgspec.Struct, kw_only=True):

@@ -18,6 +18,7 @@ from app.errors import (
     QueueFull,
     UnknownJob,
 )
+from app.fleet.job_state import to_worker_wire
 from app.pb import worker as pb
 from app.scheduling.schedule_manager import ScheduleManager
 from app.worker.job_master import JobMaster
@@ -52,7 +53,7 @@ def job_info(record: JobRun) -> pb.JobInfo:
     return pb.JobInfo(
         id=record.id,
         name=record.name,
-        state=pb.JobState[record.state.value],
+        state=to_worker_wire(record.state),
         params=dict(record.params),
         result_json=record.result_json.decode(),
         error=record.error,
@@ -81,9 +82,9 @@ class WorkerService(pb.WorkerServiceBase):
                 params=dict(message.params),
                 timeout_seconds=message.timeout_seconds,
             )
-        state = pb.JobState[record.state.value]
         return pb.SendWorkRes(
-            message=f"job {record.id} accepted: {record.state.value}", state=state
+            message=f"job {record.id} accepted: {record.state.value}",
+            state=to_worker_wire(record.state),
         )
 
     async def run_work(self, message: pb.SendWorkReq) -> pb.JobInfo:

@@ -27,7 +27,8 @@ import anyio.abc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 
-from app.fleet.batch_job import FINISHED, BatchJob, decode_job, encode_job
+from app.fleet.batch_job import BatchJob, decode_job, encode_job
+from app.fleet.job_state import FINISHED
 
 log = logging.getLogger(__name__)
 
