@@ -1,4 +1,4 @@
-"""JobStore on a real redis-server: idempotent submit, the per-type bound, fencing, the stream."""
+"""RedisJobStore on a real redis-server: idempotent submit, per-type bound, fencing, the stream."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ import redis.asyncio as aioredis
 
 from app.fleet.batch_job import AttemptRecord, BatchJob
 from app.fleet.job_state import JobState
-from app.stores.redis.job_store import JobEvents, JobStore, SubmitResult, WriteResult
+from app.stores.abc import SubmitResult, WriteResult
+from app.stores.redis.job_events import RedisJobEvents
+from app.stores.redis.job_store import RedisJobStore
+from app.stores.waits import wait_finished
 from tests.helpers import RedisServer
 
 pytestmark = pytest.mark.anyio
@@ -23,10 +26,10 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def store(redis_server: RedisServer) -> AsyncIterator[JobStore]:
+async def store(redis_server: RedisServer) -> AsyncIterator[RedisJobStore]:
     client = aioredis.Redis.from_url(redis_server.url)
     await client.flushdb()
-    store = JobStore(client, retention_seconds=60)
+    store = RedisJobStore(client, retention_seconds=60)
     await store.ensure_group()
     await store.ensure_group()  # twice is fine
     try:
@@ -41,7 +44,7 @@ def job(job_id: str = "j1", job_type: str = "echo") -> BatchJob:
     )
 
 
-async def test_submit_is_idempotent_and_bounded_per_type(store: JobStore) -> None:
+async def test_submit_is_idempotent_and_bounded_per_type(store: RedisJobStore) -> None:
     assert (await store.submit(job("a"), bound=2))[0] is SubmitResult.CREATED
     result, existing, _ = await store.submit(job("a"), bound=2)
     assert result is SubmitResult.EXISTS
@@ -55,7 +58,7 @@ async def test_submit_is_idempotent_and_bounded_per_type(store: JobStore) -> Non
     assert await store.queued_count("echo") == 2
 
 
-async def test_a_late_result_from_a_superseded_attempt_is_refused(store: JobStore) -> None:
+async def test_a_late_result_from_a_superseded_attempt_is_refused(store: RedisJobStore) -> None:
     record = job()
     await store.submit(record, bound=10)
     old = await store.next_token("j1")
@@ -84,7 +87,7 @@ async def test_a_late_result_from_a_superseded_attempt_is_refused(store: JobStor
     assert 0 < ttl <= 60
 
 
-async def test_idle_entries_are_claimed_and_held_ones_are_not(store: JobStore) -> None:
+async def test_idle_entries_are_claimed_and_held_ones_are_not(store: RedisJobStore) -> None:
     await store.submit(job("held"), bound=10)
     await store.submit(job("dropped"), bound=10)
     entries = dict(await store.read_new("dead", count=10, block_ms=10))
@@ -97,11 +100,11 @@ async def test_idle_entries_are_claimed_and_held_ones_are_not(store: JobStore) -
     assert await store.claim_idle("rescuer", min_idle_ms=0, count=10) == [(held_entry, "held")]
 
 
-async def test_events_wake_a_waiter(store: JobStore, redis_server: RedisServer) -> None:
+async def test_events_wake_a_waiter(store: RedisJobStore, redis_server: RedisServer) -> None:
     record = job()
     await store.submit(record, bound=10)
     client = aioredis.Redis.from_url(redis_server.url)
-    events = JobEvents(client, store)
+    events = RedisJobEvents(client)
     async with anyio.create_task_group() as tg:
         await tg.start(events.run)
         token = await store.next_token("j1")
@@ -113,7 +116,7 @@ async def test_events_wake_a_waiter(store: JobStore, redis_server: RedisServer) 
 
         tg.start_soon(finish_later)
         with anyio.fail_after(5):
-            final = await events.wait_finished("j1", deadline=anyio.current_time() + 10)
+            final = await wait_finished(store, events, "j1", deadline=anyio.current_time() + 10)
         assert final is not None
         assert final.state is JobState.SUCCEEDED
         tg.cancel_scope.cancel()

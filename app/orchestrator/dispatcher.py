@@ -39,7 +39,7 @@ from app.fleet.pod_info import PodStatus
 from app.orchestrator.directory import WorkerDirectory, WorkerEntry
 from app.orchestrator.worker_channels import WorkerChannels
 from app.pb import worker as wpb
-from app.stores.redis.job_store import JobStore, WriteResult
+from app.stores.abc import JobStore, WriteResult
 
 log = logging.getLogger(__name__)
 

@@ -32,8 +32,10 @@ from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.metrics import orchestrator_metrics
 from app.orchestrator.service import OrchestratorService
 from app.orchestrator.worker_channels import WorkerChannels
+from app.stores.abc import JobEvents, JobStore
 from app.stores.redis.client import create_redis, wait_for_redis
-from app.stores.redis.job_store import JobEvents, JobStore
+from app.stores.redis.job_events import RedisJobEvents
+from app.stores.redis.job_store import RedisJobStore
 from app.stores.redis.pod_registry import RedisPodRegistry
 
 log = logging.getLogger("app.orchestrator")
@@ -49,14 +51,14 @@ async def serve_orchestrator(config: Config) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             redis = create_redis(config.redis)
-            store = JobStore(
+            store: JobStore = RedisJobStore(
                 redis,
                 job_prefix=o.job_prefix,
                 stream_key=o.stream_key,
                 group=o.group,
                 retention_seconds=o.retention_seconds,
             )
-            events = JobEvents(redis, store)
+            events: JobEvents = RedisJobEvents(redis, job_prefix=o.job_prefix)
             directory = WorkerDirectory(
                 RedisPodRegistry(redis),
                 prefix=config.redis.key_prefix,

@@ -15,12 +15,13 @@ from grpclib.exceptions import GRPCError
 from app.config import OrchestratorConfig
 from app.core.clock import utc_iso
 from app.fleet.batch_job import BatchJob, encode_job
-from app.fleet.job_state import JobState, to_orchestrator_wire
+from app.fleet.job_state import to_orchestrator_wire
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher, cancel_on_worker
 from app.orchestrator.worker_channels import WorkerChannels
 from app.pb import orchestrator as pb
-from app.stores.redis.job_store import JobEvents, JobStore, SubmitResult, WriteResult
+from app.stores.abc import JobEvents, JobStore, SubmitResult
+from app.stores.waits import wait_finished
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:@/-]+$")
 MAX_ID = 256
@@ -167,7 +168,7 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         job, _ = await self._submit(message)
         # the dispatcher ends the job at its deadline; wait a little past it for that write
         deadline = anyio.current_time() + max(0.0, job.deadline_at - time.time()) + 5.0
-        final = await self._events.wait_finished(job.job_id, deadline=deadline)
+        final = await wait_finished(self._store, self._events, job.job_id, deadline=deadline)
         return pb.BatchExecutionResponse(job=job_message(final or job))
 
     async def get_job(self, message: pb.JobRequest) -> pb.Job:
@@ -185,18 +186,11 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         job = await self._get(message.job_id)
         if job.state.finished:
             return job_message(job)
-        await self._store.request_cancel(job.job_id)
-        if job.state is JobState.PENDING:
-            job.state, job.error, job.finished_at = (
-                JobState.CANCELLED,
-                "cancelled by request",
-                time.time(),
-            )
-            if (
-                await self._store.write(job, await self._store.fence(job.job_id))
-                is WriteResult.WRITTEN
-            ):
-                return job_message(job)
+        after = await self._store.request_cancel(
+            job.job_id, error="cancelled by request", now=time.time()
+        )
+        if after is None or after.state.finished:
+            return job_message(after or job)
         # dispatched: cancel it where it runs, again until the dispatcher has recorded the end
         deadline = anyio.current_time() + CANCEL_WAIT_SECONDS
         while anyio.current_time() < deadline:

@@ -6,7 +6,14 @@ Each has a Redis implementation in `app.stores.redis` and an in-memory twin in
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Sequence
 from typing import Protocol
+
+import anyio
+import anyio.abc
+
+from app.fleet.batch_job import BatchJob
 
 
 class PodRegistry(Protocol):
@@ -24,4 +31,117 @@ class PodRegistry(Protocol):
 
     async def keys(self, prefix: str) -> list[str]:
         """Every live key that starts with `prefix` (unordered)."""
+        ...
+
+
+class SubmitResult(enum.Enum):
+    """How `JobStore.submit` went."""
+
+    CREATED = "CREATED"
+    EXISTS = "EXISTS"
+    QUEUE_FULL = "QUEUE_FULL"
+
+
+class WriteResult(enum.IntEnum):
+    """How a fenced `JobStore.write` went."""
+
+    WRITTEN = 1
+    SUPERSEDED = 0  # another attempt holds a newer token
+    MISSING = -1
+    ALREADY_FINISHED = -2
+
+
+#: A queue entry: (entry id, job id). Entry ids order the queue; a job id may be queued once.
+QueueEntry = tuple[str, str]
+
+
+class JobStore(Protocol):
+    """The fleet's job records, their fencing tokens, and the queue the orchestrators share.
+
+    The queue is a consumer group: an entry read by one consumer is pending for it until acked;
+    an entry whose consumer stopped refreshing it for `min_idle_ms` can be claimed by another.
+    A record is written only by the holder of the job's newest fencing token, and never after
+    the job has finished; a finished record is kept for the retention, then expires.
+    """
+
+    async def ensure_group(self) -> None:
+        """Create the queue and its consumer group if they are not there yet."""
+        ...
+
+    async def submit(
+        self, job: BatchJob, *, bound: int
+    ) -> tuple[SubmitResult, BatchJob | None, int]:
+        """Create the record and queue the job, atomically, unless its id exists or its type has
+        `bound` unfinished jobs. Returns (result, the existing record for EXISTS, the unfinished
+        count for QUEUE_FULL)."""
+        ...
+
+    async def get(self, job_id: str) -> BatchJob | None:
+        """The record, or None when there is none (never submitted, or expired)."""
+        ...
+
+    async def fence(self, job_id: str) -> int:
+        """The job's newest fencing token (0 before the first)."""
+        ...
+
+    async def next_token(self, job_id: str) -> int:
+        """A new fencing token: from now on, holders of older ones are refused."""
+        ...
+
+    async def write(self, job: BatchJob, token: int) -> WriteResult:
+        """Store `job` (its `fencing_token` set to `token`) if `token` is the newest and the
+        stored job has not finished; a finished job's record starts its retention and no longer
+        counts against its type's bound. Wakes `JobEvents` waiters."""
+        ...
+
+    async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
+        """Ask for the job to be cancelled; the record as it is after, or None when there is none.
+
+        Marks the request (seen by `cancel_requested`) unless the job has finished. A job that is
+        PENDING (queued, or between attempts) ends CANCELLED here with `error` at `now`, under a
+        new fencing token, so that a dispatcher holding it is refused from then on. A job on a
+        worker is left to its holder, which ends it once the worker has stopped it; waiters on
+        the job are woken either way.
+        """
+        ...
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel was asked for (kept for the retention)."""
+        ...
+
+    async def queued_count(self, job_type: str) -> int:
+        """Unfinished jobs of `job_type` (what the per-type bound counts)."""
+        ...
+
+    async def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[QueueEntry]:
+        """Up to `count` entries no consumer has read yet, now pending for `consumer`; waits up
+        to `block_ms` for one when there are none (an empty list then)."""
+        ...
+
+    async def claim_idle(self, consumer: str, *, min_idle_ms: int, count: int) -> list[QueueEntry]:
+        """Up to `count` pending entries that no consumer has refreshed for `min_idle_ms`: now
+        pending for `consumer` (their consumer stopped). Entries whose job is gone are dropped."""
+        ...
+
+    async def keep_alive(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        """Reset the idle time of entries `consumer` is working on, so that nobody claims them."""
+        ...
+
+    async def ack(self, entry_id: str) -> None:
+        """The entry's job has ended: acknowledge and drop the entry."""
+        ...
+
+
+class JobEvents(Protocol):
+    """Wakes waiters when a job's record changes (or a cancel is asked for). May miss a change
+    (a reconnect): waiters bound their wait and re-read the record."""
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Deliver changes until cancelled; ready once listening."""
+        ...
+
+    async def wait_changed(self, job_id: str) -> None:
+        """Return after the job's next change."""
         ...

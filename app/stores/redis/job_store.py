@@ -17,18 +17,17 @@ superseded attempt is refused and never overwrites the job's outcome.
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Sequence
 from typing import Any
 
-import anyio
-import anyio.abc
+import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from app.fleet.batch_job import BatchJob, decode_job, encode_job
-from app.fleet.job_state import FINISHED
+from app.fleet.job_state import FINISHED, JobState
+from app.stores.abc import SubmitResult, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +66,42 @@ return 1
 """
 
 
-class SubmitResult(enum.Enum):
-    CREATED = "CREATED"
-    EXISTS = "EXISTS"
-    QUEUE_FULL = "QUEUE_FULL"
+# KEYS: record, fence, counter, channel, cancel
+# ARGV: the record as read, the fence as read, the cancelled record, retention
+_CANCEL = f"""
+local current = redis.call('GET', KEYS[1])
+if not current then return {{-1}} end
+local finished = {{}}
+for _, name in ipairs({_FINISHED_NAMES}) do finished[name] = true end
+local state = cjson.decode(current)['state']
+if finished[state] then return {{-2, current}} end
+redis.call('SET', KEYS[5], 1, 'EX', ARGV[4])
+if state ~= 'PENDING' then
+  redis.call('PUBLISH', KEYS[4], current)
+  return {{0, current}}
+end
+if current ~= ARGV[1] or tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[2]) then
+  return {{3}}
+end
+redis.call('SET', KEYS[2], tonumber(ARGV[2]) + 1)
+redis.call('SET', KEYS[1], ARGV[3])
+redis.call('DECR', KEYS[3])
+redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
+redis.call('PUBLISH', KEYS[4], ARGV[3])
+return {{1, ARGV[3]}}
+"""
+# a PENDING job changing under a cancel is retried this often before the cancel gives up on it
+_CANCEL_TRIES = 10
 
 
-class WriteResult(enum.IntEnum):
-    WRITTEN = 1
-    SUPERSEDED = 0  # another attempt holds a newer token
-    MISSING = -1
-    ALREADY_FINISHED = -2
+def events_channel(job_prefix: str, job_id: str) -> str:
+    """The pub/sub channel of a job's changes: `<prefix>-events:<id>`."""
+    return f"{job_prefix}-events:{job_id}"
 
 
-class JobStore:
-    """Job records, fencing, the stream and job events on one Redis (or Valkey) server."""
+class RedisJobStore:
+    """`JobStore` on one Redis (or Valkey) server: records, fencing, the stream, events."""
 
     def __init__(
         self,
@@ -99,9 +119,10 @@ class JobStore:
         self._retention = retention_seconds
         self._submit = client.register_script(_SUBMIT)
         self._write = client.register_script(_WRITE)
+        self._cancel = client.register_script(_CANCEL)
 
     def __repr__(self) -> str:
-        return f"<JobStore {self.stream_key} group={self.group}>"
+        return f"<RedisJobStore {self.stream_key} group={self.group}>"
 
     # --- keys -------------------------------------------------------------------------------------
 
@@ -114,16 +135,9 @@ class JobStore:
             base,
             f"{base}:fence",
             f"{self._prefix}-queued:{job.job_type}",
-            self.events_channel(job.job_id),
+            events_channel(self._prefix, job.job_id),
             f"{base}:cancel",
         ]
-
-    def events_channel(self, job_id: str) -> str:
-        return f"{self._prefix}-events:{job_id}"
-
-    @property
-    def events_pattern(self) -> str:
-        return f"{self._prefix}-events:*"
 
     # --- records ----------------------------------------------------------------------------------
 
@@ -172,8 +186,33 @@ class JobStore:
         )
         return WriteResult(int(result))
 
-    async def request_cancel(self, job_id: str) -> None:
-        await self._redis.set(f"{self.record_key(job_id)}:cancel", 1, ex=self._retention)
+    async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
+        """See `JobStore.request_cancel`: one script marks the request and, for a PENDING job,
+        ends it under a new token if neither the record nor the fence changed since read."""
+        key = self.record_key(job_id)
+        job: BatchJob | None = None
+        for _ in range(_CANCEL_TRIES):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.get(key)
+                pipe.get(f"{key}:fence")
+                raw, fence_raw = await pipe.execute()
+            if raw is None:
+                return None
+            job = decode_job(raw)
+            if job.state.finished:
+                return job
+            fence = int(fence_raw or 0)
+            cancelled = msgspec.structs.replace(
+                job, state=JobState.CANCELLED, error=error, finished_at=now, fencing_token=fence + 1
+            )
+            reply = await self._cancel(
+                keys=self._keys(job), args=[raw, fence, encode_job(cancelled), self._retention]
+            )
+            if reply[0] == -1:
+                return None
+            if reply[0] != 3:  # 3: it changed since read; read again
+                return decode_job(reply[1])
+        return job
 
     async def cancel_requested(self, job_id: str) -> bool:
         return bool(await self._redis.exists(f"{self.record_key(job_id)}:cancel"))
@@ -188,7 +227,7 @@ class JobStore:
         reply: Any = await self._redis.xreadgroup(
             self.group, consumer, {self.stream_key: ">"}, count=count, block=block_ms
         )
-        return [_entry(e) for _, entries in reply or [] for e in entries]
+        return [entry(e) for _, entries in reply or [] for e in entries]
 
     async def claim_idle(
         self, consumer: str, *, min_idle_ms: int, count: int
@@ -198,7 +237,7 @@ class JobStore:
             self.stream_key, self.group, consumer, min_idle_time=min_idle_ms, start_id="0-0",
             count=count,
         )  # fmt: skip
-        return [_entry(e) for e in reply[1] if e and e[1]]
+        return [entry(e) for e in reply[1] if e and e[1]]
 
     async def keep_alive(self, consumer: str, entry_ids: Sequence[str]) -> None:
         """Reset the idle time of entries we are working on, so that nobody claims them."""
@@ -216,76 +255,11 @@ class JobStore:
             await pipe.execute()
 
 
-def _entry(entry: tuple[bytes | str, dict[bytes | str, bytes | str]]) -> tuple[str, str]:
+def entry(entry: tuple[bytes | str, dict[bytes | str, bytes | str]]) -> tuple[str, str]:
     entry_id, fields = entry
     job_id = fields.get(b"job_id", fields.get("job_id", b""))
-    return _text(entry_id), _text(job_id)
+    return text(entry_id), text(job_id)
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-class JobEvents:
-    """One pub/sub connection per process; waiters for a job id are woken on its changes."""
-
-    def __init__(self, client: aioredis.Redis, store: JobStore) -> None:
-        self._redis = client
-        self._store = store
-        self._waiters: dict[str, set[anyio.Event]] = {}
-
-    async def run(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Listen for job changes; reconnect after an outage (waiters re-read meanwhile)."""
-        started = False
-        while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.psubscribe(self._store.events_pattern)
-                if not started:
-                    task_status.started()
-                    started = True
-                await self._listen(pubsub)
-            except (RedisError, OSError) as exc:
-                log.warning("job events lost (%s: %s); reconnecting", type(exc).__name__, exc)
-                if not started:
-                    task_status.started()
-                    started = True
-            finally:
-                with anyio.move_on_after(1, shield=True):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await anyio.sleep(1.0)
-
-    async def _listen(self, pubsub: Any) -> None:
-        prefix = self._store.events_channel("")
-        while True:
-            message = await pubsub.get_message(timeout=1.0)
-            if message is None:
-                continue
-            job_id = _text(message["channel"]).removeprefix(prefix)
-            for event in self._waiters.pop(job_id, ()):
-                event.set()
-
-    async def wait_changed(self, job_id: str) -> None:
-        """Return after the job's next change (callers bound it and re-read the record)."""
-        event = anyio.Event()
-        self._waiters.setdefault(job_id, set()).add(event)
-        try:
-            await event.wait()
-        finally:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[job_id]
-
-    async def wait_finished(self, job_id: str, *, deadline: float) -> BatchJob | None:
-        """The record once the job has ended, or the latest when `deadline` (loop time) passes."""
-        while True:
-            job = await self._store.get(job_id)
-            if job is None or job.state.finished or anyio.current_time() >= deadline:
-                return job
-            # re-read at least every 2 s, in case a message was missed
-            with anyio.move_on_after(min(2.0, deadline - anyio.current_time())):
-                await self.wait_changed(job_id)

@@ -1,0 +1,72 @@
+"""`JobEvents` on Redis pub/sub: one pattern subscription per process wakes the waiters."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import anyio
+import anyio.abc
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from app.stores.redis.job_store import events_channel, text
+
+log = logging.getLogger(__name__)
+
+
+class RedisJobEvents:
+    """One pub/sub connection per process; waiters for a job id are woken on its changes.
+
+    The store PUBLISHes on `<prefix>-events:<id>` with every write and cancel request."""
+
+    def __init__(self, client: aioredis.Redis, *, job_prefix: str = "wpm-job") -> None:
+        self._redis = client
+        self._prefix = events_channel(job_prefix, "")
+        self._waiters: dict[str, set[anyio.Event]] = {}
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen for job changes; reconnect after an outage (waiters re-read meanwhile)."""
+        started = False
+        while True:
+            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.psubscribe(self._prefix + "*")
+                if not started:
+                    task_status.started()
+                    started = True
+                await self._listen(pubsub)
+            except (RedisError, OSError) as exc:
+                log.warning("job events lost (%s: %s); reconnecting", type(exc).__name__, exc)
+                if not started:
+                    task_status.started()
+                    started = True
+            finally:
+                with anyio.move_on_after(1, shield=True):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await anyio.sleep(1.0)
+
+    async def _listen(self, pubsub: Any) -> None:
+        prefix = self._prefix
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            if message is None:
+                continue
+            job_id = text(message["channel"]).removeprefix(prefix)
+            for event in self._waiters.pop(job_id, ()):
+                event.set()
+
+    async def wait_changed(self, job_id: str) -> None:
+        """Return after the job's next change (callers bound it and re-read the record)."""
+        event = anyio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            await event.wait()
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[job_id]
