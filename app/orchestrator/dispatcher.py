@@ -1,17 +1,22 @@
-"""Dispatcher: takes jobs off the stream and sees each through to its end on some worker.
+"""Dispatcher: takes jobs off the queue and sees each through to its end on some worker.
 
-One dispatcher per orchestrator process, all in one consumer group, so they share the stream.
-For each job: wait for an eligible worker (backpressure, by priority), take a fresh fencing
-token, delegate with SendWork (accept) + RunWork (attach and wait), and write the outcome with
-that token. Refused and unreachable calls are retried on another worker with exponential backoff,
-full jitter and a retry budget; a circuit breaker per worker keeps calls away from a sick one.
+One dispatcher per orchestrator process, all in one consumer group, so they share the queue.
+For each job it gathers the facts and asks `app.orchestrator.decisions.decide()` for the next
+step (dispatch, requeue, finish, stop), then performs it: wait for an eligible worker
+(backpressure, by priority), take a fresh fencing token, delegate (admit + wait for the end),
+and write the outcome with that token. Refused and unreachable calls are retried on another
+worker with exponential backoff, full jitter and a retry budget; a circuit breaker per worker
+keeps calls away from a sick one.
 
 Recovery never waits on a timeout tied to job length:
 - a worker that dies breaks its call at once (TCP reset), or, when silent, fails the HTTP/2
   keepalive within seconds, or goes stale in the registry: a watchdog cancels the call;
-- an orchestrator that dies leaves its stream entries idle (the live ones refresh theirs with
-  XCLAIM), and another claims them with XAUTOCLAIM after `claim_idle_seconds`. A re-dispatch goes
-  first to the worker of the unfinished attempt, which attaches to the run by job id.
+- an orchestrator that dies leaves its queue entries idle (the live ones refresh theirs), and
+  another claims them after `claim_idle_seconds`. A re-dispatch goes first to the worker of
+  the unfinished attempt, which attaches to the run by job id.
+
+Cancel goes through `Dispatcher.cancel`: the store ends a PENDING job at once (fenced); a job on
+a worker is stopped there by whichever dispatcher holds it, woken by the job's events.
 """
 
 from __future__ import annotations
@@ -26,8 +31,6 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 import msgspec
-from grpclib.const import Status
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from app.config import OrchestratorConfig
 from app.core.balancer import Candidate, LoadBalancer
@@ -36,53 +39,47 @@ from app.core.retry import RetryBudget, RetryPolicy
 from app.fleet.batch_job import AttemptRecord, BatchJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
+from app.orchestrator.decisions import (
+    CallKind,
+    CallResult,
+    Dispatch,
+    Finish,
+    Requeue,
+    Stop,
+    adopt,
+    decide,
+)
 from app.orchestrator.directory import WorkerDirectory, WorkerEntry
-from app.orchestrator.worker_channels import WorkerChannels
-from app.pb import worker as wpb
-from app.stores.abc import JobStore, WriteResult
+from app.orchestrator.worker_client import Reply, WorkerClient
+from app.stores.abc import JobEvents, JobStore, WriteResult
+from app.stores.waits import wait_finished
 
 log = logging.getLogger(__name__)
 
-#: Connection-level failures of a call (no answer from the worker).
-CALL_ERRORS: tuple[type[Exception], ...] = (
-    OSError, ConnectionError, StreamTerminatedError, ProtocolError,
-)  # fmt: skip
+#: How long `cancel` waits for the job's end before it answers with the record as it is.
+CANCEL_WAIT_SECONDS = 10.0
+#: While a call runs, a cancel request is looked for at least this often (events may be missed).
+CANCEL_CHECK_SECONDS = 2.0
+_CALL_KIND = {
+    Reply.REFUSED: CallKind.REFUSED,
+    Reply.REJECTED: CallKind.REJECTED,
+    Reply.UNREACHABLE: CallKind.UNREACHABLE,
+}
 
 
-class CallKind(enum.Enum):
-    DONE = "DONE"  # the worker ran the job: its JobInfo says how it ended
-    REFUSED = "REFUSED"  # the worker would not take it now (draining, queue full)
-    UNREACHABLE = "UNREACHABLE"  # the connection failed or broke
-    LOST = "LOST"  # the worker went stale or vanished from the registry during the call
-    REJECTED = "REJECTED"  # the request is wrong for this job: retrying cannot help
-    DEADLINE = "DEADLINE"  # the job's deadline passed during the call
-    SUPERSEDED = "SUPERSEDED"  # another attempt holds a newer fencing token
+class DispatcherState(enum.Enum):
+    """A dispatcher's lifecycle."""
 
-
-class CallResult(msgspec.Struct, frozen=True, kw_only=True):
-    kind: CallKind
-    info: wpb.JobInfo | None = None
-    error: str = ""
-
-    @property
-    def outcome(self) -> str:
-        """What the attempt record says: the run's end on the worker, else how the call went."""
-        return self.kind.value if self.info is None else wpb.JobState(self.info.state).name
-
-
-_REFUSED = {Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED}
-_REJECTED = {Status.INVALID_ARGUMENT, Status.NOT_FOUND, Status.ALREADY_EXISTS}
-
-# an attempt whose orchestrator stopped while it ran; the re-dispatch that attaches to it is
-# not a new attempt, so it does not count against max_attempts
-ORPHANED = "ORPHANED"
-
-
-def _attempts_made(job: BatchJob) -> int:
-    return sum(a.outcome != ORPHANED for a in job.attempts)
+    CREATED = "CREATED"
+    RUNNING = "RUNNING"
+    DRAINING = "DRAINING"
+    STOPPED = "STOPPED"
 
 
 class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the dispatcher for status and metrics."""
+
+    state: DispatcherState
     inflight: int
     waiting_for_worker: int
     dispatched: int
@@ -97,13 +94,14 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class Dispatcher:
-    """Consumes the job stream and drives each job to a final state."""
+    """Consumes the job queue and drives each job to a final state."""
 
     def __init__(
         self,
         store: JobStore,
+        events: JobEvents,
         directory: WorkerDirectory,
-        channels: WorkerChannels,
+        client: WorkerClient,
         balancer: LoadBalancer,
         config: OrchestratorConfig,
         *,
@@ -112,8 +110,9 @@ class Dispatcher:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
+        self._events = events
         self._directory = directory
-        self._channels = channels
+        self._client = client
         self._balancer = balancer
         self._config = config
         self.consumer = consumer
@@ -121,7 +120,7 @@ class Dispatcher:
         self._wall = wall_clock
         self._slots = anyio.CapacityLimiter(config.max_inflight)
         self._slot_freed = anyio.Event()
-        self._entries: dict[str, str] = {}  # stream entry id -> job id, ours now
+        self._entries: dict[str, str] = {}  # queue entry id -> job id, ours now
         self._worker_inflight: Counter[str] = Counter()
         self._waiting: Counter[int] = Counter()  # jobs waiting for a worker, by priority
         self._breakers: dict[str, CircuitBreaker] = {}
@@ -138,19 +137,26 @@ class Dispatcher:
             clock=anyio.current_time,
         )
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._draining = False
-        self._idle = anyio.Event()
+        self._state = DispatcherState.CREATED
         self._counts: Counter[str] = Counter()
 
     def __repr__(self) -> str:
+        s = self.statistics()
         return (
-            f"<Dispatcher {self.consumer} inflight={len(self._entries)}"
-            f"/{self._config.max_inflight} waiting={sum(self._waiting.values())}>"
+            f"<Dispatcher {self.consumer} {s.state.value} inflight={s.inflight}"
+            f"/{self._config.max_inflight} waiting={s.waiting_for_worker}"
+            f" dispatched={s.dispatched} retries={s.retries} succeeded={s.succeeded}>"
         )
 
     # --- views ------------------------------------------------------------------------------------
 
+    @property
+    def state(self) -> DispatcherState:
+        """Where the dispatcher is in its lifecycle."""
+        return self._state
+
     def breaker(self, address: str) -> CircuitBreaker:
+        """The circuit breaker of the worker at `address` (made on first use)."""
         breaker = self._breakers.get(address)
         if breaker is None:
             breaker = self._breakers[address] = CircuitBreaker(
@@ -159,6 +165,7 @@ class Dispatcher:
         return breaker
 
     def inflight_to(self, address: str) -> int:
+        """This dispatcher's calls in flight to the worker at `address`."""
         return self._worker_inflight[address]
 
     def eligibility(self, entry: WorkerEntry, job_type: str | None = None) -> str | None:
@@ -177,8 +184,10 @@ class Dispatcher:
         return None
 
     def statistics(self) -> DispatcherStatistics:
+        """Counters since start, and what is in hand now."""
         c = self._counts
         return DispatcherStatistics(
+            state=self._state,
             inflight=len(self._entries),
             waiting_for_worker=sum(self._waiting.values()),
             dispatched=c["dispatched"],
@@ -192,28 +201,62 @@ class Dispatcher:
             retry_budget_refused=self._budget.refused,
         )
 
+    # --- cancel -----------------------------------------------------------------------------------
+
+    async def cancel(
+        self, job_id: str, *, wait_seconds: float = CANCEL_WAIT_SECONDS
+    ) -> BatchJob | None:
+        """Cancel a job wherever it is: the record once it has ended, or as it is after
+        `wait_seconds`; None when there is no such job.
+
+        A PENDING job ends here (the store fences out its holder); a job on a worker is stopped
+        there by the dispatcher that holds it, which records the end.
+        """
+        after = await self._store.request_cancel(
+            job_id, error="cancelled by request", now=self._wall()
+        )
+        if after is None or after.state.finished:
+            return after
+        deadline = anyio.current_time() + wait_seconds
+        return await wait_finished(self._store, self._events, job_id, deadline=deadline)
+
     # --- the loops --------------------------------------------------------------------------------
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Consume until drained (or cancelled); jobs in hand are driven in this task group."""
-        await self._store.ensure_group()
-        async with anyio.create_task_group() as tg:
-            self._task_group = tg
-            tg.start_soon(self._claim_loop)
-            tg.start_soon(self._keep_alive_loop)
-            task_status.started()
-            await self._consume_loop()
-            # draining: nothing new is taken; wait for the jobs in hand, then stop the loops
-            while self._entries:
-                await self._wait_slot_freed()
-            tg.cancel_scope.cancel()
+        """Consume until drained (or cancelled); ready once the queue's group exists.
+
+        Jobs in hand are driven in this task group; after `begin_drain` it returns once they
+        have ended (the caller bounds how long).
+        """
+        try:
+            await self._store.ensure_group()
+            async with anyio.create_task_group() as tg:
+                self._task_group = tg
+                if self._state is DispatcherState.CREATED:
+                    self._state = DispatcherState.RUNNING
+                tg.start_soon(self._claim_loop)
+                tg.start_soon(self._keep_alive_loop)
+                task_status.started()
+                await self._consume_loop()
+                # draining: nothing new is taken; wait for the jobs in hand, then stop the loops
+                while self._entries:
+                    await self._wait_slot_freed()
+                tg.cancel_scope.cancel()
+        finally:
+            self._state = DispatcherState.STOPPED
+            self._task_group = None
 
     def begin_drain(self) -> None:
         """Take no new entries; the jobs in hand go on (the caller bounds how long)."""
-        self._draining = True
+        if self._state is not DispatcherState.STOPPED:
+            self._state = DispatcherState.DRAINING
         self._slot_freed.set()
+
+    @property
+    def _draining(self) -> bool:
+        return self._state is not DispatcherState.RUNNING
 
     async def _wait_slot_freed(self) -> None:
         with anyio.move_on_after(1.0):
@@ -231,14 +274,14 @@ class Dispatcher:
                 entries = await self._store.read_new(
                     self.consumer, count=min(free, 64), block_ms=1000
                 )
-            except Exception as exc:  # Redis away: the jobs wait in the stream meanwhile
+            except Exception as exc:  # Redis away: the jobs wait in the queue meanwhile
                 if not quiet_errors:
-                    log.warning("cannot read the job stream: %s: %s", type(exc).__name__, exc)
+                    log.warning("cannot read the job queue: %s: %s", type(exc).__name__, exc)
                 quiet_errors = True
                 await anyio.sleep(1.0)
                 continue
             if quiet_errors:
-                log.info("job stream readable again")
+                log.info("job queue readable again")
             quiet_errors = False
             for entry_id, job_id in entries:
                 self._take(entry_id, job_id)
@@ -295,44 +338,37 @@ class Dispatcher:
             del self._entries[entry_id]
             self._slot_freed.set()
 
-    # --- one job ----------------------------------------------------------------------------------
+    # --- one job: decide, then do -----------------------------------------------------------------
 
     async def _drive(self, job: BatchJob) -> None:
-        """Attempts until the job ends, or until another orchestrator holds a newer token."""
-        policy = RetryPolicy(
-            max_attempts=job.max_attempts,
-            base_seconds=self._config.retry_base_seconds,
-            max_seconds=self._config.retry_max_seconds,
-        )
+        """Steps until the job ends, or until another holder has a newer token."""
         token = await self._store.fence(job.job_id)
-        excluded: set[str] = set()
-        last_error = ""
-        sticky: str | None = None
-        if job.attempts and not job.attempts[-1].outcome:
-            # its orchestrator stopped during this attempt: the worker may still run the job
-            sticky = job.attempts[-1].worker
-            job.attempts[-1].outcome = ORPHANED
-        else:
-            self._budget.record_call()
+        if not adopt(job):
+            self._budget.record_call()  # a first attempt (an adopted run is not a new call)
+        call: CallResult | None = None
         while True:
-            if await self._store.cancel_requested(job.job_id):
-                await self._finish(job, token, JobState.CANCELLED, error="cancelled by request")
+            cancel = await self._store.cancel_requested(job.job_id)
+            step = decide(job, call, now=self._wall(), cancel_requested=cancel)
+            call = None
+            if isinstance(step, Stop):
+                self._counts["superseded"] += 1
+                log.info("job %s: %s", job.job_id, step.reason)
                 return
-            if self._wall() >= job.deadline_at:
-                why = last_error or "no eligible worker took it"
-                await self._finish(job, token, JobState.TIMED_OUT, error=f"deadline passed: {why}")
+            if isinstance(step, Finish):
+                await self._finish(job, token, step)
                 return
-            made = _attempts_made(job)
-            if sticky is None and made >= job.max_attempts:
-                error = f"gave up after {made} attempts: {last_error}"
-                await self._finish(job, token, JobState.FAILED, error=error)
-                return
-            if sticky is None and made > 0 and not await self._back_off(job, policy, made + 1):
-                continue  # deadline or cancel: the checks above end it
-            address = await self._pick(job, excluded, sticky)
-            sticky = None
-            if address is None:
+            if isinstance(step, Requeue):
+                job.state = JobState.PENDING
+                if (written := await self._store.write(job, token)) is not WriteResult.WRITTEN:
+                    log.info("job %s: not retried, the record is %s", job.job_id, written.name)
+                    return
+                log.info("job %s: attempt %d %s; retrying", job.job_id, len(job.attempts),
+                         step.reason)  # fmt: skip
+                self._counts["retries"] += 1
                 continue
+            address = await self._before_attempt(job, step)
+            if address is None:
+                continue  # deadline or cancel while waiting: decide() ends it
             token = await self._store.next_token(job.job_id)
             attempt = AttemptRecord(
                 number=len(job.attempts) + 1,
@@ -347,56 +383,23 @@ class Dispatcher:
                 self.breaker(address).release()
                 return
             self._counts["dispatched"] += 1
-            result = await self._call(job, address, token)
+            call = await self._call(job, address, token)
             attempt.finished_at = self._wall()
-            attempt.outcome = result.outcome
-            attempt.error = result.error or (result.info.error if result.info else "")
-            if result.kind is CallKind.SUPERSEDED:
-                self._counts["superseded"] += 1
-                log.info("job %s: attempt %d superseded by a newer one", job.job_id, attempt.number)
-                return
-            if result.kind is CallKind.DEADLINE:
-                await self._finish(job, token, JobState.TIMED_OUT, error=result.error)
-                return
-            if result.kind is CallKind.REJECTED:
-                await self._finish(job, token, JobState.FAILED, error=result.error)
-                return
-            if result.kind is CallKind.DONE and result.info is not None:
-                done = await self._done(job, token, result.info)
-                if done:
-                    return
-            # retry: elsewhere if anywhere else
-            last_error = f"{attempt.outcome} on {address}: {result.error}".rstrip(": ")
-            excluded.add(address)
-            job.state = JobState.PENDING
-            if (written := await self._store.write(job, token)) is not WriteResult.WRITTEN:
-                log.info("job %s: not retried, the record is %s", job.job_id, written.name)
-                return
-            log.info("job %s: attempt %d %s; retrying", job.job_id, attempt.number, last_error)
-            self._counts["retries"] += 1
+            attempt.outcome = call.attempt_outcome
+            attempt.error = call.attempt_error
 
-    async def _done(self, job: BatchJob, token: int, info: wpb.JobInfo) -> bool:
-        """Record a run that ended on the worker; False when it should be retried."""
-        state = wpb.JobState(info.state)
-        if state is wpb.JobState.SUCCEEDED:
-            await self._finish(job, token, JobState.SUCCEEDED, result_json=info.result_json)
-            return True
-        if state is wpb.JobState.TIMED_OUT:
-            await self._finish(job, token, JobState.TIMED_OUT, error=info.error)
-            return True
-        if state is wpb.JobState.CANCELLED:
-            if await self._store.cancel_requested(job.job_id):
-                await self._finish(job, token, JobState.CANCELLED, error=info.error)
-                return True
-            return False  # the worker shut down under it: run it elsewhere
-        if state is wpb.JobState.FAILED:
-            made = _attempts_made(job)
-            if job.retry_on_failure and made < job.max_attempts:
-                return False
-            await self._finish(job, token, JobState.FAILED, error=info.error)
-            return True
-        await self._finish(job, token, JobState.FAILED, error=f"worker answered {state.name}")
-        return True
+    async def _before_attempt(self, job: BatchJob, step: Dispatch) -> str | None:
+        """Back off (a retry), then wait for a worker; None when the deadline or a cancel came
+        first."""
+        if step.back_off:
+            policy = RetryPolicy(
+                max_attempts=job.max_attempts,
+                base_seconds=self._config.retry_base_seconds,
+                max_seconds=self._config.retry_max_seconds,
+            )
+            if not await self._back_off(job, policy, step.attempt):
+                return None
+        return await self._pick(job, step)
 
     async def _back_off(self, job: BatchJob, policy: RetryPolicy, attempt: int) -> bool:
         """Sleep before a retry, and wait for the retry budget; False if the deadline came first."""
@@ -411,22 +414,23 @@ class Dispatcher:
             # the fleet is sick: wait a full ceiling before asking again, instead of piling on
             delay = policy.ceiling(policy.max_attempts + 1)
 
-    async def _pick(self, job: BatchJob, excluded: set[str], sticky: str | None) -> str | None:
+    async def _pick(self, job: BatchJob, step: Dispatch) -> str | None:
         """A worker for the job, waiting for one (backpressure); None on deadline or cancel."""
+        prefer = step.prefer
         self._waiting[job.priority] += 1
         try:
             while self._wall() < job.deadline_at:
-                if sticky is not None:
-                    entry = self._directory.get(sticky)
+                if prefer is not None:
+                    entry = self._directory.get(prefer)
                     if (
                         self._directory.stale_reason(entry) is None
-                        and self.breaker(sticky).try_acquire()
+                        and self.breaker(prefer).try_acquire()
                     ):
-                        return sticky
-                    sticky = None
+                        return prefer
+                    prefer = None
                 ahead = max((p for p, n in self._waiting.items() if n), default=job.priority)
                 if ahead <= job.priority:
-                    address = self._choose(job.job_type, excluded)
+                    address = self._choose(job.job_type, step.avoid)
                     if address is not None:
                         return address
                 if await self._store.cancel_requested(job.job_id):
@@ -437,9 +441,9 @@ class Dispatcher:
         finally:
             self._waiting[job.priority] -= 1
 
-    def _choose(self, job_type: str, excluded: set[str]) -> str | None:
+    def _choose(self, job_type: str, avoid: frozenset[str]) -> str | None:
         eligible = [e for e in self._directory.entries() if self.eligibility(e, job_type) is None]
-        others = [e for e in eligible if e.address not in excluded]
+        others = [e for e in eligible if e.address not in avoid]
         candidates = [
             Candidate(
                 address=e.address,
@@ -459,42 +463,28 @@ class Dispatcher:
         return None
 
     async def _call(self, job: BatchJob, address: str, token: int) -> CallResult:
-        """SendWork + RunWork on one worker, watched; the breaker hears how it went."""
+        """Admit + wait on one worker, watched (registry, deadline, cancel requests); the breaker
+        hears how it went."""
         breaker = self.breaker(address)
-        stub = wpb.WorkerServiceStub(self._channels.get(address))
-        request = wpb.SendWorkReq(
-            id=job.job_id,
-            name=job.job_type,
-            params=dict(job.params),
-            timeout_seconds=job.timeout_seconds,
-        )
         lost: list[str] = []
-        results: list[CallResult] = []
         result: CallResult | None = None
         self._worker_inflight[address] += 1
         try:
             with anyio.move_on_after(max(0.0, job.deadline_at - self._wall())) as deadline:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch_worker, address, lost, tg.cancel_scope)
-                    # its own task: on a lost connection grpclib cancels the calling task
-                    # natively and never uncancels it, which would poison this task's scopes
-                    tg.start_soon(
-                        self._guarded_call, job, stub, request, token, results, tg.cancel_scope
-                    )
+                    tg.start_soon(self._watch_cancel, job.job_id, address)
+                    result = await self._admit_and_wait(job, address, token)
+                    tg.cancel_scope.cancel()
             if deadline.cancelled_caught:
                 result = CallResult(kind=CallKind.DEADLINE, error="deadline passed while running")
-                self._cancel_on_worker_soon(address, job.job_id)
             elif lost:
-                self._channels.drop(address)
                 result = CallResult(kind=CallKind.LOST, error=f"worker lost: {lost[0]}")
-            else:
-                result = results[0]
-                if result.kind is CallKind.UNREACHABLE:
-                    self._channels.drop(address)
         finally:
             self._worker_inflight[address] -= 1
         assert result is not None
         if result.kind in (CallKind.UNREACHABLE, CallKind.LOST):
+            self._client.forget(address)
             breaker.record_failure()
         elif result.kind in (CallKind.DONE, CallKind.REJECTED):
             breaker.record_success()
@@ -502,50 +492,18 @@ class Dispatcher:
             breaker.release()
         return result
 
-    async def _guarded_call(
-        self,
-        job: BatchJob,
-        stub: wpb.WorkerServiceStub,
-        request: wpb.SendWorkReq,
-        token: int,
-        results: list[CallResult],
-        scope: anyio.CancelScope,
-    ) -> None:
-        """Make the call, classify how it went into `results`, then stop the watchdog."""
-        try:
-            results.append(await self._send_and_wait(job, stub, request, token))
-        except GRPCError as exc:
-            kind = (
-                CallKind.REFUSED if exc.status in _REFUSED
-                else CallKind.REJECTED if exc.status in _REJECTED
-                else CallKind.UNREACHABLE
-            )  # fmt: skip
-            results.append(CallResult(kind=kind, error=f"{exc.status.name}: {exc.message}"))
-        except Exception as exc:
-            # CALL_ERRORS, and grpclib's own races around a connection that closes while it
-            # opens a stream (an AttributeError on the dropped transport): no answer either way
-            if not isinstance(exc, CALL_ERRORS):
-                log.debug("call to a worker failed oddly", exc_info=True)
-            error = f"{type(exc).__name__}: {exc}"
-            results.append(CallResult(kind=CallKind.UNREACHABLE, error=error))
-        scope.cancel()
-
-    async def _send_and_wait(
-        self, job: BatchJob, stub: wpb.WorkerServiceStub, request: wpb.SendWorkReq, token: int
-    ) -> CallResult:
-        try:
-            accepted = await stub.send_work(request)
-            running = accepted.state == wpb.JobState.RUNNING
-        except GRPCError as exc:
-            if exc.status is not Status.ALREADY_EXISTS:
-                raise
-            running = True  # the worker runs this id already (a re-dispatch): attach to it
-        if running:
+    async def _admit_and_wait(self, job: BatchJob, address: str, token: int) -> CallResult:
+        admission = await self._client.admit(address, job)
+        if admission.reply is not Reply.OK:
+            return CallResult(kind=_CALL_KIND[admission.reply], error=admission.error)
+        if admission.running:
             job.state = JobState.RUNNING
             if await self._store.write(job, token) is not WriteResult.WRITTEN:
                 return CallResult(kind=CallKind.SUPERSEDED, error="superseded")
-        info = await stub.run_work(request)
-        return CallResult(kind=CallKind.DONE, info=info)
+        completion = await self._client.wait(address, job)
+        if completion.reply is not Reply.OK:
+            return CallResult(kind=_CALL_KIND[completion.reply], error=completion.error)
+        return CallResult(kind=CallKind.DONE, outcome=completion.outcome)
 
     async def _watch_worker(self, address: str, lost: list[str], scope: anyio.CancelScope) -> None:
         """Cancel the call when the worker goes stale or disappears from the registry."""
@@ -557,48 +515,34 @@ class Dispatcher:
                 scope.cancel()
                 return
 
-    def _cancel_on_worker_soon(self, address: str, job_id: str) -> None:
-        """Best effort: stop a run whose deadline passed, so that it frees its worker."""
-        if self._task_group is not None:
-            self._task_group.start_soon(cancel_on_worker, self._channels, address, job_id)
+    async def _watch_cancel(self, job_id: str, address: str) -> None:
+        """While the call runs: on a cancel request, ask the worker to stop the run (again on
+        each check until the call ends: the run then ends CANCELLED)."""
+        while True:
+            with anyio.move_on_after(CANCEL_CHECK_SECONDS):
+                await self._events.wait_changed(job_id)
+            if await self._store.cancel_requested(job_id):
+                await self._client.cancel(address, job_id)
 
-    async def _finish(
-        self,
-        job: BatchJob,
-        token: int,
-        state: JobState,
-        *,
-        result_json: str = "",
-        error: str = "",
-    ) -> None:
-        job.state, job.result_json, job.error = state, result_json, error
+    def _stop_soon(self, address: str, job_id: str) -> None:
+        """Best effort: stop a run that no longer counts, so that it frees its worker."""
+        if self._task_group is not None:
+            self._task_group.start_soon(self._client.cancel, address, job_id)
+
+    async def _finish(self, job: BatchJob, token: int, step: Finish) -> None:
+        job.state, job.result_json, job.error = step.state, step.result_json, step.error
         job.finished_at = self._wall()
         written = await self._store.write(job, token)
         if written is WriteResult.WRITTEN:
-            self._counts[state.value] += 1
-            log.info("job %s (%s) %s after %d attempt(s)%s", job.job_id, job.job_type, state.value,
-                     len(job.attempts), f": {error}" if error else "")  # fmt: skip
+            self._counts[step.state.value] += 1
+            log.info("job %s (%s) %s after %d attempt(s)%s", job.job_id, job.job_type,
+                     step.state.value, len(job.attempts),
+                     f": {step.error}" if step.error else "")  # fmt: skip
+            if step.stop_on is not None:
+                self._stop_soon(step.stop_on, job.job_id)
         elif written is WriteResult.SUPERSEDED:
+            # another holder drives the job now (perhaps on the same run): leave the run be
             self._counts["superseded"] += 1
             log.warning(
                 "job %s: result of superseded attempt (token %d) refused", job.job_id, token
             )
-
-
-async def cancel_on_worker(channels: WorkerChannels, address: str, job_id: str) -> bool:
-    """Ask a worker to cancel a job; True when it answered (whatever the job's state)."""
-    stub = wpb.WorkerServiceStub(channels.get(address))
-    answered: list[bool] = []
-
-    async def call() -> None:
-        try:
-            await stub.cancel_job(wpb.JobRef(id=job_id))
-            answered.append(True)
-        except (GRPCError, *CALL_ERRORS):  # type: ignore[misc]
-            pass
-
-    with anyio.move_on_after(5):
-        # its own task, as in Dispatcher._call: a lost connection cancels it natively
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(call)
-    return bool(answered)

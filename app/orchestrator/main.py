@@ -3,7 +3,7 @@
     root task group
     ├── JobEvents          one pub/sub connection: wakes Execute, WatchJob and CancelJob
     ├── WorkerDirectory    the workers' PodInfo, refreshed every discovery interval
-    ├── Dispatcher         the job stream → workers, with retry, breaker and fencing
+    ├── Dispatcher         the job queue → workers, with retry, breaker and fencing
     └── GrpcServer         OrchestratorService, reflection, health
 
 Shutdown (SIGTERM/SIGINT): health NOT_SERVING, submissions refused with UNAVAILABLE, no new
@@ -20,6 +20,7 @@ import signal
 import socket
 
 import anyio
+import anyio.abc
 
 from app.config import Config
 from app.core.balancer import make_balancer
@@ -29,9 +30,9 @@ from app.grpc.server import GrpcServer
 from app.http.metrics_server import MetricsServer
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
+from app.orchestrator.grpc_worker_client import GrpcWorkerClient
 from app.orchestrator.metrics import orchestrator_metrics
 from app.orchestrator.service import OrchestratorService
-from app.orchestrator.worker_channels import WorkerChannels
 from app.stores.abc import JobEvents, JobStore
 from app.stores.redis.client import create_redis, wait_for_redis
 from app.stores.redis.job_events import RedisJobEvents
@@ -65,15 +66,15 @@ async def serve_orchestrator(config: Config) -> None:
                 report_interval_seconds=o.worker_report_interval_seconds,
                 refresh_seconds=o.discovery_interval_seconds,
             )
-            channels = WorkerChannels(
+            client = GrpcWorkerClient(
                 keepalive_seconds=o.keepalive_seconds,
                 keepalive_timeout_seconds=o.keepalive_timeout_seconds,
             )
             consumer = o.consumer or f"{socket.gethostname()}:{os.getpid()}"
             dispatcher = Dispatcher(
-                store, directory, channels, make_balancer(o.balancer), o, consumer=consumer
+                store, events, directory, client, make_balancer(o.balancer), o, consumer=consumer
             )
-            service = OrchestratorService(store, events, directory, dispatcher, channels, o)
+            service = OrchestratorService(store, events, directory, dispatcher, o)
             server = GrpcServer([service], host=o.host)
             try:
                 # nothing works without the shared Redis: wait for it (a signal still stops us)
@@ -92,12 +93,14 @@ async def serve_orchestrator(config: Config) -> None:
                 dispatcher_scope = anyio.CancelScope()
                 dispatcher_done = anyio.Event()
 
-                async def run_dispatcher() -> None:
+                async def run_dispatcher(
+                    *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+                ) -> None:
                     with dispatcher_scope:
-                        await dispatcher.run()  # returns by itself once drained
+                        await dispatcher.run(task_status=task_status)  # returns once drained
                     dispatcher_done.set()
 
-                tg.start_soon(run_dispatcher)
+                await tg.start(run_dispatcher)
                 if config.metrics.port is not None:
                     metrics = MetricsServer(
                         lambda: orchestrator_metrics(dispatcher, directory),
@@ -132,7 +135,7 @@ async def serve_orchestrator(config: Config) -> None:
                 dispatcher_scope.cancel()
                 log.info("drained: %r", dispatcher)
             finally:
-                channels.close()
+                client.close()
                 with anyio.move_on_after(1, shield=True):
                     await redis.aclose()
                 tg.cancel_scope.cancel()

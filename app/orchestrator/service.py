@@ -17,8 +17,7 @@ from app.core.clock import utc_iso
 from app.fleet.batch_job import BatchJob, encode_job
 from app.fleet.job_state import to_orchestrator_wire
 from app.orchestrator.directory import WorkerDirectory
-from app.orchestrator.dispatcher import Dispatcher, cancel_on_worker
-from app.orchestrator.worker_channels import WorkerChannels
+from app.orchestrator.dispatcher import Dispatcher
 from app.pb import orchestrator as pb
 from app.stores.abc import JobEvents, JobStore, SubmitResult
 from app.stores.waits import wait_finished
@@ -29,7 +28,6 @@ MAX_PARAMS = 64
 MAX_PARAM_BYTES = 64 * 1024
 MAX_PRIORITY = 9
 MAX_ATTEMPTS = 20
-CANCEL_WAIT_SECONDS = 10.0
 
 
 def _invalid(field: str, problem: str) -> GRPCError:
@@ -74,14 +72,12 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         events: JobEvents,
         directory: WorkerDirectory,
         dispatcher: Dispatcher,
-        channels: WorkerChannels,
         config: OrchestratorConfig,
     ) -> None:
         self._store = store
         self._events = events
         self._directory = directory
         self._dispatcher = dispatcher
-        self._channels = channels
         self._config = config
         self.draining = False
 
@@ -186,22 +182,8 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         job = await self._get(message.job_id)
         if job.state.finished:
             return job_message(job)
-        after = await self._store.request_cancel(
-            job.job_id, error="cancelled by request", now=time.time()
-        )
-        if after is None or after.state.finished:
-            return job_message(after or job)
-        # dispatched: cancel it where it runs, again until the dispatcher has recorded the end
-        deadline = anyio.current_time() + CANCEL_WAIT_SECONDS
-        while anyio.current_time() < deadline:
-            current = await self._store.get(job.job_id)
-            if current is None or current.state.finished:
-                return job_message(current or job)
-            if current.attempts:
-                await cancel_on_worker(self._channels, current.attempts[-1].worker, job.job_id)
-            with anyio.move_on_after(1.0):
-                await self._events.wait_changed(job.job_id)
-        return job_message(await self._get(job.job_id))
+        after = await self._dispatcher.cancel(job.job_id)
+        return job_message(after or job)
 
     async def list_workers(self, message: pb.ListWorkersRequest) -> pb.ListWorkersResponse:
         workers = []

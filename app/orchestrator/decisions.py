@@ -1,0 +1,179 @@
+"""The dispatcher's pure core: the next step for a job, from its record and the last call's result.
+
+`decide()` does no I/O and never awaits, as `app.scheduling.decisions.decide` for schedules:
+the dispatcher gathers the facts (the record, whether a cancel was asked for, the time, how the
+last call to a worker went), asks `decide()`, and performs the step it gets:
+
+- `Dispatch`: pick a worker (the one an earlier holder left the job running on first, else by
+  load, avoiding workers that failed this job), after a backoff for a retry;
+- `Requeue`: the attempt failed in a way another attempt may not: back to PENDING;
+- `Finish`: write the final state (and stop the run on its worker where it may still go);
+- `Stop`: another holder has a newer fencing token; leave the job to it.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from app.fleet.batch_job import AttemptRecord, BatchJob
+from app.fleet.job_state import JobState
+from app.orchestrator.worker_client import RunOutcome
+
+#: An attempt whose orchestrator stopped while it ran. The re-dispatch that attaches to the run
+#: on the same worker is not a new attempt, so it does not count against max_attempts.
+ORPHANED = "ORPHANED"
+
+
+class CallKind(enum.Enum):
+    """How one attempt's calls to a worker went, as the dispatcher saw them."""
+
+    DONE = "DONE"  # the worker ran the job: the outcome says how it ended
+    REFUSED = "REFUSED"  # the worker would not take it now (draining, queue full)
+    UNREACHABLE = "UNREACHABLE"  # the connection failed or broke
+    LOST = "LOST"  # the worker went stale or vanished from the registry during the call
+    REJECTED = "REJECTED"  # the request is wrong for this job: retrying cannot help
+    DEADLINE = "DEADLINE"  # the job's deadline passed during the call
+    SUPERSEDED = "SUPERSEDED"  # another attempt holds a newer fencing token
+
+
+class CallResult(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt's result: for DONE, the run's outcome on the worker."""
+
+    kind: CallKind
+    outcome: RunOutcome | None = None
+    error: str = ""
+
+    @property
+    def attempt_outcome(self) -> str:
+        """What the attempt record says: the run's end on the worker, else how the call went."""
+        return self.kind.value if self.outcome is None else self.outcome.state.value
+
+    @property
+    def attempt_error(self) -> str:
+        """The attempt record's error: the call's, else the run's."""
+        return self.error or (self.outcome.error if self.outcome is not None else "")
+
+
+class Dispatch(msgspec.Struct, frozen=True, kw_only=True):
+    """Send the job to a worker: `prefer` first (its run may still go there), avoiding `avoid`
+    unless no other worker is eligible; after a backoff before attempt `attempt` when
+    `back_off`."""
+
+    attempt: int
+    back_off: bool = False
+    prefer: str | None = None
+    avoid: frozenset[str] = frozenset()
+
+
+class Requeue(msgspec.Struct, frozen=True, kw_only=True):
+    """The attempt failed; another may not: the job goes back to PENDING."""
+
+    reason: str
+
+
+class Finish(msgspec.Struct, frozen=True, kw_only=True):
+    """Write the job's end. `stop_on`: a worker where its run may still go (best-effort cancel)."""
+
+    state: JobState
+    result_json: str = ""
+    error: str = ""
+    stop_on: str | None = None
+
+
+class Stop(msgspec.Struct, frozen=True, kw_only=True):
+    """Leave the job: another holder took it over."""
+
+    reason: str
+
+
+Step = Dispatch | Requeue | Finish | Stop
+
+
+def attempts_made(job: BatchJob) -> int:
+    """Attempts that count against max_attempts (an orphaned one does not)."""
+    return sum(a.outcome != ORPHANED for a in job.attempts)
+
+
+def adopt(job: BatchJob) -> bool:
+    """Take over a job whose last attempt has no outcome (its holder stopped during it): mark it
+    ORPHANED, to be re-dispatched to the same worker, which attaches to the run. True if so."""
+    if job.attempts and not job.attempts[-1].outcome:
+        job.attempts[-1].outcome = ORPHANED
+        return True
+    return False
+
+
+def _orphan(job: BatchJob) -> AttemptRecord | None:
+    last = job.attempts[-1] if job.attempts else None
+    return last if last is not None and last.outcome == ORPHANED else None
+
+
+def _last_error(job: BatchJob) -> str:
+    for attempt in reversed(job.attempts):
+        if attempt.outcome and attempt.outcome != ORPHANED:
+            return f"{attempt.outcome} on {attempt.worker}: {attempt.error}".rstrip(": ")
+    return ""
+
+
+def decide(job: BatchJob, call: CallResult | None, *, now: float, cancel_requested: bool) -> Step:
+    """The next step for `job`, given the result of the attempt just made (None between
+    attempts), the wall time `now` and whether a cancel was asked for. Pure."""
+    if call is not None:
+        return _after_call(job, call, cancel_requested=cancel_requested)
+    orphan = _orphan(job)
+    if cancel_requested:
+        return Finish(
+            state=JobState.CANCELLED,
+            error="cancelled by request",
+            stop_on=orphan.worker if orphan is not None else None,
+        )
+    if now >= job.deadline_at:
+        why = _last_error(job) or "no eligible worker took it"
+        return Finish(
+            state=JobState.TIMED_OUT,
+            error=f"deadline passed: {why}",
+            stop_on=orphan.worker if orphan is not None else None,
+        )
+    made = attempts_made(job)
+    if orphan is not None:
+        return Dispatch(attempt=made + 1, prefer=orphan.worker)
+    if made >= job.max_attempts:
+        return Finish(
+            state=JobState.FAILED, error=f"gave up after {made} attempts: {_last_error(job)}"
+        )
+    avoid = frozenset(a.worker for a in job.attempts if a.outcome and a.outcome != ORPHANED)
+    return Dispatch(attempt=made + 1, back_off=made > 0, avoid=avoid)
+
+
+def _after_call(job: BatchJob, call: CallResult, *, cancel_requested: bool) -> Step:
+    worker = job.attempts[-1].worker if job.attempts else None
+    kind, outcome = call.kind, call.outcome
+    if kind is CallKind.SUPERSEDED:
+        return Stop(reason="another attempt holds a newer fencing token")
+    if kind is CallKind.DONE and outcome is not None:
+        # the run ended on the worker: that is the job's end, a cancel asked for too late aside
+        state = outcome.state
+        if state is JobState.SUCCEEDED:
+            return Finish(state=state, result_json=outcome.result_json)
+        if state is JobState.TIMED_OUT:
+            return Finish(state=state, error=outcome.error)
+        if state is JobState.FAILED:
+            retry = job.retry_on_failure and attempts_made(job) < job.max_attempts
+            if retry and not cancel_requested:
+                return Requeue(reason=f"FAILED on {worker}: {outcome.error}".rstrip(": "))
+            return Finish(state=state, error=outcome.error)
+        if state is JobState.CANCELLED:
+            if cancel_requested:
+                return Finish(state=state, error=outcome.error or "cancelled by request")
+            # not asked for: the worker shut down under it; run it again elsewhere
+            return Requeue(reason=f"CANCELLED on {worker}: {outcome.error}".rstrip(": "))
+        return Finish(state=JobState.FAILED, error=f"worker answered {state.value}", stop_on=worker)
+    if cancel_requested:  # the run may still go where the call could not follow it
+        return Finish(state=JobState.CANCELLED, error="cancelled by request", stop_on=worker)
+    if kind is CallKind.DEADLINE:
+        return Finish(state=JobState.TIMED_OUT, error=call.error, stop_on=worker)
+    if kind is CallKind.REJECTED:
+        return Finish(state=JobState.FAILED, error=call.error)
+    return Requeue(reason=f"{call.attempt_outcome} on {worker}: {call.error}".rstrip(": "))

@@ -1,0 +1,175 @@
+"""`WorkerClient` over grpclib: one pooled channel per worker, HTTP/2 keepalive, statuses classed.
+
+A silent worker (stopped, partitioned) fails the keepalive within `keepalive_seconds +
+keepalive_timeout_seconds` and its call breaks at once, whatever the job's length.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import anyio
+from grpclib.client import Channel
+from grpclib.config import Configuration
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+
+from app.fleet.batch_job import BatchJob
+from app.fleet.job_state import JobState, from_worker_wire
+from app.orchestrator.worker_client import Admission, Completion, Reply, RunOutcome
+from app.pb import worker as wpb
+
+log = logging.getLogger(__name__)
+Req = TypeVar("Req")
+Res = TypeVar("Res")
+
+#: Connection-level failures of a call (no answer from the worker).
+CALL_ERRORS: tuple[type[Exception], ...] = (
+    OSError, ConnectionError, StreamTerminatedError, ProtocolError,
+)  # fmt: skip
+_REFUSED = {Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED}
+_REJECTED = {Status.INVALID_ARGUMENT, Status.NOT_FOUND, Status.ALREADY_EXISTS}
+CANCEL_TIMEOUT_SECONDS = 5.0
+
+
+def _reply_for(status: Status) -> Reply:
+    if status in _REFUSED:
+        return Reply.REFUSED
+    if status in _REJECTED:
+        return Reply.REJECTED
+    return Reply.UNREACHABLE  # an answer that is no answer: UNKNOWN, INTERNAL, ...
+
+
+def _request(job: BatchJob) -> wpb.SendWorkReq:
+    return wpb.SendWorkReq(
+        id=job.job_id,
+        name=job.job_type,
+        params=dict(job.params),
+        timeout_seconds=job.timeout_seconds,
+    )
+
+
+class GrpcWorkerClient:
+    """Channels by `host:port`, made on first use and closed together."""
+
+    def __init__(
+        self, *, keepalive_seconds: float = 2.0, keepalive_timeout_seconds: float = 3.0
+    ) -> None:
+        # pings go out during a long call (no data flows while a job runs) and a peer that does
+        # not answer within the timeout has its connection closed, failing the call at once
+        self._config = Configuration(
+            _keepalive_time=keepalive_seconds,
+            _keepalive_timeout=keepalive_timeout_seconds,
+            _keepalive_permit_without_calls=False,
+            _http2_max_pings_without_data=0,
+            _http2_min_sent_ping_interval_without_data=keepalive_seconds,
+        )
+        self._channels: dict[str, Channel] = {}
+        self.forgotten = 0
+
+    def __repr__(self) -> str:
+        return f"<GrpcWorkerClient {len(self._channels)} channels forgotten={self.forgotten}>"
+
+    def _stub(self, address: str) -> wpb.WorkerServiceStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            host, _, port = address.rpartition(":")
+            channel = self._channels[address] = Channel(host, int(port), config=self._config)
+        return wpb.WorkerServiceStub(channel)
+
+    async def admit(self, address: str, job: BatchJob) -> Admission:
+        """SendWork; ALREADY_EXISTS means the worker has the id: attach to that run."""
+        stub = self._stub(address)
+        try:
+            reply = await _isolated(stub.send_work, _request(job))
+        except GRPCError as exc:
+            if exc.status is Status.ALREADY_EXISTS:
+                return Admission(reply=Reply.OK, running=True)
+            return Admission(reply=_reply_for(exc.status), error=_status_text(exc))
+        except Exception as exc:
+            return Admission(reply=Reply.UNREACHABLE, error=_failure_text(exc))
+        return Admission(reply=Reply.OK, running=reply.state == wpb.JobState.RUNNING)
+
+    async def wait(self, address: str, job: BatchJob) -> Completion:
+        """RunWork: attaches to the worker's run of this id (or starts it) and waits."""
+        stub = self._stub(address)
+        try:
+            info = await _isolated(stub.run_work, _request(job))
+        except GRPCError as exc:
+            return Completion(reply=_reply_for(exc.status), error=_status_text(exc))
+        except Exception as exc:
+            return Completion(reply=Reply.UNREACHABLE, error=_failure_text(exc))
+        state = from_worker_wire(info.state)
+        if state is None:
+            return Completion(
+                reply=Reply.OK,
+                outcome=RunOutcome(state=JobState.FAILED, error=f"worker answered {info.state!r}"),
+            )
+        return Completion(
+            reply=Reply.OK,
+            outcome=RunOutcome(state=state, result_json=info.result_json, error=info.error),
+        )
+
+    async def cancel(self, address: str, job_id: str) -> bool:
+        """CancelJob, bounded by CANCEL_TIMEOUT_SECONDS; True when the worker answered."""
+        stub = self._stub(address)
+        with anyio.move_on_after(CANCEL_TIMEOUT_SECONDS):
+            try:
+                await _isolated(stub.cancel_job, wpb.JobRef(id=job_id))
+            except GRPCError:
+                return True  # it answered (NOT_FOUND: it does not know the job)
+            except Exception:
+                return False
+            return True
+        return False
+
+    def forget(self, address: str) -> None:
+        """Close the channel to a worker that is gone (the next call reconnects)."""
+        channel = self._channels.pop(address, None)
+        if channel is not None:
+            channel.close()
+            self.forgotten += 1
+
+    def close(self) -> None:
+        """Close every channel."""
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+
+async def _isolated(call: Callable[[Req], Awaitable[Res]], request: Req) -> Res:
+    """Run one grpclib call in a task of its own and return its result (or raise its error).
+
+    On a lost connection grpclib cancels the calling task natively and never uncancels it,
+    which would poison the caller's cancel scopes; a child task takes that instead.
+    """
+    results: list[Res] = []
+    errors: list[Exception] = []
+
+    async def run() -> None:
+        try:
+            results.append(await call(request))
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+    if errors:
+        raise errors[0]
+    if not results:  # cancelled natively by grpclib: the connection went away
+        raise ConnectionError("the connection to the worker was lost during the call")
+    return results[0]
+
+
+def _status_text(exc: GRPCError) -> str:
+    return f"{exc.status.name}: {exc.message}"
+
+
+def _failure_text(exc: Exception) -> str:
+    if not isinstance(exc, CALL_ERRORS):
+        # grpclib's own races around a connection that closes while it opens a stream (an
+        # AttributeError on the dropped transport): no answer either way
+        log.debug("call to a worker failed oddly", exc_info=True)
+    return f"{type(exc).__name__}: {exc}"
