@@ -1,0 +1,205 @@
+"""The dispatcher's pure core: decide() for every kind of call result, and a model of the loop."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.fleet.batch_job import AttemptRecord, BatchJob
+from app.fleet.job_state import JobState
+from app.orchestrator.decisions import (
+    ORPHANED,
+    CallKind,
+    CallResult,
+    Dispatch,
+    Finish,
+    Requeue,
+    Step,
+    Stop,
+    adopt,
+    attempts_made,
+    decide,
+)
+from app.orchestrator.worker_client import RunOutcome
+
+NOW = 1_000.0
+
+
+def job(
+    *outcomes: tuple[str, str], max_attempts: int = 3, retry_on_failure: bool = False
+) -> BatchJob:
+    """A job with attempts (worker, outcome) made so far, its deadline an hour away."""
+    return BatchJob(
+        job_id="j",
+        job_type="echo",
+        deadline_at=NOW + 3600,
+        max_attempts=max_attempts,
+        retry_on_failure=retry_on_failure,
+        attempts=[
+            AttemptRecord(number=i + 1, worker=w, fencing_token=i + 1, started_at=NOW, outcome=o)
+            for i, (w, o) in enumerate(outcomes)
+        ],
+    )
+
+
+def done(state: JobState, *, result: str = "", error: str = "") -> CallResult:
+    return CallResult(
+        kind=CallKind.DONE, outcome=RunOutcome(state=state, result_json=result, error=error)
+    )
+
+
+def failed(kind: CallKind, error: str = "boom") -> CallResult:
+    return CallResult(kind=kind, error=error)
+
+
+def test_a_fresh_job_is_dispatched_without_backoff() -> None:
+    assert decide(job(), None, now=NOW, cancel_requested=False) == Dispatch(attempt=1)
+
+
+def test_a_retry_backs_off_and_avoids_the_workers_that_failed() -> None:
+    j = job(("w1", "UNREACHABLE"), ("w2", "REFUSED"))
+    step = decide(j, None, now=NOW, cancel_requested=False)
+    assert step == Dispatch(attempt=3, back_off=True, avoid=frozenset({"w1", "w2"}))
+
+
+def test_attempts_run_out_with_the_last_error_named() -> None:
+    j = job(("w1", "UNREACHABLE"), ("w2", "REFUSED"), ("w3", "LOST"))
+    j.attempts[-1].error = "worker lost: its PodInfo key is gone"
+    assert decide(j, None, now=NOW, cancel_requested=False) == Finish(
+        state=JobState.FAILED,
+        error="gave up after 3 attempts: LOST on w3: worker lost: its PodInfo key is gone",
+    )
+
+
+def test_an_orphaned_run_goes_back_to_its_worker_and_is_not_counted() -> None:
+    j = job(("w1", "UNREACHABLE"), ("w2", ""), max_attempts=2)
+    assert adopt(j)
+    assert j.attempts[-1].outcome == ORPHANED
+    assert attempts_made(j) == 1
+    assert decide(j, None, now=NOW, cancel_requested=False) == Dispatch(attempt=2, prefer="w2")
+    assert not adopt(j)  # once is enough
+    assert not adopt(job(("w1", "FAILED")))
+
+
+def test_cancel_and_deadline_between_attempts_stop_an_orphaned_run_where_it_goes() -> None:
+    j = job(("w2", ORPHANED))
+    assert decide(j, None, now=NOW, cancel_requested=True) == Finish(
+        state=JobState.CANCELLED, error="cancelled by request", stop_on="w2"
+    )
+    assert decide(j, None, now=NOW + 7200, cancel_requested=False) == Finish(
+        state=JobState.TIMED_OUT, error="deadline passed: no eligible worker took it", stop_on="w2"
+    )
+    retried = job(("w1", "REFUSED"))
+    retried.attempts[0].error = "UNAVAILABLE: draining"
+    assert decide(retried, None, now=NOW + 7200, cancel_requested=False) == Finish(
+        state=JobState.TIMED_OUT, error="deadline passed: REFUSED on w1: UNAVAILABLE: draining"
+    )
+
+
+@pytest.mark.parametrize(
+    ("call", "cancel", "expected"),
+    [
+        (done(JobState.SUCCEEDED, result='{"a":1}'), False,
+         Finish(state=JobState.SUCCEEDED, result_json='{"a":1}')),
+        # a cancel asked for after the run ended does not hide how it ended
+        (done(JobState.SUCCEEDED, result="1"), True,
+         Finish(state=JobState.SUCCEEDED, result_json="1")),
+        (done(JobState.TIMED_OUT, error="timed out after 1s"), False,
+         Finish(state=JobState.TIMED_OUT, error="timed out after 1s")),
+        (done(JobState.FAILED, error="ValueError: x"), False,
+         Finish(state=JobState.FAILED, error="ValueError: x")),
+        (done(JobState.CANCELLED, error="cancelled by request"), True,
+         Finish(state=JobState.CANCELLED, error="cancelled by request")),
+        # not asked for: the worker shut down under the run
+        (done(JobState.CANCELLED, error="worker shut down"), False,
+         Requeue(reason="CANCELLED on w1: worker shut down")),
+        (done(JobState.RUNNING), False,
+         Finish(state=JobState.FAILED, error="worker answered RUNNING", stop_on="w1")),
+        (failed(CallKind.REFUSED, "UNAVAILABLE: draining"), False,
+         Requeue(reason="REFUSED on w1: UNAVAILABLE: draining")),
+        (failed(CallKind.UNREACHABLE), False, Requeue(reason="UNREACHABLE on w1: boom")),
+        (failed(CallKind.LOST), False, Requeue(reason="LOST on w1: boom")),
+        (failed(CallKind.UNREACHABLE), True,
+         Finish(state=JobState.CANCELLED, error="cancelled by request", stop_on="w1")),
+        (failed(CallKind.REJECTED, "NOT_FOUND: no job"), False,
+         Finish(state=JobState.FAILED, error="NOT_FOUND: no job")),
+        (failed(CallKind.DEADLINE, "deadline passed while running"), False,
+         Finish(state=JobState.TIMED_OUT, error="deadline passed while running", stop_on="w1")),
+        (failed(CallKind.SUPERSEDED), True,
+         Stop(reason="another attempt holds a newer fencing token")),
+    ],
+)  # fmt: skip
+def test_after_a_call(call: CallResult, cancel: bool, expected: Step) -> None:
+    j = job(("w1", call.attempt_outcome))
+    assert decide(j, call, now=NOW, cancel_requested=cancel) == expected
+
+
+def test_a_failed_run_is_retried_only_when_asked_and_within_the_attempts() -> None:
+    call = done(JobState.FAILED, error="E")
+    again = job(("w1", "FAILED"), retry_on_failure=True)
+    assert decide(again, call, now=NOW, cancel_requested=False) == Requeue(reason="FAILED on w1: E")
+    assert decide(again, call, now=NOW, cancel_requested=True) == Finish(
+        state=JobState.FAILED, error="E"
+    )
+    spent = job(("w1", "FAILED"), ("w2", "FAILED"), ("w3", "FAILED"), retry_on_failure=True)
+    assert decide(spent, call, now=NOW, cancel_requested=False) == Finish(
+        state=JobState.FAILED, error="E"
+    )
+
+
+KINDS = [k for k in CallKind if k is not CallKind.SUPERSEDED]
+RESULTS = st.one_of(
+    st.sampled_from([failed(k) for k in KINDS if k is not CallKind.DONE]),
+    st.sampled_from([done(s) for s in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)]),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    results=st.lists(RESULTS, min_size=1, max_size=30),
+    max_attempts=st.integers(1, 5),
+    retry_on_failure=st.booleans(),
+    orphan=st.booleans(),
+)
+def test_the_loop_ends_within_the_attempts_whatever_the_workers_answer(
+    results: list[CallResult], max_attempts: int, retry_on_failure: bool, orphan: bool
+) -> None:
+    """Drive decide() the way the dispatcher does, the workers answering from `results`."""
+    j = job(
+        *([("w0", "")] if orphan else []),
+        max_attempts=max_attempts,
+        retry_on_failure=retry_on_failure,
+    )
+    adopt(j)
+    answers = iter(results)
+    call: CallResult | None = None
+    for _ in range(4 * max_attempts + 4):
+        step = decide(j, call, now=NOW, cancel_requested=False)
+        call = None
+        if isinstance(step, Finish):
+            break
+        assert not isinstance(step, Stop)
+        if isinstance(step, Requeue):
+            continue
+        assert attempts_made(j) < max_attempts or step.prefer is not None
+        try:
+            call = next(answers)
+        except StopIteration:
+            return  # the workers ran out of answers before the job ended: nothing to check
+        worker = step.prefer or f"w{len(j.attempts) + 1}"
+        j.attempts.append(
+            AttemptRecord(
+                number=len(j.attempts) + 1, worker=worker, fencing_token=1, started_at=NOW,
+                outcome=call.attempt_outcome,
+            )
+        )  # fmt: skip
+    else:
+        pytest.fail(f"no end after {4 * max_attempts + 4} steps: {j.attempts}")
+    assert attempts_made(j) <= max_attempts
+    answered = [a.outcome for a in j.attempts if a.outcome != ORPHANED]
+    if step.state is JobState.SUCCEEDED:
+        assert answered[-1] == "SUCCEEDED"
+    assert "SUCCEEDED" not in answered[:-1]  # nothing runs again after it succeeded
+    if not retry_on_failure:
+        assert "FAILED" not in answered[:-1]  # a failed run is final unless asked
