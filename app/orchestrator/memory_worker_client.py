@@ -133,10 +133,10 @@ class MemoryWorkerClient:
         worker = await self._reach(address)
         if worker is None:
             return Admission(reply=Reply.UNREACHABLE, error="ConnectionRefusedError")
+        if worker.draining:  # before the id: a draining worker takes nothing, known or not
+            return Admission(reply=Reply.REFUSED, error="UNAVAILABLE: worker is draining")
         if job.job_id in worker.runs:
             return Admission(reply=Reply.OK, running=True)
-        if worker.draining:
-            return Admission(reply=Reply.REFUSED, error="UNAVAILABLE: worker is draining")
         if job.job_type not in worker.jobs:
             return Admission(reply=Reply.REJECTED, error=f"NOT_FOUND: no job {job.job_type!r}")
         self._start(worker, job)

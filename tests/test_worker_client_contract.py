@@ -1,0 +1,209 @@
+"""One contract for the orchestrator's edge to the workers, run against both implementations.
+
+`memory`: MemoryWorkerClient with an in-process MemoryWorker (asyncio and trio). `grpc`:
+GrpcWorkerClient against a real `jobworker worker` process (asyncio: grpclib needs it). The
+dispatcher's in-process tests rely on the twin behaving as the real worker does; this is where
+that is shown.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+
+from app.fleet.batch_job import BatchJob
+from app.fleet.job_state import JobState
+from app.orchestrator.grpc_worker_client import GrpcWorkerClient
+from app.orchestrator.memory_worker_client import MemoryWorker, MemoryWorkerClient
+from app.orchestrator.worker_client import Admission, Completion, Reply, WorkerClient
+from app.pb import worker as wpb
+from tests.helpers import WorkerProcess, eventually, free_port
+
+pytestmark = pytest.mark.anyio
+
+
+async def echo(**params: str) -> dict[str, str]:
+    return params
+
+
+async def sleep(seconds: str = "1") -> dict[str, float]:
+    await anyio.sleep(float(seconds))
+    return {"slept": float(seconds)}
+
+
+class Fleet:
+    """One worker behind a WorkerClient, and the knobs a test turns on it."""
+
+    def __init__(
+        self,
+        client: WorkerClient,
+        address: str,
+        *,
+        accepted: Callable[[], Any],
+        drain: Callable[[], None],
+        kill: Callable[[], None],
+    ) -> None:
+        self.client = client
+        self.address = address
+        self.accepted = accepted  # async: jobs the worker has taken so far
+        self.drain = drain
+        self.kill = kill
+
+
+@pytest.fixture(params=["memory", "grpc"])
+def impl(request: pytest.FixtureRequest, anyio_backend: str) -> str:
+    if request.param == "grpc" and anyio_backend == "trio":
+        pytest.skip("grpclib runs on asyncio only")
+    return str(request.param)
+
+
+@pytest.fixture
+def worker_process(
+    impl: str, worker_env: dict[str, str], start_worker: Callable[..., WorkerProcess]
+) -> WorkerProcess | None:
+    return start_worker(worker_env) if impl == "grpc" else None
+
+
+@pytest.fixture
+async def fleet(impl: str, worker_process: WorkerProcess | None) -> AsyncIterator[Fleet]:
+    if impl == "memory":
+        worker = MemoryWorker({"echo": echo, "sleep": sleep})
+        memory = MemoryWorkerClient({"127.0.0.1:1": worker})
+
+        async def accepted() -> int:
+            return sum(worker.started.values())
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(memory.run)
+            yield Fleet(
+                memory, "127.0.0.1:1", accepted=accepted,
+                drain=lambda: setattr(worker, "draining", True), kill=worker.kill,
+            )  # fmt: skip
+            tg.cancel_scope.cancel()
+        return
+    assert worker_process is not None
+    grpc = GrpcWorkerClient(keepalive_seconds=1, keepalive_timeout_seconds=1)
+    process = worker_process
+
+    async def accepted_on_worker() -> int:
+        from grpclib.client import Channel
+
+        channel = Channel("127.0.0.1", process.port)
+        try:
+            status = await wpb.WorkerServiceStub(channel).get_status(wpb.StatusReq())
+        finally:
+            channel.close()
+        return int(status.jobs_accepted)
+
+    try:
+        yield Fleet(
+            grpc, process.target, accepted=accepted_on_worker,
+            drain=lambda: process.signal(signal.SIGTERM),
+            kill=lambda: process.signal(signal.SIGKILL),
+        )  # fmt: skip
+    finally:
+        grpc.close()
+
+
+def job(job_id: str, job_type: str = "echo", **params: str) -> BatchJob:
+    return BatchJob(job_id=job_id, job_type=job_type, params=params)
+
+
+async def test_admit_then_wait_gives_the_outcome(fleet: Fleet) -> None:
+    j = job("c1", a="1")
+    assert await fleet.client.admit(fleet.address, j) == Admission(reply=Reply.OK, running=True)
+    completion = await fleet.client.wait(fleet.address, j)
+    assert completion.reply is Reply.OK
+    assert completion.outcome is not None
+    assert completion.outcome.state is JobState.SUCCEEDED
+    assert msgspec.json.decode(completion.outcome.result_json) == {"a": "1"}
+
+
+async def test_a_known_id_attaches_to_its_run_instead_of_starting_another(fleet: Fleet) -> None:
+    j = job("c2", "sleep", seconds="0.3")
+    first = await fleet.client.admit(fleet.address, j)
+    again = await fleet.client.admit(fleet.address, j)
+    assert (first.reply, again.reply, again.running) == (Reply.OK, Reply.OK, True)
+    done = await fleet.client.wait(fleet.address, j)
+    assert done.outcome is not None
+    assert done.outcome.state is JobState.SUCCEEDED
+    assert await fleet.accepted() == 1
+
+
+async def test_waiting_on_an_id_the_worker_does_not_know_runs_it(fleet: Fleet) -> None:
+    completion = await fleet.client.wait(fleet.address, job("c3", b="2"))
+    assert completion.outcome is not None
+    assert completion.outcome.state is JobState.SUCCEEDED
+    assert await fleet.accepted() == 1
+
+
+async def test_an_unknown_job_type_is_rejected(fleet: Fleet) -> None:
+    admission = await fleet.client.admit(fleet.address, job("c4", "no-such-job"))
+    assert admission.reply is Reply.REJECTED
+    assert admission.error.startswith("NOT_FOUND")
+    completion = await fleet.client.wait(fleet.address, job("c4", "no-such-job"))
+    assert completion.reply is Reply.REJECTED
+
+
+async def test_a_cancelled_run_ends_cancelled(fleet: Fleet) -> None:
+    j = job("c5", "sleep", seconds="30")
+    await fleet.client.admit(fleet.address, j)
+    ended: list[Completion] = []
+
+    async def wait() -> None:
+        ended.append(await fleet.client.wait(fleet.address, j))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            assert await fleet.client.cancel(fleet.address, "c5")
+    assert ended[0].outcome is not None
+    assert ended[0].outcome.state is JobState.CANCELLED
+    assert await fleet.client.cancel(fleet.address, "never-seen")  # answered all the same
+
+
+async def test_a_draining_worker_refuses_new_jobs_and_finishes_its_own(fleet: Fleet) -> None:
+    running = job("c6", "sleep", seconds="1")
+    assert (await fleet.client.admit(fleet.address, running)).running
+    fleet.drain()
+
+    async def refused_now() -> bool:  # a signal takes a moment to reach a real process
+        return (await fleet.client.admit(fleet.address, job("c7"))).reply is Reply.REFUSED
+
+    await eventually(refused_now, within=10)
+    refused = await fleet.client.admit(fleet.address, job("c7"))
+    assert refused.error.startswith("UNAVAILABLE")
+    completion = await fleet.client.wait(fleet.address, running)
+    assert completion.outcome is not None
+    assert completion.outcome.state is JobState.SUCCEEDED
+
+
+async def test_a_killed_worker_breaks_the_wait_at_once(fleet: Fleet) -> None:
+    j = job("c8", "sleep", seconds="60")
+    await fleet.client.admit(fleet.address, j)
+    ended: list[Completion] = []
+
+    async def wait() -> None:
+        ended.append(await fleet.client.wait(fleet.address, j))
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()  # the wait is under way
+            fleet.kill()
+    assert ended[0].reply is Reply.UNREACHABLE
+    assert (await fleet.client.admit(fleet.address, job("c9"))).reply is Reply.UNREACHABLE
+
+
+async def test_nobody_listening_is_unreachable(fleet: Fleet) -> None:
+    nowhere = f"127.0.0.1:{free_port()}"
+    with anyio.fail_after(10):
+        assert (await fleet.client.admit(nowhere, job("c10"))).reply is Reply.UNREACHABLE
+        assert (await fleet.client.wait(nowhere, job("c10"))).reply is Reply.UNREACHABLE
+        assert not await fleet.client.cancel(nowhere, "c10")
+    fleet.client.forget(nowhere)
