@@ -517,7 +517,7 @@ def test_an_orchestrator_waits_for_redis_and_stops_cleanly_meanwhile(
     orch = WorkerProcess(env, tmp_path / "waiting.log", [], "orchestrator")
     fleet.procs.append(orch)
     try:
-        orch.wait_log("waiting for Redis at")
+        orch.wait_log(r"Redis at \S+ unreachable \(.*\); waiting for it")
         late.start()
         orch.wait_ready()
         orch.signal(signal.SIGTERM)
@@ -528,7 +528,7 @@ def test_an_orchestrator_waits_for_redis_and_stops_cleanly_meanwhile(
     never = fleet.env(REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     waiting = WorkerProcess(never, tmp_path / "never.log", [], "orchestrator")
     fleet.procs.append(waiting)
-    waiting.wait_log("waiting for Redis at")
+    waiting.wait_log(r"Redis at \S+ unreachable \(.*\); waiting for it")
     waiting.signal(signal.SIGTERM)
     assert waiting.wait_exit() == 0
     assert "Traceback" not in waiting.log()

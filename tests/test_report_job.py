@@ -8,13 +8,13 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
+from app.core.clock import ManualClock
 from app.fleet.pod_info import PodStatus, decode_pod_info
 from app.stores.memory import MemoryPodRegistry
 from app.worker.builtin_jobs import builtin_specs
 from app.worker.job_master import JobMaster
 from app.worker.job_registry import JobRegistry
 from app.worker.reporter import ApplicationInfoReportJob, PodIdentity
-from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -75,27 +75,29 @@ async def test_outage_is_logged_once_backs_off_and_reregisters(
     job_master: JobMaster, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = FlakyRegistry()
+    clock = ManualClock()
     job = ApplicationInfoReportJob(
-        store, job_master, IDENTITY, interval_seconds=0.01, retry_max_seconds=0.04
+        store, job_master, IDENTITY, interval_seconds=5, retry_max_seconds=20, clock=clock
     )
     caplog.set_level(logging.INFO, logger="app")
     assert await job.report()
     store.down = True
     await store.delete(job.key)  # as if the key had expired meanwhile
-    calls = 0
-    with anyio.fail_after(5):
-        while job.failures < 4:
-            assert not await job.report()
-            calls += 1
-            await anyio.sleep(0.002)
+    tried_at: list[float] = []
+    for _ in range(60):  # a minute of 1-second ticks
+        if not await job.report() and store.attempts > len(tried_at) + 1:
+            tried_at.append(clock.monotonic())
+        clock.advance(1)
     assert not job.connected
-    # backoff: calls inside the backoff window make no attempt; one warning for the outage
-    assert store.attempts == 1 + job.failures
-    assert calls > job.failures
+    # backoff: from the 5 s interval, doubling up to 20 s; no attempt in between
+    assert tried_at == [0, 5, 15, 35, 55]
+    assert job.failures == 5
     warnings = [r for r in caplog.records if "registry unreachable" in r.getMessage()]
     assert len(warnings) == 1
     store.down = False
-    await eventually(job.report)
+    assert not await job.report()  # still backing off: the next attempt is due at 75 s
+    clock.advance(15)
+    assert await job.report()
     assert job.connected
     assert await store.get(job.key) is not None
     assert any("re-registered" in r.getMessage() for r in caplog.records)

@@ -1,18 +1,16 @@
-"""The orchestrator's core policies (anyio only): retry, retry budget, breaker, balancer."""
+"""The orchestrator's core policies: retry, retry budget, breaker, balancer, in virtual time."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
 
-import anyio
 import pytest
 
 from app.core.balancer import Candidate, PowerOfTwoChoices, RoundRobin, make_balancer
 from app.core.breaker import BreakerConfig, BreakerState, CircuitBreaker
+from app.core.clock import ManualClock
 from app.core.retry import RetryBudget, RetryPolicy
-
-pytestmark = pytest.mark.anyio
 
 
 def state(breaker: CircuitBreaker) -> BreakerState:
@@ -33,20 +31,24 @@ def test_backoff_ceiling_doubles_up_to_the_cap_and_jitter_is_full() -> None:
         RetryPolicy(max_attempts=0)
 
 
-async def test_retry_budget_caps_retries_over_a_sliding_window() -> None:
-    budget = RetryBudget(ratio=0.1, window_seconds=0.2, min_retries=1, clock=anyio.current_time)
+def test_retry_budget_caps_retries_over_a_sliding_window() -> None:
+    clock = ManualClock()
+    budget = RetryBudget(ratio=0.1, window_seconds=10, min_retries=1, clock=clock)
     for _ in range(20):
         budget.record_call()
     # 1 + 10 % of 20 calls = 3 retries in this window
     assert [budget.try_spend() for _ in range(5)] == [True, True, True, False, False]
     assert budget.refused == 2
-    await anyio.sleep(0.25)  # the window slides past everything
-    assert budget.try_spend()
+    clock.advance(9.9)  # still inside the window
+    assert not budget.try_spend()
+    clock.advance(0.2)  # the window slides past everything: only the floor is left
+    assert [budget.try_spend() for _ in range(2)] == [True, False]
 
 
-async def test_breaker_opens_after_consecutive_failures_and_probes_once() -> None:
-    cfg = BreakerConfig(failure_threshold=3, min_calls=100, open_seconds=0.1)
-    breaker = CircuitBreaker(cfg, clock=anyio.current_time)
+def test_breaker_opens_after_consecutive_failures_and_probes_once() -> None:
+    clock = ManualClock()
+    cfg = BreakerConfig(failure_threshold=3, min_calls=100, open_seconds=5)
+    breaker = CircuitBreaker(cfg, clock=clock)
     for _ in range(2):
         assert breaker.try_acquire()
         breaker.record_failure()
@@ -55,22 +57,24 @@ async def test_breaker_opens_after_consecutive_failures_and_probes_once() -> Non
     breaker.record_failure()
     assert state(breaker) is BreakerState.OPEN
     assert not breaker.try_acquire()
-    await anyio.sleep(0.15)
+    clock.advance(4.9)
+    assert state(breaker) is BreakerState.OPEN
+    clock.advance(0.1)
     assert state(breaker) is BreakerState.HALF_OPEN
     assert breaker.try_acquire()  # the one probe
     assert not breaker.try_acquire()
     breaker.record_failure()  # the probe failed: open again
     assert state(breaker) is BreakerState.OPEN
-    await anyio.sleep(0.15)
+    clock.advance(5)
     assert breaker.try_acquire()
     breaker.record_success()
     assert state(breaker) is BreakerState.CLOSED
     assert breaker.statistics().opened_count == 2
 
 
-async def test_breaker_opens_on_failure_rate() -> None:
+def test_breaker_opens_on_failure_rate() -> None:
     cfg = BreakerConfig(failure_threshold=100, failure_rate=0.5, min_calls=10, window_seconds=60)
-    breaker = CircuitBreaker(cfg, clock=anyio.current_time)
+    breaker = CircuitBreaker(cfg, clock=ManualClock())
     for i in range(9):  # alternate: never 100 in a row, but half fail
         breaker.record_failure() if i % 2 else breaker.record_success()
     assert state(breaker) is BreakerState.CLOSED  # 9 calls: under min_calls
@@ -78,12 +82,25 @@ async def test_breaker_opens_on_failure_rate() -> None:
     assert state(breaker) is BreakerState.OPEN
 
 
-async def test_half_open_probe_given_back_when_unused() -> None:
-    breaker = CircuitBreaker(
-        BreakerConfig(failure_threshold=1, open_seconds=0.05), clock=anyio.current_time
-    )
+def test_failures_older_than_the_window_no_longer_count() -> None:
+    clock = ManualClock()
+    cfg = BreakerConfig(failure_threshold=100, failure_rate=0.5, min_calls=4, window_seconds=30)
+    breaker = CircuitBreaker(cfg, clock=clock)
+    for _ in range(3):
+        breaker.record_failure()
+    clock.advance(31)  # those three slide out of the window
     breaker.record_failure()
-    await anyio.sleep(0.06)
+    for _ in range(3):
+        breaker.record_success()
+    assert state(breaker) is BreakerState.CLOSED  # 1 failure in 4 calls
+    assert breaker.statistics().window_calls == 4
+
+
+def test_half_open_probe_given_back_when_unused() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=1, open_seconds=5), clock=clock)
+    breaker.record_failure()
+    clock.advance(5)
     assert breaker.try_acquire()
     breaker.release()
     assert breaker.try_acquire()

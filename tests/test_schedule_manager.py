@@ -18,7 +18,7 @@ import anyio
 import pytest
 import trio.testing
 
-from app.core.clock import LoopWallClock
+from app.core.clock import LoopClock
 from app.scheduling.cron import RepeatedTime, SkippedTime
 from app.scheduling.decisions import (
     DecisionKind,
@@ -56,7 +56,7 @@ async def running(manager: ScheduleManager) -> AsyncIterator[None]:
         tg.cancel_scope.cancel()
 
 
-def recorder(clock: LoopWallClock, into: list[datetime]) -> Callable[[], Awaitable[None]]:
+def recorder(clock: LoopClock, into: list[datetime]) -> Callable[[], Awaitable[None]]:
     async def record() -> None:
         into.append(clock.now())
 
@@ -143,7 +143,7 @@ class TestVirtualTime:
         return ("trio", {"clock": mock_clock})
 
     async def test_a_day_of_minute_ticks_fires_on_the_grid(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         fired: list[datetime] = []
         manager.add_schedule(recorder(clock, fired), IntervalTrigger(60, T0), name="tick")
@@ -159,7 +159,7 @@ class TestVirtualTime:
         assert info.next_fire_at == T0 + timedelta(days=1, minutes=1)
 
     async def test_a_year_of_nightly_runs_in_new_york(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         fired: list[datetime] = []
         trigger = CronTrigger("30 2 * * *", tz="America/New_York")
@@ -176,7 +176,7 @@ class TestVirtualTime:
         assert local[-1].isoformat() == "2026-12-31T02:30:00-05:00"
 
     async def test_why_it_did_not_run_at_0230_on_a_spring_forward_night(self) -> None:
-        clock = LoopWallClock(datetime(2026, 3, 7, 12, tzinfo=UTC))
+        clock = LoopClock(datetime(2026, 3, 7, 12, tzinfo=UTC))
         manager = ScheduleManager(clock)
         fired: list[datetime] = []
         manager.add_schedule(
@@ -206,7 +206,7 @@ class TestVirtualTime:
         assert infos["nightly"].skipped_count == 1
 
     async def test_fall_back_twice_runs_in_both_passes(self) -> None:
-        clock = LoopWallClock(datetime(2026, 10, 31, 12, tzinfo=UTC))
+        clock = LoopClock(datetime(2026, 10, 31, 12, tzinfo=UTC))
         manager = ScheduleManager(clock)
         fired: list[datetime] = []
         trigger = CronTrigger("30 1 * * *", tz="America/New_York", repeated=RepeatedTime.TWICE)
@@ -220,7 +220,7 @@ class TestVirtualTime:
         ]
 
     async def test_a_failing_job_is_counted_and_never_stops_others(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         good: list[datetime] = []
 
@@ -239,7 +239,7 @@ class TestVirtualTime:
         assert manager.statistics().failed == 10
 
     async def test_overlap_forbid_skips_ticks_while_running(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         starts: list[datetime] = []
 
@@ -260,7 +260,7 @@ class TestVirtualTime:
         assert info.decisions[1].reason == "the previous run is still going"
 
     async def test_overlap_allow_up_to_max_instances(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         starts: list[datetime] = []
         peak = 0
@@ -284,7 +284,7 @@ class TestVirtualTime:
         assert peak == 2
 
     async def test_overlap_replace_cancels_the_running_one(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         starts: list[datetime] = []
         ends: list[datetime] = []
@@ -308,7 +308,7 @@ class TestVirtualTime:
     async def test_a_blocked_loop_coalesces_and_the_grace_misses(
         self, mock_clock: trio.testing.MockClock
     ) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         coalesced: list[datetime] = []
         graced: list[datetime] = []
@@ -350,7 +350,7 @@ class TestVirtualTime:
         assert infos["grace"].coalesced_count == 2
 
     async def test_one_shot_added_late_runs_within_the_grace_only(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         fired: list[datetime] = []
         early = T0 - timedelta(seconds=2)
@@ -372,7 +372,7 @@ class TestVirtualTime:
         assert infos["later"].next_fire_at is None
 
     async def test_fixed_delay_counts_from_the_end_of_each_run(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         starts: list[datetime] = []
 
@@ -386,7 +386,7 @@ class TestVirtualTime:
         assert starts == secs(1, 6, 11, 16)
 
     async def test_initial_delay_and_jitter(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         fired: list[datetime] = []
         manager.add_schedule(
@@ -404,7 +404,7 @@ class TestVirtualTime:
         assert offsets == pytest.approx(expected, abs=1e-6)
 
     async def test_pause_resume_remove_and_add_while_running(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         fired: list[datetime] = []
         async with running(manager):
@@ -430,7 +430,7 @@ class TestVirtualTime:
             manager.pause_schedule("tick")
 
     async def test_remove_cancels_a_run_in_progress(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         ended = anyio.Event()
 
@@ -450,7 +450,7 @@ class TestVirtualTime:
             assert anyio.current_time() < 2  # at once, not after the hour
 
     async def test_a_forward_wall_clock_step_runs_the_jumped_ticks_once(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock, step_check_interval=1)
         cron: list[datetime] = []
         rate: list[float] = []
@@ -482,7 +482,7 @@ class TestVirtualTime:
         assert manager.statistics().clock_steps == 1
 
     async def test_a_backward_wall_clock_step_repeats_no_tick(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock, step_check_interval=1)
         cron: list[datetime] = []
         rate: list[float] = []
@@ -509,7 +509,7 @@ class TestVirtualTime:
         from app.worker.job_registry import JobRegistry
         from app.worker.service import WorkerService
 
-        clock = LoopWallClock(datetime(2026, 3, 7, 12, tzinfo=UTC))
+        clock = LoopClock(datetime(2026, 3, 7, 12, tzinfo=UTC))
         manager = ScheduleManager(clock)
         service = WorkerService(JobMaster(JobRegistry()), manager)
 
@@ -534,7 +534,7 @@ class TestVirtualTime:
         assert decision.count == 1
 
     async def test_drain_stops_ticks_at_once_and_gives_runs_the_grace(self) -> None:
-        clock = LoopWallClock(T0)
+        clock = LoopClock(T0)
         manager = ScheduleManager(clock)
         outcomes: dict[str, str] = {}
 
@@ -567,7 +567,7 @@ class TestVirtualTime:
 
 
 async def test_schedules_fire_add_and_remove_on_both_backends() -> None:
-    clock = LoopWallClock()
+    clock = LoopClock()
     manager = ScheduleManager(clock)
     fired: list[datetime] = []
     failures = 0
@@ -590,7 +590,7 @@ async def test_schedules_fire_add_and_remove_on_both_backends() -> None:
 
 
 async def test_drain_waits_for_a_running_job_on_both_backends() -> None:
-    manager = ScheduleManager(LoopWallClock())
+    manager = ScheduleManager(LoopClock())
     started, release = anyio.Event(), anyio.Event()
     finished: list[bool] = []
 

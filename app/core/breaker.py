@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Callable
 
 import msgspec
+
+from app.core.clock import Clock
 
 
 class BreakerState(enum.Enum):
@@ -41,7 +42,7 @@ class BreakerStatistics(msgspec.Struct, frozen=True, kw_only=True):
 class CircuitBreaker:
     """Decides whether a call may go to one worker; told the outcome of each call it allowed."""
 
-    def __init__(self, config: BreakerConfig, *, clock: Callable[[], float]) -> None:
+    def __init__(self, config: BreakerConfig, *, clock: Clock) -> None:
         self._config = config
         self._clock = clock
         self._state = BreakerState.CLOSED
@@ -58,7 +59,7 @@ class CircuitBreaker:
     def state(self) -> BreakerState:
         if (
             self._state is BreakerState.OPEN
-            and self._clock() - self._opened_at >= self._config.open_seconds
+            and self._clock.monotonic() - self._opened_at >= self._config.open_seconds
         ):
             self._state = BreakerState.HALF_OPEN
             self._probe_out = False
@@ -98,7 +99,7 @@ class CircuitBreaker:
             self._open()
 
     def _record(self, *, failed: bool) -> None:
-        now = self._clock()
+        now = self._clock.monotonic()
         self._window.append((now, failed))
         horizon = now - self._config.window_seconds
         while self._window and self._window[0][0] < horizon:
@@ -115,7 +116,7 @@ class CircuitBreaker:
 
     def _open(self) -> None:
         self._state = BreakerState.OPEN
-        self._opened_at = self._clock()
+        self._opened_at = self._clock.monotonic()
         self._probe_out = False
         self._opened_count += 1
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 
 import msgspec
 
+from app.core.clock import Clock
+
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
     """How many attempts, and how long between them (AWS's "full jitter")."""
@@ -50,7 +52,7 @@ class RetryBudget:
         ratio: float = 0.2,
         window_seconds: float = 10.0,
         min_retries: int = 3,
-        clock: Callable[[], float],
+        clock: Clock,
     ) -> None:
         if not 0 <= ratio <= 1:
             raise ValueError("ratio must be 0..1")
@@ -68,14 +70,14 @@ class RetryBudget:
         return f"<RetryBudget calls={calls} retries={retries} ratio={self._ratio}>"
 
     def _trim(self) -> None:
-        horizon = self._clock() - self._window
+        horizon = self._clock.monotonic() - self._window
         for q in (self._calls, self._retries):
             while q and q[0] < horizon:
                 q.popleft()
 
     def record_call(self) -> None:
         """Count a first attempt (retries are counted by try_spend)."""
-        self._calls.append(self._clock())
+        self._calls.append(self._clock.monotonic())
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; False when the window's share is used up."""
@@ -84,5 +86,5 @@ class RetryBudget:
         if len(self._retries) + 1 > allowed:
             self.refused += 1
             return False
-        self._retries.append(self._clock())
+        self._retries.append(self._clock.monotonic())
         return True

@@ -7,13 +7,13 @@ whose `updateDatetime` is older than two report intervals is stale and gets no n
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Callable
 
 import anyio
 import anyio.abc
 import msgspec
 
+from app.core.clock import Clock, SystemClock
+from app.core.outage import Outage
 from app.fleet.pod_info import PodInfo, decode_pod_info
 from app.stores.abc import PodRegistry
 
@@ -44,16 +44,20 @@ class WorkerDirectory:
         prefix: str = "wpm-apps",
         report_interval_seconds: float = 5.0,
         refresh_seconds: float = 1.0,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ) -> None:
         self._registry = registry
         self._prefix = prefix
         self._stale_after = 2 * report_interval_seconds
         self._refresh = refresh_seconds
-        self._wall_clock = wall_clock
+        self._clock: Clock = clock or SystemClock()
         self._entries: dict[str, WorkerEntry] = {}
         self._changed = anyio.Event()
         self.refreshes = 0
+        self._outage = Outage(
+            "the worker registry", log=log, clock=self._clock, min_delay=refresh_seconds,
+            max_delay=max(5.0, refresh_seconds), meanwhile="keeping the last view of the fleet",
+        )  # fmt: skip
         self.errors = 0
 
     def __repr__(self) -> str:
@@ -69,7 +73,7 @@ class WorkerDirectory:
         """Why a worker should be taken for gone, or None when its report is fresh."""
         if entry is None:
             return "its PodInfo key is gone"
-        age = entry.age_seconds(self._wall_clock())
+        age = entry.age_seconds(self._clock.timestamp())
         return f"its last report is {age:.1f}s old" if age > self._stale_after else None
 
     async def refresh(self) -> None:
@@ -101,12 +105,15 @@ class WorkerDirectory:
         """Refresh on the interval until cancelled; ready after the first attempt."""
         first = True
         while True:
+            delay = self._refresh
             try:
                 await self.refresh()
             except Exception as exc:  # Redis away or confused: keep the last view, try again
                 self.errors += 1
-                log.warning("worker discovery failed: %s: %s", type(exc).__name__, exc)
+                delay = max(delay, self._outage.failed(exc))
+            else:
+                self._outage.succeeded()
             if first:
                 task_status.started()
                 first = False
-            await anyio.sleep(self._refresh)
+            await anyio.sleep(delay)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import enum
 import logging
 import random
-import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -35,6 +34,8 @@ import msgspec
 from app.config import OrchestratorConfig
 from app.core.balancer import Candidate, LoadBalancer
 from app.core.breaker import BreakerConfig, CircuitBreaker
+from app.core.clock import Clock, SystemClock
+from app.core.outage import Outage
 from app.core.retry import RetryBudget, RetryPolicy
 from app.fleet.batch_job import AttemptRecord, BatchJob
 from app.fleet.job_state import JobState
@@ -107,7 +108,7 @@ class Dispatcher:
         *,
         consumer: str,
         rng: Callable[[], float] = random.random,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ) -> None:
         self._store = store
         self._events = events
@@ -117,7 +118,7 @@ class Dispatcher:
         self._config = config
         self.consumer = consumer
         self._rng = rng
-        self._wall = wall_clock
+        self._clock: Clock = clock or SystemClock()
         self._slots = anyio.CapacityLimiter(config.max_inflight)
         self._slot_freed = anyio.Event()
         self._entries: dict[str, str] = {}  # queue entry id -> job id, ours now
@@ -134,11 +135,16 @@ class Dispatcher:
         self._budget = RetryBudget(
             ratio=config.retry_budget_ratio,
             window_seconds=config.retry_budget_window_seconds,
-            clock=anyio.current_time,
+            clock=self._clock,
         )
         self._task_group: anyio.abc.TaskGroup | None = None
         self._state = DispatcherState.CREATED
         self._counts: Counter[str] = Counter()
+        # the job queue's outages (reads, claims, keep-alives): one line when it goes, one back
+        self._queue_outage = Outage(
+            "the job queue", log=log, clock=self._clock, min_delay=0.5,
+            meanwhile="its jobs wait there",
+        )  # fmt: skip
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -160,7 +166,7 @@ class Dispatcher:
         breaker = self._breakers.get(address)
         if breaker is None:
             breaker = self._breakers[address] = CircuitBreaker(
-                self._breaker_config, clock=anyio.current_time
+                self._breaker_config, clock=self._clock
             )
         return breaker
 
@@ -213,7 +219,7 @@ class Dispatcher:
         there by the dispatcher that holds it, which records the end.
         """
         after = await self._store.request_cancel(
-            job_id, error="cancelled by request", now=self._wall()
+            job_id, error="cancelled by request", now=self._clock.timestamp()
         )
         if after is None or after.state.finished:
             return after
@@ -264,7 +270,6 @@ class Dispatcher:
         self._slot_freed = anyio.Event()
 
     async def _consume_loop(self) -> None:
-        quiet_errors = False
         while not self._draining:
             free = int(self._slots.available_tokens)
             if free < 1:
@@ -275,14 +280,9 @@ class Dispatcher:
                     self.consumer, count=min(free, 64), block_ms=1000
                 )
             except Exception as exc:  # Redis away: the jobs wait in the queue meanwhile
-                if not quiet_errors:
-                    log.warning("cannot read the job queue: %s: %s", type(exc).__name__, exc)
-                quiet_errors = True
-                await anyio.sleep(1.0)
+                await anyio.sleep(self._queue_outage.failed(exc))
                 continue
-            if quiet_errors:
-                log.info("job queue readable again")
-            quiet_errors = False
+            self._queue_outage.succeeded()
             for entry_id, job_id in entries:
                 self._take(entry_id, job_id)
 
@@ -298,7 +298,7 @@ class Dispatcher:
                     self.consumer, min_idle_ms=idle_ms, count=free
                 )
             except Exception as exc:
-                log.warning("cannot claim idle entries: %s: %s", type(exc).__name__, exc)
+                self._queue_outage.failed(exc)
                 continue
             for entry_id, job_id in claimed:
                 if entry_id not in self._entries:
@@ -312,7 +312,7 @@ class Dispatcher:
             try:
                 await self._store.keep_alive(self.consumer, list(self._entries))
             except Exception as exc:
-                log.warning("cannot refresh held entries: %s: %s", type(exc).__name__, exc)
+                self._queue_outage.failed(exc)
 
     def _take(self, entry_id: str, job_id: str) -> None:
         assert self._task_group is not None
@@ -348,7 +348,7 @@ class Dispatcher:
         call: CallResult | None = None
         while True:
             cancel = await self._store.cancel_requested(job.job_id)
-            step = decide(job, call, now=self._wall(), cancel_requested=cancel)
+            step = decide(job, call, now=self._clock.timestamp(), cancel_requested=cancel)
             call = None
             if isinstance(step, Stop):
                 self._counts["superseded"] += 1
@@ -374,7 +374,7 @@ class Dispatcher:
                 number=len(job.attempts) + 1,
                 worker=address,
                 fencing_token=token,
-                started_at=self._wall(),
+                started_at=self._clock.timestamp(),
             )
             job.attempts.append(attempt)
             job.state = JobState.DISPATCHED
@@ -384,7 +384,7 @@ class Dispatcher:
                 return
             self._counts["dispatched"] += 1
             call = await self._call(job, address, token)
-            attempt.finished_at = self._wall()
+            attempt.finished_at = self._clock.timestamp()
             attempt.outcome = call.attempt_outcome
             attempt.error = call.attempt_error
 
@@ -405,7 +405,7 @@ class Dispatcher:
         """Sleep before a retry, and wait for the retry budget; False if the deadline came first."""
         delay = policy.delay(attempt, self._rng)
         while True:
-            left = job.deadline_at - self._wall()
+            left = self._time_left(job)
             if left <= 0:
                 return False
             await anyio.sleep(min(delay, left))
@@ -419,7 +419,7 @@ class Dispatcher:
         prefer = step.prefer
         self._waiting[job.priority] += 1
         try:
-            while self._wall() < job.deadline_at:
+            while self._time_left(job) > 0:
                 if prefer is not None:
                     entry = self._directory.get(prefer)
                     if (
@@ -435,11 +435,17 @@ class Dispatcher:
                         return address
                 if await self._store.cancel_requested(job.job_id):
                     return None
-                with anyio.move_on_after(min(1.0, max(0.0, job.deadline_at - self._wall()))):
+                with anyio.move_on_after(
+                    min(1.0, max(0.0, job.deadline_at - self._clock.timestamp()))
+                ):
                     await self._directory.wait_refreshed()
             return None
         finally:
             self._waiting[job.priority] -= 1
+
+    def _time_left(self, job: BatchJob) -> float:
+        """Seconds until the job's deadline (wall time: the deadline is in its record), 0 past."""
+        return max(0.0, job.deadline_at - self._clock.timestamp())
 
     def _choose(self, job_type: str, avoid: frozenset[str]) -> str | None:
         eligible = [e for e in self._directory.entries() if self.eligibility(e, job_type) is None]
@@ -470,7 +476,9 @@ class Dispatcher:
         result: CallResult | None = None
         self._worker_inflight[address] += 1
         try:
-            with anyio.move_on_after(max(0.0, job.deadline_at - self._wall())) as deadline:
+            with anyio.move_on_after(
+                max(0.0, job.deadline_at - self._clock.timestamp())
+            ) as deadline:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch_worker, address, lost, tg.cancel_scope)
                     tg.start_soon(self._watch_cancel, job.job_id, address)
@@ -531,7 +539,7 @@ class Dispatcher:
 
     async def _finish(self, job: BatchJob, token: int, step: Finish) -> None:
         job.state, job.result_json, job.error = step.state, step.result_json, step.error
-        job.finished_at = self._wall()
+        job.finished_at = self._clock.timestamp()
         written = await self._store.write(job, token)
         if written is WriteResult.WRITTEN:
             self._counts[step.state.value] += 1

@@ -39,7 +39,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from app.core.clock import LoopWallClock, SystemWallClock, WallClock
+from app.core.clock import Clock, LoopClock, SystemClock
 from app.scheduling.decisions import (
     Decision,
     DecisionKind,
@@ -170,19 +170,19 @@ class ScheduleManager:
 
     `clock` gives wall time (default: the system's). A step of the wall clock against the loop
     clock of `step_threshold` seconds or more is a step; the manager looks at least every
-    `step_check_interval` seconds (default: every second with a `SystemWallClock`; with a
-    `LoopWallClock`, which only steps when told, at each wake).
+    `step_check_interval` seconds (default: every second with a `SystemClock`; with a
+    `LoopClock`, which only steps when told, at each wake).
     """
 
     def __init__(
         self,
-        clock: WallClock | None = None,
+        clock: Clock | None = None,
         *,
         step_threshold: float = 1.0,
         step_check_interval: float | None = None,
     ) -> None:
-        self._clock: WallClock = clock or SystemWallClock()
-        if step_check_interval is None and not isinstance(self._clock, LoopWallClock):
+        self._clock: Clock = clock or SystemClock()
+        if step_check_interval is None and not isinstance(self._clock, LoopClock):
             step_check_interval = 1.0
         self._step_threshold = step_threshold
         self._step_check_interval = step_check_interval
@@ -205,7 +205,7 @@ class ScheduleManager:
         )
 
     @property
-    def clock(self) -> WallClock:
+    def clock(self) -> Clock:
         return self._clock
 
     def statistics(self) -> ScheduleManagerStatistics:

@@ -25,9 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -35,6 +33,7 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
+from app.core.clock import Clock, SystemClock
 from app.errors import Draining, InvalidJobRequest, JobAlreadyExists, JobNotFound, QueueFull
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
@@ -120,7 +119,7 @@ class JobMaster:
         keep_alive_seconds: float = 60.0,
         default_timeout_seconds: float = 0.0,
         history_size: int = 1000,
-        wall_clock: Callable[[], float] = time.time,
+        clock: Clock | None = None,
     ) -> None:
         if not 1 <= core_size <= max_size:
             raise ValueError("need 1 <= core_size <= max_size")
@@ -132,7 +131,7 @@ class JobMaster:
         self._keep_alive = keep_alive_seconds
         self._default_timeout = default_timeout_seconds
         self._history_size = history_size
-        self._wall_clock = wall_clock
+        self._clock: Clock = clock or SystemClock()
         self._limiter = anyio.CapacityLimiter(core_size)
         # admission already bounds running jobs to the limiter's tokens; this one only gives the
         # blocking jobs their own thread pool instead of anyio's shared default of 40
@@ -243,7 +242,7 @@ class JobMaster:
             name=name,
             params=params,
             timeout_seconds=timeout_seconds or self._default_timeout,
-            submitted_at=self._wall_clock(),
+            submitted_at=self._clock.timestamp(),
         )
         run = _Run(record, spec, kwargs)
         if self._limiter.available_tokens >= 1 and not self._queue:
@@ -292,7 +291,7 @@ class JobMaster:
         """Give `run` a token and mark it running (a runner runs it next)."""
         self._limiter.acquire_on_behalf_of_nowait(run.record.id)
         run.record.state = JobState.RUNNING
-        run.record.started_at = self._wall_clock()
+        run.record.started_at = self._clock.timestamp()
 
     def _take_over(self) -> _Run | None:
         """The oldest queued run, begun on the token a finished run gave back; None if none.
@@ -320,7 +319,7 @@ class JobMaster:
         if record.started_at is not None:
             self._limiter.release_on_behalf_of(record.id)
         record.state, record.result_json, record.error = state, result, error
-        record.finished_at = self._wall_clock()
+        record.finished_at = self._clock.timestamp()
         self._counts[state.value] += 1
         if self._live.get(record.id) is run:
             del self._live[record.id]

@@ -23,7 +23,7 @@ from datetime import timedelta
 import anyio
 
 from app.config import Config
-from app.core.clock import SystemWallClock
+from app.core.clock import SystemClock
 from app.errors import ConfigError
 from app.grpc.ports import (
     LAST_PORT_FILE,
@@ -93,7 +93,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             redis = create_redis(config.redis, redis_url)
             # the system's clock, steps included: the scheduler notices an NTP step or a resumed
             # VM, and PodInfo.updateDatetime is what other hosts compare with their own clocks
-            clock = SystemWallClock()
+            clock = SystemClock()
             job_master = JobMaster(
                 registry,
                 core_size=w.core_size,

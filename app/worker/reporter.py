@@ -18,7 +18,8 @@ import msgspec
 from redis.exceptions import RedisError
 
 from app import __version__
-from app.core.clock import SystemWallClock, WallClock
+from app.core.clock import Clock, SystemClock
+from app.core.outage import Outage, OutageState
 from app.fleet.pod_info import PodInfo, encode_pod_info, pod_key
 from app.stores.abc import PodRegistry
 from app.worker.job_master import JobMaster
@@ -75,30 +76,39 @@ class ApplicationInfoReportJob:
         ttl_seconds: int = 60,
         interval_seconds: float = 5.0,
         retry_max_seconds: float = 30.0,
-        clock: WallClock | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._registry = registry
         self._job_master = job_master
         self._identity = identity
         self.key = pod_key(key_prefix, identity.ip, identity.pid)
         self._ttl = ttl_seconds
-        self._interval = interval_seconds
-        self._retry_max = retry_max_seconds
-        self._clock: WallClock = clock or SystemWallClock()
-        self._connected: bool | None = None  # unknown until the first attempt
-        self._backoff = 0.0
-        self._next_attempt = -float("inf")
+        self._clock: Clock = clock or SystemClock()
+        # the registry's outages: logged once, reports spaced from the interval up to the max
+        self._outage = Outage(
+            "registry",
+            log=log,
+            clock=self._clock,
+            min_delay=interval_seconds,
+            max_delay=max(interval_seconds, retry_max_seconds),
+            meanwhile="still serving",
+        )
         self._lock = anyio.Lock()
         self.reports = 0
-        self.failures = 0
 
     def __repr__(self) -> str:
-        state = {None: "unknown", True: "connected", False: "down"}[self._connected]
-        return f"<ApplicationInfoReportJob {self.key} {state} reports={self.reports}>"
+        state = self._outage.state.value
+        return f"<ApplicationInfoReportJob {self.key} registry {state} reports={self.reports}>"
 
     @property
     def connected(self) -> bool:
-        return bool(self._connected)
+        """Whether the last write reached the registry."""
+        return self._outage.state is OutageState.UP
+
+    @property
+    def failures(self) -> int:
+        """Writes that failed so far."""
+        return self._outage.statistics().failures
 
     def pod_info(self) -> PodInfo:
         stats = self._job_master.statistics()
@@ -129,34 +139,20 @@ class ApplicationInfoReportJob:
 
     async def report(self, *, force: bool = False) -> bool:
         """Write PodInfo now (unless backing off and not `force`); True when it was written."""
-        if not force and anyio.current_time() < self._next_attempt:
+        if not force and not self._outage.due():
             return False
         async with self._lock:
             try:
                 await self._registry.put(self.key, encode_pod_info(self.pod_info()), self._ttl)
             except REGISTRY_ERRORS as exc:
-                self._failed(exc)
+                self._outage.failed(exc)
                 return False
-        if self._connected is False:
-            log.info("registry reachable again: PodInfo re-registered as %s", self.key)
-        elif self._connected is None:
+        first = self._outage.state is OutageState.UNKNOWN
+        self._outage.succeeded(detail=f"PodInfo re-registered as {self.key}")
+        if first:
             log.info("PodInfo registered as %s (ttl %ds)", self.key, self._ttl)
-        self._connected = True
-        self._backoff = 0.0
-        self._next_attempt = -float("inf")
         self.reports += 1
         return True
-
-    def _failed(self, exc: Exception) -> None:
-        self.failures += 1
-        self._backoff = min(self._retry_max, max(self._interval, self._backoff * 2))
-        self._next_attempt = anyio.current_time() + self._backoff
-        if self._connected is not False:  # log the outage once, not on every tick
-            log.warning(
-                "registry unreachable (%s: %s); still serving, retrying with backoff up to %gs",
-                type(exc).__name__, exc, self._retry_max,
-            )  # fmt: skip
-        self._connected = False
 
     async def unregister(self) -> None:
         """Delete the key (a clean exit). Failures are logged, not raised."""

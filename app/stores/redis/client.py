@@ -13,6 +13,8 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.config import RedisConfig
+from app.core.clock import SystemClock
+from app.core.outage import Outage
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +44,12 @@ def create_redis(config: RedisConfig, url: str | None = None) -> aioredis.Redis:
 
 async def wait_for_redis(client: aioredis.Redis, *, what: str = "Redis", cap: float = 5.0) -> None:
     """Return once `client` answers PING; log the wait once, retry with backoff up to `cap` s."""
-    delay = 0.1
-    logged = False
+    outage = Outage(what, log=log, clock=SystemClock(), max_delay=cap, meanwhile="waiting for it")
     while True:
         try:
             await client.ping()
         except (RedisError, OSError) as exc:
-            if not logged:
-                log.warning("waiting for %s: %s: %s", what, type(exc).__name__, exc)
-                logged = True
-            await anyio.sleep(delay)
-            delay = min(cap, delay * 2)
+            await anyio.sleep(outage.failed(exc))
             continue
-        if logged:
-            log.info("%s is reachable", what)
+        outage.succeeded()
         return

@@ -10,6 +10,8 @@ import anyio.abc
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from app.core.clock import SystemClock
+from app.core.outage import Outage
 from app.stores.redis.job_store import events_channel, text
 
 log = logging.getLogger(__name__)
@@ -22,6 +24,10 @@ class RedisJobEvents:
 
     def __init__(self, client: aioredis.Redis, *, job_prefix: str = "wpm-job") -> None:
         self._redis = client
+        self._outage = Outage(
+            "job events (Redis pub/sub)", log=log, clock=SystemClock(), min_delay=0.5,
+            meanwhile="waiters re-read the records",
+        )  # fmt: skip
         self._prefix = events_channel(job_prefix, "")
         self._waiters: dict[str, set[anyio.Event]] = {}
 
@@ -32,21 +38,23 @@ class RedisJobEvents:
         started = False
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            delay = 0.0
             try:
                 await pubsub.psubscribe(self._prefix + "*")
+                self._outage.succeeded()
                 if not started:
                     task_status.started()
                     started = True
                 await self._listen(pubsub)
             except (RedisError, OSError) as exc:
-                log.warning("job events lost (%s: %s); reconnecting", type(exc).__name__, exc)
+                delay = self._outage.failed(exc)
                 if not started:
                     task_status.started()
                     started = True
             finally:
                 with anyio.move_on_after(1, shield=True):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await anyio.sleep(1.0)
+            await anyio.sleep(delay)
 
     async def _listen(self, pubsub: Any) -> None:
         prefix = self._prefix
