@@ -23,7 +23,7 @@ def test_an_outage_is_logged_once_backs_off_and_its_end_once(
     assert not outage.succeeded()  # a first success ends nothing
     delays = [outage.failed(ConnectionError("refused")) for _ in range(5)]
     assert delays == [1, 2, 4, 5, 5]
-    assert outage.state is OutageState.DOWN
+    assert outage.statistics().state is OutageState.DOWN
     assert not outage.due()
     clock.advance(4.9)
     assert not outage.due()

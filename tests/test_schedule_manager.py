@@ -19,6 +19,7 @@ import pytest
 import trio.testing
 
 from app.core.clock import LoopClock
+from app.core.lifecycle import Lifecycle
 from app.scheduling.cron import RepeatedTime, SkippedTime
 from app.scheduling.decisions import (
     DecisionKind,
@@ -559,7 +560,7 @@ class TestVirtualTime:
             stopped_at = anyio.current_time()
         assert outcomes == {"short": "done", "long": "cancelled"}
         assert stopped_at == pytest.approx(6)
-        assert manager.statistics().state == "stopped"
+        assert manager.statistics().state is Lifecycle.STOPPED
         assert "STOPPED" in repr(manager)
 
 

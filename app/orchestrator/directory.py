@@ -13,7 +13,8 @@ import anyio.abc
 import msgspec
 
 from app.core.clock import Clock, SystemClock
-from app.core.outage import Outage
+from app.core.lifecycle import Lifecycle
+from app.core.outage import Outage, OutageState
 from app.fleet.pod_info import PodInfo, decode_pod_info
 from app.stores.abc import PodRegistry
 
@@ -32,6 +33,16 @@ class WorkerEntry(msgspec.Struct, frozen=True, kw_only=True):
 
     def age_seconds(self, now: float) -> float:
         return now - self.info.update_epoch_ms / 1000
+
+
+class DirectoryStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the directory for status and metrics."""
+
+    state: Lifecycle
+    workers: int
+    refreshes: int
+    errors: int
+    registry: OutageState
 
 
 class WorkerDirectory:
@@ -59,9 +70,24 @@ class WorkerDirectory:
             max_delay=max(5.0, refresh_seconds), meanwhile="keeping the last view of the fleet",
         )  # fmt: skip
         self.errors = 0
+        self._state = Lifecycle.CREATED
 
     def __repr__(self) -> str:
-        return f"<WorkerDirectory workers={len(self._entries)} refreshes={self.refreshes}>"
+        s = self.statistics()
+        return (
+            f"<WorkerDirectory {s.state.value} workers={s.workers} refreshes={s.refreshes}"
+            f" errors={s.errors} registry={s.registry.value}>"
+        )
+
+    def statistics(self) -> DirectoryStatistics:
+        """Known workers, refreshes and failed ones, and whether the registry answers."""
+        return DirectoryStatistics(
+            state=self._state,
+            workers=len(self._entries),
+            refreshes=self.refreshes,
+            errors=self.errors,
+            registry=self._outage.state,
+        )
 
     def entries(self) -> list[WorkerEntry]:
         return sorted(self._entries.values(), key=lambda e: e.address)
@@ -103,6 +129,13 @@ class WorkerDirectory:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Refresh on the interval until cancelled; ready after the first attempt."""
+        self._state = Lifecycle.RUNNING
+        try:
+            await self._refresh_forever(task_status)
+        finally:
+            self._state = Lifecycle.STOPPED
+
+    async def _refresh_forever(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         first = True
         while True:
             delay = self._refresh

@@ -21,7 +21,6 @@ a worker is stopped there by whichever dispatcher holds it, woken by the job's e
 
 from __future__ import annotations
 
-import enum
 import logging
 import random
 from collections import Counter
@@ -35,6 +34,7 @@ from app.config import OrchestratorConfig
 from app.core.balancer import Candidate, LoadBalancer
 from app.core.breaker import BreakerConfig, CircuitBreaker
 from app.core.clock import Clock, SystemClock
+from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage
 from app.core.retry import RetryBudget, RetryPolicy
 from app.fleet.batch_job import AttemptRecord, BatchJob
@@ -68,19 +68,10 @@ _CALL_KIND = {
 }
 
 
-class DispatcherState(enum.Enum):
-    """A dispatcher's lifecycle."""
-
-    CREATED = "CREATED"
-    RUNNING = "RUNNING"
-    DRAINING = "DRAINING"
-    STOPPED = "STOPPED"
-
-
 class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of the dispatcher for status and metrics."""
 
-    state: DispatcherState
+    state: Lifecycle
     inflight: int
     waiting_for_worker: int
     dispatched: int
@@ -138,7 +129,7 @@ class Dispatcher:
             clock=self._clock,
         )
         self._task_group: anyio.abc.TaskGroup | None = None
-        self._state = DispatcherState.CREATED
+        self._state = Lifecycle.CREATED
         self._counts: Counter[str] = Counter()
         # the job queue's outages (reads, claims, keep-alives): one line when it goes, one back
         self._queue_outage = Outage(
@@ -157,7 +148,7 @@ class Dispatcher:
     # --- views ------------------------------------------------------------------------------------
 
     @property
-    def state(self) -> DispatcherState:
+    def state(self) -> Lifecycle:
         """Where the dispatcher is in its lifecycle."""
         return self._state
 
@@ -240,8 +231,8 @@ class Dispatcher:
             await self._store.ensure_group()
             async with anyio.create_task_group() as tg:
                 self._task_group = tg
-                if self._state is DispatcherState.CREATED:
-                    self._state = DispatcherState.RUNNING
+                if self._state is Lifecycle.CREATED:
+                    self._state = Lifecycle.RUNNING
                 tg.start_soon(self._claim_loop)
                 tg.start_soon(self._keep_alive_loop)
                 task_status.started()
@@ -251,18 +242,18 @@ class Dispatcher:
                     await self._wait_slot_freed()
                 tg.cancel_scope.cancel()
         finally:
-            self._state = DispatcherState.STOPPED
+            self._state = Lifecycle.STOPPED
             self._task_group = None
 
     def begin_drain(self) -> None:
         """Take no new entries; the jobs in hand go on (the caller bounds how long)."""
-        if self._state is not DispatcherState.STOPPED:
-            self._state = DispatcherState.DRAINING
+        if self._state is not Lifecycle.STOPPED:
+            self._state = Lifecycle.DRAINING
         self._slot_freed.set()
 
     @property
     def _draining(self) -> bool:
-        return self._state is not DispatcherState.RUNNING
+        return self._state is not Lifecycle.RUNNING
 
     async def _wait_slot_freed(self) -> None:
         with anyio.move_on_after(1.0):

@@ -40,6 +40,7 @@ import anyio.abc
 import msgspec
 
 from app.core.clock import Clock, LoopClock, SystemClock
+from app.core.lifecycle import Lifecycle
 from app.scheduling.decisions import (
     Decision,
     DecisionKind,
@@ -84,7 +85,7 @@ class ScheduleInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ScheduleManagerStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    state: str
+    state: Lifecycle
     schedules: int
     running: int
     started: int
@@ -190,7 +191,7 @@ class ScheduleManager:
         self._heap: list[tuple[float, int, int, _Schedule]] = []
         self._seq = 0
         self._offset = 0.0
-        self._state = "created"
+        self._state = Lifecycle.CREATED
         self._wake = anyio.Event()
         self._stopped = anyio.Event()
         self._dispatch_scope = anyio.CancelScope()
@@ -201,7 +202,7 @@ class ScheduleManager:
         s = self.statistics()
         return (
             f"<ScheduleManager schedules={s.schedules} running={s.running} started={s.started} "
-            f"failed={s.failed} {s.state.upper()}>"
+            f"failed={s.failed} {s.state.value}>"
         )
 
     @property
@@ -225,12 +226,12 @@ class ScheduleManager:
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Run every schedule; report ready when schedules fire. Returns once drained."""
-        if self._state != "created":
+        if self._state is not Lifecycle.CREATED:
             raise RuntimeError("a ScheduleManager runs once")
         try:
             async with anyio.create_task_group() as runs:
                 self._runs_group = runs
-                self._state = "running"
+                self._state = Lifecycle.RUNNING
                 self._offset = self._clock.timestamp() - anyio.current_time()
                 for schedule in self._schedules.values():
                     self._begin(schedule)
@@ -238,15 +239,15 @@ class ScheduleManager:
                 with self._dispatch_scope:
                     await self._dispatch()
         finally:
-            self._state = "stopped"
+            self._state = Lifecycle.STOPPED
             self._runs_group = None
             self._stopped.set()
 
     def begin_drain(self, grace_seconds: float) -> None:
         """Stop firing now; runs still going after `grace_seconds` are cancelled."""
-        if self._state in ("stopped", "draining"):
+        if self._state in (Lifecycle.STOPPED, Lifecycle.DRAINING):
             return
-        self._state = "draining"
+        self._state = Lifecycle.DRAINING
         self._dispatch_scope.cancel()
         if self._runs_group is not None:
             scope = self._runs_group.cancel_scope
@@ -286,7 +287,7 @@ class ScheduleManager:
         )
         schedule = _Schedule(name, fn, trigger, policy)
         self._schedules[name] = schedule
-        if self._state == "running":
+        if self._state is Lifecycle.RUNNING:
             self._begin(schedule)
 
     def remove_schedule(self, name: str) -> None:
@@ -311,7 +312,7 @@ class ScheduleManager:
         if since is None:
             return
         schedule.paused_since = None
-        if self._state != "running" or schedule.next is None:
+        if self._state is not Lifecycle.RUNNING or schedule.next is None:
             return
         now = self._clock.now()
         if schedule.next.timestamp > now.timestamp():
@@ -543,7 +544,7 @@ class ScheduleManager:
             run.set_ended()
             if (
                 schedule.trigger.from_run_end
-                and self._state == "running"
+                and self._state is Lifecycle.RUNNING
                 and self._schedules.get(schedule.name) is schedule
                 and not schedule.runs
             ):

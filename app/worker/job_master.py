@@ -34,6 +34,7 @@ import anyio.lowlevel
 import msgspec
 
 from app.core.clock import Clock, SystemClock
+from app.core.lifecycle import Lifecycle
 from app.errors import Draining, InvalidJobRequest, JobAlreadyExists, JobNotFound, QueueFull
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
@@ -51,6 +52,7 @@ _json = msgspec.json.Encoder()
 class JobMasterStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of the job master for status, PodInfo and metrics."""
 
+    state: Lifecycle
     status: PodStatus
     active: int
     capacity: int
@@ -144,7 +146,7 @@ class JobMaster:
         self._scope = anyio.CancelScope()
         self._wakeup = anyio.Event()
         self._stopped = anyio.Event()
-        self._draining = False
+        self._state = Lifecycle.CREATED
         self._last_activity = 0.0
         self._counts = dict.fromkeys(("accepted", "rejected", *(s.value for s in JobState)), 0)
 
@@ -162,12 +164,18 @@ class JobMaster:
         return self._limiter
 
     @property
+    def state(self) -> Lifecycle:
+        """Where the job master is in its lifecycle."""
+        return self._state
+
+    @property
     def draining(self) -> bool:
-        return self._draining
+        """True from the drain (or the stop) on: no new work is taken."""
+        return self._state in (Lifecycle.DRAINING, Lifecycle.STOPPED)
 
     def status(self) -> PodStatus:
         """The seed's JobMaster#isActive(): at or under the watermark is IDLE, above it BUSY."""
-        if self._draining:
+        if self.draining:
             return PodStatus.DRAINING
         busy = self._limiter.borrowed_tokens * 100 > self._watermark * self._max_size
         return PodStatus.BUSY if busy else PodStatus.IDLE
@@ -175,6 +183,7 @@ class JobMaster:
     def statistics(self) -> JobMasterStatistics:
         c = self._counts
         return JobMasterStatistics(
+            state=self._state,
             status=self.status(),
             active=self._limiter.borrowed_tokens,
             capacity=int(self._limiter.total_tokens),
@@ -226,7 +235,7 @@ class JobMaster:
         """
         if self._task_group is None:
             raise RuntimeError("JobMaster is not running")
-        if self._draining:
+        if self.draining:
             self._counts["rejected"] += 1
             raise Draining("worker is draining and takes no new work")
         params = params or {}
@@ -332,7 +341,7 @@ class JobMaster:
         self._last_activity = anyio.current_time()
         if hand_over:
             self._hand_over()
-        if self._draining and not self._live:
+        if self.draining and not self._live:
             self._wakeup.set()  # the drain is complete
         if state is JobState.FAILED:
             log.info("job %s (%s) failed: %s", record.id, record.name, error)
@@ -359,7 +368,7 @@ class JobMaster:
             next_run = self._take_over()
             if next_run is None:
                 taken_over = 0
-                if self._draining or len(self._parked) >= self._limiter.total_tokens:
+                if self.draining or len(self._parked) >= self._limiter.total_tokens:
                     return
                 parking = parking or _Runner()
                 next_run = await self._park(parking)
@@ -452,15 +461,16 @@ class JobMaster:
             with self._scope:
                 async with anyio.create_task_group() as tg:
                     self._task_group = tg
+                    self._state = Lifecycle.RUNNING
                     task_status.started()
-                    while not (self._draining and not self._live):
+                    while not (self.draining and not self._live):
                         with anyio.move_on_after(self._next_shrink_in()):
                             await self._wakeup.wait()
                         self._wakeup = anyio.Event()
                         self._shrink_idle()
                     self._release_parked(keep=0)
         finally:
-            self._draining = True
+            self._state = Lifecycle.STOPPED
             self._task_group = None
             while self._queue:  # never started: nothing to await
                 self._finish(self._queue.popleft(), JobState.CANCELLED, error="worker shut down")
@@ -518,13 +528,15 @@ class JobMaster:
 
     def begin_drain(self, grace_seconds: float) -> None:
         """Refuse new work from now on; jobs still running after the grace are cancelled."""
-        self._draining = True
+        if self._state is not Lifecycle.STOPPED:
+            self._state = Lifecycle.DRAINING
         self._scope.deadline = min(self._scope.deadline, anyio.current_time() + grace_seconds)
         self._wakeup.set()
 
     def cancel_all(self) -> None:
         """Cancel every job now (a second signal, or the grace already spent elsewhere)."""
-        self._draining = True
+        if self._state is not Lifecycle.STOPPED:
+            self._state = Lifecycle.DRAINING
         self._scope.cancel()
 
     async def wait_stopped(self) -> None:

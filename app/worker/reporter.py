@@ -63,6 +63,14 @@ def make_identity(grpc_port: int, *, bound_host: str, advertise_ip: str = "") ->
     )
 
 
+class ReporterStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """How PodInfo reporting goes: whether the registry answers, reports and failed ones."""
+
+    registry: OutageState
+    reports: int
+    failures: int
+
+
 class ApplicationInfoReportJob:
     """Writes PodInfo on each call; safe to call from a schedule and directly."""
 
@@ -99,6 +107,13 @@ class ApplicationInfoReportJob:
     def __repr__(self) -> str:
         state = self._outage.state.value
         return f"<ApplicationInfoReportJob {self.key} registry {state} reports={self.reports}>"
+
+    def statistics(self) -> ReporterStatistics:
+        """The registry's state, and the reports written and failed so far."""
+        stats = self._outage.statistics()
+        return ReporterStatistics(
+            registry=stats.state, reports=self.reports, failures=stats.failures
+        )
 
     @property
     def connected(self) -> bool:

@@ -17,6 +17,7 @@ import anyio
 import anyio.abc
 import redis.asyncio as aioredis
 
+from app.core.lifecycle import Lifecycle
 from app.errors import ConfigError
 from app.stores.redis.client import REDIS_DOWN_ERRORS
 
@@ -46,9 +47,16 @@ class EmbeddedRedis:
     def __init__(self, binary: str | None = None) -> None:
         self._binary = binary
         self.url = ""
+        self.pid = 0
+        self._state = Lifecycle.CREATED
 
     def __repr__(self) -> str:
-        return f"<EmbeddedRedis {self.url or 'not started'}>"
+        return f"<EmbeddedRedis {self._state.value} {self.url or 'no url yet'} pid={self.pid}>"
+
+    @property
+    def state(self) -> Lifecycle:
+        """CREATED, RUNNING once it answers PING, STOPPED after it exited."""
+        return self._state
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[str] = anyio.TASK_STATUS_IGNORED
@@ -76,6 +84,8 @@ class EmbeddedRedis:
                 await self._wait_ready(process, Path(tmp) / "redis.log")
                 log.info("no Redis configured: started embedded %s at %s (pid %d)",
                          Path(binary).name, self.url, process.pid)  # fmt: skip
+                self.pid = process.pid
+                self._state = Lifecycle.RUNNING
                 task_status.started(self.url)
                 await process.wait()
                 raise RuntimeError(f"embedded redis-server exited with code {process.returncode}")
@@ -86,7 +96,9 @@ class EmbeddedRedis:
                         await process.wait()
                 if process.returncode is None:
                     process.kill()
-                await process.aclose()
+                self._state = Lifecycle.STOPPED
+                with anyio.move_on_after(STOP_TIMEOUT_SECONDS, shield=True):
+                    await process.aclose()
                 log.info("embedded redis stopped")
 
     async def _wait_ready(self, process: anyio.abc.Process, logfile: Path) -> None:

@@ -7,14 +7,25 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.core.clock import SystemClock
-from app.core.outage import Outage
+from app.core.lifecycle import Lifecycle
+from app.core.outage import Outage, OutageState
 from app.stores.redis.job_store import events_channel, text
 
 log = logging.getLogger(__name__)
+
+
+class JobEventsStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the event listener."""
+
+    state: Lifecycle
+    waiting_jobs: int
+    messages: int
+    connection: OutageState
 
 
 class RedisJobEvents:
@@ -30,11 +41,36 @@ class RedisJobEvents:
         )  # fmt: skip
         self._prefix = events_channel(job_prefix, "")
         self._waiters: dict[str, set[anyio.Event]] = {}
+        self._state = Lifecycle.CREATED
+        self.messages = 0
+
+    def __repr__(self) -> str:
+        s = self.statistics()
+        return (
+            f"<RedisJobEvents {s.state.value} waiting_jobs={s.waiting_jobs}"
+            f" messages={s.messages} connection={s.connection.value}>"
+        )
+
+    def statistics(self) -> JobEventsStatistics:
+        """Jobs waited on now, messages received, and whether the subscription is up."""
+        return JobEventsStatistics(
+            state=self._state,
+            waiting_jobs=len(self._waiters),
+            messages=self.messages,
+            connection=self._outage.state,
+        )
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Listen for job changes; reconnect after an outage (waiters re-read meanwhile)."""
+        self._state = Lifecycle.RUNNING
+        try:
+            await self._subscribe_forever(task_status)
+        finally:
+            self._state = Lifecycle.STOPPED
+
+    async def _subscribe_forever(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         started = False
         while True:
             pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
@@ -63,6 +99,7 @@ class RedisJobEvents:
             if message is None:
                 continue
             job_id = text(message["channel"]).removeprefix(prefix)
+            self.messages += 1
             for event in self._waiters.pop(job_id, ()):
                 event.set()
 
