@@ -74,10 +74,10 @@ async def test_executor_admission_order(master_tg: anyio.abc.TaskGroup, gate: Ga
     states = [master.submit_nowait("gate", job_id=f"j{i}").state for i in range(6)]
     assert states == [JobState.RUNNING] * 2 + [JobState.QUEUED] * 2 + [JobState.RUNNING] * 2
     s = master.statistics()
-    assert (s.active, s.capacity, s.queued) == (4, 4, 2)
+    assert (s.load.active, s.load.capacity, s.load.queued) == (4, 4, 2)
     with pytest.raises(QueueFull, match="queue is full"):
         master.submit_nowait("gate", job_id="j6")
-    assert master.statistics().rejected == 1
+    assert master.statistics().jobs.rejected == 1
     # the queued ones run once tokens come back, oldest first
     gate.event.set()
     for i in range(6):
@@ -108,7 +108,7 @@ async def test_grown_tokens_shrink_after_keep_alive(
     gate.event.set()
     await eventually(lambda: master.limiter.borrowed_tokens == 0)
     await eventually(lambda: master.limiter.total_tokens == 1)
-    assert master.statistics().capacity == 1
+    assert master.statistics().load.capacity == 1
     # like the pool's threads above core size, the runners above the token count end
     await eventually(lambda: runner_tasks() <= 1)
 
@@ -133,7 +133,7 @@ async def test_runners_are_pooled(master_tg: anyio.abc.TaskGroup, gate: Gate) ->
     gate.event.set()
     await eventually(lambda: master.limiter.borrowed_tokens == 0)
     assert runner_tasks() == 2
-    assert master.statistics().succeeded == 52
+    assert master.statistics().jobs.succeeded == 52
 
 
 async def test_a_run_handed_to_a_parked_runner_ends_when_all_is_cancelled(gate: Gate) -> None:
@@ -183,7 +183,7 @@ async def test_outcomes(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
     blocking = await master.run_and_wait("block", job_id="b", params={"seconds": "0.01"})
     assert (blocking.state, blocking.result()) == (JobState.SUCCEEDED, {"blocked": 0.01})
     s = master.statistics()
-    assert (s.succeeded, s.failed, s.timed_out, s.active) == (2, 1, 1, 0)
+    assert (s.jobs.succeeded, s.jobs.failed, s.jobs.timed_out, s.load.active) == (2, 1, 1, 0)
 
 
 async def test_cancel_running_and_queued(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
@@ -226,7 +226,7 @@ async def test_bad_requests(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
         master.submit_nowait("echo", job_id="x", timeout_seconds=-1)
     with pytest.raises(JobNotFound):
         master.get("x")
-    assert master.statistics().accepted == 0
+    assert master.statistics().jobs.accepted == 0
 
 
 async def test_duplicate_ids_and_attach(master_tg: anyio.abc.TaskGroup, gate: Gate) -> None:
@@ -302,7 +302,7 @@ async def test_a_deep_queue_of_quick_jobs_drains_in_a_few_loop_turns(gate: Gate)
             master.submit_nowait("echo", job_id=f"q{i}")
         turns = 0
         with anyio.fail_after(10):
-            while master.statistics().succeeded < 1000:
+            while master.statistics().jobs.succeeded < 1000:
                 await anyio.lowlevel.checkpoint()
                 turns += 1
         assert turns < 100, f"{turns} turns of the loop for 1000 queued jobs"

@@ -15,6 +15,20 @@ class PodStatus(enum.Enum):
     DRAINING = "DRAINING"
 
 
+class WorkerLoad(msgspec.Struct, frozen=True, kw_only=True):
+    """A worker's load as its job master reads it live: the one record that PodInfo carries
+    and that status and metrics show (the names are PodInfo's)."""
+
+    status: PodStatus
+    active: int
+    capacity: int
+    core_size: int
+    max_size: int
+    queued: int
+    queue_capacity: int
+    watermark: int
+
+
 class PodInfo(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     """The seed's three keys first (`grpcPort`, `status`, `updateDatetime`), then the fleet's.
 

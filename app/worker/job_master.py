@@ -37,7 +37,7 @@ from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
 from app.errors import Draining, InvalidJobRequest, JobAlreadyExists, JobNotFound, QueueFull
 from app.fleet.job_state import JobState
-from app.fleet.pod_info import PodStatus
+from app.fleet.pod_info import PodStatus, WorkerLoad
 from app.worker.job_registry import JobRegistry, JobSpec
 from app.worker.job_run import JobRun
 
@@ -53,14 +53,13 @@ class JobMasterStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of the job master for status, PodInfo and metrics."""
 
     state: Lifecycle
-    status: PodStatus
-    active: int
-    capacity: int
-    core_size: int
-    max_size: int
-    queued: int
-    queue_capacity: int
-    watermark: int
+    load: WorkerLoad
+    jobs: JobCounts
+
+
+class JobCounts(msgspec.Struct, frozen=True, kw_only=True):
+    """Jobs since start, by how admission or the run ended."""
+
     accepted: int
     rejected: int
     succeeded: int
@@ -152,9 +151,11 @@ class JobMaster:
 
     def __repr__(self) -> str:
         s = self.statistics()
+        load, jobs = s.load, s.jobs
         return (
-            f"<JobMaster active={s.active}/{s.capacity} max={s.max_size}"
-            f" queued={s.queued}/{s.queue_capacity} {s.status.value}>"
+            f"<JobMaster {s.state.value} active={load.active}/{load.capacity} max={load.max_size}"
+            f" queued={load.queued}/{load.queue_capacity} {load.status.value}"
+            f" succeeded={jobs.succeeded} failed={jobs.failed}>"
         )
 
     # --- state -------------------------------------------------------------------------------
@@ -180,10 +181,9 @@ class JobMaster:
         busy = self._limiter.borrowed_tokens * 100 > self._watermark * self._max_size
         return PodStatus.BUSY if busy else PodStatus.IDLE
 
-    def statistics(self) -> JobMasterStatistics:
-        c = self._counts
-        return JobMasterStatistics(
-            state=self._state,
+    def load(self) -> WorkerLoad:
+        """The load now, read live from the limiter and the queue."""
+        return WorkerLoad(
             status=self.status(),
             active=self._limiter.borrowed_tokens,
             capacity=int(self._limiter.total_tokens),
@@ -192,12 +192,22 @@ class JobMaster:
             queued=len(self._queue),
             queue_capacity=self._queue_capacity,
             watermark=self._watermark,
-            accepted=c["accepted"],
-            rejected=c["rejected"],
-            succeeded=c[JobState.SUCCEEDED.value],
-            failed=c[JobState.FAILED.value],
-            cancelled=c[JobState.CANCELLED.value],
-            timed_out=c[JobState.TIMED_OUT.value],
+        )
+
+    def statistics(self) -> JobMasterStatistics:
+        """The lifecycle, the load and the job counters: what status, PodInfo and metrics read."""
+        c = self._counts
+        return JobMasterStatistics(
+            state=self._state,
+            load=self.load(),
+            jobs=JobCounts(
+                accepted=c["accepted"],
+                rejected=c["rejected"],
+                succeeded=c[JobState.SUCCEEDED.value],
+                failed=c[JobState.FAILED.value],
+                cancelled=c[JobState.CANCELLED.value],
+                timed_out=c[JobState.TIMED_OUT.value],
+            ),
         )
 
     def job_names(self) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -17,26 +18,19 @@ from app.worker.reporter import ApplicationInfoReportJob
 def worker_metrics(job_master: JobMaster, report: ApplicationInfoReportJob | None) -> list[Metric]:
     """The job master's load and counters, and the registry's health."""
     s = job_master.statistics()
+    load = s.load
     out: list[Metric] = [
-        GaugeMetricFamily("jobworker_jobs_active", "Jobs running now", value=s.active),
-        GaugeMetricFamily("jobworker_jobs_queued", "Jobs waiting for a token", value=s.queued),
-        GaugeMetricFamily("jobworker_capacity", "The limiter's tokens now", value=s.capacity),
-        GaugeMetricFamily("jobworker_max_size", "The limiter's most tokens", value=s.max_size),
+        GaugeMetricFamily("jobworker_jobs_active", "Jobs running now", value=load.active),
+        GaugeMetricFamily("jobworker_jobs_queued", "Jobs waiting for a token", value=load.queued),
+        GaugeMetricFamily("jobworker_capacity", "The limiter's tokens now", value=load.capacity),
+        GaugeMetricFamily("jobworker_max_size", "The limiter's most tokens", value=load.max_size),
     ]
     status = StateSetMetricFamily("jobworker_status", "IDLE, BUSY or DRAINING")
-    status.add_metric([], {p.value: p is s.status for p in PodStatus})
+    status.add_metric([], {p.value: p is load.status for p in PodStatus})
     jobs = CounterMetricFamily(
         "jobworker_jobs", "Jobs by how admission or the run ended", labels=["outcome"]
     )
-    counts = {
-        "accepted": s.accepted,
-        "rejected": s.rejected,
-        "succeeded": s.succeeded,
-        "failed": s.failed,
-        "cancelled": s.cancelled,
-        "timed_out": s.timed_out,
-    }
-    for outcome, value in counts.items():
+    for outcome, value in msgspec.structs.asdict(s.jobs).items():
         jobs.add_metric([outcome], value)
     out += [status, jobs]
     if report is not None:

@@ -126,25 +126,18 @@ class ApplicationInfoReportJob:
         return self._outage.statistics().failures
 
     def pod_info(self) -> PodInfo:
-        stats = self._job_master.statistics()
+        """What goes to the registry now: who this worker is and its load, read live."""
         now = self._clock.now()
         ident = self._identity
         return PodInfo(
+            **msgspec.structs.asdict(self._job_master.load()),
             grpc_port=ident.grpc_port,
-            status=stats.status,
             update_datetime=now.isoformat(timespec="milliseconds"),
             update_epoch_ms=int(now.timestamp() * 1000),
             ip=ident.ip,
             pid=ident.pid,
             host=ident.host,
             start_datetime=ident.start_datetime,
-            active=stats.active,
-            capacity=stats.capacity,
-            core_size=stats.core_size,
-            max_size=stats.max_size,
-            queued=stats.queued,
-            queue_capacity=stats.queue_capacity,
-            watermark=stats.watermark,
             version=ident.version,
             job_names=self._job_master.job_names(),
         )

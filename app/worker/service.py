@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import msgspec
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
@@ -137,24 +138,18 @@ class WorkerService(pb.WorkerServiceBase):
             for i in self._schedules.schedules()
         ]
         return pb.WorkerStatus(
-            status=s.status.value,
+            **{k: v for k, v in msgspec.structs.asdict(s.load).items() if k != "status"},
+            status=s.load.status.value,
             ip=ident.ip if ident else "",
             pid=ident.pid if ident else 0,
             host=ident.host if ident else "",
             grpc_port=ident.grpc_port if ident else 0,
             version=ident.version if ident else "",
             started_at=ident.start_datetime if ident else "",
-            active=s.active,
-            capacity=s.capacity,
-            core_size=s.core_size,
-            max_size=s.max_size,
-            queued=s.queued,
-            queue_capacity=s.queue_capacity,
-            watermark=s.watermark,
-            jobs_accepted=s.accepted,
-            jobs_rejected=s.rejected,
-            jobs_succeeded=s.succeeded,
-            jobs_failed=s.failed,
+            jobs_accepted=s.jobs.accepted,
+            jobs_rejected=s.jobs.rejected,
+            jobs_succeeded=s.jobs.succeeded,
+            jobs_failed=s.jobs.failed,
             job_names=self._jobs.job_names(),
             schedules=schedules,
             registry_connected=self.report_job.connected if self.report_job else False,
