@@ -115,12 +115,14 @@ class JobStore(Protocol):
 
     async def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[QueueEntry]:
         """Up to `count` entries no consumer has read yet, now pending for `consumer`; waits up
-        to `block_ms` for one when there are none (an empty list then)."""
+        to `block_ms` for one when there are none (an empty list then; 0 waits until one
+        comes, as Redis's BLOCK 0 does)."""
         ...
 
     async def claim_idle(self, consumer: str, *, min_idle_ms: int, count: int) -> list[QueueEntry]:
         """Up to `count` pending entries that no consumer has refreshed for `min_idle_ms`: now
-        pending for `consumer` (their consumer stopped). Entries whose job is gone are dropped."""
+        pending for `consumer` (their consumer stopped). An entry outlives its job's record: one
+        whose record has expired is handed out all the same, for the taker to ack."""
         ...
 
     async def keep_alive(self, consumer: str, entry_ids: Sequence[str]) -> None:

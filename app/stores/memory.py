@@ -1,14 +1,27 @@
 """In-memory twins of the stores, on the loop clock: for the core's tests on asyncio and trio.
 
 They keep the contract of `app.stores.abc` exactly (the contract suite runs them beside the
-Redis implementations) in one process's memory.
+Redis implementations) in one process's memory. Expiry follows `anyio.current_time()`, so
+trio's MockClock moves it; waits are Events, never polling.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
 
 import anyio
+import anyio.abc
+import anyio.lowlevel
+import msgspec
+
+from app.fleet.batch_job import BatchJob, decode_job, encode_job
+from app.fleet.job_state import JobState
+from app.stores.abc import QueueEntry, SubmitResult, WriteResult
+
+V = TypeVar("V")
 
 
 class MemoryPodRegistry:
@@ -30,17 +43,329 @@ class MemoryPodRegistry:
         return item[0]
 
     async def put(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        """Set `key` to a copy of `value` for `ttl_seconds` (0: no expiry)."""
         expires = anyio.current_time() + ttl_seconds if ttl_seconds else math.inf
         self._data[key] = (bytes(value), expires)
 
     async def get(self, key: str) -> bytes | None:
+        """The value, or None when the key is gone."""
         return self._live(key)
 
     async def delete(self, key: str) -> None:
+        """Drop `key` (fine when it is not there)."""
         self._data.pop(key, None)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The values of `keys`, in order (None for a key that is gone)."""
         return [self._live(k) for k in keys]
 
     async def keys(self, prefix: str) -> list[str]:
+        """Every live key that starts with `prefix`."""
         return sorted(k for k in list(self._data) if k.startswith(prefix) and self._live(k))
+
+
+def _now_or_none() -> float | None:
+    try:
+        return anyio.current_time()
+    except RuntimeError:  # no event loop (a repr in a traceback): count everything
+        return None
+
+
+class _Keys(Generic[V]):
+    """Values with Redis's expiry rules: SET clears the TTL, EXPIRE needs a live key."""
+
+    def __init__(self) -> None:
+        self._data: dict[str, tuple[V, float]] = {}
+
+    def count(self) -> int:
+        now = _now_or_none()
+        return sum(1 for _, expires in self._data.values() if now is None or expires > now)
+
+    def get(self, key: str) -> V | None:
+        item = self._data.get(key)
+        if item is None:
+            return None
+        if item[1] <= anyio.current_time():
+            del self._data[key]
+            return None
+        return item[0]
+
+    def set(self, key: str, value: V, ttl: float | None = None) -> None:
+        self._data[key] = (value, math.inf if ttl is None else anyio.current_time() + ttl)
+
+    def keep_ttl(self, key: str, value: V) -> None:
+        """Replace the value of a live key and keep its expiry (INCR), else SET it."""
+        if self.get(key) is None:
+            self.set(key, value)
+        else:
+            self._data[key] = (value, self._data[key][1])
+
+    def expire(self, key: str, ttl: float) -> None:
+        if self.get(key) is not None:
+            self._data[key] = (self._data[key][0], anyio.current_time() + ttl)
+
+
+class _Pending(msgspec.Struct):
+    consumer: str
+    delivered_at: float  # loop time; idle time counts from here
+
+
+class MemoryJobStore:
+    """`JobStore` in memory: `RedisJobStore`'s scripts, one synchronous step per call.
+
+    Records are kept encoded, so callers never share a mutable object with the store. Each
+    call is one checkpoint, then its whole effect with no await in it (as a Lua script is
+    atomic). Queue entry ids are `0-<n>`, valid Redis stream ids in the same order.
+    """
+
+    def __init__(self, *, retention_seconds: int = 86_400) -> None:
+        self._retention = retention_seconds
+        self._records: _Keys[bytes] = _Keys()
+        self._fences: _Keys[int] = _Keys()
+        self._cancels: _Keys[bool] = _Keys()
+        self._queued: dict[str, int] = {}
+        self._group = False
+        self._entries: dict[int, str] = {}  # the stream: entry number -> job id, in id order
+        self._unread: deque[int] = deque()  # after the group's last delivered entry
+        self._last_entry = 0
+        # the group's pending entries; inserted in delivery order, which is id order
+        self._pending: dict[int, _Pending] = {}
+        self._arrived: anyio.Event | None = None  # made by a blocked reader, set by submit
+        self._listeners: list[Callable[[str], None]] = []  # MemoryJobEvents' wake-ups
+
+    def __repr__(self) -> str:
+        unread = sum(1 for n in self._unread if n in self._entries)
+        return (
+            f"<MemoryJobStore records={self._records.count()} queue={len(self._entries)}"
+            f" unread={unread} pending={len(self._pending)}>"
+        )
+
+    def _publish(self, job_id: str) -> None:
+        for wake in self._listeners:
+            wake(job_id)
+
+    # --- records ----------------------------------------------------------------------------------
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group (it reads the queue from its start) unless it is there."""
+        await anyio.lowlevel.checkpoint()
+        self._group = True
+
+    async def submit(
+        self, job: BatchJob, *, bound: int
+    ) -> tuple[SubmitResult, BatchJob | None, int]:
+        """Create the record and queue the job unless its id exists or its type is full."""
+        await anyio.lowlevel.checkpoint()
+        existing = self._records.get(job.job_id)
+        if existing is not None:
+            return SubmitResult.EXISTS, decode_job(existing), 0
+        queued = self._queued.get(job.job_type, 0)
+        if queued >= bound:
+            return SubmitResult.QUEUE_FULL, None, queued
+        self._queued[job.job_type] = queued + 1
+        self._records.set(job.job_id, encode_job(job))
+        self._last_entry += 1
+        self._entries[self._last_entry] = job.job_id
+        self._unread.append(self._last_entry)
+        if self._arrived is not None:
+            self._arrived.set()
+            self._arrived = None
+        return SubmitResult.CREATED, None, 0
+
+    async def get(self, job_id: str) -> BatchJob | None:
+        """The record (a fresh copy), or None when there is none."""
+        await anyio.lowlevel.checkpoint()
+        raw = self._records.get(job_id)
+        return None if raw is None else decode_job(raw)
+
+    async def fence(self, job_id: str) -> int:
+        """The job's newest fencing token (0 before the first)."""
+        await anyio.lowlevel.checkpoint()
+        return self._fences.get(job_id) or 0
+
+    async def next_token(self, job_id: str) -> int:
+        """A new fencing token: from now on, holders of older ones are refused."""
+        await anyio.lowlevel.checkpoint()
+        token = (self._fences.get(job_id) or 0) + 1
+        self._fences.keep_ttl(job_id, token)
+        return token
+
+    async def write(self, job: BatchJob, token: int) -> WriteResult:
+        """Store `job` if `token` is the newest and the stored job has not finished."""
+        job.fencing_token = token  # as RedisJobStore does: the caller's record carries it
+        await anyio.lowlevel.checkpoint()
+        if token != (self._fences.get(job.job_id) or 0):
+            return WriteResult.SUPERSEDED
+        current = self._records.get(job.job_id)
+        if current is None:
+            return WriteResult.MISSING
+        if decode_job(current).state.finished:
+            return WriteResult.ALREADY_FINISHED
+        self._records.set(job.job_id, encode_job(job))
+        if job.state.finished:
+            self._queued[job.job_type] = self._queued.get(job.job_type, 0) - 1
+            for keys in (self._records, self._fences, self._cancels):
+                keys.expire(job.job_id, self._retention)
+        self._publish(job.job_id)
+        return WriteResult.WRITTEN
+
+    async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
+        """Ask for the job to be cancelled; a PENDING one ends CANCELLED here under a new token.
+
+        See `JobStore.request_cancel`; the record as it is after, or None when there is none.
+        """
+        await anyio.lowlevel.checkpoint()
+        raw = self._records.get(job_id)
+        if raw is None:
+            return None
+        job = decode_job(raw)
+        if job.state.finished:
+            return job
+        self._cancels.set(job_id, True, self._retention)
+        if job.state is not JobState.PENDING:
+            self._publish(job_id)  # its holder stops it; waiters re-read meanwhile
+            return job
+        token = (self._fences.get(job_id) or 0) + 1
+        cancelled = msgspec.structs.replace(
+            job, state=JobState.CANCELLED, error=error, finished_at=now, fencing_token=token
+        )
+        self._fences.set(job_id, token, self._retention)
+        self._records.set(job_id, encode_job(cancelled), self._retention)
+        self._queued[job.job_type] = self._queued.get(job.job_type, 0) - 1
+        self._publish(job_id)
+        return cancelled
+
+    async def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel was asked for (kept for the retention)."""
+        await anyio.lowlevel.checkpoint()
+        return self._cancels.get(job_id) is not None
+
+    async def queued_count(self, job_type: str) -> int:
+        """Unfinished jobs of `job_type` (what the per-type bound counts)."""
+        await anyio.lowlevel.checkpoint()
+        return self._queued.get(job_type, 0)
+
+    # --- the queue --------------------------------------------------------------------------------
+
+    def _check_group(self) -> None:
+        if not self._group:  # Redis answers NOGROUP
+            raise RuntimeError("no consumer group: call ensure_group() first")
+
+    def _deliver_new(self, consumer: str, count: int) -> list[QueueEntry]:
+        taken: list[QueueEntry] = []
+        now = anyio.current_time()
+        while self._unread and len(taken) < count:
+            number = self._unread.popleft()
+            job_id = self._entries.get(number)
+            if job_id is not None:  # else acked (deleted) before anyone read it
+                self._pending[number] = _Pending(consumer, now)
+                taken.append((f"0-{number}", job_id))
+        return taken
+
+    async def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[QueueEntry]:
+        """Up to `count` entries nobody has read, now pending for `consumer`.
+
+        Waits up to `block_ms` (0: until one comes, as Redis's BLOCK 0) when there are none;
+        a submit wakes the wait.
+        """
+        await anyio.lowlevel.checkpoint()
+        self._check_group()
+        deadline = anyio.current_time() + block_ms / 1000 if block_ms else math.inf
+        while not (taken := self._deliver_new(consumer, count)):
+            if anyio.current_time() >= deadline:
+                break
+            if self._arrived is None:
+                self._arrived = anyio.Event()
+            arrived = self._arrived
+            # another reader may take what arrives first: then wait on, as Redis keeps it blocked
+            with anyio.move_on_after(deadline - anyio.current_time()):
+                await arrived.wait()
+        return taken
+
+    async def claim_idle(self, consumer: str, *, min_idle_ms: int, count: int) -> list[QueueEntry]:
+        """XAUTOCLAIM from the start: up to `count` pending entries idle `min_idle_ms` or more.
+
+        They become `consumer`'s, their idle time reset. As in Redis 7, at most `count * 10`
+        pending entries are looked at.
+        """
+        await anyio.lowlevel.checkpoint()
+        self._check_group()
+        now = anyio.current_time()
+        claimed: list[QueueEntry] = []
+        for number, pending in list(self._pending.items())[: count * 10]:
+            if len(claimed) == count:
+                break
+            if (now - pending.delivered_at) * 1000 >= min_idle_ms:
+                self._pending[number] = _Pending(consumer, now)
+                claimed.append((f"0-{number}", self._entries[number]))
+        return claimed
+
+    async def keep_alive(self, consumer: str, entry_ids: Sequence[str]) -> None:
+        """XCLAIM with min-idle 0: pending entries among `entry_ids` are `consumer`'s, idle 0."""
+        if not entry_ids:
+            return  # RedisJobStore makes no call
+        await anyio.lowlevel.checkpoint()
+        self._check_group()
+        now = anyio.current_time()
+        for entry_id in entry_ids:
+            number = _entry_number(entry_id)
+            if number in self._pending:
+                self._pending[number] = _Pending(consumer, now)
+
+    async def ack(self, entry_id: str) -> None:
+        """Acknowledge and drop the entry (XACK and XDEL): nobody reads or claims it again."""
+        await anyio.lowlevel.checkpoint()
+        number = _entry_number(entry_id)
+        self._pending.pop(number, None)
+        self._entries.pop(number, None)
+
+
+def _entry_number(entry_id: str) -> int:
+    """The n of `0-<n>`; -1 (no entry) for an id this store did not hand out."""
+    ms, _, seq = entry_id.partition("-")
+    return int(seq) if ms == "0" and seq.isdigit() else -1
+
+
+class MemoryJobEvents:
+    """`JobEvents` for a `MemoryJobStore`: the store wakes it on every write and cancel request.
+
+    Nothing is missed, and waiters are woken whether or not `run` is going.
+    """
+
+    def __init__(self, store: MemoryJobStore) -> None:
+        self._waiters: dict[str, set[anyio.Event]] = {}
+        self._running = False
+        store._listeners.append(self._wake)
+
+    def __repr__(self) -> str:
+        waiting = sum(len(w) for w in self._waiters.values())
+        state = "RUNNING" if self._running else "IDLE"
+        return f"<MemoryJobEvents waiters={waiting} jobs={len(self._waiters)} {state}>"
+
+    def _wake(self, job_id: str) -> None:
+        for event in self._waiters.pop(job_id, ()):
+            event.set()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Report ready and wait to be cancelled (the store delivers the changes)."""
+        self._running = True
+        try:
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            self._running = False
+
+    async def wait_changed(self, job_id: str) -> None:
+        """Return after the job's next write or cancel request."""
+        event = anyio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            await event.wait()
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[job_id]

@@ -1,0 +1,622 @@
+"""One contract suite for the stores of app/stores/abc.py, run against every implementation.
+
+- `memory-asyncio`, `memory-trio`: the in-memory twins; on trio under MockClock(autojump), so
+  the waits below (expiry, idle times, block_ms) take no real time;
+- `redis-asyncio`: the Redis implementations on the session's real redis-server, FLUSHDB per
+  test. There is no `redis-trio`: redis-py's client runs on asyncio only.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.abc
+import pytest
+import redis.asyncio as aioredis
+import trio.testing
+
+from app.fleet.batch_job import AttemptRecord, BatchJob
+from app.fleet.job_state import JobState
+from app.stores.abc import JobEvents, JobStore, PodRegistry, QueueEntry, SubmitResult, WriteResult
+from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
+from app.stores.redis.job_events import RedisJobEvents
+from app.stores.redis.job_store import RedisJobStore
+from app.stores.redis.pod_registry import RedisPodRegistry
+from app.stores.waits import wait_finished
+from tests.helpers import RedisServer, eventually
+
+pytestmark = pytest.mark.anyio
+
+RETENTION = 60  # the stores' retention, except in the test of retention itself
+
+
+@dataclass
+class Stores:
+    """One implementation of each protocol, on a fresh state (typed: mypy checks the twins)."""
+
+    store: JobStore
+    events: JobEvents
+    registry: PodRegistry
+    # another job store (and its events) with its own retention: fresh in memory, the same
+    # database on Redis
+    with_retention: Callable[[int], tuple[JobStore, JobEvents]]
+
+
+@pytest.fixture(
+    params=[("memory", "asyncio"), ("memory", "trio"), ("redis", "asyncio")],
+    ids=lambda p: "-".join(p),
+)
+def kind(request: pytest.FixtureRequest) -> tuple[str, str]:
+    if request.param[0] == "redis":
+        request.getfixturevalue("redis_client")  # the session's server, flushed
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def anyio_backend(kind: tuple[str, str]) -> Any:
+    if kind[1] == "trio":
+        return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
+    return kind[1]
+
+
+@pytest.fixture
+async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
+    if kind[0] == "memory":
+
+        def memory(retention: int) -> tuple[JobStore, JobEvents]:
+            store = MemoryJobStore(retention_seconds=retention)
+            return store, MemoryJobEvents(store)
+
+        store, events = memory(RETENTION)
+        await store.ensure_group()
+        yield Stores(store, events, MemoryPodRegistry(), memory)
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    client = aioredis.Redis.from_url(server.url)
+
+    def on_redis(retention: int) -> tuple[JobStore, JobEvents]:
+        return RedisJobStore(client, retention_seconds=retention), RedisJobEvents(client)
+
+    store, events = on_redis(RETENTION)
+    await store.ensure_group()
+    try:
+        yield Stores(store, events, RedisPodRegistry(client), on_redis)
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def listening(events: JobEvents) -> AsyncIterator[anyio.abc.TaskGroup]:
+    """A task group with `events` running (ready) in it; cancelled on the way out."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(events.run)
+        yield tg
+        tg.cancel_scope.cancel()
+
+
+class Waiter:
+    """A task blocked in `events.wait_changed(job_id)`; `woken` is set when it returns."""
+
+    def __init__(self, events: JobEvents, job_id: str) -> None:
+        self.events, self.job_id = events, job_id
+        self.woken = anyio.Event()
+
+    @classmethod
+    async def start(cls, tg: anyio.abc.TaskGroup, events: JobEvents, job_id: str) -> Waiter:
+        waiter = cls(events, job_id)
+        tg.start_soon(waiter._wait)
+        await anyio.wait_all_tasks_blocked()  # it is registered (blocked in its wait)
+        return waiter
+
+    async def _wait(self) -> None:
+        await self.events.wait_changed(self.job_id)
+        self.woken.set()
+
+    async def wait_woken(self) -> None:
+        with anyio.fail_after(5):
+            await self.woken.wait()
+
+
+class SpyEvents:
+    """`JobEvents` that tells when someone waits (`waiting`), then waits on the real ones."""
+
+    def __init__(self, events: JobEvents) -> None:
+        self.events = events
+        self.waiting = anyio.Event()
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        await self.events.run(task_status=task_status)
+
+    async def wait_changed(self, job_id: str) -> None:
+        self.waiting.set()  # the real wait registers before its first await: no gap
+        await self.events.wait_changed(job_id)
+
+
+def job(job_id: str = "j1", job_type: str = "echo", **fields: Any) -> BatchJob:
+    now = time.time()
+    return BatchJob(
+        job_id=job_id, job_type=job_type, submitted_at=now, deadline_at=now + 60, **fields
+    )
+
+
+async def get(store: JobStore, job_id: str) -> BatchJob:
+    record = await store.get(job_id)
+    assert record is not None, f"no record for {job_id}"
+    return record
+
+
+async def start_attempt(store: JobStore, job_id: str, state: JobState) -> tuple[BatchJob, int]:
+    """Take a token for the job and write it in `state`, as a dispatcher does."""
+    token = await store.next_token(job_id)
+    record = await get(store, job_id)
+    record.state = state
+    record.attempts.append(
+        AttemptRecord(number=len(record.attempts) + 1, worker="w1:1", fencing_token=token,
+                      started_at=time.time())
+    )  # fmt: skip
+    assert await store.write(record, token) is WriteResult.WRITTEN
+    return record, token
+
+
+def order(entry: QueueEntry) -> tuple[int, ...]:
+    """An entry id's place in the queue (ids are Redis stream ids: `<ms>-<seq>`)."""
+    return tuple(int(part) for part in entry[0].split("-"))
+
+
+# --- the pod registry -----------------------------------------------------------------------------
+
+
+async def test_registry_put_get_delete(stores: Stores) -> None:
+    registry = stores.registry
+    assert await registry.get("wpm-apps:1.2.3.4:1") is None
+    await registry.put("wpm-apps:1.2.3.4:1", b'{"a":1}', 60)
+    assert await registry.get("wpm-apps:1.2.3.4:1") == b'{"a":1}'
+    await registry.put("wpm-apps:1.2.3.4:1", b'{"a":2}', 60)
+    assert await registry.get("wpm-apps:1.2.3.4:1") == b'{"a":2}'
+    await registry.delete("wpm-apps:1.2.3.4:1")
+    assert await registry.get("wpm-apps:1.2.3.4:1") is None
+    await registry.delete("wpm-apps:1.2.3.4:1")  # deleting twice is fine
+
+
+async def test_registry_get_many(stores: Stores) -> None:
+    registry = stores.registry
+    await registry.put("wpm-apps:a:1", b"1", 60)
+    await registry.put("wpm-apps:b:2", b"2", 60)
+    assert await registry.get_many(["wpm-apps:b:2", "nope", "wpm-apps:a:1"]) == [b"2", None, b"1"]
+    assert await registry.get_many([]) == []
+
+
+async def test_registry_keys_by_prefix(stores: Stores) -> None:
+    registry = stores.registry
+    for key in ("wpm-apps:a:1", "wpm-apps:b:2", "other:c:3", "wpm-apps*x"):
+        await registry.put(key, b"{}", 60)
+    assert sorted(await registry.keys("wpm-apps:")) == ["wpm-apps:a:1", "wpm-apps:b:2"]
+
+
+async def test_registry_entries_expire(stores: Stores) -> None:
+    registry = stores.registry
+    await registry.put("wpm-apps:x:1", b"{}", 1)
+    await registry.put("wpm-apps:y:2", b"{}", 60)
+
+    async def gone() -> bool:
+        return await registry.get("wpm-apps:x:1") is None
+
+    await eventually(gone)
+    assert await registry.keys("wpm-apps:") == ["wpm-apps:y:2"]
+    assert await registry.get_many(["wpm-apps:x:1", "wpm-apps:y:2"]) == [None, b"{}"]
+
+
+# --- records: submit, the per-type bound, copies --------------------------------------------------
+
+
+async def test_submit_creates_the_record_and_queues_it(stores: Stores) -> None:
+    store = stores.store
+    submitted = job("a", params={"n": "1"})
+    assert await store.submit(submitted, bound=10) == (SubmitResult.CREATED, None, 0)
+    assert await store.get("a") == submitted
+    assert await store.get("nope") is None
+    assert await store.fence("a") == 0
+    assert await store.cancel_requested("a") is False
+    assert await store.queued_count("echo") == 1
+    assert [job_id for _, job_id in await store.read_new("c1", count=10, block_ms=10)] == ["a"]
+
+
+async def test_submit_is_idempotent(stores: Stores) -> None:
+    store = stores.store
+    original = job("a", params={"n": "1"})
+    assert (await store.submit(original, bound=10))[0] is SubmitResult.CREATED
+    result, existing, _ = await store.submit(job("a", params={"n": "2"}), bound=10)
+    assert result is SubmitResult.EXISTS
+    assert existing == original
+    assert await store.get("a") == original
+    assert await store.queued_count("echo") == 1  # counted once
+    entries = await store.read_new("c1", count=10, block_ms=10)
+    assert [job_id for _, job_id in entries] == ["a"]  # queued once
+
+
+async def test_submit_is_bounded_per_type_and_a_finished_job_frees_its_slot(
+    stores: Stores,
+) -> None:
+    store = stores.store
+    assert (await store.submit(job("a"), bound=2))[0] is SubmitResult.CREATED
+    assert (await store.submit(job("b"), bound=2))[0] is SubmitResult.CREATED
+    assert await store.submit(job("c"), bound=2) == (SubmitResult.QUEUE_FULL, None, 2)
+    assert await store.get("c") is None  # nothing of a refused job is kept
+    assert (await store.submit(job("x", "other"), bound=2))[0] is SubmitResult.CREATED
+    assert (await store.queued_count("echo"), await store.queued_count("other")) == (2, 1)
+    entries = await store.read_new("c1", count=10, block_ms=10)
+    assert [job_id for _, job_id in entries] == ["a", "b", "x"]
+
+    record, token = await start_attempt(store, "a", JobState.RUNNING)
+    assert await store.queued_count("echo") == 2  # a running job still counts
+    record.state = JobState.SUCCEEDED
+    assert await store.write(record, token) is WriteResult.WRITTEN
+    assert await store.queued_count("echo") == 1
+    assert (await store.submit(job("c"), bound=2))[0] is SubmitResult.CREATED
+    assert await store.submit(job("d"), bound=2) == (SubmitResult.QUEUE_FULL, None, 2)
+
+
+async def test_the_store_keeps_copies(stores: Stores) -> None:
+    store = stores.store
+    submitted = job("a", params={"n": "1"})
+    await store.submit(submitted, bound=10)
+    submitted.params["n"] = "changed after submit"
+    read = await get(store, "a")
+    assert read.params == {"n": "1"}
+    read.params["n"] = "changed after get"
+    read.attempts.append(AttemptRecord(number=1, worker="w", fencing_token=0, started_at=0))
+    again = await get(store, "a")
+    assert (again.params, again.attempts) == ({"n": "1"}, [])
+    token = await store.next_token("a")
+    assert await store.write(read, token) is WriteResult.WRITTEN
+    read.attempts.clear()
+    assert len((await get(store, "a")).attempts) == 1
+
+
+# --- fencing --------------------------------------------------------------------------------------
+
+
+async def test_a_late_result_from_a_superseded_attempt_is_refused(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(job(), bound=10)
+    _, old = await start_attempt(store, "j1", JobState.DISPATCHED)
+    assert (await get(store, "j1")).fencing_token == old  # the write stamps its token
+    new = await store.next_token("j1")  # a re-dispatch takes over
+    assert new == old + 1
+    assert await store.fence("j1") == new
+    late = await get(store, "j1")
+    late.state, late.result_json = JobState.SUCCEEDED, '"from the old attempt"'
+    assert await store.write(late, old) is WriteResult.SUPERSEDED
+    assert await store.write(late, new + 1) is WriteResult.SUPERSEDED  # not a token yet
+    current = await get(store, "j1")
+    assert (current.state, current.result_json) == (JobState.DISPATCHED, "")
+    current.state, current.result_json = JobState.SUCCEEDED, '"from the new attempt"'
+    assert await store.write(current, new) is WriteResult.WRITTEN
+    # the outcome is final: not even the token holder rewrites it
+    current.state = JobState.FAILED
+    assert await store.write(current, new) is WriteResult.ALREADY_FINISHED
+    final = await get(store, "j1")
+    assert (final.state, final.result_json) == (JobState.SUCCEEDED, '"from the new attempt"')
+    assert final.fencing_token == new
+    assert await store.queued_count("echo") == 0  # the bound counts unfinished jobs only
+
+
+async def test_a_write_to_an_unknown_record_is_missing(stores: Stores) -> None:
+    store = stores.store
+    assert await store.fence("ghost") == 0
+    assert await store.write(job("ghost"), 0) is WriteResult.MISSING
+    token = await store.next_token("ghost")
+    assert token == 1
+    assert await store.write(job("ghost"), token) is WriteResult.MISSING
+    assert await store.write(job("ghost"), 0) is WriteResult.SUPERSEDED  # the fence comes first
+    assert await store.get("ghost") is None
+    assert await store.queued_count("echo") == 0
+
+
+# --- retention ------------------------------------------------------------------------------------
+
+
+async def test_a_finished_record_expires_after_the_retention(stores: Stores) -> None:
+    store, _ = stores.with_retention(1)
+    await store.ensure_group()  # on Redis a second time: that is fine
+    await store.submit(job("done"), bound=10)
+    await store.submit(job("open"), bound=10)
+    entries = await store.read_new("c1", count=10, block_ms=10)
+    record, token = await start_attempt(store, "done", JobState.RUNNING)
+    await start_attempt(store, "open", JobState.RUNNING)
+    await store.request_cancel("done", error="stop", now=time.time())
+    # the flag's retention runs from the request; let half of it pass, so that the record's
+    # (from the end) ends later: the flag must then be kept as long as the record
+    await anyio.sleep(0.5)
+    record.state = JobState.CANCELLED
+    finished = anyio.current_time()
+    assert await store.write(record, token) is WriteResult.WRITTEN
+    await store.next_token("done")  # a token taken late expires with the record all the same
+    assert (await get(store, "done")).state is JobState.CANCELLED  # kept for the retention
+
+    async def expired() -> bool:
+        flag = await store.cancel_requested("done")  # first: it may not go before the record
+        gone = await store.get("done") is None
+        assert flag or gone, "the cancel flag expired before the record"
+        return gone
+
+    await eventually(expired)
+    assert anyio.current_time() - finished >= 0.9  # the retention, not sooner
+    # its fence and cancel flag went with it; an unfinished record has no expiry
+    assert await store.fence("done") == 0
+    assert await store.cancel_requested("done") is False
+    assert (await get(store, "open")).state is JobState.RUNNING
+    assert await store.fence("open") == 1
+    # the queue entry outlives its record: it is still handed out, for its taker to ack
+    assert await store.claim_idle("c2", min_idle_ms=0, count=10) == entries
+    # the id is free again, and the job is counted once more
+    assert (await store.submit(job("done"), bound=2))[0] is SubmitResult.CREATED
+    assert await store.queued_count("echo") == 2
+
+
+async def test_a_job_cancelled_while_pending_expires_too(stores: Stores) -> None:
+    store, _ = stores.with_retention(1)
+    await store.submit(job("a"), bound=10)
+    await store.request_cancel("a", error="stop", now=time.time())
+
+    async def expired() -> bool:
+        return await store.get("a") is None
+
+    await eventually(expired)
+    assert await store.fence("a") == 0
+    assert await store.cancel_requested("a") is False
+
+
+# --- the queue ------------------------------------------------------------------------------------
+
+
+async def test_read_new_hands_each_entry_to_one_consumer_once(stores: Stores) -> None:
+    store = stores.store
+    for job_id in ("a", "b", "c"):
+        await store.submit(job(job_id), bound=10)
+    first = await store.read_new("c1", count=2, block_ms=10)
+    assert [job_id for _, job_id in first] == ["a", "b"]
+    second = await store.read_new("c2", count=10, block_ms=10)
+    assert [job_id for _, job_id in second] == ["c"]
+    assert await store.read_new("c1", count=10, block_ms=10) == []
+    assert await store.read_new("c2", count=10, block_ms=10) == []
+    entries = first + second
+    assert sorted(entries, key=order) == entries  # entry ids order the queue
+    assert len({entry_id for entry_id, _ in entries}) == 3
+
+
+async def test_read_new_waits_up_to_block_ms_for_nothing(stores: Stores) -> None:
+    store = stores.store
+    started = anyio.current_time()
+    with anyio.fail_after(5):
+        assert await store.read_new("c1", count=10, block_ms=200) == []
+    assert anyio.current_time() - started >= 0.19
+
+
+async def test_a_submit_wakes_blocked_readers(stores: Stores) -> None:
+    store = stores.store
+    got: dict[str, list[QueueEntry]] = {}
+
+    async def read(consumer: str, block_ms: int) -> None:
+        got[consumer] = await store.read_new(consumer, count=1, block_ms=block_ms)
+
+    started = anyio.current_time()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(read, "forever", 0)  # 0: until an entry comes
+            tg.start_soon(read, "a-minute", 60_000)
+            await anyio.wait_all_tasks_blocked()
+            await store.submit(job("a"), bound=10)
+            await store.submit(job("b"), bound=10)
+    # woken by the submits, not by a timeout (on MockClock, a missed wake-up jumps a minute)
+    assert anyio.current_time() - started < 5
+    assert sorted(job_id for entries in got.values() for _, job_id in entries) == ["a", "b"]
+    assert [len(entries) for entries in got.values()] == [1, 1]
+
+
+async def test_idle_entries_are_claimed_and_kept_alive_ones_are_not(stores: Stores) -> None:
+    store = stores.store
+    for job_id in ("held", "dropped", "also-dropped"):
+        await store.submit(job(job_id), bound=10)
+    entries = {j: e for e, j in await store.read_new("dead", count=10, block_ms=10)}
+    assert await store.claim_idle("rescuer", min_idle_ms=60_000, count=10) == []  # not idle yet
+
+    # its owner keeps "held" alive until the others have been idle long enough to be claimed
+    with anyio.fail_after(5):
+        while True:
+            await store.keep_alive("dead", [entries["held"]])
+            claimed = await store.claim_idle("rescuer", min_idle_ms=100, count=1)
+            if claimed:
+                break
+            await anyio.sleep(0.01)
+    assert claimed == [(entries["dropped"], "dropped")]  # the lower id first, `count` at most
+    await store.keep_alive("dead", [entries["held"]])
+    assert await store.claim_idle("rescuer", min_idle_ms=100, count=10) == [
+        (entries["also-dropped"], "also-dropped")
+    ]
+    # a claim resets the idle time: the rescuer's entries are not idle now
+    assert await store.claim_idle("other", min_idle_ms=100, count=10) == []
+    # with no minimum, every pending entry is claimed, in id order
+    everything = await store.claim_idle("other", min_idle_ms=0, count=10)
+    assert [j for _, j in everything] == ["held", "dropped", "also-dropped"]
+    assert await store.read_new("other", count=10, block_ms=10) == []  # claimed is not new
+
+
+async def test_keep_alive_moves_only_pending_entries(stores: Stores) -> None:
+    store = stores.store
+    for job_id in ("a", "b"):
+        await store.submit(job(job_id), bound=10)
+    (entry_a, _), (entry_b, _) = await store.read_new("c1", count=10, block_ms=10)
+    await store.ack(entry_b)
+    await store.keep_alive("c2", [entry_a, entry_b, "0-99999"])  # b is acked, 0-99999 unknown
+    assert await store.claim_idle("c3", min_idle_ms=0, count=10) == [(entry_a, "a")]
+    await store.keep_alive("c2", [])  # nothing to do
+
+
+async def test_ack_removes_the_entry(stores: Stores) -> None:
+    store = stores.store
+    for job_id in ("a", "b"):
+        await store.submit(job(job_id), bound=10)
+    (entry_a, _), (entry_b, _) = await store.read_new("c1", count=10, block_ms=10)
+    await store.ack(entry_a)
+    await store.ack(entry_a)  # twice is fine
+    assert await store.claim_idle("c2", min_idle_ms=0, count=10) == [(entry_b, "b")]
+    await store.ack(entry_b)
+    assert await store.claim_idle("c2", min_idle_ms=0, count=10) == []
+    assert await store.read_new("c2", count=10, block_ms=10) == []
+    assert await store.get("a") is not None  # the record stays: an ack ends the entry only
+
+
+# --- cancel requests ------------------------------------------------------------------------------
+
+
+async def test_cancel_ends_a_pending_job_under_a_new_token(stores: Stores) -> None:
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=1)
+    (entry, _), = await store.read_new("c1", count=10, block_ms=10)  # fmt: skip
+    held = await store.next_token("a")  # a dispatcher holds it, not yet written (still PENDING)
+    async with listening(events) as tg:
+        waiter = await Waiter.start(tg, events, "a")
+        after = await store.request_cancel("a", error="cancelled by user", now=1234.5)
+        await waiter.wait_woken()
+    assert after is not None
+    assert (after.state, after.error, after.finished_at) == (
+        JobState.CANCELLED, "cancelled by user", 1234.5
+    )  # fmt: skip
+    assert after.fencing_token == held + 1
+    assert await store.get("a") == after
+    assert await store.fence("a") == held + 1
+    assert await store.cancel_requested("a") is True
+    # the holder is refused from now on, and the bound has a free slot again
+    late = await get(store, "a")
+    late.state = JobState.DISPATCHED
+    assert await store.write(late, held) is WriteResult.SUPERSEDED
+    assert (await get(store, "a")).state is JobState.CANCELLED
+    assert await store.queued_count("echo") == 0
+    assert (await store.submit(job("b"), bound=1))[0] is SubmitResult.CREATED
+    # asking again changes nothing
+    assert await store.request_cancel("a", error="again", now=9.0) == after
+    assert await store.fence("a") == held + 1
+    await store.ack(entry)
+
+
+@pytest.mark.parametrize("state", [JobState.DISPATCHED, JobState.RUNNING])
+async def test_cancel_leaves_a_job_on_a_worker_to_its_holder(
+    stores: Stores, state: JobState
+) -> None:
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=10)
+    await start_attempt(store, "a", state)
+    before = await get(store, "a")
+    async with listening(events) as tg:
+        waiter = await Waiter.start(tg, events, "a")
+        after = await store.request_cancel("a", error="cancelled by user", now=1234.5)
+        await waiter.wait_woken()
+    assert after == before
+    assert await store.get("a") == before
+    assert await store.cancel_requested("a") is True
+    assert await store.fence("a") == before.fencing_token
+    assert await store.queued_count("echo") == 1
+    # the holder ends it once the worker has stopped it
+    before.state, before.error = JobState.CANCELLED, "cancelled by user"
+    assert await store.write(before, before.fencing_token) is WriteResult.WRITTEN
+    assert await store.queued_count("echo") == 0
+
+
+async def test_cancel_leaves_a_finished_job_alone(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(job("a"), bound=10)
+    record, token = await start_attempt(store, "a", JobState.RUNNING)
+    record.state, record.result_json = JobState.SUCCEEDED, '"done"'
+    assert await store.write(record, token) is WriteResult.WRITTEN
+    final = await get(store, "a")
+    assert await store.request_cancel("a", error="too late", now=1.0) == final
+    assert await store.get("a") == final
+    assert await store.cancel_requested("a") is False
+    assert await store.fence("a") == token
+
+
+async def test_cancel_of_an_unknown_job_is_none(stores: Stores) -> None:
+    store = stores.store
+    assert await store.request_cancel("ghost", error="x", now=1.0) is None
+    assert await store.cancel_requested("ghost") is False
+    assert await store.get("ghost") is None
+
+
+# --- events and waits -----------------------------------------------------------------------------
+
+
+async def test_a_write_wakes_the_waiters_of_its_job_only(stores: Stores) -> None:
+    store, events = stores.store, stores.events
+    for job_id in ("a", "b"):
+        await store.submit(job(job_id), bound=10)
+    async with listening(events) as tg:
+        waiter_a = await Waiter.start(tg, events, "a")
+        waiter_b = await Waiter.start(tg, events, "b")
+        also_b = await Waiter.start(tg, events, "b")
+        await start_attempt(store, "b", JobState.DISPATCHED)
+        await waiter_b.wait_woken()
+        await also_b.wait_woken()
+        await anyio.wait_all_tasks_blocked()
+        assert not waiter_a.woken.is_set()
+        await start_attempt(store, "a", JobState.DISPATCHED)
+        await waiter_a.wait_woken()
+
+
+async def test_a_refused_write_wakes_nobody(stores: Stores) -> None:
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=10)
+    record, old = await start_attempt(store, "a", JobState.DISPATCHED)
+    await store.next_token("a")
+    async with listening(events) as tg:
+        waiter = await Waiter.start(tg, events, "a")
+        record.state = JobState.SUCCEEDED
+        assert await store.write(record, old) is WriteResult.SUPERSEDED
+        await store.submit(job("b"), bound=10)
+        witness = await Waiter.start(tg, events, "b")
+        await start_attempt(store, "b", JobState.DISPATCHED)
+        await witness.wait_woken()  # changes arrive in order: a change of "a" would be in
+        await anyio.wait_all_tasks_blocked()
+        assert not waiter.woken.is_set()
+
+
+async def test_wait_finished_returns_the_final_record(stores: Stores) -> None:
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=10)
+    record, token = await start_attempt(store, "a", JobState.RUNNING)
+    spy = SpyEvents(events)
+
+    async def finish() -> None:
+        await spy.waiting.wait()
+        record.state, record.result_json = JobState.SUCCEEDED, '"ok"'
+        assert await store.write(record, token) is WriteResult.WRITTEN
+
+    async with listening(spy) as tg:
+        tg.start_soon(finish)
+        started = anyio.current_time()
+        with anyio.fail_after(5):
+            final = await wait_finished(store, spy, "a", deadline=started + 60)
+    assert final is not None
+    assert (final.state, final.result_json) == (JobState.SUCCEEDED, '"ok"')
+    assert anyio.current_time() - started < 1  # woken by the write, not by a re-read
+
+
+async def test_wait_finished_returns_the_latest_record_at_the_deadline(stores: Stores) -> None:
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=10)
+    await start_attempt(store, "a", JobState.DISPATCHED)
+    async with listening(events):
+        started = anyio.current_time()
+        with anyio.fail_after(5):
+            latest = await wait_finished(store, events, "a", deadline=started + 0.3)
+            assert await wait_finished(store, events, "ghost", deadline=started + 60) is None
+    assert anyio.current_time() - started >= 0.3
+    assert latest is not None
+    assert latest.state is JobState.DISPATCHED
