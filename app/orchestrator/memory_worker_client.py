@@ -58,6 +58,13 @@ class MemoryWorker:
             run.scope.cancel()
         self._gone.set()
 
+    def pause(self) -> None:
+        """Stop like a SIGSTOP: nothing answers any more, calls in flight hang, runs go nowhere
+        (they end unrecorded)."""
+        self.silent = True
+        for run in self.runs.values():
+            run.scope.cancel()
+
     def restart(self) -> None:
         """Come back empty, as a new process on the same address would."""
         self.runs.clear()
@@ -117,7 +124,7 @@ class MemoryWorkerClient:
                 run.outcome = RunOutcome(
                     state=JobState.SUCCEEDED, result_json=msgspec.json.encode(value).decode()
                 )
-        if run.outcome is None and worker.reachable:  # its own scope: cancel or timeout
+        if run.outcome is None and worker.reachable and not worker.silent:  # cancel or timeout
             run.outcome = (
                 RunOutcome(state=JobState.CANCELLED, error="cancelled by request")
                 if run.cancelled
@@ -165,7 +172,9 @@ class MemoryWorkerClient:
                 tg.start_soon(broken)
                 await run.ended.wait()
                 tg.cancel_scope.cancel()
-        if run.outcome is None:  # killed under the call
+        if run.outcome is None:  # killed or paused under the call
+            if worker.silent:
+                await anyio.sleep(math.inf)
             return Completion(reply=Reply.UNREACHABLE, error="StreamTerminatedError: reset")
         return Completion(reply=Reply.OK, outcome=run.outcome)
 

@@ -110,6 +110,15 @@ class _Pending(msgspec.Struct):
     delivered_at: float  # loop time; idle time counts from here
 
 
+class MemoryJobStoreStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """What a MemoryJobStore holds (for tests and reprs)."""
+
+    records: int
+    queue: int
+    unread: int
+    pending: int
+
+
 class MemoryJobStore:
     """`JobStore` in memory: `RedisJobStore`'s scripts, one synchronous step per call.
 
@@ -134,10 +143,19 @@ class MemoryJobStore:
         self._listeners: list[Callable[[str], None]] = []  # MemoryJobEvents' wake-ups
 
     def __repr__(self) -> str:
-        unread = sum(1 for n in self._unread if n in self._entries)
+        s = self.statistics()
         return (
-            f"<MemoryJobStore records={self._records.count()} queue={len(self._entries)}"
-            f" unread={unread} pending={len(self._pending)}>"
+            f"<MemoryJobStore records={s.records} queue={s.queue}"
+            f" unread={s.unread} pending={s.pending}>"
+        )
+
+    def statistics(self) -> MemoryJobStoreStatistics:
+        """Live records, and the queue's entries: all, not read yet, read and not acked."""
+        return MemoryJobStoreStatistics(
+            records=self._records.count(),
+            queue=len(self._entries),
+            unread=sum(1 for n in self._unread if n in self._entries),
+            pending=len(self._pending),
         )
 
     def _publish(self, job_id: str) -> None:

@@ -1,0 +1,391 @@
+"""The dispatcher in one process, on asyncio and trio: the memory stores, in-process workers.
+
+Every fault the process tests show with real processes is shown here in milliseconds: a worker
+that refuses, dies, goes silent; deadlines; cancel wherever the job is; a dispatcher that stops
+(is cancelled) at each await point of a job's way, with another finishing its jobs exactly once
+(httpcore's tests/test_cancellations.py does the same for its pool).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import anyio
+import anyio.abc
+import pytest
+import trio.testing
+
+from app.config import OrchestratorConfig
+from app.core.balancer import PowerOfTwoChoices
+from app.core.breaker import BreakerState
+from app.core.clock import LoopClock
+from app.core.lifecycle import Lifecycle
+from app.fleet.batch_job import BatchJob
+from app.fleet.job_state import JobState
+from app.fleet.pod_info import PodInfo, PodStatus, encode_pod_info
+from app.orchestrator.directory import WorkerDirectory
+from app.orchestrator.dispatcher import Dispatcher
+from app.orchestrator.memory_worker_client import MemoryWorker, MemoryWorkerClient
+from app.orchestrator.worker_client import WorkerClient
+from app.stores.abc import JobStore
+from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
+from tests.helpers import eventually
+
+pytestmark = pytest.mark.anyio
+
+REPORT = 0.1  # the workers' report interval: stale after 0.2 s
+CONFIG = OrchestratorConfig(
+    max_inflight=8,
+    claim_idle_seconds=0.3,
+    retry_base_seconds=0.01,
+    retry_max_seconds=0.05,
+    breaker_failure_threshold=2,
+    breaker_open_seconds=60,
+)
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """trio under MockClock: the dispatcher's sleeps and the jobs' cost no real time there."""
+    if request.param == "trio":
+        return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0.01)})
+    return "asyncio"
+
+
+async def echo(**params: str) -> dict[str, str]:
+    return params
+
+
+async def sleep(seconds: str = "1") -> dict[str, float]:
+    await anyio.sleep(float(seconds))
+    return {"slept": float(seconds)}
+
+
+class Fleet:
+    """The memory stores, workers that report to a memory registry, and dispatchers."""
+
+    def __init__(self, tg: anyio.abc.TaskGroup, workers: int) -> None:
+        self.tg = tg
+        self.clock = LoopClock()
+        self.store = MemoryJobStore(retention_seconds=600)
+        self.events = MemoryJobEvents(self.store)
+        self.registry = MemoryPodRegistry()
+        self.workers = {f"10.0.0.{i}:9091": MemoryWorker({"echo": echo, "sleep": sleep})
+                        for i in range(1, workers + 1)}  # fmt: skip
+        self.client = MemoryWorkerClient(self.workers)
+        self.reporting = dict.fromkeys(self.workers, True)
+        self.dispatchers: list[Dispatcher] = []
+
+    async def start(self) -> None:
+        await self.tg.start(self.client.run)
+        await self._report()
+        self.tg.start_soon(self._report_forever)
+
+    async def _report(self) -> None:
+        now = self.clock.now()
+        for address, worker in self.workers.items():
+            if not self.reporting[address]:
+                continue
+            ip, port = address.split(":")
+            status = PodStatus.DRAINING if worker.draining else PodStatus.IDLE
+            info = PodInfo(
+                grpc_port=int(port), status=status, ip=ip, max_size=8, capacity=4,
+                update_datetime=now.isoformat(), update_epoch_ms=int(now.timestamp() * 1000),
+                job_names=sorted(worker.jobs),
+            )  # fmt: skip
+            await self.registry.put(f"wpm-apps:{ip}:{port}", encode_pod_info(info), 60)
+
+    async def _report_forever(self) -> None:
+        while True:
+            await anyio.sleep(REPORT)
+            await self._report()
+
+    async def dispatcher(
+        self,
+        consumer: str,
+        tg: anyio.abc.TaskGroup | None = None,
+        *,
+        store: JobStore | None = None,
+        client: WorkerClient | None = None,
+    ) -> Dispatcher:
+        """A dispatcher with a directory of its own, started in `tg` (default: the fleet's)."""
+        tg = tg or self.tg
+        directory = WorkerDirectory(
+            self.registry, report_interval_seconds=REPORT, refresh_seconds=0.05, clock=self.clock
+        )
+        await tg.start(directory.run)
+        dispatcher = Dispatcher(
+            store or self.store, self.events, directory, client or self.client,
+            PowerOfTwoChoices(), CONFIG, consumer=consumer, clock=self.clock,
+        )  # fmt: skip
+        await tg.start(dispatcher.run)
+        self.dispatchers.append(dispatcher)
+        return dispatcher
+
+    async def submit(self, job_id: str, job_type: str = "echo", **params: Any) -> BatchJob:
+        options = {k: params.pop(k) for k in ("deadline", "max_attempts", "retry") if k in params}
+        job = BatchJob(
+            job_id=job_id,
+            job_type=job_type,
+            params={k: str(v) for k, v in params.items()},
+            deadline_at=self.clock.timestamp() + options.get("deadline", 30),
+            max_attempts=options.get("max_attempts", 3),
+            retry_on_failure=options.get("retry", False),
+            submitted_at=self.clock.timestamp(),
+        )
+        await self.store.submit(job, bound=100)
+        return job
+
+    async def wait_state(self, job_id: str, *states: JobState, within: float = 10) -> BatchJob:
+        with anyio.fail_after(within):
+            while True:
+                job = await self.store.get(job_id)
+                if job is not None and job.state in states:
+                    return job
+                with anyio.move_on_after(0.5):
+                    await self.events.wait_changed(job_id)
+
+    async def wait_until(self, condition: Callable[[], bool], within: float = 10) -> None:
+        await eventually(condition, within=within)
+
+    async def wait_queue_empty(self) -> None:
+        await eventually(lambda: self.store.statistics().queue == 0)
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[Fleet]:
+    async with anyio.create_task_group() as tg:
+        f = Fleet(tg, workers=2)
+        await f.store.ensure_group()
+        await f.start()
+        yield f
+        tg.cancel_scope.cancel()
+
+
+def started(fleet: Fleet, job_id: str) -> int:
+    return sum(w.started[job_id] for w in fleet.workers.values())
+
+
+async def test_a_job_runs_once_and_its_entry_is_acked(fleet: Fleet) -> None:
+    d = await fleet.dispatcher("o1")
+    await fleet.submit("j1", a=1)
+    job = await fleet.wait_state("j1", JobState.SUCCEEDED)
+    assert job.result_json == '{"a":"1"}'
+    assert [a.outcome for a in job.attempts] == ["SUCCEEDED"]
+    assert started(fleet, "j1") == 1
+    await fleet.wait_until(lambda: d.statistics().inflight == 0)
+    await fleet.wait_queue_empty()
+    s = d.statistics()
+    assert (s.state, s.dispatched, s.succeeded, s.retries) == (Lifecycle.RUNNING, 1, 1, 0)
+    assert "succeeded=1" in repr(d)
+
+
+async def test_a_refusing_worker_is_passed_over(fleet: Fleet) -> None:
+    first = fleet.workers["10.0.0.1:9091"]
+    first.draining = True  # refuses, but reports IDLE for a moment yet: it is tried
+    fleet.reporting["10.0.0.1:9091"] = True
+    d = await fleet.dispatcher("o1")
+    for i in range(6):
+        await fleet.submit(f"r{i}")
+    for i in range(6):
+        job = await fleet.wait_state(f"r{i}", JobState.SUCCEEDED)
+        assert job.attempts[-1].worker == "10.0.0.2:9091"
+        assert all(a.outcome == "REFUSED" for a in job.attempts[:-1])
+    assert sum(first.started.values()) == 0
+    assert d.statistics().failed == 0
+
+
+async def test_a_killed_worker_s_job_finishes_elsewhere_once(fleet: Fleet) -> None:
+    d = await fleet.dispatcher("o1")
+    await fleet.submit("k1", "sleep", seconds=1)
+    await fleet.wait_state("k1", JobState.RUNNING)
+    where = (await fleet.store.get("k1")).attempts[0].worker  # type: ignore[union-attr]
+    fleet.workers[where].kill()
+    fleet.reporting[where] = False
+    job = await fleet.wait_state("k1", JobState.SUCCEEDED)
+    assert [a.outcome for a in job.attempts] == ["UNREACHABLE", "SUCCEEDED"]
+    assert job.attempts[1].worker != where
+    assert fleet.client.forgotten[where] >= 1
+    assert d.breaker(where).statistics().consecutive_failures == 1
+
+
+async def test_a_silent_worker_is_lost_when_its_reports_stop(fleet: Fleet) -> None:
+    await fleet.dispatcher("o1")
+    await fleet.submit("s1", "sleep", seconds=0.5)
+    job = await fleet.wait_state("s1", JobState.RUNNING)
+    where = job.attempts[0].worker
+    fleet.workers[where].pause()  # calls hang from now on, and its reports stop
+    fleet.reporting[where] = False
+    job = await fleet.wait_state("s1", JobState.SUCCEEDED)
+    assert job.attempts[0].outcome == "LOST"
+    assert job.attempts[0].error.startswith("worker lost: its last report is")
+
+
+async def test_a_deadline_during_the_run_times_out_and_stops_the_run(fleet: Fleet) -> None:
+    await fleet.dispatcher("o1")
+    await fleet.submit("t1", "sleep", seconds=60, deadline=0.5)
+    job = await fleet.wait_state("t1", JobState.TIMED_OUT)
+    assert job.error == "deadline passed while running"
+    worker = fleet.workers[job.attempts[0].worker]
+    await fleet.wait_until(lambda: worker.runs["t1"].ended.is_set())
+    assert worker.runs["t1"].outcome is not None
+    assert worker.runs["t1"].outcome.state is JobState.CANCELLED
+
+
+async def test_with_no_worker_a_job_waits_until_its_deadline(fleet: Fleet) -> None:
+    for address in fleet.workers:
+        fleet.reporting[address] = False
+    await fleet.registry.delete("wpm-apps:10.0.0.1:9091")
+    await fleet.registry.delete("wpm-apps:10.0.0.2:9091")
+    d = await fleet.dispatcher("o1")
+    await fleet.submit("w1", deadline=0.3)
+    await fleet.wait_until(lambda: d.statistics().waiting_for_worker == 1)
+    job = await fleet.wait_state("w1", JobState.TIMED_OUT)
+    assert job.error == "deadline passed: no eligible worker took it"
+    assert d.statistics().waiting_for_worker == 0
+
+
+async def test_attempts_run_out_and_the_breaker_opens(fleet: Fleet) -> None:
+    for worker in fleet.workers.values():
+        worker.reachable = False
+    d = await fleet.dispatcher("o1")
+    await fleet.submit("u1", max_attempts=3)
+    job = await fleet.wait_state("u1", JobState.FAILED)
+    assert job.error.startswith("gave up after 3 attempts: UNREACHABLE on 10.0.0.")
+    assert len(job.attempts) == 3
+    # both workers failed; the one that failed twice has its breaker open
+    states = {d.breaker(a).statistics().state for a in fleet.workers}
+    assert BreakerState.OPEN in states
+
+
+async def test_a_failed_run_is_retried_only_when_asked(fleet: Fleet) -> None:
+    async def fail() -> None:
+        raise ValueError("nope")
+
+    for worker in fleet.workers.values():
+        worker.jobs["fail"] = fail
+    await fleet.dispatcher("o1")
+    await fleet.submit("f1", "fail")
+    await fleet.submit("f2", "fail", retry=True, max_attempts=2)
+    once = await fleet.wait_state("f1", JobState.FAILED)
+    twice = await fleet.wait_state("f2", JobState.FAILED)
+    assert (once.error, len(once.attempts)) == ("ValueError: nope", 1)
+    assert [a.outcome for a in twice.attempts] == ["FAILED", "FAILED"]
+
+
+async def test_cancel_a_queued_job_ends_it_at_once(fleet: Fleet) -> None:
+    for address in fleet.workers:
+        fleet.reporting[address] = False
+        ip, port = address.split(":")
+        await fleet.registry.delete(f"wpm-apps:{ip}:{port}")
+    d = await fleet.dispatcher("o1")
+    await fleet.submit("c1")
+    await fleet.wait_until(lambda: d.statistics().waiting_for_worker == 1)
+    job = await d.cancel("c1")
+    assert job is not None
+    assert (job.state, job.error) == (JobState.CANCELLED, "cancelled by request")
+    await fleet.wait_until(lambda: d.statistics().inflight == 0)
+    await fleet.wait_queue_empty()
+    assert await d.cancel("nope") is None
+
+
+async def test_cancel_a_running_job_held_by_another_dispatcher(fleet: Fleet) -> None:
+    holder = await fleet.dispatcher("o1")
+    await fleet.submit("c2", "sleep", seconds=60)
+    job = await fleet.wait_state("c2", JobState.RUNNING)
+    other = await fleet.dispatcher("o2")  # takes nothing: the queue is empty
+    cancelled = await other.cancel("c2")
+    assert cancelled is not None
+    assert cancelled.state is JobState.CANCELLED
+    run = fleet.workers[job.attempts[0].worker].runs["c2"]
+    assert run.outcome is not None
+    assert run.outcome.state is JobState.CANCELLED  # stopped where it ran, not only recorded
+    assert holder.statistics().cancelled == 1
+    assert other.statistics().cancelled == 0
+    # a finished job comes back as it is
+    again = await other.cancel("c2")
+    assert again is not None
+    assert again.state is JobState.CANCELLED
+
+
+async def test_a_stopped_dispatcher_s_job_is_claimed_and_attaches_to_its_run(
+    fleet: Fleet,
+) -> None:
+    async with anyio.create_task_group() as first:
+        await fleet.dispatcher("o1", first)
+        await fleet.submit("a1", "sleep", seconds=0.5)
+        await fleet.wait_state("a1", JobState.RUNNING)
+        first.cancel_scope.cancel()  # as if o1 were killed: its entry stays pending
+    survivor = await fleet.dispatcher("o2")
+    job = await fleet.wait_state("a1", JobState.SUCCEEDED)
+    assert [a.outcome for a in job.attempts] == ["ORPHANED", "SUCCEEDED"]
+    assert job.attempts[0].worker == job.attempts[1].worker
+    assert started(fleet, "a1") == 1  # attached, not run again
+    assert survivor.statistics().claimed == 1
+
+
+class _Gate:
+    """Wraps an object's coroutine methods; the `nth` call of `method` blocks for good instead
+    of being made (where a cancellation then lands)."""
+
+    def __init__(self, target: object, method: str, nth: int) -> None:
+        self._target, self._method, self._nth = target, method, nth
+        self.calls = 0
+        self.reached = anyio.Event()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if name != self._method:
+            return attr
+
+        async def gated(*args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            if self.calls == self._nth:
+                self.reached.set()
+                await anyio.sleep(math.inf)
+            return await cast("Callable[..., Awaitable[Any]]", attr)(*args, **kwargs)
+
+        return gated
+
+
+# A job's awaits on its way through one dispatcher, in order: its record read, its fence,
+# the cancel check, a new token, DISPATCHED, the worker's admission, RUNNING, the wait for the
+# end, the final write, the re-read, the ack.
+AWAIT_POINTS = [
+    ("store", "get", 1), ("store", "fence", 1), ("store", "cancel_requested", 1),
+    ("store", "next_token", 1), ("store", "write", 1), ("client", "admit", 1),
+    ("store", "write", 2), ("client", "wait", 1), ("store", "write", 3), ("store", "get", 2),
+    ("store", "ack", 1),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("edge", "method", "nth"), AWAIT_POINTS)
+async def test_a_dispatcher_cancelled_at_each_await_point_loses_and_repeats_nothing(
+    fleet: Fleet, edge: str, method: str, nth: int
+) -> None:
+    gate = _Gate(fleet.store if edge == "store" else fleet.client, method, nth)
+    store = cast("JobStore", gate) if edge == "store" else fleet.store
+    client = cast("WorkerClient", gate) if edge == "client" else fleet.client
+    async with anyio.create_task_group() as first:
+        d1 = await fleet.dispatcher("o1", first, store=store, client=client)
+        await fleet.submit("x1", "sleep", seconds=0.2)
+        with anyio.fail_after(10):
+            await gate.reached.wait()
+        first.cancel_scope.cancel()
+    # what the cancelled dispatcher leaves: nothing in hand, no probe or call counted
+    s = d1.statistics()
+    assert (s.state, s.inflight, s.waiting_for_worker) == (Lifecycle.STOPPED, 0, 0)
+    assert all(d1.inflight_to(a) == 0 and d1.breaker(a).allows() for a in fleet.workers)
+    record = await fleet.store.get("x1")
+    assert record is not None
+    done_before_cut = (method, nth) in (("get", 2), ("ack", 1))
+    assert record.state.finished is done_before_cut  # no end was written that did not happen
+    # another dispatcher takes the job over: it ends once, run once
+    await fleet.dispatcher("o2")
+    job = await fleet.wait_state("x1", JobState.SUCCEEDED)
+    assert started(fleet, "x1") == 1
+    await fleet.wait_until(lambda: fleet.dispatchers[-1].statistics().inflight == 0)
+    await fleet.wait_queue_empty()
+    assert job.attempts[-1].outcome == "SUCCEEDED"
