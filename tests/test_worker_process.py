@@ -519,13 +519,14 @@ def test_user_jobs_from_a_module(
 ) -> None:  # fmt: skip
     (tmp_path / "userjobs.py").write_text(
         textwrap.dedent("""
-        from app.worker.job_registry import job
+        from app import job
+        from app.job_registry import job as job_as_before  # the import of the first release
 
         @job
         async def double(n: int) -> int:
             return 2 * n
 
-        @job(name="shout")
+        @job_as_before(name="shout")
         def shout_blocking(text: str) -> str:
             return text.upper()
     """)
