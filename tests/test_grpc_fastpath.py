@@ -18,11 +18,15 @@ import pytest
 from grpclib.client import Channel
 from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
+from grpclib.health.v1 import health_pb2
 from grpclib.server import Stream
 from hyperframe.frame import PingFrame
 
 import app.grpc.fastpath.server  # noqa: F401  (h2 settings the worker's server applies)
+from app.grpc.codec import CheckedProtoCodec
+from app.grpc.fastpath.codec import UpbProtoCodec
 from app.grpc.fastpath.server import _OK_TRAILERS, FastServer, _FastProcessor, _ok_headers
+from app.grpc.statistics import CodecCounters, CodecStatistics
 from app.pb import worker as pb
 
 pytestmark = pytest.mark.anyio
@@ -172,3 +176,42 @@ def test_h2_frame_trace_is_formatted_only_when_logged() -> None:
         "h2", logging.DEBUG, __file__, 0, "Received frame: %s", (lazy,), None
     )
     assert record.getMessage() == f"Received frame: {frame!r}"
+
+
+# --- the codec: fallbacks counted, decode errors answered INTERNAL --------------------------------
+
+
+def test_the_codec_counts_each_way_out_of_upb() -> None:
+    codec = UpbProtoCodec(CodecCounters())
+    plain = pb.SendWorkReq(id="j", name="echo", params={"a": "1"})
+    assert codec.decode(bytes(plain), pb.SendWorkReq) == plain
+    assert codec.counters.snapshot() == CodecStatistics()
+    # an unknown field (15, varint): betterproto2 decodes it and keeps the field
+    unknown = bytes(plain) + b"\x78\x05"
+    decoded = codec.decode(unknown, pb.SendWorkReq)
+    assert decoded == plain
+    assert bytes(decoded) == unknown
+    assert codec.encode(decoded, pb.SendWorkReq) == unknown  # written back, by betterproto2
+    # upb refuses, betterproto2 reads an empty message
+    assert codec.decode(b"\xff\xff\xff", pb.SendWorkReq) == pb.SendWorkReq()
+    # neither can
+    with pytest.raises(GRPCError) as info:
+        codec.decode(b"\x08", pb.SendWorkReq)
+    assert info.value.status is Status.INTERNAL
+    # an int32 past its range: upb refuses, betterproto2 encodes it as it does with the path off
+    big = pb.WorkerStatus(active=2**40)
+    assert codec.encode(big, pb.WorkerStatus) == bytes(big)
+    assert codec.counters.snapshot() == CodecStatistics(
+        decode_fallback=1, decode_upb_rejected=1, decode_error=1, encode_fallback=1,
+        encode_upb_error=1,
+    )  # fmt: skip
+
+
+def test_the_plain_codec_answers_internal_too() -> None:
+    codec = CheckedProtoCodec()
+    with pytest.raises(GRPCError) as info:
+        codec.decode(b"\x0a\xff", health_pb2.HealthCheckRequest)
+    assert (info.value.status, info.value.message) == (
+        Status.INTERNAL, "cannot decode the request message as grpc.health.v1.HealthCheckRequest"
+    )  # fmt: skip
+    assert codec.counters.decode_error == 1
