@@ -1,12 +1,46 @@
-"""The gRPC server's counters: live mutable counts that the serving code bumps, and snapshots.
+"""The gRPC server's vocabulary: its lifecycle, the fast path's mode, live counters, snapshots.
 
-A counter is one attribute increment on the hot path; `snapshot()` copies the counts into a frozen
-Struct for status, logs and /metrics.
+The counters are plain mutable objects that the serving code bumps (one attribute increment per
+call); `GrpcServer.statistics()` copies them into frozen Structs for status, logs and /metrics.
 """
 
 from __future__ import annotations
 
+import enum
+
 import msgspec
+
+
+class ServerState(enum.Enum):
+    """Where a GrpcServer is in its life."""
+
+    CREATED = "created"
+    SERVING = "serving"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class FastPathMode(enum.Enum):
+    """Which server serves: the fast path, grpclib's own by choice, or grpclib's own by need."""
+
+    ON = "on"
+    OFF = "off"  # grpc.fast_path = false
+    FALLEN_BACK = "fallen_back"  # asked for, but the start-up probe found an internal missing
+
+
+class CallCounters:
+    """Calls by the path that served them.
+
+    `fast`: unary-unary calls the fast path took off the h2 events. `general`: calls served by
+    grpclib's own machinery (every call with the fast path off; on the fast server, streaming
+    methods and the requests it leaves to grpclib, odd ones included).
+    """
+
+    __slots__ = ("fast", "general")
+
+    def __init__(self) -> None:
+        self.fast = 0
+        self.general = 0
 
 
 class CodecStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -55,3 +89,14 @@ class CodecCounters:
             encode_fallback=self.encode_fallback,
             encode_upb_error=self.encode_upb_error,
         )
+
+
+class GrpcServerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of a GrpcServer for logs and metrics."""
+
+    state: ServerState
+    port: int
+    fast_path: FastPathMode
+    fast_calls: int
+    general_calls: int
+    codec: CodecStatistics
