@@ -100,7 +100,7 @@ async def serve_orchestrator(config: Config) -> None:
                 tg.start_soon(run_dispatcher)
                 if config.metrics.port is not None:
                     metrics = MetricsServer(
-                        lambda: orchestrator_metrics(dispatcher, directory),
+                        lambda: orchestrator_metrics(dispatcher, directory, server),
                         host=config.metrics.host,
                         port=config.metrics.port,
                     )

@@ -135,7 +135,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             service.report_job = report
             if config.metrics.port is not None:
                 metrics = MetricsServer(
-                    lambda: worker_metrics(job_master, report),
+                    lambda: worker_metrics(job_master, report, server),
                     host=config.metrics.host,
                     port=config.metrics.port,
                 )
