@@ -53,6 +53,9 @@ class GrpcConfig(_Section, frozen=True):
     remember_port: bool = True
     # seconds that in-flight RPCs get when the server closes
     close_grace_seconds: float = 2.0
+    # the fast path for unary calls (app/grpc/fastpath/); false: grpclib's own server and codec.
+    # Read by every role that serves gRPC; it falls back by itself if grpclib/h2 changed
+    fast_path: bool = True
 
     def __post_init__(self) -> None:
         _check(self.port is None or 0 <= self.port <= 65535, "port", "must be 0..65535")

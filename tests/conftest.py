@@ -34,14 +34,21 @@ def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
+def fast_path(request: pytest.FixtureRequest) -> bool:
+    """`grpc.fast_path` for the processes a test starts: on, unless it asks for both paths."""
+    return bool(getattr(request, "param", True))
+
+
+@pytest.fixture
 def worker_env(
-    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis
+    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis, fast_path: bool
 ) -> dict[str, str]:
     """Environment for a worker on the session's redis-server and a free port."""
     return base_env(
         tmp_path,
         REDIS_URL=redis_server.url,
         JOBWORKER_GRPC__PORT=str(free_port()),
+        JOBWORKER_GRPC__FAST_PATH=str(fast_path).lower(),
         JOBWORKER_SCHEDULE__REPORT_INTERVAL_SECONDS="0.5",
         JOBWORKER_REDIS__RETRY_MAX_SECONDS="0.5",
     )

@@ -18,10 +18,17 @@ from pathlib import Path
 from typing import TypeVar
 
 import anyio
+import pytest
 import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
+
+# for the tests that exercise the gRPC wire: run them with the fast path on and off (the
+# `fast_path` fixture, which the worker and fleet environments read)
+BOTH_PATHS = pytest.mark.parametrize(
+    "fast_path", [True, False], ids=["fast-path-on", "fast-path-off"], indirect=True
+)
 
 
 def free_port() -> int:
@@ -124,6 +131,7 @@ class WorkerProcess:
         self, env: dict[str, str], log_path: Path, args: list[str], role: str = "worker"
     ) -> None:
         self.role = role
+        self.env = env
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.process = subprocess.Popen(
@@ -160,6 +168,10 @@ class WorkerProcess:
             self.wait_log(r"->SVC::gRPC server started on port (\d+)", timeout=timeout)[1]
         )
         self.wait_log(rf"{self.role} ready", timeout=timeout)
+        switch = self.env.get("JOBWORKER_GRPC__FAST_PATH")
+        if switch is not None:  # the server serves the way the test asked
+            mode = "on" if switch == "true" else "off"
+            self.wait_log(rf"{self.role} ready: .*<GrpcServer \S+ SERVING fast_path={mode} ")
         return self
 
     def signal(self, signum: int = signal.SIGTERM) -> None:

@@ -19,7 +19,15 @@ import pytest
 import redis
 
 from tests.grpc_clients import Client, grpcurl, grpcurl_json
-from tests.helpers import RedisServer, WorkerProcess, base_env, free_port, scrape, wait_for
+from tests.helpers import (
+    BOTH_PATHS,
+    RedisServer,
+    WorkerProcess,
+    base_env,
+    free_port,
+    scrape,
+    wait_for,
+)
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
 
@@ -28,9 +36,16 @@ class Fleet:
     """Workers and orchestrators on the session's redis-server, with fast reports for tests."""
 
     def __init__(
-        self, tmp: Path, redis_url: str, stubs: SimpleNamespace, orch: SimpleNamespace
+        self,
+        tmp: Path,
+        redis_url: str,
+        stubs: SimpleNamespace,
+        orch: SimpleNamespace,
+        *,
+        fast_path: bool = True,
     ) -> None:
         self.tmp = tmp
+        self.fast_path = fast_path
         self.redis_url = redis_url
         self.stubs = stubs
         self.orch = orch
@@ -47,6 +62,7 @@ class Fleet:
             JOBWORKER_ORCHESTRATOR__HOST="127.0.0.1",
             JOBWORKER_ORCHESTRATOR__RETRY_BASE_SECONDS="0.05",
             JOBWORKER_ORCHESTRATOR__RETRY_MAX_SECONDS="0.3",
+            JOBWORKER_GRPC__FAST_PATH=str(self.fast_path).lower(),
             **extra,
         )
 
@@ -105,9 +121,9 @@ class Fleet:
 @pytest.fixture
 def fleet(
     tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis,
-    stubs: SimpleNamespace, orch_stubs: SimpleNamespace,
+    stubs: SimpleNamespace, orch_stubs: SimpleNamespace, fast_path: bool,
 ) -> Iterator[Fleet]:  # fmt: skip
-    fleet = Fleet(tmp_path, redis_server.url, stubs, orch_stubs)
+    fleet = Fleet(tmp_path, redis_server.url, stubs, orch_stubs, fast_path=fast_path)
     try:
         yield fleet
     finally:
@@ -120,6 +136,7 @@ def accepted_total(fleet: Fleet, workers: list[WorkerProcess]) -> int:
     )
 
 
+@BOTH_PATHS
 def test_execute_runs_a_job_and_returns_its_outcome(fleet: Fleet) -> None:
     fleet.worker()
     orch = fleet.orchestrator()
@@ -134,6 +151,7 @@ def test_execute_runs_a_job_and_returns_its_outcome(fleet: Fleet) -> None:
     assert len(failed.job.attempts) == 1  # a run that failed is not retried unless asked
 
 
+@BOTH_PATHS
 def test_reflection_and_health_for_grpcurl(fleet: Fleet) -> None:
     orch = fleet.orchestrator()
     listed = grpcurl("-plaintext", orch.target, "list")
@@ -282,6 +300,7 @@ def test_deadline_and_timeouts(fleet: Fleet) -> None:
     assert res.job.error == "deadline passed while running"
 
 
+@BOTH_PATHS
 def test_bad_input_gets_a_status_naming_the_field(fleet: Fleet) -> None:
     fleet.worker()
     orch = fleet.orchestrator(JOBWORKER_ORCHESTRATOR__QUEUE_BOUND_PER_TYPE="2")
@@ -415,6 +434,8 @@ def test_a_failing_worker_opens_its_breaker_and_recovers(
     state = "jobworker_orchestrator_breaker_state"
     metrics = scrape(metrics_port)
     assert metrics[(state, frozenset({("worker", address), (state, "OPEN")}))] == 1
+    # its own gRPC server's calls (Submit, ListWorkers): unary, on the fast path
+    assert metrics[("jobworker_grpc_calls_total", frozenset({("path", "fast")}))] >= 2
     assert (
         metrics[("jobworker_orchestrator_breaker_opened_total", frozenset({("worker", address)}))]
         >= 1

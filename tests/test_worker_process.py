@@ -23,7 +23,16 @@ import pytest
 import redis
 
 from tests.grpc_clients import Client, generate_grpcio_stubs, grpcurl, grpcurl_json
-from tests.helpers import ROOT, RedisServer, WorkerProcess, base_env, free_port, scrape, wait_for
+from tests.helpers import (
+    BOTH_PATHS,
+    ROOT,
+    RedisServer,
+    WorkerProcess,
+    base_env,
+    free_port,
+    scrape,
+    wait_for,
+)
 
 StartWorker = Callable[..., WorkerProcess]
 
@@ -55,12 +64,17 @@ def rpc_error(call: Callable[[], Any]) -> grpc.RpcError:
 # --- the seed's contract --------------------------------------------------------------------------
 
 
+@BOTH_PATHS
 def test_seed_grpcurl_examples_work_verbatim(
-    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis, start_worker: StartWorker
-) -> None:
+    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis, start_worker: StartWorker,
+    fast_path: bool,
+) -> None:  # fmt: skip
     with socket.socket() as probe:
         assert probe.connect_ex(("127.0.0.1", 9091)) != 0, "port 9091 is in use on this machine"
-    env = base_env(tmp_path, REDIS_URL=redis_server.url)  # no port given: 9091, as in the seed
+    # no port given: 9091, as in the seed
+    env = base_env(
+        tmp_path, REDIS_URL=redis_server.url, JOBWORKER_GRPC__FAST_PATH=str(fast_path).lower()
+    )
     worker = start_worker(env)
     assert worker.port == 9091
     assert "->SVC::gRPC server started on port 9091" in worker.log()
@@ -86,6 +100,7 @@ def test_seed_grpcurl_examples_work_verbatim(
     assert health == {"status": "SERVING"}
 
 
+@BOTH_PATHS
 def test_an_old_client_built_from_the_seed_proto_still_works(
     tmp_path: Path, worker_env: dict[str, str], start_worker: StartWorker
 ) -> None:
@@ -176,6 +191,7 @@ def test_idle_busy_idle_under_load(
     )
 
 
+@BOTH_PATHS
 def test_queue_full_is_rejected(
     worker_env: dict[str, str],
     start_worker: StartWorker,
@@ -219,6 +235,7 @@ def test_cancel_and_timeout(
     )
 
 
+@BOTH_PATHS
 def test_bad_input_gets_a_status_with_a_reason(
     worker_env: dict[str, str],
     start_worker: StartWorker,
@@ -247,6 +264,17 @@ def test_bad_input_gets_a_status_with_a_reason(
     assert (err.code(), err.details()) == (
         grpc.StatusCode.ALREADY_EXISTS,
         "job 'dup' is already RUNNING",
+    )
+    # a request message that does not decode (truncated): INTERNAL, as grpc-go and grpcio say
+    raw = client.channel.unary_unary(
+        "/worker.WorkerService/SendWork",
+        request_serializer=lambda data: data,
+        response_deserializer=lambda data: data,
+    )
+    err = rpc_error(lambda: raw(b"\x0a\xff", timeout=10))
+    assert (err.code(), err.details()) == (
+        grpc.StatusCode.INTERNAL,
+        "cannot decode the request message as worker.SendWorkReq",
     )
     assert "Traceback" not in worker.log()
 
@@ -304,6 +332,7 @@ def test_all_neighbours_taken_gives_an_ephemeral_port(
 # --- shutdown -------------------------------------------------------------------------------------
 
 
+@BOTH_PATHS
 def test_sigterm_drains_running_jobs_then_exits_zero(
     worker_env: dict[str, str], redis_client: redis.Redis, start_worker: StartWorker,
     connect: Callable[[WorkerProcess], Client],
@@ -541,6 +570,7 @@ def test_user_jobs_from_a_module(
     assert err.details() == "params.n: Expected `int`, got `str`"
 
 
+@BOTH_PATHS
 def test_cli_clients(worker_env: dict[str, str], start_worker: StartWorker) -> None:
     worker = start_worker(worker_env)
     env = {**worker_env}
@@ -558,17 +588,36 @@ def test_cli_clients(worker_env: dict[str, str], start_worker: StartWorker) -> N
     )
 
 
+@BOTH_PATHS
 def test_prometheus_metrics(
     worker_env: dict[str, str],
     start_worker: StartWorker,
     connect: Callable[[WorkerProcess], Client],
+    fast_path: bool,
 ) -> None:
     port = free_port()
     worker = start_worker({**worker_env, "JOBWORKER_METRICS__PORT": str(port)})
     client = connect(worker)
     client.run("echo", "m1")
     client.run("fail", "m2")
+    raw = client.channel.unary_unary("/worker.WorkerService/GetJob", request_serializer=bytes)
+    assert rpc_error(lambda: raw(b"\x0a\xff", timeout=10)).code() == grpc.StatusCode.INTERNAL
     metrics = scrape(port)
+    calls = {
+        path: metrics[("jobworker_grpc_calls_total", frozenset({("path", path)}))]
+        for path in ("fast", "general")
+    }
+    # the two RunWork and the GetJob that did not decode, by the path that served them
+    assert calls == ({"fast": 3, "general": 0} if fast_path else {"fast": 0, "general": 3})
+    mode = "on" if fast_path else "off"
+    assert metrics[("jobworker_grpc_fast_path", frozenset({("jobworker_grpc_fast_path", mode)}))]
+    codec = {
+        dict(labels)["kind"]: value
+        for (name, labels), value in metrics.items()
+        if name == "jobworker_grpc_codec_events_total"
+    }
+    assert codec["decode_error"] == 1
+    assert sum(codec.values()) == 1
     assert metrics[("jobworker_jobs_total", frozenset({("outcome", "succeeded")}))] == 1
     assert metrics[("jobworker_jobs_total", frozenset({("outcome", "failed")}))] == 1
     assert metrics[("jobworker_status", frozenset({("jobworker_status", "IDLE")}))] == 1

@@ -2,6 +2,11 @@
 
 It binds the first free candidate port, serves the given services with server reflection
 (v1 and v1alpha, for grpcurl) and `grpc.health.v1.Health`, and closes when its task is cancelled.
+
+With `fast_path` (the default; `grpc.fast_path` in the config) it serves with the fast path
+(`fastpath/`), if the start-up probe finds the grpclib and h2 internals it relies on; otherwise,
+or with `fast_path=False`, with grpclib's own Server and ProtoCodec. Either way it counts the calls
+each path served and the codec's fallbacks and errors (`statistics()`).
 """
 
 from __future__ import annotations
@@ -14,14 +19,24 @@ from typing import Any, cast
 
 import anyio
 import anyio.abc
+from grpclib.events import RecvRequest, listen
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
 from grpclib.health.v1 import health_pb2
 from grpclib.reflection.service import ServerReflection
 from grpclib.reflection.v1 import reflection_pb2
 from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
+from grpclib.server import Server
 
-from app.grpc.fastpath.server import FastServer
+from app.grpc.codec import CheckedProtoCodec, status_details_codec
+from app.grpc.fastpath.install import install_fast_server
+from app.grpc.statistics import (
+    CallCounters,
+    CodecCounters,
+    FastPathMode,
+    GrpcServerStatistics,
+    ServerState,
+)
 from app.pb.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 
 log = logging.getLogger(__name__)
@@ -39,36 +54,81 @@ def _descriptor_pool() -> Any:
 
 
 class GrpcServer:
-    """Serves `services` until cancelled. `port` is known once `run` has reported started."""
+    """Serves `services` until cancelled. `port` is known once `run` has reported started.
+
+    Create it with the event loop running (grpclib's Server asks for it).
+    """
 
     def __init__(
-        self, services: Sequence[Any], *, host: str, close_grace_seconds: float = 2.0
+        self,
+        services: Sequence[Any],
+        *,
+        host: str,
+        fast_path: bool = True,
+        close_grace_seconds: float = 2.0,
     ) -> None:
         self._status = ServiceStatus()
         checks = {service: [self._status] for service in services}
         checks[OVERALL] = [self._status]
         health = Health(checks)
         all_services = ServerReflection.extend([*services, health], pool=_descriptor_pool())
-        # grpclib's server; unary-unary calls take a leaner path with the same wire behaviour
-        self._server = FastServer(all_services)
+        self._calls = CallCounters()
+        self._codec_counters = CodecCounters()
+        server: Server | None = None
+        if fast_path:
+            server = install_fast_server(
+                all_services, calls=self._calls, codec_counters=self._codec_counters
+            )
+        if server is not None:
+            self._fast_path = FastPathMode.ON
+        else:
+            self._fast_path = FastPathMode.FALLEN_BACK if fast_path else FastPathMode.OFF
+            server = Server(
+                all_services,
+                codec=CheckedProtoCodec(self._codec_counters),
+                status_details_codec=status_details_codec(),
+            )
+            # grpclib's public events API; never on the fast server, which gives way to
+            # grpclib's path for every call while a listener is attached
+            listen(server, RecvRequest, self._count_general)
+        self._server = server
         self._host = host
         self._close_grace = close_grace_seconds
+        self._state = ServerState.CREATED
         self.port = 0
 
     def __repr__(self) -> str:
-        return f"<GrpcServer {self._host}:{self.port} serving={self._status.__status__()}>"
+        s = self.statistics()
+        errors = s.codec.decode_error
+        return (
+            f"<GrpcServer {self._host}:{s.port} {s.state.name} fast_path={s.fast_path.value}"
+            f" calls fast={s.fast_calls} general={s.general_calls} decode_errors={errors}>"
+        )
+
+    @property
+    def state(self) -> ServerState:
+        """Where the server is in its life."""
+        return self._state
+
+    def statistics(self) -> GrpcServerStatistics:
+        """A snapshot: state, port, fast path mode, calls by path, codec counts."""
+        return GrpcServerStatistics(
+            state=self._state,
+            port=self.port,
+            fast_path=self._fast_path,
+            fast_calls=self._calls.fast,
+            general_calls=self._calls.general,
+            codec=self._codec_counters.snapshot(),
+        )
+
+    async def _count_general(self, event: RecvRequest) -> None:
+        self._calls.general += 1
 
     def set_serving(self, serving: bool) -> None:
         """What `grpc.health.v1.Health/Check` answers (SERVING or NOT_SERVING)."""
         self._status.set(serving)
 
-    async def run(
-        self,
-        ports: Iterable[int],
-        *,
-        task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Bind the first free port of `ports`, report it, serve until cancelled, then close."""
+    async def _start(self, ports: Iterable[int]) -> int:
         for port in ports:
             try:
                 await self._server.start(self._host, port)
@@ -77,22 +137,38 @@ class GrpcServer:
                     raise
                 log.debug("port %d is taken", port)
                 continue
-            break
-        else:
-            raise OSError(errno.EADDRINUSE, "no free port among the candidates")
-        # grpclib keeps the asyncio.Server private; its socket tells the port when 0 was asked
-        listener = cast("asyncio.Server | None", self._server._server)
+            return port
+        raise OSError(errno.EADDRINUSE, "no free port among the candidates")
+
+    async def run(
+        self,
+        ports: Iterable[int],
+        *,
+        task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Bind the first free port of `ports`, report it, serve until cancelled, then close."""
+        try:
+            port = await self._start(ports)
+        except BaseException:
+            self._state = ServerState.CLOSED
+            raise
+        # grpclib keeps the asyncio.Server private, and has no other way to tell the port when
+        # 0 was asked: the one grpclib internal both paths read (failing soft to `port`)
+        listener = cast("asyncio.Server | None", getattr(self._server, "_server", None))
         sockets = listener.sockets if listener is not None else ()
         self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        self._state = ServerState.SERVING
         self.set_serving(True)
         log.info("->SVC::gRPC server started on port %d", self.port)
         try:
             task_status.started(self.port)
             await anyio.sleep_forever()
         finally:
+            self._state = ServerState.CLOSING
             self.set_serving(False)
             # close() cancels in-flight RPCs; give their handlers a moment to send their status
             with anyio.move_on_after(self._close_grace, shield=True):
                 self._server.close()
                 await self._server.wait_closed()
+            self._state = ServerState.CLOSED
             log.info("gRPC server on port %d closed", self.port)

@@ -75,7 +75,7 @@ async def serve_orchestrator(config: Config) -> None:
                 store, events, directory, client, make_balancer(o.balancer), o, consumer=consumer
             )
             service = OrchestratorService(store, events, directory, dispatcher, o)
-            server = GrpcServer([service], host=o.host)
+            server = GrpcServer([service], host=o.host, fast_path=config.grpc.fast_path)
             try:
                 # nothing works without the shared Redis: wait for it (a signal still stops us)
                 async with anyio.create_task_group() as waiting:
@@ -103,7 +103,7 @@ async def serve_orchestrator(config: Config) -> None:
                 await tg.start(run_dispatcher)
                 if config.metrics.port is not None:
                     metrics = MetricsServer(
-                        lambda: orchestrator_metrics(dispatcher, directory),
+                        lambda: orchestrator_metrics(dispatcher, directory, server),
                         host=config.metrics.host,
                         port=config.metrics.port,
                     )
@@ -112,7 +112,10 @@ async def serve_orchestrator(config: Config) -> None:
                     server.run, candidate_ports(o.port, o.port_search if o.port else 0)
                 )
                 gc.freeze()  # start-up's objects out of the collector's sight (see worker_main)
-                log.info("orchestrator ready: consumer %s, port %d, %r", consumer, port, directory)
+                log.info(
+                    "orchestrator ready: consumer %s, port %d, %r, %r",
+                    consumer, port, directory, server,
+                )  # fmt: skip
                 signum = await anext(signals)
                 log.info(
                     "%s: draining, %r, grace %gs", signum.name, dispatcher, o.drain_grace_seconds

@@ -10,12 +10,16 @@ from prometheus_client.core import (
 )
 
 from app.core.breaker import BreakerState
+from app.grpc.metrics import grpc_metrics
+from app.grpc.server import GrpcServer
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 
 
-def orchestrator_metrics(dispatcher: Dispatcher, directory: WorkerDirectory) -> list[Metric]:
-    """The dispatcher's counters, and each known worker's eligibility and circuit breaker."""
+def orchestrator_metrics(
+    dispatcher: Dispatcher, directory: WorkerDirectory, server: GrpcServer | None = None
+) -> list[Metric]:
+    """The dispatcher's counters, each known worker's eligibility and breaker, gRPC's counters."""
     s = dispatcher.statistics()
     jobs = CounterMetricFamily(
         "jobworker_orchestrator_jobs", "Jobs this orchestrator ended", labels=["state"]
@@ -58,4 +62,5 @@ def orchestrator_metrics(dispatcher: Dispatcher, directory: WorkerDirectory) -> 
         breaker.add_metric([entry.address], {b.value: b is stats.state for b in BreakerState})
         opened.add_metric([entry.address], stats.opened_count)
         eligible.add_metric([entry.address], int(dispatcher.eligibility(entry) is None))
-    return [*out, breaker, opened, eligible]
+    grpc = grpc_metrics(server.statistics()) if server is not None else []
+    return [*out, breaker, opened, eligible, *grpc]

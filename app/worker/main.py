@@ -110,6 +110,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             server = GrpcServer(
                 [service],
                 host=config.grpc.host,
+                fast_path=config.grpc.fast_path,
                 close_grace_seconds=config.grpc.close_grace_seconds,
             )
             port = await tg.start(server.run, port_candidates(config, env))
@@ -134,7 +135,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             service.report_job = report
             if config.metrics.port is not None:
                 metrics = MetricsServer(
-                    lambda: worker_metrics(job_master, report),
+                    lambda: worker_metrics(job_master, report, server),
                     host=config.metrics.host,
                     port=config.metrics.port,
                 )
@@ -153,8 +154,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 # only what requests made, ~1 ms instead of ~20 ms of stalled calls
                 gc.freeze()
                 log.info(
-                    "worker ready: pid %d, port %d, profile %s, jobs %s, %r",
+                    "worker ready: pid %d, port %d, profile %s, jobs %s, %r, %r",
                     identity.pid, port, config.profile, ",".join(registry.names()), job_master,
+                    server,
                 )  # fmt: skip
                 await _wait_and_drain(signals, job_master, server, report, w.drain_grace_seconds)
             finally:

@@ -11,12 +11,18 @@ from prometheus_client.core import (
 )
 
 from app.fleet.pod_info import PodStatus
+from app.grpc.metrics import grpc_metrics
+from app.grpc.server import GrpcServer
 from app.worker.job_master import JobMaster
 from app.worker.reporter import ApplicationInfoReportJob
 
 
-def worker_metrics(job_master: JobMaster, report: ApplicationInfoReportJob | None) -> list[Metric]:
-    """The job master's load and counters, and the registry's health."""
+def worker_metrics(
+    job_master: JobMaster,
+    report: ApplicationInfoReportJob | None,
+    server: GrpcServer | None = None,
+) -> list[Metric]:
+    """The job master's load and counters, the registry's health, the gRPC server's counters."""
     s = job_master.statistics()
     load = s.load
     out: list[Metric] = [
@@ -44,4 +50,6 @@ def worker_metrics(job_master: JobMaster, report: ApplicationInfoReportJob | Non
                 "jobworker_registry_failures", "Failed PodInfo writes", value=report.failures
             )
         )
+    if server is not None:
+        out += grpc_metrics(server.statistics())
     return out

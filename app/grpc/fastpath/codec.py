@@ -12,6 +12,13 @@ enums, nested messages of the same kind, repeated fields and maps of them. Oneof
 do a request with unknown or non-canonically encoded fields (betterproto2 keeps unknown fields
 in the object) and a reply that carries unknown fields. Non-betterproto2 messages (grpclib's
 health and reflection services) use their own `FromString`/`SerializeToString` as before.
+
+Every time a message leaves the upb way it is counted by kind (`CodecStatistics`), and a request
+that betterproto2 cannot decode either is answered INTERNAL (`CheckedProtoCodec`): what a client
+gets is what it gets with the fast path off, betterproto2's leniency included.
+
+It reads betterproto2's class metadata (`_betterproto`, `FieldMetadata`, `_unknown_fields`): the
+start-up probe (`probe.py`) checks those before a server uses this codec.
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ from typing import Any, cast
 
 import betterproto2
 from google.protobuf import message_factory  # type: ignore[import-untyped]
-from grpclib.encoding.proto import ProtoCodec
+
+from app.grpc.codec import CheckedProtoCodec
+from app.grpc.statistics import CodecCounters
 
 _SCALARS = frozenset(
     {
@@ -202,28 +211,40 @@ class _Planner:
         raise _Fallback
 
 
-class UpbProtoCodec(ProtoCodec):
+class UpbProtoCodec(CheckedProtoCodec):
     """ProtoCodec (`application/grpc+proto`) that (de)serialises betterproto2 messages with upb."""
 
-    def __init__(self) -> None:
+    def __init__(self, counters: CodecCounters | None = None) -> None:
+        super().__init__(counters)
         self._planner = _Planner()
 
     def encode(self, message: Any, message_type: Any) -> bytes:
+        """The reply's bytes: upb's when it can, else betterproto2's (counted)."""
         if not isinstance(message, message_type):
             raise TypeError(f"Message must be of type {message_type!r}, not {type(message)!r}")
         plan = self._planner.plan(message_type)
         if plan is not None:
             try:
                 return plan.encode(message)
+            except _Fallback:
+                self.counters.encode_fallback += 1
             except Exception:
-                pass
+                # betterproto2 either encodes it or raises what it raises with the fast path off
+                self.counters.encode_upb_error += 1
         return super().encode(message, message_type)
 
     def decode(self, data: bytes, message_type: Any) -> Any:
+        """The request: upb's parse when it can, else betterproto2's; INTERNAL when neither can."""
         plan = self._planner.plan(message_type)
         if plan is not None:
             try:
                 return plan.decode(data)
+            except _Fallback:
+                self.counters.decode_fallback += 1
             except Exception:
-                pass
+                # betterproto2 accepts some bytes upb refuses: the service gets what it gets with
+                # the fast path off, or the client INTERNAL (counted as a decode error) if none
+                message = super().decode(data, message_type)
+                self.counters.decode_upb_rejected += 1
+                return message
         return super().decode(data, message_type)

@@ -18,6 +18,10 @@ What a client sees is what grpclib sends: the same headers, trailers-only replie
 `grpc-status`/`grpc-message`/`grpc-status-details-bin`, RST_STREAM(NO_ERROR) after an error
 status on a stream the client has not finished, DEADLINE_EXCEEDED when `grpc-timeout` runs
 out, and the same log records on the `grpclib.server` logger.
+
+Importing this module changes nothing in grpclib or h2. The closed-streams limit is set on each
+server connection's own H2Connection, and the one process-wide tweak (h2's frame-trace `repr`)
+is applied by `install.install_fast_server`, after the probe, when a fast server is made.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from grpclib.config import Configuration
 from grpclib.const import Cardinality, Status
 from grpclib.const import Handler as MethodHandler
 from grpclib.encoding.base import GRPC_CONTENT_TYPE
-from grpclib.encoding.proto import ProtoStatusDetailsCodec, _googleapis_available
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 from grpclib.metadata import (
     _STATUS_DETAILS_KEY,
@@ -50,7 +53,7 @@ from grpclib.metadata import (
 from grpclib.protocol import EventsProcessor, H2Protocol, Peer
 from grpclib.server import Handler, Server
 from grpclib.stream import StreamIterator
-from h2.connection import ConnectionInputs, ConnectionState
+from h2.connection import ConnectionInputs, ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     DataReceived,
@@ -62,10 +65,13 @@ from h2.events import (
 )
 from h2.settings import SettingCodes
 from h2.stream import StreamInputs
+from h2.utilities import SizeLimitDict
 from hpack.hpack import encode_integer
 from multidict import MultiDict
 
+from app.grpc.codec import status_details_codec as default_status_details_codec
 from app.grpc.fastpath.codec import UpbProtoCodec
+from app.grpc.statistics import CallCounters
 
 if TYPE_CHECKING:
     from asyncio import Transport
@@ -74,12 +80,25 @@ if TYPE_CHECKING:
     from grpclib._typing import IServable
     from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
     from grpclib.protocol import Connection
-    from h2.connection import H2Connection
 
 # h2 remembers up to 65,536 closed stream ids per connection (to tell a late frame for a closed
 # stream from a protocol error); at gRPC request rates that is ~12 MiB per busy connection kept
-# forever. A few thousand ids is ample for late frames.
-h2.connection.H2Connection.MAX_CLOSED_STREAMS = 4096
+# forever. A few thousand ids is ample for late frames. Set on each server connection's own
+# H2Connection (`_limit_closed_streams`), so that clients in the process keep h2's default.
+MAX_CLOSED_STREAMS = 4096
+
+
+def _limit_closed_streams(h2c: H2Connection, limit: int) -> None:
+    """Make `h2c` remember at most `limit` closed streams.
+
+    h2 reads the class attribute MAX_CLOSED_STREAMS once, in `__init__`, to size the dict it
+    keeps them in; for one connection, that dict is rebuilt with the new size (it is still empty
+    when the protocol has just made the connection) and the attribute is set on the instance.
+    """
+    h2c.MAX_CLOSED_STREAMS = limit
+    closed = SizeLimitDict(size_limit=limit)
+    closed.update(h2c._closed_streams)
+    h2c._closed_streams = closed
 
 
 class _LazyRepr:
@@ -94,10 +113,17 @@ class _LazyRepr:
         return repr(self.obj)
 
 
-# h2 formats every received frame for a trace log that is off unless a logger is configured
-# (H2Configuration.logger): a few % of a unary call's CPU. `repr` is used for nothing else in
-# h2.connection, and the message reads the same when that logger is on.
-h2.connection.repr = _LazyRepr  # type: ignore[attr-defined]
+def install_lazy_frame_repr() -> None:
+    """Let h2 format a received frame for its trace log only when that log is on.
+
+    h2 formats every received frame for a trace log that is off unless a logger is configured
+    (H2Configuration.logger): a few % of a unary call's CPU. This one tweak is process-wide by
+    its nature (it replaces the name `repr` in h2.connection's globals), and it is safe for every
+    connection, clients included: `_receive_frame`'s `"Received frame: %s"` is the only use of
+    `repr` in h2.connection, and `%s` of the lazy object is the same text, so a trace log that
+    is on reads exactly as before. Idempotent; called once a fast-path server is created.
+    """
+    h2.connection.repr = _LazyRepr  # type: ignore[attr-defined]
 
 
 # the records grpclib writes for the same outcomes, on its logger
@@ -381,14 +407,17 @@ class _FastProcessor(EventsProcessor):
         self._window_waiters: dict[_Call, asyncio.Event] = {}
         self._flush_scheduled = False
         self._ok_headers = _ok_headers(self.content_type)
+        self._counts = handler.calls
 
     # --- h2 events ----------------------------------------------------------------------------
 
     def process_request_received(self, event: RequestReceived) -> None:
         call = self._unary_call(event)
         if call is None:
+            self._counts.general += 1
             super().process_request_received(event)
             return
+        self._counts.fast += 1
         connection = self.connection
         connection.streams_started += 1
         connection.last_stream_created = time.monotonic()
@@ -699,8 +728,9 @@ class _FastProcessor(EventsProcessor):
 class FastHandler(Handler):
     """grpclib's per-connection handler, which also keeps the fast path's tasks."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, calls: CallCounters, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.calls = calls
         self.unary: dict[str, MethodHandler] = {
             name: method
             for name, method in self.mapping.items()
@@ -724,38 +754,53 @@ class _FastProtocol(H2Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert isinstance(self.handler, FastHandler)
+        _limit_closed_streams(self.connection._connection, MAX_CLOSED_STREAMS)
         self.processor = _FastProcessor(self.handler, self.connection)
 
 
 class FastServer(Server):
     """`grpclib.server.Server` with the unary-unary fast path on every connection.
 
-    Its default codec is `UpbProtoCodec` (grpclib's ProtoCodec, faster for betterproto2).
+    Its default codec is `UpbProtoCodec` (grpclib's ProtoCodec, faster for betterproto2). Build
+    it through `install.install_fast_server`, which checks first that the grpclib and h2
+    internals it relies on are there; it counts the calls each path serves in `calls`.
     """
 
     def __init__(
         self,
         handlers: Collection[IServable],
         *,
+        calls: CallCounters | None = None,
         codec: CodecBase | None = None,
         status_details_codec: StatusDetailsCodecBase | None = None,
         config: Configuration | None = None,
     ) -> None:
         if codec is None:  # what grpclib does for its default codec
             codec = UpbProtoCodec()
-            if status_details_codec is None and _googleapis_available():
-                status_details_codec = ProtoStatusDetailsCodec()
+            if status_details_codec is None:
+                status_details_codec = default_status_details_codec()
         super().__init__(
             handlers, codec=codec, status_details_codec=status_details_codec, config=config
         )
+        self.calls = calls if calls is not None else CallCounters()
 
     def _protocol_factory(self) -> H2Protocol:
         self.__gc_step__()
         handler = FastHandler(
-            self._mapping, self._codec, self._status_details_codec, self.__dispatch__
+            self._mapping,
+            self._codec,
+            self._status_details_codec,
+            self.__dispatch__,
+            calls=self.calls,
         )
         self._handlers.add(handler)
         return _FastProtocol(handler, self._config, self._h2_config)
 
 
-__all__ = ["FastHandler", "FastServer", "UnaryStream"]
+__all__ = [
+    "MAX_CLOSED_STREAMS",
+    "FastHandler",
+    "FastServer",
+    "UnaryStream",
+    "install_lazy_frame_repr",
+]

@@ -1,0 +1,102 @@
+"""The gRPC server's vocabulary: its lifecycle, the fast path's mode, live counters, snapshots.
+
+The counters are plain mutable objects that the serving code bumps (one attribute increment per
+call); `GrpcServer.statistics()` copies them into frozen Structs for status, logs and /metrics.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class ServerState(enum.Enum):
+    """Where a GrpcServer is in its life."""
+
+    CREATED = "created"
+    SERVING = "serving"
+    CLOSING = "closing"
+    CLOSED = "closed"
+
+
+class FastPathMode(enum.Enum):
+    """Which server serves: the fast path, grpclib's own by choice, or grpclib's own by need."""
+
+    ON = "on"
+    OFF = "off"  # grpc.fast_path = false
+    FALLEN_BACK = "fallen_back"  # asked for, but the start-up probe found an internal missing
+
+
+class CallCounters:
+    """Calls by the path that served them.
+
+    `fast`: unary-unary calls the fast path took off the h2 events. `general`: calls served by
+    grpclib's own machinery (every call with the fast path off; on the fast server, streaming
+    methods and the requests it leaves to grpclib, odd ones included).
+    """
+
+    __slots__ = ("fast", "general")
+
+    def __init__(self) -> None:
+        self.fast = 0
+        self.general = 0
+
+
+class CodecStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """What the codec could not do its fast way, by kind (all 0 with the fast path off but errors).
+
+    - `decode_fallback`: a request with unknown or non-canonically encoded fields, decoded by
+      betterproto2's own code (it keeps unknown fields);
+    - `decode_upb_rejected`: a request upb refused and betterproto2 accepted (it is more lenient;
+      the service gets what betterproto2 makes of it, as with the fast path off);
+    - `decode_error`: a request nothing could decode, answered with INTERNAL;
+    - `encode_fallback`: a reply carrying unknown fields, encoded by betterproto2;
+    - `encode_upb_error`: a reply upb could not encode, handed to betterproto2.
+    """
+
+    decode_fallback: int = 0
+    decode_upb_rejected: int = 0
+    decode_error: int = 0
+    encode_fallback: int = 0
+    encode_upb_error: int = 0
+
+
+class CodecCounters:
+    """The live counts behind CodecStatistics, bumped by the server's codec."""
+
+    __slots__ = (
+        "decode_error",
+        "decode_fallback",
+        "decode_upb_rejected",
+        "encode_fallback",
+        "encode_upb_error",
+    )
+
+    def __init__(self) -> None:
+        self.decode_fallback = 0
+        self.decode_upb_rejected = 0
+        self.decode_error = 0
+        self.encode_fallback = 0
+        self.encode_upb_error = 0
+
+    def snapshot(self) -> CodecStatistics:
+        """The counts now, frozen."""
+        return CodecStatistics(
+            decode_fallback=self.decode_fallback,
+            decode_upb_rejected=self.decode_upb_rejected,
+            decode_error=self.decode_error,
+            encode_fallback=self.encode_fallback,
+            encode_upb_error=self.encode_upb_error,
+        )
+
+
+class GrpcServerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of a GrpcServer for logs and metrics."""
+
+    state: ServerState
+    port: int
+    fast_path: FastPathMode
+    fast_calls: int
+    general_calls: int
+    codec: CodecStatistics
