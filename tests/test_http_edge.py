@@ -1,0 +1,233 @@
+"""The HTTP edge: HttpServer and the role's app in this process, on asyncio.
+
+The tests run Hypercorn on the test's event loop and speak raw HTTP/1.1 to it, so they see
+exactly what goes over the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+
+import anyio
+import anyio.abc
+import pytest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from app.http.application import build_application
+from app.http.server import HttpServer, HttpServerState
+from tests.helpers import eventually
+
+# --- in process: HttpServer on the asyncio backend ----------------------------------------------
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # what the roles run on (Hypercorn's asyncio worker)
+
+
+class Probe:
+    """What the in-process app reports, and a slow route whose requests the test can hold."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.scrapes = 0
+        self.slow_seconds = 0.2
+        self.slow_entered = anyio.Event()
+
+    def collect(self) -> list[Metric]:
+        self.scrapes += 1
+        return [GaugeMetricFamily("probe_scrapes", "Scrapes so far", value=self.scrapes)]
+
+    def readiness(self) -> str | None:
+        return self.reason
+
+    async def slow(self, request: Request) -> Response:
+        self.slow_entered.set()
+        await anyio.sleep(self.slow_seconds)
+        return PlainTextResponse("slow done\n")
+
+    def server(self, grace: float = 2.0) -> HttpServer:
+        app = build_application(
+            self.collect, self.readiness, routes=[Route("/slow", self.slow, methods=["GET"])]
+        )
+        return HttpServer(app, host="127.0.0.1", port=0, close_grace_seconds=grace)
+
+
+async def exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes, read until the server closes the connection (or resets it)."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+        await stream.send(request)
+        return await read_to_end(stream)
+
+
+async def read_to_end(stream: anyio.abc.ByteStream) -> bytes:
+    data = b""
+    with anyio.fail_after(5):
+        while True:
+            try:
+                data += await stream.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                return data
+
+
+def get(path: str, method: str = "GET") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n".encode()
+
+
+def status_and_body(response: bytes) -> tuple[int, bytes]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+async def refused(port: int) -> bool:
+    try:
+        stream = await anyio.connect_tcp("127.0.0.1", port)
+    except OSError:
+        return True
+    await stream.aclose()
+    return False
+
+
+@pytest.mark.anyio
+async def test_started_server_answers_and_stops_on_cancel_leaving_nothing() -> None:
+    probe = Probe()
+    server = probe.server()
+    tasks_before = asyncio.all_tasks()
+    assert server.state is HttpServerState.CREATED
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(server.run)
+        assert port == server.port != 0
+        assert server.statistics().state is HttpServerState.SERVING
+        assert status_and_body(await exchange(port, get("/healthz"))) == (200, b"ok\n")
+        status, body = status_and_body(await exchange(port, get("/metrics")))
+        assert status == 200
+        assert b"probe_scrapes 1.0" in body
+        # a second scrape calls collect again: read live, nothing kept between scrapes
+        assert b"probe_scrapes 2.0" in status_and_body(await exchange(port, get("/metrics")))[1]
+        assert status_and_body(await exchange(port, get("/nope")))[0] == 404
+        stats = server.statistics()
+        assert (stats.requests, stats.responses_2xx, stats.responses_4xx) == (4, 3, 1)
+        assert f"127.0.0.1:{port} SERVING requests=4 in_flight=0 2xx=3 4xx=1" in repr(server)
+        started = time.monotonic()
+        tg.cancel_scope.cancel()
+    assert time.monotonic() - started < 1.0  # nothing in flight: no grace to wait out
+    assert server.statistics().state is HttpServerState.STOPPED
+    assert await refused(port)
+    assert asyncio.all_tasks() == tasks_before  # Hypercorn's tasks all ended
+
+
+@pytest.mark.anyio
+async def test_readyz_says_why_not_ready() -> None:
+    probe = Probe()
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(probe.server().run)
+        assert status_and_body(await exchange(port, get("/readyz"))) == (200, b"ready\n")
+        probe.reason = "draining"
+        assert status_and_body(await exchange(port, get("/readyz"))) == (503, b"draining\n")
+        tg.cancel_scope.cancel()
+
+
+@pytest.mark.anyio
+async def test_a_request_in_flight_finishes_and_an_idle_connection_closes() -> None:
+    probe = Probe()
+    server = probe.server(grace=5.0)
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(server.run)
+        idle = await anyio.connect_tcp("127.0.0.1", port)  # keep-alive, answered, then idle
+        await idle.send(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+        assert (await idle.receive()).startswith(b"HTTP/1.1 200")
+        in_flight = await anyio.connect_tcp("127.0.0.1", port)
+        await in_flight.send(get("/slow"))
+        with anyio.fail_after(5):
+            await probe.slow_entered.wait()
+        started = time.monotonic()
+        tg.cancel_scope.cancel()
+    took = time.monotonic() - started
+    # it waited for the slow request, not for the grace nor the idle keep-alive timeout (5 s)
+    assert probe.slow_seconds * 0.9 <= took < 2.0
+    assert status_and_body(await read_to_end(in_flight)) == (200, b"slow done\n")
+    assert await read_to_end(idle) == b""  # closed by the server, not left open
+    await in_flight.aclose()
+    await idle.aclose()
+    assert await refused(port)
+
+
+@pytest.mark.anyio
+async def test_a_request_past_the_grace_is_cut_and_the_server_still_stops(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    probe = Probe()
+    probe.slow_seconds = 60
+    server = probe.server(grace=0.3)
+    tasks_before = asyncio.all_tasks()
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(server.run)
+        stuck = await anyio.connect_tcp("127.0.0.1", port)
+        await stuck.send(get("/slow"))
+        with anyio.fail_after(5):
+            await probe.slow_entered.wait()
+        assert server.statistics().in_flight == 1
+        started = time.monotonic()
+        tg.cancel_scope.cancel()
+    assert 0.25 <= time.monotonic() - started < 2.0  # the grace, then no longer
+    assert server.statistics().state is HttpServerState.STOPPED
+    assert server.statistics().in_flight == 0
+    # cut by our deadline, not by Hypercorn cancelling its connection tasks (asyncio logs that)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
+        f"http on port {port} closed, 1 requests cut at the grace"
+    ]
+    # Hypercorn answers a request it had to cut with a 500, and closes the connection
+    assert status_and_body(await read_to_end(stuck))[0] == 500
+    await stuck.aclose()
+    assert await refused(port)
+    await eventually(lambda: asyncio.all_tasks() == tasks_before, within=1)
+
+
+@pytest.mark.anyio
+async def test_cancelled_while_starting_stops_too() -> None:
+    server = Probe().server()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.run)
+            await eventually(lambda: server.port != 0)  # bound; Hypercorn may not accept yet
+            tg.cancel_scope.cancel()
+    assert server.state is HttpServerState.STOPPED
+    assert await refused(server.port)
+
+
+@pytest.mark.anyio
+async def test_a_taken_port_fails_the_start() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        app = build_application(list, lambda: None)
+        server = HttpServer(app, host="127.0.0.1", port=taken.getsockname()[1])
+        with pytest.raises(OSError, match="in use"):
+            await server.run()
+    assert server.state is HttpServerState.STOPPED
+
+
+@pytest.mark.anyio
+async def test_bad_requests_get_a_4xx_and_the_server_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with anyio.create_task_group() as tg:
+        port = await tg.start(Probe().server().run)
+        for request in (
+            get("/metrics", "POST"),  # wrong method
+            b"\x00\x01\x02 junk \xff\r\n\r\n",  # not HTTP
+            b"GET /" + b"a" * 20_000 + b" HTTP/1.1\r\n\r\n",  # a request line past the limit
+            b"GET /metrics HTTP/1.1\r\nHost: t\r\nAccept: \xff\xfe\r\nConnection: close\r\n\r\n",
+            b"GET /metrics?\xff HTTP/1.1\r\nHost: t\r\n\r\n",  # raw bytes in the target
+        ):
+            response = await exchange(port, request)
+            assert response == b"" or 400 <= status_and_body(response)[0] < 500, response[:200]
+        assert status_and_body(await exchange(port, get("/healthz")))[0] == 200
+        tg.cancel_scope.cancel()
+    assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
