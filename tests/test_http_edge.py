@@ -1,19 +1,28 @@
-"""The HTTP edge: HttpServer and the role's app in this process, on asyncio.
+"""The HTTP edge: HttpServer in this process (asyncio), then the roles' /metrics, /healthz, /readyz.
 
-The tests run Hypercorn on the test's event loop and speak raw HTTP/1.1 to it, so they see
-exactly what goes over the wire.
+In-process tests run Hypercorn on the test's event loop and speak raw HTTP/1.1 to it, so they
+see exactly what goes over the wire; the process tests start real workers and orchestrators.
 """
 
 from __future__ import annotations
 
 import asyncio
+import http.client
 import logging
+import re
+import signal
 import socket
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import anyio
 import anyio.abc
+import grpc
 import pytest
+import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -21,7 +30,18 @@ from starlette.routing import Route
 
 from app.http.application import build_application
 from app.http.server import HttpServer, HttpServerState
-from tests.helpers import eventually
+from tests.grpc_clients import Client
+from tests.helpers import (
+    RedisServer,
+    WorkerProcess,
+    base_env,
+    eventually,
+    free_port,
+    scrape,
+    wait_for,
+)
+
+HTTP_PORT = r"http on http://\S+:(\d+)"
 
 # --- in process: HttpServer on the asyncio backend ----------------------------------------------
 
@@ -231,3 +251,194 @@ async def test_bad_requests_get_a_4xx_and_the_server_goes_on(
         assert status_and_body(await exchange(port, get("/healthz")))[0] == 200
         tg.cancel_scope.cancel()
     assert not [r for r in caplog.records if r.exc_info or r.levelno >= logging.WARNING]
+
+
+# --- real processes: the worker's and the orchestrator's edge -----------------------------------
+
+
+def request(port: int, path: str, method: str = "GET") -> tuple[int, str, dict[str, str]]:
+    """(status, body, headers) of one HTTP request to 127.0.0.1:port; 4xx and 5xx included."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path)
+        response = conn.getresponse()
+        return response.status, response.read().decode(), dict(response.getheaders())
+    finally:
+        conn.close()
+
+
+def raw(port: int, data: bytes) -> bytes:
+    """Send raw bytes; what comes back before the server closes (or resets) the connection."""
+    received = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        try:
+            sock.sendall(data)
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    return received
+
+
+def connection_refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+@pytest.fixture
+def clients(stubs: SimpleNamespace) -> Iterator[Callable[[WorkerProcess], Client]]:
+    made: list[Client] = []
+
+    def make(worker: WorkerProcess) -> Client:
+        made.append(Client(stubs, worker.target))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.channel.close()
+
+
+StartWorker = Callable[..., WorkerProcess]
+
+
+def test_worker_on_port_0_logs_its_port_and_serves_the_edge(
+    worker_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    worker = start_worker({**worker_env, "JOBWORKER_METRICS__PORT": "0"})
+    port = int(worker.wait_log(HTTP_PORT)[1])
+    assert worker.log().count("http on http://") == 1
+    metrics = scrape(port)
+    assert metrics[("jobworker_status", frozenset({("jobworker_status", "IDLE")}))] == 1
+    assert request(port, "/healthz")[:2] == (200, "ok\n")
+    assert request(port, "/readyz")[:2] == (200, "ready\n")
+    assert request(port, "/metrics", "HEAD")[:2] == (200, "")
+    status, body, _ = request(port, "/nope")
+    assert (status, body) == (404, "not found; try /metrics, /healthz, /readyz\n")
+    status, body, headers = request(port, "/metrics", "POST")
+    assert status == 405
+    assert set(headers["allow"].split(", ")) == {"GET", "HEAD"}
+    assert "method not allowed" in body
+
+
+def test_junk_gets_a_4xx_or_a_closed_connection_and_no_traceback(
+    worker_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    worker = start_worker({**worker_env, "JOBWORKER_METRICS__PORT": "0"})
+    port = int(worker.wait_log(HTTP_PORT)[1])
+    for junk in (
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(256)),  # a TLS hello
+        b"\x00\xff garbage \r\n\r\n",
+        b"GET /" + b"a" * 100_000 + b" HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"GET /metrics HTTP/1.1\r\nHost: t\r\nAccept: \xff\r\nConnection: close\r\n\r\n",
+    ):
+        answer = raw(port, junk)
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 4"), answer[:200]
+    # a body announced and never sent does not hold a scrape open (nor the drain later)
+    stalled = raw(port, b"GET /metrics HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\n")
+    assert stalled.startswith(b"HTTP/1.1 200")
+    assert request(port, "/healthz")[:2] == (200, "ok\n")  # still serving
+    assert scrape(port)[("jobworker_max_size", frozenset())] == 8
+    worker.signal(signal.SIGTERM)
+    assert worker.wait_exit() == 0
+    log = worker.log()
+    assert "Traceback" not in log
+    assert " ERROR " not in log
+    assert " WARNING " not in log
+
+
+def test_readyz_turns_503_draining_while_a_job_drains(
+    worker_env: dict[str, str], start_worker: StartWorker, clients: Callable[..., Client]
+) -> None:
+    env = {
+        **worker_env,
+        "JOBWORKER_METRICS__PORT": "0",
+        "JOBWORKER_WORKER__DRAIN_GRACE_SECONDS": "60",
+    }
+    worker = start_worker(env)
+    port = int(worker.wait_log(HTTP_PORT)[1])
+    client = clients(worker)
+    client.send("sleep", "long", seconds="600")
+    wait_for(lambda: client.status().active == 1, what="the job to start")
+    assert request(port, "/readyz")[:2] == (200, "ready\n")
+    worker.signal(signal.SIGTERM)
+    wait_for(lambda: request(port, "/readyz")[:2] == (503, "draining\n"), what="503 draining")
+    # draining, the process still answers: alive, not ready, and its metrics say why
+    assert request(port, "/healthz")[:2] == (200, "ok\n")
+    assert scrape(port)[("jobworker_status", frozenset({("jobworker_status", "DRAINING")}))] == 1
+    assert client.status().active == 1  # the job is still draining
+    worker.signal(signal.SIGTERM)  # a second signal cancels it: the worker stops, the edge too
+    assert worker.wait_exit() == 0
+    assert connection_refused(port)
+    assert re.search(rf"http on port {port} closed", worker.log())
+
+
+def test_orchestrator_readyz_turns_503_draining_while_its_job_drains(
+    tmp_path: Path,
+    redis_server: RedisServer,
+    redis_client: redis.Redis,
+    orch_stubs: SimpleNamespace,
+) -> None:
+    fast = {
+        "REDIS_URL": redis_server.url,
+        "JOBWORKER_SCHEDULE__REPORT_INTERVAL_SECONDS": "0.3",
+        "JOBWORKER_ORCHESTRATOR__WORKER_REPORT_INTERVAL_SECONDS": "0.3",
+        "JOBWORKER_ORCHESTRATOR__DISCOVERY_INTERVAL_SECONDS": "0.2",
+    }
+    worker = WorkerProcess(
+        base_env(tmp_path / "w", JOBWORKER_GRPC__PORT=str(free_port()), **fast),
+        tmp_path / "worker.log",
+        [],
+    )
+    orch_env = base_env(
+        tmp_path / "o",
+        JOBWORKER_ORCHESTRATOR__HOST="127.0.0.1",
+        JOBWORKER_ORCHESTRATOR__PORT=str(free_port()),
+        JOBWORKER_ORCHESTRATOR__DRAIN_GRACE_SECONDS="60",
+        JOBWORKER_METRICS__PORT="0",
+        JOBWORKER_METRICS__HOST="127.0.0.1",
+        **fast,
+    )
+    orch = WorkerProcess(orch_env, tmp_path / "orchestrator.log", [], role="orchestrator")
+    channel = grpc.insecure_channel(f"127.0.0.1:{orch_env['JOBWORKER_ORCHESTRATOR__PORT']}")
+    try:
+        worker.wait_ready()
+        orch.wait_ready()
+        port = int(orch.wait_log(HTTP_PORT)[1])
+        assert request(port, "/readyz")[:2] == (200, "ready\n")
+        assert ("jobworker_orchestrator_jobs_inflight", frozenset()) in scrape(port)
+        stub = orch_stubs.grpc.OrchestratorServiceStub(channel)
+        pb2 = orch_stubs.pb2
+        job = pb2.BatchExecutionRequest(job_id="long", job_type="sleep", params={"seconds": "600"})
+        wait_for(lambda: _submitted(stub, job), what="a worker to take the job")
+
+        def running() -> bool:
+            found = stub.GetJob(pb2.JobRequest(job_id="long"), timeout=5)
+            return bool(pb2.JobState.Name(found.state) == "RUNNING")
+
+        wait_for(running, timeout=30, what="the job running")
+        orch.signal(signal.SIGTERM)  # the job in hand keeps the orchestrator draining
+        wait_for(lambda: request(port, "/readyz")[:2] == (503, "draining\n"), what="503")
+        assert request(port, "/healthz")[:2] == (200, "ok\n")
+        assert scrape(port)[("jobworker_orchestrator_jobs_inflight", frozenset())] == 1
+        orch.signal(signal.SIGTERM)  # a second one leaves the job to others: it stops now
+        assert orch.wait_exit() == 0
+        assert connection_refused(port)
+        assert "Traceback" not in orch.log()
+    finally:
+        channel.close()
+        orch.close()
+        worker.close()
+
+
+def _submitted(stub: Any, job: Any) -> bool:
+    """Submit until the job type is known (a worker registered); True once accepted."""
+    try:
+        stub.Submit(job, timeout=5)
+    except grpc.RpcError as error:
+        if error.code() == grpc.StatusCode.NOT_FOUND:
+            return False
+        raise
+    return True
