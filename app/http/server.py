@@ -16,6 +16,7 @@ import enum
 import logging
 import math
 import os
+import socket
 from collections import Counter
 from typing import Any, cast
 
@@ -133,21 +134,19 @@ class HttpServer:
         self._state = HttpServerState.STARTING
         try:
             listener = await anyio.create_tcp_listener(local_host=self._host, local_port=self._port)
-            # our copies close here: Hypercorn's duplicates keep the sockets listening (the
-            # kernel queues connections until it accepts), and its close then stops the port
-            async with listener:
-                sockets = [
-                    item.extra(anyio.abc.SocketAttribute.raw_socket) for item in listener.listeners
-                ]
-                self.port = int(sockets[0].getsockname()[1])
-                config = self._config([f"fd://{os.dup(sock.fileno())}" for sock in sockets])
+            raw = anyio.abc.SocketAttribute.raw_socket
+            sockets = [item.extra(raw) for item in listener.listeners]
+            self.port = int(sockets[0].getsockname()[1])
             # Hypercorn's drain must not be cut by the cancellation that starts it: its task is
             # shielded; `finally` below pulls its trigger, bounds the drain, then cancels it
             serving = anyio.CancelScope(shield=True)
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._serve, config, serving)
+                tg.start_soon(self._serve, sockets, serving)
                 try:
-                    await self._listening.wait()
+                    # our copies close once Hypercorn accepts on its duplicates (or never will),
+                    # so that its close stops the port
+                    async with listener:
+                        await self._listening.wait()
                     self._state = HttpServerState.SERVING
                     log.info("http on http://%s:%d", _url_host(self._host), self.port)
                     task_status.started(self.port)
@@ -183,9 +182,11 @@ class HttpServer:
         config.read_timeout = READ_TIMEOUT_SECONDS
         return config
 
-    async def _serve(self, config: Config, scope: anyio.CancelScope) -> None:
+    async def _serve(self, sockets: list[socket.socket], scope: anyio.CancelScope) -> None:
         try:
             with scope:
+                # duplicated only once shielded: from here Hypercorn runs and closes them
+                config = self._config([f"fd://{os.dup(sock.fileno())}" for sock in sockets])
                 app = cast("ASGIFramework", self._asgi)
                 await serve(app, config, shutdown_trigger=self._until_stopping, mode="asgi")
                 if not self._stopping.is_set():
