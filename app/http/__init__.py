@@ -1,1 +1,1 @@
-"""The HTTP edge every role serves: /metrics and health probes."""
+"""The HTTP edge every role serves: a Starlette app (/metrics, /healthz, /readyz) on Hypercorn."""

@@ -4,6 +4,7 @@
     ├── JobEvents          one pub/sub connection: wakes Execute, WatchJob and CancelJob
     ├── WorkerDirectory    the workers' PodInfo, refreshed every discovery interval
     ├── Dispatcher         the job queue → workers, with retry, breaker and fencing
+    ├── HttpServer         /metrics, /healthz, /readyz (Hypercorn) when `metrics.port` is set
     └── GrpcServer         OrchestratorService, reflection, health
 
 Shutdown (SIGTERM/SIGINT): health NOT_SERVING, submissions refused with UNAVAILABLE, no new
@@ -27,7 +28,8 @@ from app.core.balancer import make_balancer
 from app.errors import ConfigError
 from app.grpc.ports import candidate_ports
 from app.grpc.server import GrpcServer
-from app.http.metrics_server import MetricsServer
+from app.http.application import build_application
+from app.http.server import HttpServer
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.grpc_worker_client import GrpcWorkerClient
@@ -102,12 +104,21 @@ async def serve_orchestrator(config: Config) -> None:
 
                 await tg.start(run_dispatcher)
                 if config.metrics.port is not None:
-                    metrics = MetricsServer(
-                        lambda: orchestrator_metrics(dispatcher, directory, server),
+
+                    def not_ready() -> str | None:
+                        """/readyz: ready while gRPC serves and the orchestrator is not draining."""
+                        if service.draining:
+                            return "draining"
+                        return None if server.port else "starting"
+
+                    http = HttpServer(
+                        build_application(
+                            lambda: orchestrator_metrics(dispatcher, directory, server), not_ready
+                        ),
                         host=config.metrics.host,
                         port=config.metrics.port,
                     )
-                    await tg.start(metrics.run)
+                    await tg.start(http.run)
                 port = await tg.start(
                     server.run, candidate_ports(o.port, o.port_search if o.port else 0)
                 )

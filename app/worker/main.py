@@ -4,6 +4,7 @@
     ├── embedded redis-server        only when no Redis is configured
     ├── JobMaster                    CapacityLimiter + bounded queue; a task per running job
     ├── GrpcServer (grpclib)         WorkerService, reflection, health
+    ├── HttpServer (Hypercorn)       /metrics, /healthz, /readyz when `metrics.port` is set
     └── ScheduleManager              ApplicationInfoReportJob every report interval
 
 Shutdown (SIGTERM/SIGINT): PodInfo DRAINING and health NOT_SERVING at once, new work refused
@@ -33,7 +34,8 @@ from app.grpc.ports import (
     write_last_port,
 )
 from app.grpc.server import GrpcServer
-from app.http.metrics_server import MetricsServer
+from app.http.application import build_application
+from app.http.server import HttpServer
 from app.scheduling.schedule_manager import ScheduleManager
 from app.scheduling.triggers import IntervalTrigger
 from app.stores.redis.client import create_redis
@@ -134,12 +136,21 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             service.identity = identity
             service.report_job = report
             if config.metrics.port is not None:
-                metrics = MetricsServer(
-                    lambda: worker_metrics(job_master, report, server),
+
+                def not_ready() -> str | None:
+                    """/readyz: ready while gRPC serves and the worker is not draining."""
+                    if job_master.draining:
+                        return "draining"
+                    return None if server.port else "starting"
+
+                http = HttpServer(
+                    build_application(
+                        lambda: worker_metrics(job_master, report, server), not_ready
+                    ),
                     host=config.metrics.host,
                     port=config.metrics.port,
                 )
-                await tg.start(metrics.run)
+                await tg.start(http.run)
             try:
                 await report.report()
                 interval = config.schedule.report_interval_seconds
