@@ -171,7 +171,7 @@ class WorkerProcess:
         switch = self.env.get("JOBWORKER_GRPC__FAST_PATH")
         if switch is not None:  # the server serves the way the test asked
             mode = "on" if switch == "true" else "off"
-            self.wait_log(rf"{self.role} ready: .*<GrpcServer \S+ SERVING fast_path={mode} ")
+            self.wait_log(rf"{self.role} ready: .*<GrpcServer \S+ RUNNING fast_path={mode} ")
         return self
 
     def signal(self, signum: int = signal.SIGTERM) -> None:

@@ -33,6 +33,7 @@ from grpclib.protocol import EventsProcessor, H2Protocol
 from grpclib.server import Stream
 from hyperframe.frame import PingFrame
 
+from app.core.lifecycle import Lifecycle
 from app.grpc.codec import CheckedProtoCodec
 from app.grpc.fastpath.codec import UpbProtoCodec
 from app.grpc.fastpath.probe import INTERNALS, missing_internals
@@ -46,7 +47,7 @@ from app.grpc.fastpath.server import (
     install_lazy_frame_repr,
 )
 from app.grpc.server import GrpcServer
-from app.grpc.statistics import CodecCounters, CodecStatistics, FastPathMode, ServerState
+from app.grpc.statistics import CodecCounters, CodecStatistics, FastPathMode
 from app.pb import worker as pb
 from tests.helpers import ROOT
 
@@ -229,7 +230,7 @@ async def serving(fast_path: bool) -> AsyncIterator[tuple[GrpcServer, Channel]]:
         finally:
             client.close()
             tg.cancel_scope.cancel()
-    assert server.state is ServerState.CLOSED
+    assert server.state is Lifecycle.STOPPED
 
 
 def closed_streams_limit(h2c: h2.connection.H2Connection) -> int:
@@ -308,7 +309,7 @@ async def test_a_missing_internal_falls_back_to_grpclibs_server_with_one_warning
         assert seen["reply"].message == "xx"
         s = server.statistics()
         assert (s.fast_path, s.state, s.fast_calls, s.general_calls) == (
-            FastPathMode.FALLEN_BACK, ServerState.SERVING, 0, 1
+            FastPathMode.FALLEN_BACK, Lifecycle.RUNNING, 0, 1
         )  # fmt: skip
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
@@ -333,7 +334,7 @@ async def test_calls_are_counted_by_the_path_that_served_them(fast_path: bool) -
         s = server.statistics()
         assert (s.fast_calls, s.general_calls) == ((3, 1) if fast_path else (0, 4))
         expected = "on" if fast_path else "off"
-        assert f"SERVING fast_path={expected} calls fast={s.fast_calls} general=" in repr(server)
+        assert f"RUNNING fast_path={expected} calls fast={s.fast_calls} general=" in repr(server)
 
 
 # --- the codec: fallbacks counted, decode errors answered INTERNAL --------------------------------

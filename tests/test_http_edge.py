@@ -30,8 +30,9 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
+from app.core.lifecycle import Lifecycle
 from app.http.application import build_application
-from app.http.server import HttpServer, HttpServerState
+from app.http.server import HttpServer
 from tests.grpc_clients import Client
 from tests.helpers import (
     RedisServer,
@@ -121,11 +122,11 @@ async def test_started_server_answers_and_stops_on_cancel_leaving_nothing() -> N
     probe = Probe()
     server = probe.server()
     tasks_before = asyncio.all_tasks()
-    assert server.state is HttpServerState.CREATED
+    assert server.state is Lifecycle.CREATED
     async with anyio.create_task_group() as tg:
         port = await tg.start(server.run)
         assert port == server.port != 0
-        assert server.statistics().state is HttpServerState.SERVING
+        assert server.statistics().state is Lifecycle.RUNNING
         assert status_and_body(await exchange(port, get("/healthz"))) == (200, b"ok\n")
         status, body = status_and_body(await exchange(port, get("/metrics")))
         assert status == 200
@@ -135,11 +136,11 @@ async def test_started_server_answers_and_stops_on_cancel_leaving_nothing() -> N
         assert status_and_body(await exchange(port, get("/nope")))[0] == 404
         stats = server.statistics()
         assert (stats.requests, stats.responses_2xx, stats.responses_4xx) == (4, 3, 1)
-        assert f"127.0.0.1:{port} SERVING requests=4 in_flight=0 2xx=3 4xx=1" in repr(server)
+        assert f"127.0.0.1:{port} RUNNING requests=4 in_flight=0 2xx=3 4xx=1" in repr(server)
         started = time.monotonic()
         tg.cancel_scope.cancel()
     assert time.monotonic() - started < 1.0  # nothing in flight: no grace to wait out
-    assert server.statistics().state is HttpServerState.STOPPED
+    assert server.statistics().state is Lifecycle.STOPPED
     assert await refused(port)
     assert asyncio.all_tasks() == tasks_before  # Hypercorn's tasks all ended
 
@@ -202,7 +203,7 @@ async def test_a_request_past_the_grace_is_cut_and_the_server_still_stops(
         started = time.monotonic()
         tg.cancel_scope.cancel()
     assert 0.25 <= time.monotonic() - started < 2.0  # the grace, then no longer
-    assert server.statistics().state is HttpServerState.STOPPED
+    assert server.statistics().state is Lifecycle.STOPPED
     assert server.statistics().in_flight == 0
     # cut by our deadline, not by Hypercorn cancelling its connection tasks (asyncio logs that)
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == [
@@ -228,7 +229,7 @@ async def test_cancelled_at_any_point_of_its_start_it_leaves_nothing(steps: int)
             for _ in range(steps):
                 await anyio.lowlevel.checkpoint()
             tg.cancel_scope.cancel()
-    assert server.state in (HttpServerState.CREATED, HttpServerState.STOPPED)
+    assert server.state in (Lifecycle.CREATED, Lifecycle.STOPPED)
     if server.port:
         assert await refused(server.port)
     assert asyncio.all_tasks() == tasks_before
@@ -244,7 +245,7 @@ async def test_a_taken_port_fails_the_start() -> None:
         server = HttpServer(app, host="127.0.0.1", port=taken.getsockname()[1])
         with pytest.raises(OSError, match="in use"):
             await server.run()
-    assert server.state is HttpServerState.STOPPED
+    assert server.state is Lifecycle.STOPPED
 
 
 @pytest.mark.anyio

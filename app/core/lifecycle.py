@@ -6,9 +6,10 @@ import enum
 
 
 class Lifecycle(enum.Enum):
-    """Where a long-lived component is: made, serving, on its way out, or done."""
+    """Where a long-lived component is: made, starting, serving, on its way out, or done."""
 
     CREATED = "CREATED"
+    STARTING = "STARTING"
     RUNNING = "RUNNING"
     DRAINING = "DRAINING"
     STOPPED = "STOPPED"

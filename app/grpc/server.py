@@ -28,6 +28,7 @@ from grpclib.reflection.v1 import reflection_pb2
 from grpclib.reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
 from grpclib.server import Server
 
+from app.core.lifecycle import Lifecycle
 from app.grpc.codec import CheckedProtoCodec, status_details_codec
 from app.grpc.fastpath.install import install_fast_server
 from app.grpc.statistics import (
@@ -35,7 +36,6 @@ from app.grpc.statistics import (
     CodecCounters,
     FastPathMode,
     GrpcServerStatistics,
-    ServerState,
 )
 from app.pb.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 
@@ -94,7 +94,7 @@ class GrpcServer:
         self._server = server
         self._host = host
         self._close_grace = close_grace_seconds
-        self._state = ServerState.CREATED
+        self._state = Lifecycle.CREATED
         self.port = 0
 
     def __repr__(self) -> str:
@@ -106,7 +106,7 @@ class GrpcServer:
         )
 
     @property
-    def state(self) -> ServerState:
+    def state(self) -> Lifecycle:
         """Where the server is in its life."""
         return self._state
 
@@ -150,25 +150,25 @@ class GrpcServer:
         try:
             port = await self._start(ports)
         except BaseException:
-            self._state = ServerState.CLOSED
+            self._state = Lifecycle.STOPPED
             raise
         # grpclib keeps the asyncio.Server private, and has no other way to tell the port when
         # 0 was asked: the one grpclib internal both paths read (failing soft to `port`)
         listener = cast("asyncio.Server | None", getattr(self._server, "_server", None))
         sockets = listener.sockets if listener is not None else ()
         self.port = int(sockets[0].getsockname()[1]) if sockets else port
-        self._state = ServerState.SERVING
+        self._state = Lifecycle.RUNNING
         self.set_serving(True)
         log.info("->SVC::gRPC server started on port %d", self.port)
         try:
             task_status.started(self.port)
             await anyio.sleep_forever()
         finally:
-            self._state = ServerState.CLOSING
+            self._state = Lifecycle.DRAINING
             self.set_serving(False)
             # close() cancels in-flight RPCs; give their handlers a moment to send their status
             with anyio.move_on_after(self._close_grace, shield=True):
                 self._server.close()
                 await self._server.wait_closed()
-            self._state = ServerState.CLOSED
+            self._state = Lifecycle.STOPPED
             log.info("gRPC server on port %d closed", self.port)

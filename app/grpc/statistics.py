@@ -1,4 +1,4 @@
-"""The gRPC server's vocabulary: its lifecycle, the fast path's mode, live counters, snapshots.
+"""The gRPC server's vocabulary: the fast path's mode, live counters, snapshots.
 
 The counters are plain mutable objects that the serving code bumps (one attribute increment per
 call); `GrpcServer.statistics()` copies them into frozen Structs for status, logs and /metrics.
@@ -10,14 +10,7 @@ import enum
 
 import msgspec
 
-
-class ServerState(enum.Enum):
-    """Where a GrpcServer is in its life."""
-
-    CREATED = "created"
-    SERVING = "serving"
-    CLOSING = "closing"
-    CLOSED = "closed"
+from app.core.lifecycle import Lifecycle
 
 
 class FastPathMode(enum.Enum):
@@ -94,7 +87,7 @@ class CodecCounters:
 class GrpcServerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of a GrpcServer for logs and metrics."""
 
-    state: ServerState
+    state: Lifecycle
     port: int
     fast_path: FastPathMode
     fast_calls: int

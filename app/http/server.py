@@ -12,7 +12,6 @@ Hypercorn's `serve` cannot tell which port it got.
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import os
@@ -29,6 +28,8 @@ from hypercorn.logging import Logger
 from hypercorn.typing import ASGIFramework, ResponseSummary, WWWScope
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.core.lifecycle import Lifecycle
+
 log = logging.getLogger(__name__)
 
 # a connection that sends nothing this long is closed (a stalled body would hold its request)
@@ -37,20 +38,10 @@ READ_TIMEOUT_SECONDS = 10
 _SHUTDOWN_MARGIN_SECONDS = 0.5
 
 
-class HttpServerState(enum.StrEnum):
-    """Where an HttpServer is in its life: it runs once."""
-
-    CREATED = "CREATED"
-    STARTING = "STARTING"
-    SERVING = "SERVING"
-    STOPPING = "STOPPING"
-    STOPPED = "STOPPED"
-
-
 class HttpServerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """A snapshot of an HttpServer: its state, its port, and the requests its app answered."""
 
-    state: HttpServerState
+    state: Lifecycle
     host: str
     port: int
     requests: int
@@ -86,7 +77,7 @@ class HttpServer:
         self._host = host
         self._port = port
         self._grace = close_grace_seconds
-        self._state = HttpServerState.CREATED
+        self._state = Lifecycle.CREATED
         self._listening = anyio.Event()
         self._stopping = anyio.Event()
         self._stopped = anyio.Event()
@@ -106,7 +97,7 @@ class HttpServer:
         )
 
     @property
-    def state(self) -> HttpServerState:
+    def state(self) -> Lifecycle:
         """Where the server is in its life."""
         return self._state
 
@@ -129,9 +120,9 @@ class HttpServer:
         self, *, task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Bind, report the port once accepting, serve until cancelled, then stop gracefully."""
-        if self._state is not HttpServerState.CREATED:
+        if self._state is not Lifecycle.CREATED:
             raise RuntimeError(f"{self!r} runs once")
-        self._state = HttpServerState.STARTING
+        self._state = Lifecycle.STARTING
         try:
             listener = await anyio.create_tcp_listener(local_host=self._host, local_port=self._port)
             raw = anyio.abc.SocketAttribute.raw_socket
@@ -147,12 +138,12 @@ class HttpServer:
                     # so that its close stops the port
                     async with listener:
                         await self._listening.wait()
-                    self._state = HttpServerState.SERVING
+                    self._state = Lifecycle.RUNNING
                     log.info("http on http://%s:%d", _url_host(self._host), self.port)
                     task_status.started(self.port)
                     await anyio.sleep_forever()
                 finally:
-                    self._state = HttpServerState.STOPPING
+                    self._state = Lifecycle.DRAINING
                     # requests in flight get the grace: a deadline, not a cancellation
                     self._deadline = anyio.current_time() + self._grace
                     for request in self._requests:
@@ -162,7 +153,7 @@ class HttpServer:
                         await self._stopped.wait()
                     serving.cancel()
         finally:
-            self._state = HttpServerState.STOPPED
+            self._state = Lifecycle.STOPPED
             if self._listening.is_set():
                 cut = f", {self._cut} requests cut at the grace" if self._cut else ""
                 log.log(
