@@ -11,11 +11,11 @@ each path served and the codec's fallbacks and errors (`statistics()`).
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import logging
+import socket
 from collections.abc import Iterable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -129,8 +129,15 @@ class GrpcServer:
         self._status.set(serving)
 
     async def _start(self, ports: Iterable[int]) -> int:
+        """Start on the first free port of `ports`; the port bound (0 asks for any free one)."""
         for port in ports:
             try:
+                if port == 0:
+                    # grpclib tells no port it bound; a socket of ours does (public `sock=`)
+                    family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+                    sock = socket.create_server((self._host, 0), family=family, backlog=100)
+                    await self._server.start(sock=sock)
+                    return int(sock.getsockname()[1])
                 await self._server.start(self._host, port)
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
@@ -152,11 +159,7 @@ class GrpcServer:
         except BaseException:
             self._state = Lifecycle.STOPPED
             raise
-        # grpclib keeps the asyncio.Server private, and has no other way to tell the port when
-        # 0 was asked: the one grpclib internal both paths read (failing soft to `port`)
-        listener = cast("asyncio.Server | None", getattr(self._server, "_server", None))
-        sockets = listener.sockets if listener is not None else ()
-        self.port = int(sockets[0].getsockname()[1]) if sockets else port
+        self.port = port
         self._state = Lifecycle.RUNNING
         self.set_serving(True)
         log.info("->SVC::gRPC server started on port %d", self.port)
