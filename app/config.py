@@ -137,9 +137,11 @@ class RedisConfig(_Section, frozen=True):
 
     @property
     def configured(self) -> bool:
+        """Whether `url` or `host` names a server (if not, a worker may start the embedded one)."""
         return bool(self.url or self.host)
 
     def effective_url(self) -> str:
+        """`url` when set, else `redis[s]://host:port/db` (no credentials: see `create_redis`)."""
         if self.url:
             return self.url
         scheme = "rediss" if self.tls else "redis"
@@ -214,6 +216,8 @@ class MetricsConfig(_Section, frozen=True):
 
 
 class LogConfig(_Section, frozen=True):
+    """The log level of every role: DEBUG, INFO, WARNING or ERROR (in any case)."""
+
     level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -311,6 +315,7 @@ def _validation_error(exc: msgspec.ValidationError, origins: Mapping[str, str]) 
 
 
 def available_profiles(config_dir: Path | None = None) -> list[str]:
+    """Profile names with an `application-<name>.toml`, bundled or in `config_dir`, sorted."""
     names = {p.stem.removeprefix("application-") for p in PROFILES_DIR.glob("application-*.toml")}
     if config_dir is not None:
         names |= {

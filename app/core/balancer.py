@@ -30,9 +30,13 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class LoadBalancer(Protocol):
+    """Picks a worker for a job; `name` is the `orchestrator.balancer` value that selects it."""
+
     name: str
 
-    def choose(self, candidates: Sequence[Candidate]) -> Candidate | None: ...
+    def choose(self, candidates: Sequence[Candidate]) -> Candidate | None:
+        """One of `candidates`, or None when there are none."""
+        ...
 
 
 class PowerOfTwoChoices:
@@ -44,6 +48,7 @@ class PowerOfTwoChoices:
         self._rng = rng or random.Random()
 
     def choose(self, candidates: Sequence[Candidate]) -> Candidate | None:
+        """The less loaded of two distinct random candidates (the only one; None for none)."""
         if not candidates:
             return None
         if len(candidates) == 1:
@@ -61,6 +66,11 @@ class RoundRobin:
         self._next = 0
 
     def choose(self, candidates: Sequence[Candidate]) -> Candidate | None:
+        """The next candidate in address order; None when there are none.
+
+        The turn is a count of calls, not an address: when the candidates change it may skip or
+        repeat one.
+        """
         if not candidates:
             return None
         ordered = sorted(candidates, key=lambda c: c.address)
@@ -70,6 +80,7 @@ class RoundRobin:
 
 
 def make_balancer(name: str, rng: random.Random | None = None) -> LoadBalancer:
+    """The balancer named `name` (`p2c` or `round_robin`); ValueError for any other."""
     if name == "p2c":
         return PowerOfTwoChoices(rng)
     if name == "round_robin":

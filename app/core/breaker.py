@@ -18,12 +18,16 @@ from app.core.clock import Clock
 
 
 class BreakerState(enum.Enum):
+    """Where a breaker is: calls go (CLOSED), none go (OPEN), or one probe may go (HALF_OPEN)."""
+
     CLOSED = "CLOSED"
     OPEN = "OPEN"
     HALF_OPEN = "HALF_OPEN"
 
 
 class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """When a breaker opens and how long it stays open; times in seconds (see the module doc)."""
+
     failure_threshold: int = 5
     failure_rate: float = 0.5
     min_calls: int = 10
@@ -32,6 +36,8 @@ class BreakerConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class BreakerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of one breaker for status: its state, failure counts and times opened."""
+
     state: BreakerState
     consecutive_failures: int
     window_calls: int
@@ -57,6 +63,7 @@ class CircuitBreaker:
 
     @property
     def state(self) -> BreakerState:
+        """The state now: a read turns OPEN into HALF_OPEN once `open_seconds` have passed."""
         if (
             self._state is BreakerState.OPEN
             and self._clock.monotonic() - self._opened_at >= self._config.open_seconds
@@ -86,6 +93,10 @@ class CircuitBreaker:
             self._probe_out = False
 
     def record_success(self) -> None:
+        """A call went well: the consecutive count restarts; an OPEN or HALF_OPEN breaker closes.
+
+        Closing clears the window, so that old failures no longer count against the worker.
+        """
         self._record(failed=False)
         self._consecutive = 0
         if self._state is not BreakerState.CLOSED:
@@ -93,6 +104,7 @@ class CircuitBreaker:
             self._window.clear()  # a fresh start: old failures no longer speak for the worker
 
     def record_failure(self) -> None:
+        """A call failed: HALF_OPEN opens again; CLOSED opens at the threshold or rate."""
         self._record(failed=True)
         self._consecutive += 1
         if self._state is BreakerState.HALF_OPEN or self._should_open():
@@ -121,6 +133,11 @@ class CircuitBreaker:
         self._opened_count += 1
 
     def statistics(self) -> BreakerStatistics:
+        """State, consecutive failures, calls and failures in the window, and times opened.
+
+        The window is trimmed when a call is recorded, not here: its counts may include calls older
+        than `window_seconds`.
+        """
         return BreakerStatistics(
             state=self.state,
             consecutive_failures=self._consecutive,

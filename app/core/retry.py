@@ -40,6 +40,7 @@ class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
         return rng() * self.ceiling(attempt)
 
     def can_retry(self, attempts_made: int) -> bool:
+        """Whether another attempt may follow `attempts_made` (fewer than `max_attempts`)."""
         return attempts_made < self.max_attempts
 
 

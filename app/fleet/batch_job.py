@@ -48,8 +48,10 @@ _decoder = msgspec.json.Decoder(BatchJob)
 
 
 def encode_job(job: BatchJob) -> bytes:
+    """The record as stored: compact JSON."""
     return _encoder.encode(job)
 
 
 def decode_job(raw: bytes | str) -> BatchJob:
+    """A record from its stored JSON; `msgspec.DecodeError` when it is not one."""
     return _decoder.decode(raw)

@@ -61,10 +61,15 @@ _decoder = msgspec.json.Decoder(PodInfo)
 
 
 def encode_pod_info(info: PodInfo) -> bytes:
+    """PodInfo as the registry stores it: JSON with camelCase keys."""
     return _encoder.encode(info)
 
 
 def decode_pod_info(raw: bytes | str) -> PodInfo:
+    """PodInfo from the registry's JSON; `msgspec.DecodeError` when it is not one.
+
+    Unknown keys are ignored, so a newer writer's fields do not trouble an older reader.
+    """
     return _decoder.decode(raw)
 
 

@@ -19,6 +19,7 @@ def state_dir(env: Mapping[str, str] = os.environ) -> Path:
 
 
 def read_last_port(path: Path) -> int | None:
+    """The port remembered in `path`; None when it is missing, unreadable or not 1..65535."""
     try:
         port = int(path.read_text().strip())
     except (OSError, ValueError):

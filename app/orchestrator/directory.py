@@ -29,9 +29,14 @@ class WorkerEntry(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def address(self) -> str:
+        """`ip:grpcPort`: where the worker takes calls, and its key in the directory."""
         return f"{self.info.ip}:{self.info.grpc_port}"
 
     def age_seconds(self, now: float) -> float:
+        """Seconds since the worker wrote the report, `now` in Unix seconds.
+
+        A PodInfo without `updateEpochMs` (0) looks decades old: stale.
+        """
         return now - self.info.update_epoch_ms / 1000
 
 
@@ -90,9 +95,11 @@ class WorkerDirectory:
         )
 
     def entries(self) -> list[WorkerEntry]:
+        """The workers of the last refresh, stale ones included, by address."""
         return sorted(self._entries.values(), key=lambda e: e.address)
 
     def get(self, address: str) -> WorkerEntry | None:
+        """The worker at `address` as of the last refresh, or None."""
         return self._entries.get(address)
 
     def stale_reason(self, entry: WorkerEntry | None) -> str | None:

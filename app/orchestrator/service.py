@@ -35,6 +35,7 @@ def _invalid(field: str, problem: str) -> GRPCError:
 
 
 def job_message(job: BatchJob) -> pb.Job:
+    """The `orchestrator.Job` message for a record, its times as RFC 3339 in UTC."""
     return pb.Job(
         job_id=job.job_id,
         job_type=job.job_type,
@@ -155,12 +156,22 @@ class OrchestratorService(pb.OrchestratorServiceBase):
     # --- RPCs -------------------------------------------------------------------------------------
 
     async def submit(self, message: pb.BatchExecutionRequest) -> pb.SubmitResponse:
+        """Queue a job and answer at once: its id, its state, and whether the id existed already.
+
+        UNAVAILABLE while draining, INVALID_ARGUMENT or NOT_FOUND for a bad request, and
+        RESOURCE_EXHAUSTED when the job type's queue is full.
+        """
         job, existing = await self._submit(message)
         return pb.SubmitResponse(
             job_id=job.job_id, state=to_orchestrator_wire(job.state), existing=existing
         )
 
     async def execute(self, message: pb.BatchExecutionRequest) -> pb.BatchExecutionResponse:
+        """Queue a job as `submit` does, then answer with its record once it has ended.
+
+        For an id that exists already, it waits for that job. Past the job's deadline plus 5 s the
+        record comes back as it is then.
+        """
         job, _ = await self._submit(message)
         # the dispatcher ends the job at its deadline; wait a little past it for that write
         deadline = anyio.current_time() + max(0.0, job.deadline_at - time.time()) + 5.0
@@ -168,6 +179,7 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         return pb.BatchExecutionResponse(job=job_message(final or job))
 
     async def get_job(self, message: pb.JobRequest) -> pb.Job:
+        """The job's record; INVALID_ARGUMENT for an empty id, NOT_FOUND when there is none."""
         return job_message(await self._get(message.job_id))
 
     async def _get(self, job_id: str) -> BatchJob:
@@ -179,6 +191,11 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         return job
 
     async def cancel_job(self, message: pb.JobRequest) -> pb.Job:
+        """Cancel the job and answer with its record; a finished one comes back as is.
+
+        The record is the one after the cancel has ended the job, or as it is when the dispatcher
+        stops waiting for that (see `Dispatcher.cancel`).
+        """
         job = await self._get(message.job_id)
         if job.state.finished:
             return job_message(job)
@@ -186,6 +203,11 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         return job_message(after or job)
 
     async def list_workers(self, message: pb.ListWorkersRequest) -> pb.ListWorkersResponse:
+        """Every worker of the directory's last refresh, stale ones included.
+
+        Each with whether it gets new work (and why not), its circuit breaker and this
+        orchestrator's calls in flight to it.
+        """
         workers = []
         for entry in self._directory.entries():
             info = entry.info
@@ -214,6 +236,11 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         return pb.ListWorkersResponse(workers=workers)
 
     async def watch_job(self, message: pb.JobRequest) -> AsyncIterator[pb.Job]:
+        """Stream the job's record now and after each change, until the job has ended.
+
+        The record is read again on each event and at least every 2 s; an unchanged one is not sent
+        again.
+        """
         job = await self._get(message.job_id)
         last = encode_job(job)
         yield job_message(job)

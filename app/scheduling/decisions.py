@@ -28,6 +28,8 @@ class Overlap(enum.StrEnum):
 
 
 class DecisionKind(enum.StrEnum):
+    """What became of a nominal tick: the `kind` of a `Decision`."""
+
     FIRED = "fired"
     MOVED = "moved"
     """Fired at an instant a DST rule moved it to."""

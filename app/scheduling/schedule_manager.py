@@ -85,6 +85,8 @@ class ScheduleInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ScheduleManagerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the schedule manager: its state, schedules, runs and wall-clock steps."""
+
     state: Lifecycle
     schedules: int
     running: int
@@ -207,9 +209,14 @@ class ScheduleManager:
 
     @property
     def clock(self) -> Clock:
+        """The wall clock that ticks are read on (the one given, else the system's)."""
         return self._clock
 
     def statistics(self) -> ScheduleManagerStatistics:
+        """Schedules, runs going, started and failed, and wall-clock steps seen.
+
+        Runs are summed over the schedules there now: a removed schedule's no longer count.
+        """
         schedules = self._schedules.values()
         return ScheduleManagerStatistics(
             state=self._state,
@@ -254,6 +261,7 @@ class ScheduleManager:
             scope.deadline = min(scope.deadline, anyio.current_time() + grace_seconds)
 
     async def wait_stopped(self) -> None:
+        """Return once `run` has returned (drained, cancelled or failed)."""
         await self._stopped.wait()
 
     # --- schedules ---
@@ -307,6 +315,10 @@ class ScheduleManager:
             schedule.version += 1
 
     def resume_schedule(self, name: str) -> None:
+        """Fire again; the ticks that fell due while paused are recorded SKIPPED, not run.
+
+        Nothing happens when the schedule is not paused; an unknown name raises KeyError.
+        """
         schedule = self._get(name)
         since = schedule.paused_since
         if since is None:
@@ -332,9 +344,11 @@ class ScheduleManager:
         self._plan(schedule, self._next(schedule, now))
 
     def schedules(self) -> list[ScheduleInfo]:
+        """Every schedule as status shows it, in the order they were added."""
         return [s.info() for s in self._schedules.values()]
 
     def schedule(self, name: str) -> ScheduleInfo:
+        """The schedule named `name` as status shows it; KeyError when there is none."""
         return self._get(name).info()
 
     def _get(self, name: str) -> _Schedule:

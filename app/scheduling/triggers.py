@@ -47,6 +47,7 @@ class Tick(msgspec.Struct, frozen=True, kw_only=True):
 
     @property
     def timestamp(self) -> float:
+        """`at` in Unix seconds: what to compare ticks by."""
         return self.at.timestamp()
 
 
@@ -67,7 +68,9 @@ class Trigger(Protocol):
         """The first tick strictly after `after`, or None when it fires no more."""
         ...
 
-    def describe(self) -> str: ...
+    def describe(self) -> str:
+        """The trigger in a few words, for status and logs (`every 5s`)."""
+        ...
 
 
 def _aware(value: datetime, what: str) -> datetime:
@@ -99,9 +102,11 @@ class IntervalTrigger(msgspec.Struct, frozen=True):
         _aware(self.start, "start")
 
     def first_tick(self, begin: datetime) -> Tick | None:
+        """The first grid time at or after `begin` (`start` when `begin` is before it)."""
         return self.next_tick(utc(begin) - _TICK)
 
     def next_tick(self, after: datetime) -> Tick | None:
+        """The first grid time strictly after `after`, in UTC (`start` when `after` is earlier)."""
         # in UTC: arithmetic between datetimes of one zone ignores their offsets
         start, after = utc(self.start), utc(after)
         if after < start:
@@ -111,6 +116,7 @@ class IntervalTrigger(msgspec.Struct, frozen=True):
         return Tick(at=start + ((after - start) // period + 1) * period)
 
     def describe(self) -> str:
+        """The period: `every 30s`."""
         return f"every {self.seconds:g}s"
 
 
@@ -127,12 +133,15 @@ class FixedDelayTrigger(msgspec.Struct, frozen=True):
         _period(self.seconds)
 
     def first_tick(self, begin: datetime) -> Tick | None:
+        """`begin` itself: the first run starts when the schedule begins."""
         return Tick(at=begin)
 
     def next_tick(self, after: datetime) -> Tick | None:
+        """`seconds` after `after`, the end of the previous run, in UTC (never None)."""
         return Tick(at=utc(after) + _period(self.seconds))
 
     def describe(self) -> str:
+        """The delay: `30s after each run`."""
         return f"{self.seconds:g}s after each run"
 
 
@@ -148,12 +157,15 @@ class OneShotTrigger(msgspec.Struct, frozen=True):
         _aware(self.at, "at")
 
     def first_tick(self, begin: datetime) -> Tick | None:
+        """`at`, whatever `begin` is: a one-shot added after its time is due at once."""
         return Tick(at=self.at)
 
     def next_tick(self, after: datetime) -> Tick | None:
+        """`at` while it is later than `after`, else None: a one-shot fires once."""
         return Tick(at=self.at) if utc(self.at) > utc(after) else None
 
     def describe(self) -> str:
+        """The instant: `once at <ISO 8601 time>`."""
         return f"once at {self.at.isoformat()}"
 
 
@@ -181,12 +193,19 @@ class CronTrigger(msgspec.Struct, frozen=True):
 
     @property
     def zone(self) -> tzinfo:
+        """`tz` as a tzinfo (`UTC` or `Z`: datetime.UTC, else a zoneinfo zone)."""
         return parse_zone(self.tz)
 
     def first_tick(self, begin: datetime) -> Tick | None:
+        """The first fire time at or after `begin` (a DST-skipped one comes with `runs` False)."""
         return self.next_tick(utc(begin) - _TICK)
 
     def next_tick(self, after: datetime) -> Tick | None:
+        """The first fire time strictly after `after`, in the zone; None past year 9999.
+
+        A fire time moved or skipped by DST says so in `moved`, `runs` and `note`. A naive `after`
+        raises ValueError.
+        """
         zone = self.zone
         fire = next_fire(
             parse_cron(self.expression),
@@ -205,6 +224,7 @@ class CronTrigger(msgspec.Struct, frozen=True):
         )
 
     def describe(self) -> str:
+        """The expression and zone, plus any DST policy that is not the default."""
         policy = []
         if self.skipped is not SkippedTime.RUN_AT_TRANSITION:
             policy.append(f"skipped={self.skipped.value}")

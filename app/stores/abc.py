@@ -19,11 +19,17 @@ from app.fleet.batch_job import BatchJob
 class PodRegistry(Protocol):
     """A key-value store with expiry: the I/O edge behind ApplicationInfoReportJob."""
 
-    async def put(self, key: str, value: bytes, ttl_seconds: int) -> None: ...
+    async def put(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        """Set `key` to `value`, to expire after `ttl_seconds` (each put renews both)."""
+        ...
 
-    async def get(self, key: str) -> bytes | None: ...
+    async def get(self, key: str) -> bytes | None:
+        """The value, or None when the key is gone."""
+        ...
 
-    async def delete(self, key: str) -> None: ...
+    async def delete(self, key: str) -> None:
+        """Drop `key` (fine when it is not there)."""
+        ...
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
         """The values of `keys`, in order (None for a key that is gone)."""

@@ -48,6 +48,7 @@ def fail(message: str = "failed as asked") -> None:
 
 
 def builtin_specs() -> list[JobSpec]:
+    """The built-in jobs' specs, by name; `echo` and `fail` run on the loop, not in a thread."""
     registry = JobRegistry()
     registry.register(demo)
     registry.register(echo, blocking=False)  # no I/O: cheaper inline than in a thread

@@ -162,6 +162,10 @@ class JobMaster:
 
     @property
     def limiter(self) -> anyio.CapacityLimiter:
+        """The job tokens: one per running job; `total_tokens` is between core_size and max_size.
+
+        For reading: a token taken outside admission would count as a running job.
+        """
         return self._limiter
 
     @property
@@ -211,6 +215,7 @@ class JobMaster:
         )
 
     def job_names(self) -> list[str]:
+        """The names of the registered jobs, sorted (what PodInfo and status advertise)."""
         return self._registry.names()
 
     def _find(self, job_id: str) -> _Run:
@@ -550,4 +555,5 @@ class JobMaster:
         self._scope.cancel()
 
     async def wait_stopped(self) -> None:
+        """Return once `run` has ended: every job finished, any still queued cancelled."""
         await self._stopped.wait()

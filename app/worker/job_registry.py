@@ -117,19 +117,23 @@ class JobRegistry:
         return spec
 
     def update(self, specs: Iterable[JobSpec]) -> None:
+        """Add `specs`, replacing any registered under the same name."""
         for spec in specs:
             self._specs[spec.name] = spec
 
     def get(self, name: str) -> JobSpec:
+        """The spec registered as `name`; UnknownJob when there is none."""
         try:
             return self._specs[name]
         except KeyError:
             raise UnknownJob(f"no job named {name!r}") from None
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._specs)
 
     def specs(self) -> list[JobSpec]:
+        """Every spec, sorted by name."""
         return [self._specs[n] for n in self.names()]
 
 

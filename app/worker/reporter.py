@@ -54,6 +54,7 @@ def advertised_ip(bound_host: str, override: str = "") -> str:
 
 
 def make_identity(grpc_port: int, *, bound_host: str, advertise_ip: str = "") -> PodIdentity:
+    """This process's identity: advertised IP (`advertised_ip`), pid, host name, start time."""
     return PodIdentity(
         ip=advertised_ip(bound_host, advertise_ip),
         pid=os.getpid(),
@@ -143,6 +144,7 @@ class ApplicationInfoReportJob:
         )
 
     async def __call__(self) -> None:
+        """`report()`, as a schedule calls it: nothing is written while backing off."""
         await self.report()
 
     async def report(self, *, force: bool = False) -> bool:

@@ -51,6 +51,7 @@ def _as_status() -> Iterator[None]:
 
 
 def job_info(record: JobRun) -> pb.JobInfo:
+    """The `worker.JobInfo` message for a run's record, its times as RFC 3339 in UTC."""
     return pb.JobInfo(
         id=record.id,
         name=record.name,
@@ -76,6 +77,11 @@ class WorkerService(pb.WorkerServiceBase):
         self.report_job: ApplicationInfoReportJob | None = None
 
     async def send_work(self, message: pb.SendWorkReq) -> pb.SendWorkRes:
+        """Admit a job and answer at once with its state (the seed's fire-and-forget SendWork).
+
+        A refused job gets INVALID_ARGUMENT, NOT_FOUND, ALREADY_EXISTS, RESOURCE_EXHAUSTED or
+        UNAVAILABLE, with the reason.
+        """
         with _as_status():
             record = self._jobs.submit_nowait(
                 message.name,
@@ -89,6 +95,10 @@ class WorkerService(pb.WorkerServiceBase):
         )
 
     async def run_work(self, message: pb.SendWorkReq) -> pb.JobInfo:
+        """Run a job and answer with its record once it has ended.
+
+        A known id of the same name attaches to that run; under another name, ALREADY_EXISTS.
+        """
         with _as_status():
             record = await self._jobs.run_and_wait(
                 message.name,
@@ -99,14 +109,20 @@ class WorkerService(pb.WorkerServiceBase):
         return job_info(record)
 
     async def get_job(self, message: pb.JobRef) -> pb.JobInfo:
+        """A queued, running or remembered job's record; NOT_FOUND otherwise."""
         with _as_status():
             return job_info(self._jobs.get(message.id))
 
     async def cancel_job(self, message: pb.JobRef) -> pb.JobInfo:
+        """Cancel a queued or running job and answer once it has ended; a finished one as is."""
         with _as_status():
             return job_info(await self._jobs.cancel(message.id))
 
     async def get_status(self, message: pb.StatusReq) -> pb.WorkerStatus:
+        """The worker's identity, load, job counters, job names, schedules and registry connection.
+
+        The identity fields are empty until the port is bound and `identity` set.
+        """
         s = self._jobs.statistics()
         ident = self.identity
         schedules = [

@@ -253,6 +253,7 @@ class UnaryStream(StreamIterator[Any]):
 
     @property
     def peer(self) -> Peer:
+        """The client's end of the connection, as grpclib's `Peer`."""
         return self._processor.connection.get_peer()
 
     async def recv_message(self) -> Any:
@@ -277,6 +278,7 @@ class UnaryStream(StreamIterator[Any]):
         return message
 
     async def send_initial_metadata(self, *, metadata: Any = None) -> None:
+        """Send the response headers now, with `metadata` added; ProtocolError the second time."""
         if self._send_initial_metadata_done:
             raise ProtocolError("Initial metadata was already sent")
         headers = self._response_headers()
@@ -289,6 +291,11 @@ class UnaryStream(StreamIterator[Any]):
         return [(":status", "200"), ("content-type", self._processor.content_type)]
 
     async def send_message(self, message: Any) -> None:
+        """Encode and frame the reply; ProtocolError the second time.
+
+        Unless the initial metadata has been sent, the message is held back, to go out with the
+        headers and trailers in one write.
+        """
         if self._send_message_done:
             raise ProtocolError("Message was already sent")
         reply = self._codec.encode(message, self._send_type)
@@ -313,6 +320,12 @@ class UnaryStream(StreamIterator[Any]):
         status_details: Any = None,
         metadata: Any = None,
     ) -> None:
+        """Send `grpc-status` and the other trailers, ending the stream.
+
+        A plain OK after a held-back message goes out in one write; with no headers sent yet it is a
+        trailers-only reply. A status other than OK then resets the stream if the client has not
+        finished it. ProtocolError when sent twice, or for OK without a message.
+        """
         if self._send_trailing_metadata_done:
             raise ProtocolError("Trailing metadata was already sent")
         if not self._send_message_done and status is Status.OK:
@@ -349,6 +362,7 @@ class UnaryStream(StreamIterator[Any]):
             self._processor.reset_if_open(self._call)
 
     async def cancel(self) -> None:
+        """Reset the stream with RST_STREAM(NO_ERROR); ProtocolError the second time."""
         if self._cancel_done:
             raise ProtocolError("Stream was already cancelled")
         await self._processor.reset(self._call)

@@ -127,6 +127,7 @@ class RedisJobStore:
     # --- keys -------------------------------------------------------------------------------------
 
     def record_key(self, job_id: str) -> str:
+        """The key of a job's record, `<prefix>:<id>` (its fence and cancel keys add a suffix)."""
         return f"{self._prefix}:{job_id}"
 
     def _keys(self, job: BatchJob) -> list[str]:
@@ -167,10 +168,12 @@ class RedisJobStore:
         return SubmitResult.CREATED, None, 0
 
     async def get(self, job_id: str) -> BatchJob | None:
+        """The record, or None when there is none (never submitted, or expired)."""
         raw = await self._redis.get(self.record_key(job_id))
         return None if raw is None else decode_job(raw)
 
     async def fence(self, job_id: str) -> int:
+        """The job's newest fencing token (0 before the first)."""
         return int(await self._redis.get(f"{self.record_key(job_id)}:fence") or 0)
 
     async def next_token(self, job_id: str) -> int:
@@ -215,9 +218,11 @@ class RedisJobStore:
         return job
 
     async def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel was asked for (the `:cancel` key, kept for the retention)."""
         return bool(await self._redis.exists(f"{self.record_key(job_id)}:cancel"))
 
     async def queued_count(self, job_type: str) -> int:
+        """Unfinished jobs of `job_type`: the `<prefix>-queued:<type>` counter."""
         return int(await self._redis.get(f"{self._prefix}-queued:{job_type}") or 0)
 
     # --- the stream -------------------------------------------------------------------------------
@@ -256,10 +261,12 @@ class RedisJobStore:
 
 
 def entry(entry: tuple[bytes | str, dict[bytes | str, bytes | str]]) -> tuple[str, str]:
+    """A stream entry as (entry id, job id), from bytes or str replies; "" when it has no job id."""
     entry_id, fields = entry
     job_id = fields.get(b"job_id", fields.get("job_id", b""))
     return text(entry_id), text(job_id)
 
 
 def text(value: bytes | str) -> str:
+    """`value` as str (bytes decoded as UTF-8)."""
     return value.decode() if isinstance(value, bytes) else value

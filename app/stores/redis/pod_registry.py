@@ -15,22 +15,27 @@ class RedisPodRegistry:
         return f"<RedisPodRegistry {self._redis!r}>"
 
     async def put(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        """`SET key value EX ttl_seconds`: a new value and expiry (Redis refuses a ttl of 0)."""
         await self._redis.set(key, value, ex=ttl_seconds)
 
     async def get(self, key: str) -> bytes | None:
+        """The value as bytes, or None when the key is gone."""
         value = await self._redis.get(key)
         return value.encode() if isinstance(value, str) else value
 
     async def delete(self, key: str) -> None:
+        """`DEL key` (fine when it is not there)."""
         await self._redis.delete(key)
 
     async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The values of `keys` in order, by one MGET (None for a key that is gone)."""
         if not keys:
             return []
         values = await self._redis.mget(keys)
         return [v.encode() if isinstance(v, str) else v for v in values]
 
     async def keys(self, prefix: str) -> list[str]:
+        """Every live key that starts with `prefix` (literally, not a glob), by SCAN; sorted."""
         found = [
             k.decode() if isinstance(k, bytes) else str(k)
             async for k in self._redis.scan_iter(match=_glob_escape(prefix) + "*", count=500)
