@@ -133,3 +133,16 @@ def test_round_robin_cycles_by_address() -> None:
     assert [balancer.choose(candidates).address for _ in range(4)] == ["a", "b", "c", "a"]  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="unknown balancer"):
         make_balancer("fastest")
+
+
+def test_a_late_success_does_not_cut_the_open_period_short() -> None:
+    clock = ManualClock()
+    breaker = CircuitBreaker(BreakerConfig(failure_threshold=1, open_seconds=5), clock=clock)
+    assert breaker.try_acquire()  # a call let through while CLOSED ...
+    breaker.record_failure()  # ... another one fails and opens it
+    breaker.record_success()  # the first one's success arrives late
+    assert state(breaker) is BreakerState.OPEN
+    clock.advance(5)
+    assert breaker.try_acquire()  # the probe, after the full open period
+    breaker.record_success()
+    assert state(breaker) is BreakerState.CLOSED

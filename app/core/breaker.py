@@ -93,13 +93,14 @@ class CircuitBreaker:
             self._probe_out = False
 
     def record_success(self) -> None:
-        """A call went well: the consecutive count restarts; an OPEN or HALF_OPEN breaker closes.
+        """A call went well: the consecutive count restarts; the HALF_OPEN probe's success closes.
 
-        Closing clears the window, so that old failures no longer count against the worker.
+        A success that lands while OPEN (a call let through before it opened) does not cut the
+        open period short. Closing clears the window, so old failures no longer count.
         """
         self._record(failed=False)
         self._consecutive = 0
-        if self._state is not BreakerState.CLOSED:
+        if self.state is BreakerState.HALF_OPEN:
             self._state = BreakerState.CLOSED
             self._window.clear()  # a fresh start: old failures no longer speak for the worker
 

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 class WorkerEntry(msgspec.Struct, frozen=True, kw_only=True):
-    """One worker's last report, and when it was read."""
+    """One worker's last report, under its registry key."""
 
     key: str
     info: PodInfo

@@ -28,12 +28,9 @@ from app.core.balancer import make_balancer
 from app.errors import ConfigError
 from app.grpc.ports import candidate_ports
 from app.grpc.server import GrpcServer
-from app.http.application import build_application
-from app.http.server import HttpServer
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.grpc_worker_client import GrpcWorkerClient
-from app.orchestrator.metrics import orchestrator_metrics
 from app.orchestrator.service import OrchestratorService
 from app.stores.abc import JobEvents, JobStore
 from app.stores.redis.client import create_redis, wait_for_redis
@@ -104,6 +101,11 @@ async def serve_orchestrator(config: Config) -> None:
 
                 await tg.start(run_dispatcher)
                 if config.metrics.port is not None:
+                    # the HTTP edge (Starlette, Hypercorn, prometheus_client: ~120 modules, ~4 MiB)
+                    # is imported only by a role that serves it
+                    from app.http.application import build_application
+                    from app.http.server import HttpServer
+                    from app.orchestrator.metrics import orchestrator_metrics
 
                     def not_ready() -> str | None:
                         """/readyz: ready while gRPC serves and the orchestrator is not draining."""

@@ -34,8 +34,6 @@ from app.grpc.ports import (
     write_last_port,
 )
 from app.grpc.server import GrpcServer
-from app.http.application import build_application
-from app.http.server import HttpServer
 from app.scheduling.schedule_manager import ScheduleManager
 from app.scheduling.triggers import IntervalTrigger
 from app.stores.redis.client import create_redis
@@ -44,7 +42,6 @@ from app.stores.redis.pod_registry import RedisPodRegistry
 from app.worker.builtin_jobs import builtin_specs
 from app.worker.job_master import JobMaster
 from app.worker.job_registry import JobRegistry, default_registry, load_job_modules
-from app.worker.metrics import worker_metrics
 from app.worker.reporter import ApplicationInfoReportJob, make_identity
 from app.worker.service import WorkerService
 
@@ -136,6 +133,11 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             service.identity = identity
             service.report_job = report
             if config.metrics.port is not None:
+                # the HTTP edge (Starlette, Hypercorn, prometheus_client: ~120 modules, ~4 MiB)
+                # is imported only by a role that serves it
+                from app.http.application import build_application
+                from app.http.server import HttpServer
+                from app.worker.metrics import worker_metrics
 
                 def not_ready() -> str | None:
                     """/readyz: ready while gRPC serves and the worker is not draining."""

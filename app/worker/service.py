@@ -37,8 +37,9 @@ _STATUS: dict[type[JobWorkerError], Status] = {
 
 
 def grpc_error(exc: JobWorkerError) -> GRPCError:
-    """The status for a core error, its message the error's one line."""
-    return GRPCError(_STATUS.get(type(exc), Status.INTERNAL), str(exc))
+    """The status for a core error (the nearest mapped class), its message the error's line."""
+    status = next((_STATUS[c] for c in type(exc).__mro__ if c in _STATUS), Status.INTERNAL)
+    return GRPCError(status, str(exc))
 
 
 @contextmanager
