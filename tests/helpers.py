@@ -15,7 +15,7 @@ import urllib.request
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import pytest
@@ -29,6 +29,20 @@ T = TypeVar("T")
 BOTH_PATHS = pytest.mark.parametrize(
     "fast_path", [True, False], ids=["fast-path-on", "fast-path-off"], indirect=True
 )
+
+
+def twin_jobs() -> dict[str, Callable[..., Awaitable[Any]]]:
+    """The built-ins the in-process worker twin runs in tests: `echo` and `sleep`, as a real
+    worker's (parameters arrive as strings)."""
+
+    async def echo(**params: str) -> dict[str, str]:
+        return params
+
+    async def sleep(seconds: str = "1") -> dict[str, float]:
+        await anyio.sleep(float(seconds))
+        return {"slept": float(seconds)}
+
+    return {"echo": echo, "sleep": sleep}
 
 
 def free_port() -> int:

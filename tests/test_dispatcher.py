@@ -31,7 +31,7 @@ from app.orchestrator.memory_worker_client import MemoryWorker, MemoryWorkerClie
 from app.orchestrator.worker_client import WorkerClient
 from app.stores.abc import JobStore
 from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
-from tests.helpers import eventually
+from tests.helpers import eventually, twin_jobs
 
 pytestmark = pytest.mark.anyio
 
@@ -54,15 +54,6 @@ def anyio_backend(request: pytest.FixtureRequest) -> Any:
     return "asyncio"
 
 
-async def echo(**params: str) -> dict[str, str]:
-    return params
-
-
-async def sleep(seconds: str = "1") -> dict[str, float]:
-    await anyio.sleep(float(seconds))
-    return {"slept": float(seconds)}
-
-
 class Fleet:
     """The memory stores, workers that report to a memory registry, and dispatchers."""
 
@@ -72,7 +63,7 @@ class Fleet:
         self.store = MemoryJobStore(retention_seconds=600)
         self.events = MemoryJobEvents(self.store)
         self.registry = MemoryPodRegistry()
-        self.workers = {f"10.0.0.{i}:9091": MemoryWorker({"echo": echo, "sleep": sleep})
+        self.workers = {f"10.0.0.{i}:9091": MemoryWorker(twin_jobs())
                         for i in range(1, workers + 1)}  # fmt: skip
         self.client = MemoryWorkerClient(self.workers)
         self.reporting = dict.fromkeys(self.workers, True)

@@ -22,18 +22,9 @@ from app.orchestrator.grpc_worker_client import GrpcWorkerClient
 from app.orchestrator.memory_worker_client import MemoryWorker, MemoryWorkerClient
 from app.orchestrator.worker_client import Admission, Completion, Reply, WorkerClient
 from app.pb import worker as wpb
-from tests.helpers import WorkerProcess, eventually, free_port
+from tests.helpers import WorkerProcess, eventually, free_port, twin_jobs
 
 pytestmark = pytest.mark.anyio
-
-
-async def echo(**params: str) -> dict[str, str]:
-    return params
-
-
-async def sleep(seconds: str = "1") -> dict[str, float]:
-    await anyio.sleep(float(seconds))
-    return {"slept": float(seconds)}
 
 
 class Fleet:
@@ -72,7 +63,7 @@ def worker_process(
 @pytest.fixture
 async def fleet(impl: str, worker_process: WorkerProcess | None) -> AsyncIterator[Fleet]:
     if impl == "memory":
-        worker = MemoryWorker({"echo": echo, "sleep": sleep})
+        worker = MemoryWorker(twin_jobs())
         memory = MemoryWorkerClient({"127.0.0.1:1": worker})
 
         async def accepted() -> int:

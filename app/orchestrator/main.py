@@ -103,24 +103,17 @@ async def serve_orchestrator(config: Config) -> None:
                 if config.metrics.port is not None:
                     # the HTTP edge (Starlette, Hypercorn, prometheus_client: ~120 modules, ~4 MiB)
                     # is imported only by a role that serves it
-                    from app.http.application import build_application
-                    from app.http.server import HttpServer
+                    from app.http.edge import start_http_edge
                     from app.orchestrator.metrics import orchestrator_metrics
 
-                    def not_ready() -> str | None:
-                        """/readyz: ready while gRPC serves and the orchestrator is not draining."""
-                        if service.draining:
-                            return "draining"
-                        return None if server.port else "starting"
-
-                    http = HttpServer(
-                        build_application(
-                            lambda: orchestrator_metrics(dispatcher, directory, server), not_ready
-                        ),
+                    await start_http_edge(
+                        tg,
                         host=config.metrics.host,
                         port=config.metrics.port,
+                        collect=lambda: orchestrator_metrics(dispatcher, directory, server),
+                        draining=lambda: service.draining,
+                        grpc_port=lambda: server.port,
                     )
-                    await tg.start(http.run)
                 port = await tg.start(
                     server.run, candidate_ports(o.port, o.port_search if o.port else 0)
                 )

@@ -20,48 +20,9 @@ import msgspec
 from app.fleet.batch_job import BatchJob, decode_job, encode_job
 from app.fleet.job_state import JobState
 from app.stores.abc import QueueEntry, SubmitResult, WriteResult
+from app.stores.waits import JobWaiters
 
 V = TypeVar("V")
-
-
-class MemoryPodRegistry:
-    """The same contract in one process's memory, on the loop clock (for core tests on trio)."""
-
-    def __init__(self) -> None:
-        self._data: dict[str, tuple[bytes, float]] = {}
-
-    def __repr__(self) -> str:
-        return f"<MemoryPodRegistry keys={len(self._data)}>"
-
-    def _live(self, key: str) -> bytes | None:
-        item = self._data.get(key)
-        if item is None:
-            return None
-        if item[1] <= anyio.current_time():
-            del self._data[key]
-            return None
-        return item[0]
-
-    async def put(self, key: str, value: bytes, ttl_seconds: int) -> None:
-        """Set `key` to a copy of `value` for `ttl_seconds` (0: no expiry)."""
-        expires = anyio.current_time() + ttl_seconds if ttl_seconds else math.inf
-        self._data[key] = (bytes(value), expires)
-
-    async def get(self, key: str) -> bytes | None:
-        """The value, or None when the key is gone."""
-        return self._live(key)
-
-    async def delete(self, key: str) -> None:
-        """Drop `key` (fine when it is not there)."""
-        self._data.pop(key, None)
-
-    async def get_many(self, keys: list[str]) -> list[bytes | None]:
-        """The values of `keys`, in order (None for a key that is gone)."""
-        return [self._live(k) for k in keys]
-
-    async def keys(self, prefix: str) -> list[str]:
-        """Every live key that starts with `prefix`."""
-        return sorted(k for k in list(self._data) if k.startswith(prefix) and self._live(k))
 
 
 def _now_or_none() -> float | None:
@@ -100,9 +61,45 @@ class _Keys(Generic[V]):
         else:
             self._data[key] = (value, self._data[key][1])
 
+    def delete(self, key: str) -> None:
+        self._data.pop(key, None)
+
+    def live_keys(self) -> list[str]:
+        return [k for k in list(self._data) if self.get(k) is not None]
+
     def expire(self, key: str, ttl: float) -> None:
         if self.get(key) is not None:
             self._data[key] = (self._data[key][0], anyio.current_time() + ttl)
+
+
+class MemoryPodRegistry:
+    """The same contract in one process's memory, on the loop clock (for core tests on trio)."""
+
+    def __init__(self) -> None:
+        self._data: _Keys[bytes] = _Keys()
+
+    def __repr__(self) -> str:
+        return f"<MemoryPodRegistry keys={self._data.count()}>"
+
+    async def put(self, key: str, value: bytes, ttl_seconds: int) -> None:
+        """Set `key` to a copy of `value` for `ttl_seconds` (0: no expiry)."""
+        self._data.set(key, bytes(value), ttl_seconds or None)
+
+    async def get(self, key: str) -> bytes | None:
+        """The value, or None when the key is gone."""
+        return self._data.get(key)
+
+    async def delete(self, key: str) -> None:
+        """Drop `key` (fine when it is not there)."""
+        self._data.delete(key)
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """The values of `keys`, in order (None for a key that is gone)."""
+        return [self._data.get(k) for k in keys]
+
+    async def keys(self, prefix: str) -> list[str]:
+        """Every live key that starts with `prefix`."""
+        return sorted(k for k in self._data.live_keys() if k.startswith(prefix))
 
 
 class _Pending(msgspec.Struct):
@@ -351,18 +348,15 @@ class MemoryJobEvents:
     """
 
     def __init__(self, store: MemoryJobStore) -> None:
-        self._waiters: dict[str, set[anyio.Event]] = {}
+        self._waiters = JobWaiters()
         self._running = False
-        store._listeners.append(self._wake)
+        store._listeners.append(self._waiters.wake)
 
     def __repr__(self) -> str:
-        waiting = sum(len(w) for w in self._waiters.values())
         state = "RUNNING" if self._running else "IDLE"
-        return f"<MemoryJobEvents waiters={waiting} jobs={len(self._waiters)} {state}>"
-
-    def _wake(self, job_id: str) -> None:
-        for event in self._waiters.pop(job_id, ()):
-            event.set()
+        return (
+            f"<MemoryJobEvents waiters={self._waiters.tasks()} jobs={len(self._waiters)} {state}>"
+        )
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -377,13 +371,4 @@ class MemoryJobEvents:
 
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next write or cancel request."""
-        event = anyio.Event()
-        self._waiters.setdefault(job_id, set()).add(event)
-        try:
-            await event.wait()
-        finally:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[job_id]
+        await self._waiters.wait(job_id)

@@ -11,6 +11,39 @@ from app.stores.abc import JobEvents, JobStore
 REREAD_SECONDS = 2.0
 
 
+class JobWaiters:
+    """Tasks waiting for a job's next change, by job id: what every `JobEvents` keeps."""
+
+    def __init__(self) -> None:
+        self._waiters: dict[str, set[anyio.Event]] = {}
+
+    def __len__(self) -> int:
+        """Jobs waited on now."""
+        return len(self._waiters)
+
+    def tasks(self) -> int:
+        """Tasks waiting now."""
+        return sum(len(w) for w in self._waiters.values())
+
+    def wake(self, job_id: str) -> None:
+        """Wake every task waiting on `job_id` (a change arrived)."""
+        for event in self._waiters.pop(job_id, ()):
+            event.set()
+
+    async def wait(self, job_id: str) -> None:
+        """Return after the next `wake(job_id)`."""
+        event = anyio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        try:
+            await event.wait()
+        finally:
+            waiters = self._waiters.get(job_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[job_id]
+
+
 async def wait_finished(
     store: JobStore, events: JobEvents, job_id: str, *, deadline: float
 ) -> BatchJob | None:

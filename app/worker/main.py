@@ -135,24 +135,17 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             if config.metrics.port is not None:
                 # the HTTP edge (Starlette, Hypercorn, prometheus_client: ~120 modules, ~4 MiB)
                 # is imported only by a role that serves it
-                from app.http.application import build_application
-                from app.http.server import HttpServer
+                from app.http.edge import start_http_edge
                 from app.worker.metrics import worker_metrics
 
-                def not_ready() -> str | None:
-                    """/readyz: ready while gRPC serves and the worker is not draining."""
-                    if job_master.draining:
-                        return "draining"
-                    return None if server.port else "starting"
-
-                http = HttpServer(
-                    build_application(
-                        lambda: worker_metrics(job_master, report, server), not_ready
-                    ),
+                await start_http_edge(
+                    tg,
                     host=config.metrics.host,
                     port=config.metrics.port,
+                    collect=lambda: worker_metrics(job_master, report, server),
+                    draining=lambda: job_master.draining,
+                    grpc_port=lambda: server.port,
                 )
-                await tg.start(http.run)
             try:
                 await report.report()
                 interval = config.schedule.report_interval_seconds

@@ -15,6 +15,7 @@ from app.core.clock import SystemClock
 from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage, OutageState
 from app.stores.redis.job_store import events_channel, text
+from app.stores.waits import JobWaiters
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class RedisJobEvents:
             meanwhile="waiters re-read the records",
         )  # fmt: skip
         self._prefix = events_channel(job_prefix, "")
-        self._waiters: dict[str, set[anyio.Event]] = {}
+        self._waiters = JobWaiters()
         self._state = Lifecycle.CREATED
         self.messages = 0
 
@@ -100,18 +101,8 @@ class RedisJobEvents:
                 continue
             job_id = text(message["channel"]).removeprefix(prefix)
             self.messages += 1
-            for event in self._waiters.pop(job_id, ()):
-                event.set()
+            self._waiters.wake(job_id)
 
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next change (callers bound it and re-read the record)."""
-        event = anyio.Event()
-        self._waiters.setdefault(job_id, set()).add(event)
-        try:
-            await event.wait()
-        finally:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[job_id]
+        await self._waiters.wait(job_id)
