@@ -65,7 +65,7 @@ class Fleet:
         self.registry = MemoryPodRegistry()
         self.workers = {f"10.0.0.{i}:9091": MemoryWorker(twin_jobs())
                         for i in range(1, workers + 1)}  # fmt: skip
-        self.client = MemoryWorkerClient(self.workers)
+        self.client = MemoryWorkerClient(self.workers, store=self.store)
         self.reporting = dict.fromkeys(self.workers, True)
         self.dispatchers: list[Dispatcher] = []
 
@@ -315,6 +315,49 @@ async def test_a_stopped_dispatcher_s_job_is_claimed_and_attaches_to_its_run(
     assert job.attempts[0].worker == job.attempts[1].worker
     assert started(fleet, "a1") == 1  # attached, not run again
     assert survivor.statistics().claimed == 1
+
+
+async def test_a_run_that_ended_with_its_dispatcher_and_worker_gone_is_not_run_again(
+    fleet: Fleet,
+) -> None:
+    async with anyio.create_task_group() as first:
+        await fleet.dispatcher("o1", first)
+        await fleet.submit("e1", "sleep", seconds=0.2)
+        job = await fleet.wait_state("e1", JobState.RUNNING)
+        first.cancel_scope.cancel()  # o1 is killed: the answer will reach nobody
+    worker = fleet.workers[job.attempts[0].worker]
+    await fleet.wait_until(lambda: worker.runs["e1"].ended.is_set())  # the run ended ...
+    worker.kill()  # ... and its worker is gone with what it knew
+    fleet.reporting[job.attempts[0].worker] = False
+    survivor = await fleet.dispatcher("o2")
+    done = await fleet.wait_state("e1", JobState.SUCCEEDED)
+    assert done.result_json == '{"slept":0.2}'
+    assert [a.outcome for a in done.attempts] == ["SUCCEEDED"]  # read back, not run again
+    assert started(fleet, "e1") == 1
+    assert survivor.statistics().recovered == 1
+
+
+async def test_a_dead_worker_s_many_jobs_all_move_at_once_whatever_the_budget(
+    fleet: Fleet,
+) -> None:
+    crowded, spare = fleet.workers.values()
+    fleet.reporting["10.0.0.2:9091"] = False  # only the first is known while the jobs arrive
+    await fleet.registry.delete("wpm-apps:10.0.0.2:9091")
+    d = await fleet.dispatcher("o1")
+    for i in range(8):
+        await fleet.submit(f"m{i}", "sleep", seconds=0.3)
+    await fleet.wait_until(lambda: sum(not r.ended.is_set() for r in crowded.runs.values()) == 8)
+    fleet.reporting["10.0.0.2:9091"] = True
+    crowded.kill()
+    fleet.reporting["10.0.0.1:9091"] = False
+    killed_at = anyio.current_time()
+    for i in range(8):
+        job = await fleet.wait_state(f"m{i}", JobState.SUCCEEDED)
+        assert [a.outcome for a in job.attempts] == ["UNREACHABLE", "SUCCEEDED"]
+    # 8 retries against a budget of 3 + 20 % of 8 calls: recovery is not held back by it
+    assert anyio.current_time() - killed_at < 2
+    assert d.statistics().retry_budget_refused == 0
+    assert sum(spare.started.values()) == 8
 
 
 class _Gate:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.fleet.batch_job import AttemptRecord, BatchJob
+from app.fleet.batch_job import AttemptRecord, BatchJob, RunOutcome
 from app.fleet.job_state import JobState
 from app.orchestrator.decisions import (
     ORPHANED,
@@ -21,7 +21,6 @@ from app.orchestrator.decisions import (
     attempts_made,
     decide,
 )
-from app.orchestrator.worker_client import RunOutcome
 
 NOW = 1_000.0
 
@@ -61,6 +60,16 @@ def test_a_retry_backs_off_and_avoids_the_workers_that_failed() -> None:
     j = job(("w1", "UNREACHABLE"), ("w2", "REFUSED"))
     step = decide(j, None, now=NOW, cancel_requested=False)
     assert step == Dispatch(attempt=3, back_off=True, avoid=frozenset({"w1", "w2"}))
+
+
+def test_a_retry_after_a_worker_vanished_is_recovery_not_paid_from_the_budget() -> None:
+    for outcome in ("UNREACHABLE", "LOST"):
+        step = decide(job(("w1", outcome)), None, now=NOW, cancel_requested=False)
+        assert step == Dispatch(attempt=2, back_off=True, budgeted=False, avoid=frozenset({"w1"}))
+    for outcome in ("REFUSED", "FAILED"):
+        step = decide(job(("w1", outcome)), None, now=NOW, cancel_requested=False)
+        assert isinstance(step, Dispatch)
+        assert step.budgeted
 
 
 def test_attempts_run_out_with_the_last_error_named() -> None:

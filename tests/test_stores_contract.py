@@ -20,7 +20,7 @@ import pytest
 import redis.asyncio as aioredis
 import trio.testing
 
-from app.fleet.batch_job import AttemptRecord, BatchJob
+from app.fleet.batch_job import AttemptRecord, BatchJob, RunOutcome
 from app.fleet.job_state import JobState
 from app.stores.abc import JobEvents, JobStore, PodRegistry, QueueEntry, SubmitResult, WriteResult
 from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
@@ -375,6 +375,18 @@ async def test_a_job_cancelled_while_pending_expires_too(stores: Stores) -> None
 
 
 # --- the queue ------------------------------------------------------------------------------------
+
+
+async def test_a_run_outcome_is_kept_per_token_and_the_first_stays(stores: Stores) -> None:
+    store = stores.store
+    done = RunOutcome(state=JobState.SUCCEEDED, result_json='{"a":1}')
+    assert await store.outcomes("j1", []) == {}
+    assert await store.record_outcome("j1", 3, done)
+    assert not await store.record_outcome("j1", 3, RunOutcome(state=JobState.FAILED, error="x"))
+    assert await store.record_outcome("j1", 5, RunOutcome(state=JobState.CANCELLED))
+    found = await store.outcomes("j1", [2, 3, 5])
+    assert found == {3: done, 5: RunOutcome(state=JobState.CANCELLED)}
+    assert await store.outcomes("j2", [3]) == {}  # per job
 
 
 async def test_read_new_hands_each_entry_to_one_consumer_once(stores: Stores) -> None:

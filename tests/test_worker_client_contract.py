@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
+import redis.asyncio as aioredis
 
 from app.fleet.batch_job import BatchJob
 from app.fleet.job_state import JobState
@@ -22,6 +23,9 @@ from app.orchestrator.grpc_worker_client import GrpcWorkerClient
 from app.orchestrator.memory_worker_client import MemoryWorker, MemoryWorkerClient
 from app.orchestrator.worker_client import Admission, Completion, Reply, WorkerClient
 from app.pb import worker as wpb
+from app.stores.abc import JobStore
+from app.stores.memory import MemoryJobStore
+from app.stores.redis.job_store import RedisJobStore
 from tests.helpers import WorkerProcess, eventually, free_port, twin_jobs
 
 pytestmark = pytest.mark.anyio
@@ -38,8 +42,10 @@ class Fleet:
         accepted: Callable[[], Any],
         drain: Callable[[], None],
         kill: Callable[[], None],
+        store: JobStore,
     ) -> None:
         self.client = client
+        self.store = store  # where the worker records its runs' outcomes
         self.address = address
         self.accepted = accepted  # async: jobs the worker has taken so far
         self.drain = drain
@@ -61,10 +67,14 @@ def worker_process(
 
 
 @pytest.fixture
-async def fleet(impl: str, worker_process: WorkerProcess | None) -> AsyncIterator[Fleet]:
+async def fleet(
+    impl: str, worker_process: WorkerProcess | None, worker_env: dict[str, str]
+) -> AsyncIterator[Fleet]:
+    redis_url = worker_env["REDIS_URL"]
     if impl == "memory":
         worker = MemoryWorker(twin_jobs())
-        memory = MemoryWorkerClient({"127.0.0.1:1": worker})
+        store = MemoryJobStore()
+        memory = MemoryWorkerClient({"127.0.0.1:1": worker}, store=store)
 
         async def accepted() -> int:
             return sum(worker.started.values())
@@ -74,11 +84,13 @@ async def fleet(impl: str, worker_process: WorkerProcess | None) -> AsyncIterato
             yield Fleet(
                 memory, "127.0.0.1:1", accepted=accepted,
                 drain=lambda: setattr(worker, "draining", True), kill=worker.kill,
+                store=store,
             )  # fmt: skip
             tg.cancel_scope.cancel()
         return
     assert worker_process is not None
     grpc = GrpcWorkerClient(keepalive_seconds=1, keepalive_timeout_seconds=1)
+    redis_client = aioredis.Redis.from_url(redis_url)
     process = worker_process
 
     async def accepted_on_worker() -> int:
@@ -96,13 +108,33 @@ async def fleet(impl: str, worker_process: WorkerProcess | None) -> AsyncIterato
             grpc, process.target, accepted=accepted_on_worker,
             drain=lambda: process.signal(signal.SIGTERM),
             kill=lambda: process.signal(signal.SIGKILL),
+            store=RedisJobStore(redis_client),
         )  # fmt: skip
     finally:
         grpc.close()
+        await redis_client.aclose()
 
 
-def job(job_id: str, job_type: str = "echo", **params: str) -> BatchJob:
-    return BatchJob(job_id=job_id, job_type=job_type, params=params)
+def job(job_id: str, job_type: str = "echo", token: int = 0, **params: str) -> BatchJob:
+    return BatchJob(job_id=job_id, job_type=job_type, params=params, fencing_token=token)
+
+
+async def test_a_run_with_a_fencing_token_leaves_its_outcome_in_the_job_store(
+    fleet: Fleet,
+) -> None:
+    j = job("o1", token=7, a="1")
+    await fleet.client.admit(fleet.address, j)
+    completion = await fleet.client.wait(fleet.address, j)
+    assert completion.outcome is not None
+
+    async def recorded() -> bool:  # the worker writes it after the run, on its own
+        return bool(await fleet.store.outcomes("o1", [7]))
+
+    await eventually(recorded)
+    assert await fleet.store.outcomes("o1", [6, 7]) == {7: completion.outcome}
+    untokened = job("o2")
+    await fleet.client.wait(fleet.address, untokened)
+    assert await fleet.store.outcomes("o2", [0]) == {}  # other clients' runs leave nothing
 
 
 async def test_admit_then_wait_gives_the_outcome(fleet: Fleet) -> None:

@@ -43,13 +43,33 @@ class BatchJob(msgspec.Struct, kw_only=True):
     fencing_token: int = 0
 
 
+class RunOutcome(msgspec.Struct, frozen=True, kw_only=True):
+    """How one run of a job ended on its worker: what the worker records under the attempt's
+    fencing token, and what the dispatcher reads back when the answer did not reach it."""
+
+    state: JobState
+    result_json: str = ""
+    error: str = ""
+
+
 _encoder = msgspec.json.Encoder()
+_outcome_decoder = msgspec.json.Decoder(RunOutcome)
 _decoder = msgspec.json.Decoder(BatchJob)
 
 
 def encode_job(job: BatchJob) -> bytes:
     """The record as stored: compact JSON."""
     return _encoder.encode(job)
+
+
+def encode_outcome(outcome: RunOutcome) -> bytes:
+    """The outcome as stored: JSON."""
+    return _encoder.encode(outcome)
+
+
+def decode_outcome(raw: bytes | str) -> RunOutcome:
+    """An outcome from its JSON (msgspec.DecodeError when it is not one)."""
+    return _outcome_decoder.decode(raw)
 
 
 def decode_job(raw: bytes | str) -> BatchJob:

@@ -17,9 +17,8 @@ import enum
 
 import msgspec
 
-from app.fleet.batch_job import AttemptRecord, BatchJob
+from app.fleet.batch_job import AttemptRecord, BatchJob, RunOutcome
 from app.fleet.job_state import JobState
-from app.orchestrator.worker_client import RunOutcome
 
 #: An attempt whose orchestrator stopped while it ran. The re-dispatch that attaches to the run
 #: on the same worker is not a new attempt, so it does not count against max_attempts.
@@ -59,10 +58,15 @@ class CallResult(msgspec.Struct, frozen=True, kw_only=True):
 class Dispatch(msgspec.Struct, frozen=True, kw_only=True):
     """Send the job to a worker: `prefer` first (its run may still go there), avoiding `avoid`
     unless no other worker is eligible; after a backoff before attempt `attempt` when
-    `back_off`."""
+    `back_off`, paid from the retry budget when `budgeted`.
+
+    A retry after a worker vanished (UNREACHABLE, LOST) is recovery, not a storm: it goes to
+    another worker and is not held back by the budget, so a dead worker's many jobs all move at
+    once. Refusals (overload) and failed runs are what the budget is for."""
 
     attempt: int
     back_off: bool = False
+    budgeted: bool = True
     prefer: str | None = None
     avoid: frozenset[str] = frozenset()
 
@@ -89,6 +93,10 @@ class Stop(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Step = Dispatch | Requeue | Finish | Stop
+
+
+#: How an attempt ends when its worker vanished: the retry is recovery, not paid from the budget.
+_RECOVERY = frozenset({"UNREACHABLE", "LOST"})
 
 
 def attempts_made(job: BatchJob) -> int:
@@ -144,7 +152,10 @@ def decide(job: BatchJob, call: CallResult | None, *, now: float, cancel_request
             state=JobState.FAILED, error=f"gave up after {made} attempts: {_last_error(job)}"
         )
     avoid = frozenset(a.worker for a in job.attempts if a.outcome and a.outcome != ORPHANED)
-    return Dispatch(attempt=made + 1, back_off=made > 0, avoid=avoid)
+    last = job.attempts[-1].outcome if job.attempts else ""
+    return Dispatch(
+        attempt=made + 1, back_off=made > 0, budgeted=last not in _RECOVERY, avoid=avoid
+    )
 
 
 def _after_call(job: BatchJob, call: CallResult, *, cancel_requested: bool) -> Step:

@@ -41,6 +41,7 @@ from app.fleet.batch_job import AttemptRecord, BatchJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
 from app.orchestrator.decisions import (
+    ORPHANED,
     CallKind,
     CallResult,
     Dispatch,
@@ -81,6 +82,7 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     timed_out: int
     cancelled: int
     claimed: int
+    recovered: int
     superseded: int
     retry_budget_refused: int
 
@@ -194,6 +196,7 @@ class Dispatcher:
             timed_out=c[JobState.TIMED_OUT.value],
             cancelled=c[JobState.CANCELLED.value],
             claimed=c["claimed"],
+            recovered=c["recovered_outcomes"],
             superseded=c["superseded"],
             retry_budget_refused=self._budget.refused,
         )
@@ -334,9 +337,15 @@ class Dispatcher:
     async def _drive(self, job: BatchJob) -> None:
         """Steps until the job ends, or until another holder has a newer token."""
         token = await self._store.fence(job.job_id)
-        if not adopt(job):
-            self._budget.record_call()  # a first attempt (an adopted run is not a new call)
         call: CallResult | None = None
+        if adopt(job):
+            # its holder stopped during the attempt: the run may have ended meanwhile, and its
+            # worker may be gone with the answer; the worker recorded the outcome if it ended
+            call = await self._recorded_outcome(job)
+            if call is not None:
+                _note(job.attempts[-1], call, self._clock.timestamp())
+        else:
+            self._budget.record_call()  # a first attempt (an adopted run is not a new call)
         while True:
             cancel = await self._store.cancel_requested(job.job_id)
             step = decide(job, call, now=self._clock.timestamp(), cancel_requested=cancel)
@@ -375,9 +384,25 @@ class Dispatcher:
                 return
             self._counts["dispatched"] += 1
             call = await self._call(job, address, token)
-            attempt.finished_at = self._clock.timestamp()
-            attempt.outcome = call.attempt_outcome
-            attempt.error = call.attempt_error
+            if call.kind in (CallKind.UNREACHABLE, CallKind.LOST):
+                # the worker went away with the answer; if the run had ended, it said how
+                call = await self._recorded_outcome(job) or call
+            _note(attempt, call, self._clock.timestamp())
+
+    async def _recorded_outcome(self, job: BatchJob) -> CallResult | None:
+        """The outcome the worker recorded for the run of the last attempt (which, when it
+        attached to a run an earlier holder started, is the run of the first of those)."""
+        chain = [job.attempts[-1]]
+        for attempt in reversed(job.attempts[:-1]):
+            if attempt.outcome != ORPHANED:
+                break
+            chain.append(attempt)
+        found = await self._store.outcomes(job.job_id, [a.fencing_token for a in chain])
+        for attempt in chain:
+            if attempt.fencing_token in found:
+                self._counts["recovered_outcomes"] += 1
+                return CallResult(kind=CallKind.DONE, outcome=found[attempt.fencing_token])
+        return None
 
     async def _before_attempt(self, job: BatchJob, step: Dispatch) -> str | None:
         """Back off (a retry), then wait for a worker; None when the deadline or a cancel came
@@ -388,18 +413,24 @@ class Dispatcher:
                 base_seconds=self._config.retry_base_seconds,
                 max_seconds=self._config.retry_max_seconds,
             )
-            if not await self._back_off(job, policy, step.attempt):
+            if not await self._back_off(job, policy, step.attempt, budgeted=step.budgeted):
                 return None
         return await self._pick(job, step)
 
-    async def _back_off(self, job: BatchJob, policy: RetryPolicy, attempt: int) -> bool:
-        """Sleep before a retry, and wait for the retry budget; False if the deadline came first."""
+    async def _back_off(
+        self, job: BatchJob, policy: RetryPolicy, attempt: int, *, budgeted: bool
+    ) -> bool:
+        """Sleep before a retry, and (`budgeted`) wait for the retry budget; False if the
+        deadline came first."""
         delay = policy.delay(attempt, self._rng)
         while True:
             left = self._time_left(job)
             if left <= 0:
                 return False
             await anyio.sleep(min(delay, left))
+            if not budgeted:
+                self._counts["recovery_retries"] += 1
+                return True
             if self._budget.try_spend():
                 return True
             # the fleet is sick: wait a full ceiling before asking again, instead of piling on
@@ -545,3 +576,10 @@ class Dispatcher:
             log.warning(
                 "job %s: result of superseded attempt (token %d) refused", job.job_id, token
             )
+
+
+def _note(attempt: AttemptRecord, call: CallResult, now: float) -> None:
+    """Write how the attempt went into its record."""
+    attempt.finished_at = now
+    attempt.outcome = call.attempt_outcome
+    attempt.error = call.attempt_error

@@ -16,9 +16,9 @@ from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
-from app.fleet.batch_job import BatchJob
+from app.fleet.batch_job import BatchJob, RunOutcome
 from app.fleet.job_state import JobState, from_worker_wire
-from app.orchestrator.worker_client import Admission, Completion, Reply, RunOutcome
+from app.orchestrator.worker_client import Admission, Completion, Reply
 from app.pb import worker as wpb
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def _request(job: BatchJob) -> wpb.SendWorkReq:
         name=job.job_type,
         params=dict(job.params),
         timeout_seconds=job.timeout_seconds,
+        fencing_token=job.fencing_token,
     )
 
 

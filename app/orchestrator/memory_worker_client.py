@@ -18,9 +18,10 @@ import anyio
 import anyio.abc
 import msgspec
 
-from app.fleet.batch_job import BatchJob
+from app.fleet.batch_job import BatchJob, RunOutcome
 from app.fleet.job_state import JobState
-from app.orchestrator.worker_client import Admission, Completion, Reply, RunOutcome
+from app.orchestrator.worker_client import Admission, Completion, Reply
+from app.stores.abc import JobStore
 
 JobFn = Callable[..., Awaitable[Any]]
 
@@ -75,8 +76,12 @@ class MemoryWorker:
 class MemoryWorkerClient:
     """`WorkerClient` for `MemoryWorker`s by address. `run()` owns the workers' job tasks."""
 
-    def __init__(self, workers: Mapping[str, MemoryWorker] | None = None) -> None:
+    def __init__(
+        self, workers: Mapping[str, MemoryWorker] | None = None, *, store: JobStore | None = None
+    ) -> None:
         self.workers: dict[str, MemoryWorker] = dict(workers or {})
+        # where the workers record each run's outcome under its fencing token, as real ones do
+        self._store = store
         self._task_group: anyio.abc.TaskGroup | None = None
         self.calls: Counter[str] = Counter()
         self.forgotten: Counter[str] = Counter()
@@ -132,6 +137,8 @@ class MemoryWorkerClient:
                     state=JobState.TIMED_OUT, error=f"timed out after {job.timeout_seconds:g}s"
                 )
             )
+        if run.outcome is not None and job.fencing_token and self._store is not None:
+            await self._store.record_outcome(job.job_id, job.fencing_token, run.outcome)
         run.ended.set()
 
     async def admit(self, address: str, job: BatchJob) -> Admission:

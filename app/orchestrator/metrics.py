@@ -44,6 +44,7 @@ def orchestrator_metrics(
         ("dispatched", "Attempts sent to a worker", s.dispatched),
         ("retries", "Attempts that were retries", s.retries),
         ("claimed", "Jobs claimed from an orchestrator that stopped", s.claimed),
+        ("recovered", "Run outcomes read back from the store (the answer was lost)", s.recovered),
         ("superseded", "Results refused for a superseded fencing token", s.superseded),
         ("retry_budget_refused", "Retries the budget held back", s.retry_budget_refused),
     ):

@@ -17,8 +17,7 @@ from typing import Protocol
 
 import msgspec
 
-from app.fleet.batch_job import BatchJob
-from app.fleet.job_state import JobState
+from app.fleet.batch_job import BatchJob, RunOutcome
 
 
 class Reply(enum.Enum):
@@ -39,14 +38,6 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True):
 
     reply: Reply
     running: bool = False
-    error: str = ""
-
-
-class RunOutcome(msgspec.Struct, frozen=True, kw_only=True):
-    """How a run ended on the worker."""
-
-    state: JobState
-    result_json: str = ""
     error: str = ""
 
 

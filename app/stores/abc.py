@@ -13,7 +13,7 @@ from typing import Protocol
 import anyio
 import anyio.abc
 
-from app.fleet.batch_job import BatchJob
+from app.fleet.batch_job import BatchJob, RunOutcome
 
 
 class PodRegistry(Protocol):
@@ -113,6 +113,16 @@ class JobStore(Protocol):
 
     async def cancel_requested(self, job_id: str) -> bool:
         """Whether a cancel was asked for (kept for the retention)."""
+        ...
+
+    async def record_outcome(self, job_id: str, token: int, outcome: RunOutcome) -> bool:
+        """Keep how the run started under fencing token `token` ended (the worker calls this), for
+        the retention; the first outcome for a token stays. True when this one was kept."""
+        ...
+
+    async def outcomes(self, job_id: str, tokens: Sequence[int]) -> dict[int, RunOutcome]:
+        """The recorded outcomes of the runs started under `tokens` (a token without one, or
+        with one that does not decode, is left out)."""
         ...
 
     async def queued_count(self, job_type: str) -> int:

@@ -17,7 +17,14 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
-from app.fleet.batch_job import BatchJob, decode_job, encode_job
+from app.fleet.batch_job import (
+    BatchJob,
+    RunOutcome,
+    decode_job,
+    decode_outcome,
+    encode_job,
+    encode_outcome,
+)
 from app.fleet.job_state import JobState
 from app.stores.abc import QueueEntry, SubmitResult, WriteResult
 from app.stores.waits import JobWaiters
@@ -129,6 +136,7 @@ class MemoryJobStore:
         self._records: _Keys[bytes] = _Keys()
         self._fences: _Keys[int] = _Keys()
         self._cancels: _Keys[bool] = _Keys()
+        self._outcomes: _Keys[bytes] = _Keys()  # `<job id>:<token>` -> RunOutcome JSON
         self._queued: dict[str, int] = {}
         self._group = False
         self._entries: dict[int, str] = {}  # the stream: entry number -> job id, in id order
@@ -254,6 +262,21 @@ class MemoryJobStore:
         """Whether a cancel was asked for (kept for the retention)."""
         await anyio.lowlevel.checkpoint()
         return self._cancels.get(job_id) is not None
+
+    async def record_outcome(self, job_id: str, token: int, outcome: RunOutcome) -> bool:
+        """Keep the outcome under `token` unless one is kept already (SET NX EX)."""
+        await anyio.lowlevel.checkpoint()
+        key = f"{job_id}:{token}"
+        if self._outcomes.get(key) is not None:
+            return False
+        self._outcomes.set(key, encode_outcome(outcome), self._retention)
+        return True
+
+    async def outcomes(self, job_id: str, tokens: Sequence[int]) -> dict[int, RunOutcome]:
+        """The kept outcomes of `tokens`."""
+        await anyio.lowlevel.checkpoint()
+        found = {t: self._outcomes.get(f"{job_id}:{t}") for t in tokens}
+        return {t: decode_outcome(raw) for t, raw in found.items() if raw is not None}
 
     async def queued_count(self, job_type: str) -> int:
         """Unfinished jobs of `job_type` (what the per-type bound counts)."""

@@ -26,6 +26,7 @@ import functools
 import logging
 import math
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -121,6 +122,7 @@ class JobMaster:
         default_timeout_seconds: float = 0.0,
         history_size: int = 1000,
         clock: Clock | None = None,
+        on_finished: Callable[[JobRun], None] | None = None,
     ) -> None:
         if not 1 <= core_size <= max_size:
             raise ValueError("need 1 <= core_size <= max_size")
@@ -133,6 +135,8 @@ class JobMaster:
         self._default_timeout = default_timeout_seconds
         self._history_size = history_size
         self._clock: Clock = clock or SystemClock()
+        # told of every run's end, synchronously (the worker records outcomes with it)
+        self._on_finished = on_finished
         self._limiter = anyio.CapacityLimiter(core_size)
         # admission already bounds running jobs to the limiter's tokens; this one only gives the
         # blocking jobs their own thread pool instead of anyio's shared default of 40
@@ -243,6 +247,7 @@ class JobMaster:
         job_id: str,
         params: dict[str, str] | None = None,
         timeout_seconds: float = 0.0,
+        fencing_token: int = 0,
     ) -> JobRun:
         """Admit a job: start it, queue it, or grow the limiter for it; else raise.
 
@@ -267,6 +272,7 @@ class JobMaster:
             params=params,
             timeout_seconds=timeout_seconds or self._default_timeout,
             submitted_at=self._clock.timestamp(),
+            fencing_token=fencing_token,
         )
         run = _Run(record, spec, kwargs)
         if self._limiter.available_tokens >= 1 and not self._queue:
@@ -360,6 +366,8 @@ class JobMaster:
             self._wakeup.set()  # the drain is complete
         if state is JobState.FAILED:
             log.info("job %s (%s) failed: %s", record.id, record.name, error)
+        if self._on_finished is not None:
+            self._on_finished(record)
 
     def _hand_over(self) -> None:
         """Give free tokens to queued jobs, oldest first."""
@@ -518,6 +526,7 @@ class JobMaster:
         job_id: str,
         params: dict[str, str] | None = None,
         timeout_seconds: float = 0.0,
+        fencing_token: int = 0,
     ) -> JobRun:
         """Submit and wait for the outcome; an id known under the same name attaches to it."""
         known = self._live.get(job_id) or self._history.get(job_id)
@@ -525,7 +534,13 @@ class JobMaster:
             if known.record.name != name:
                 raise JobAlreadyExists(f"job {job_id!r} exists for job {known.record.name!r}")
         else:
-            self.submit_nowait(name, job_id=job_id, params=params, timeout_seconds=timeout_seconds)
+            self.submit_nowait(
+                name,
+                job_id=job_id,
+                params=params,
+                timeout_seconds=timeout_seconds,
+                fencing_token=fencing_token,
+            )
         return await self.wait_finished(job_id)
 
     async def cancel(self, job_id: str, reason: str = "cancelled by request") -> JobRun:

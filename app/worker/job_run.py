@@ -25,6 +25,8 @@ class JobRun(msgspec.Struct, kw_only=True):
     submitted_at: float = 0.0
     started_at: float | None = None
     finished_at: float | None = None
+    # the orchestrator's fencing token for the attempt that started this run (0: none)
+    fencing_token: int = 0
 
     def result(self) -> Any:
         """The decoded return value (None when the job has not succeeded)."""

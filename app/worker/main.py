@@ -38,10 +38,12 @@ from app.scheduling.schedule_manager import ScheduleManager
 from app.scheduling.triggers import IntervalTrigger
 from app.stores.redis.client import create_redis
 from app.stores.redis.embedded import EmbeddedRedis
+from app.stores.redis.job_store import RedisJobStore
 from app.stores.redis.pod_registry import RedisPodRegistry
 from app.worker.builtin_jobs import builtin_specs
 from app.worker.job_master import JobMaster
 from app.worker.job_registry import JobRegistry, default_registry, load_job_modules
+from app.worker.outcome_writer import OutcomeWriter
 from app.worker.reporter import ApplicationInfoReportJob, make_identity
 from app.worker.service import WorkerService
 
@@ -93,6 +95,17 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             # the system's clock, steps included: the scheduler notices an NTP step or a resumed
             # VM, and PodInfo.updateDatetime is what other hosts compare with their own clocks
             clock = SystemClock()
+            # each run an orchestrator asked for leaves its outcome in the job store, under the
+            # attempt's fencing token: it outlives the orchestrator that asked
+            outcomes = OutcomeWriter(
+                RedisJobStore(
+                    redis,
+                    job_prefix=config.orchestrator.job_prefix,
+                    retention_seconds=config.orchestrator.retention_seconds,
+                ),
+                clock=clock,
+            )
+            await tg.start(outcomes.run)
             job_master = JobMaster(
                 registry,
                 core_size=w.core_size,
@@ -102,6 +115,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 keep_alive_seconds=w.keep_alive_seconds,
                 default_timeout_seconds=w.default_timeout_seconds,
                 history_size=w.history_size,
+                on_finished=outcomes.finished,
             )
             await tg.start(job_master.run)
             schedules = ScheduleManager(clock)
@@ -166,6 +180,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 )  # fmt: skip
                 await _wait_and_drain(signals, job_master, server, report, w.drain_grace_seconds)
             finally:
+                await outcomes.close(within=REGISTRY_SHUTDOWN_SECONDS)
                 with anyio.move_on_after(REGISTRY_SHUTDOWN_SECONDS, shield=True):
                     # stop the reports first, so that none rewrites the key after its deletion
                     if any(i.name == REPORT_SCHEDULE for i in schedules.schedules()):

@@ -89,6 +89,7 @@ class WorkerService(pb.WorkerServiceBase):
                 job_id=message.id,
                 params=dict(message.params),
                 timeout_seconds=message.timeout_seconds,
+                fencing_token=message.fencing_token,
             )
         return pb.SendWorkRes(
             message=f"job {record.id} accepted: {record.state.value}",
@@ -106,6 +107,7 @@ class WorkerService(pb.WorkerServiceBase):
                 job_id=message.id,
                 params=dict(message.params),
                 timeout_seconds=message.timeout_seconds,
+                fencing_token=message.fencing_token,
             )
         return job_info(record)
 

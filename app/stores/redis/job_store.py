@@ -25,7 +25,14 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from app.fleet.batch_job import BatchJob, decode_job, encode_job
+from app.fleet.batch_job import (
+    BatchJob,
+    RunOutcome,
+    decode_job,
+    decode_outcome,
+    encode_job,
+    encode_outcome,
+)
 from app.fleet.job_state import FINISHED, JobState
 from app.stores.abc import SubmitResult, WriteResult
 
@@ -216,6 +223,29 @@ class RedisJobStore:
             if reply[0] != 3:  # 3: it changed since read; read again
                 return decode_job(reply[1])
         return job
+
+    async def record_outcome(self, job_id: str, token: int, outcome: RunOutcome) -> bool:
+        """`SET <record>:run:<token> <outcome> NX EX <retention>`."""
+        key = f"{self.record_key(job_id)}:run:{token}"
+        return bool(
+            await self._redis.set(key, encode_outcome(outcome), nx=True, ex=self._retention)
+        )
+
+    async def outcomes(self, job_id: str, tokens: Sequence[int]) -> dict[int, RunOutcome]:
+        """One MGET of the tokens' outcome keys; one that does not decode is logged and left out."""
+        if not tokens:
+            return {}
+        base = self.record_key(job_id)
+        values = await self._redis.mget([f"{base}:run:{t}" for t in tokens])
+        found: dict[int, RunOutcome] = {}
+        for token, raw in zip(tokens, values, strict=True):
+            if raw is None:
+                continue
+            try:
+                found[token] = decode_outcome(raw)
+            except msgspec.DecodeError as exc:
+                log.warning("ignoring %s:run:%d: not a run outcome (%s)", base, token, exc)
+        return found
 
     async def cancel_requested(self, job_id: str) -> bool:
         """Whether a cancel was asked for (the `:cancel` key, kept for the retention)."""

@@ -1,0 +1,286 @@
+"""The chaos scenarios' fleet: a redis-server, workers and orchestrators as real processes, faults
+on demand, and the ledger that tells lost and repeated work apart.
+
+Each process slot keeps its port, so a killed process comes back where it was (as a restarted
+pod or a run.sh restart would). Jobs are `chaos_jobs.work` runs that note their start and end
+in one ledger file, and every job id is submitted through the orchestrators' gRPC API with the
+retries a client makes when one is down (ids are idempotent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import msgspec
+
+from tests.helpers import RedisServer, WorkerProcess, base_env, free_port, wait_for
+
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
+JOB_MODULE = "tests.chaos.chaos_jobs"
+
+
+@dataclass
+class Slot:
+    """One process place: its role, its fixed port, and the process in it now (if any)."""
+
+    role: str
+    port: int
+    process: WorkerProcess | None = None
+    starts: int = 0
+
+
+@dataclass
+class Report:
+    """What a scenario ends with, counted from the job records and the ledger."""
+
+    submitted: int
+    terminal: Counter[str]
+    lost: list[str]
+    completed_twice: list[str]
+    rerun_after_kill: list[str]
+    faults: int
+    settle_seconds: float
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        """The figures, one a line, for the test's output."""
+        return [
+            f"submitted {self.submitted}, terminal {sum(self.terminal.values())} "
+            f"({dict(self.terminal)}), faults {self.faults}",
+            f"lost (never terminal) {len(self.lost)}: {self.lost[:10]}",
+            f"completed more than once {len(self.completed_twice)}: {self.completed_twice[:10]}",
+            f"run again after a run was killed mid-way {len(self.rerun_after_kill)}",
+            f"from the last fault to all terminal: {self.settle_seconds:.1f}s",
+            *self.notes,
+        ]
+
+
+class ChaosFleet:
+    """Real processes on a private redis-server; `kill`, `stop`/`cont` and `restart` faults."""
+
+    def __init__(self, tmp: Path, orch: SimpleNamespace, *, seed: int = 1) -> None:
+        self.tmp = tmp
+        self.orch = orch
+        self.rng = random.Random(seed)
+        self.redis = RedisServer(tmp / "redis")
+        (tmp / "redis").mkdir()
+        self.ledger = tmp / "ledger.txt"
+        self.slots: list[Slot] = []
+        self.faults = 0
+        self.last_fault = time.monotonic()
+        self._lock = threading.Lock()
+        self._channels: dict[int, grpc.Channel] = {}
+
+    # --- processes ------------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        self.redis.start()
+
+    def env(self, slot: Slot, **extra: str) -> dict[str, str]:
+        port_key = (
+            "JOBWORKER_GRPC__PORT" if slot.role == "worker" else "JOBWORKER_ORCHESTRATOR__PORT"
+        )
+        return base_env(
+            self.tmp / f"{slot.role}-{slot.port}",
+            REDIS_URL=self.redis.url,
+            CHAOS_LEDGER=str(self.ledger),
+            JOBWORKER_SCHEDULE__REPORT_INTERVAL_SECONDS="0.5",
+            JOBWORKER_ORCHESTRATOR__WORKER_REPORT_INTERVAL_SECONDS="0.5",
+            JOBWORKER_ORCHESTRATOR__DISCOVERY_INTERVAL_SECONDS="0.2",
+            JOBWORKER_ORCHESTRATOR__CLAIM_IDLE_SECONDS="2",
+            JOBWORKER_ORCHESTRATOR__RETRY_BASE_SECONDS="0.05",
+            JOBWORKER_ORCHESTRATOR__RETRY_MAX_SECONDS="0.5",
+            JOBWORKER_ORCHESTRATOR__MAX_ATTEMPTS="10",
+            JOBWORKER_ORCHESTRATOR__KEEPALIVE_SECONDS="1",
+            JOBWORKER_ORCHESTRATOR__KEEPALIVE_TIMEOUT_SECONDS="1",
+            JOBWORKER_WORKER__CORE_SIZE="8",
+            JOBWORKER_WORKER__MAX_SIZE="16",
+            JOBWORKER_LOG__LEVEL="INFO",
+            **{port_key: str(slot.port), "JOBWORKER_ORCHESTRATOR__HOST": "127.0.0.1"},
+            **extra,
+        )
+
+    def add(self, role: str, count: int = 1) -> list[Slot]:
+        """`count` new slots of `role`, started."""
+        added = []
+        for _ in range(count):
+            slot = Slot(role=role, port=free_port())
+            self.slots.append(slot)
+            self._start(slot)
+            added.append(slot)
+        return added
+
+    def _start(self, slot: Slot) -> None:
+        args = ["--jobs", JOB_MODULE] if slot.role == "worker" else []
+        if slot.process is not None:
+            slot.process.close()  # the one killed: reaped, its log closed
+        log = self.tmp / f"{slot.role}-{slot.port}-{slot.starts}.log"
+        slot.starts += 1
+        slot.process = WorkerProcess(self.env(slot), log, args, slot.role).wait_ready(timeout=30)
+
+    def live(self, role: str | None = None) -> list[Slot]:
+        return [
+            s for s in self.slots
+            if s.process is not None and s.process.process.poll() is None
+            and (role is None or s.role == role)
+        ]  # fmt: skip
+
+    def kill(self, slot: Slot, signum: int = signal.SIGKILL) -> None:
+        """A fault: `signum` to the slot's process."""
+        assert slot.process is not None
+        slot.process.signal(signum)
+        if signum == signal.SIGKILL:
+            slot.process.process.wait(10)
+        with self._lock:
+            self.faults += 1
+            self.last_fault = time.monotonic()
+
+    def restart(self, slot: Slot) -> None:
+        """Start the slot's process again on the same port."""
+        self._start(slot)
+        with self._lock:
+            self.last_fault = time.monotonic()
+
+    def storm(
+        self,
+        *,
+        seconds: float,
+        every: tuple[float, float],
+        down: tuple[float, float],
+        roles: tuple[str, ...] = ("worker", "orchestrator"),
+        stop_rather_than_kill: float = 0.0,
+    ) -> threading.Thread:
+        """A thread of faults for `seconds`: every `every` s a random live process of `roles` is
+        killed (or, with probability `stop_rather_than_kill`, stopped) and brought back after
+        `down` s. At least one process of each role stays up."""
+
+        def run() -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                time.sleep(self.rng.uniform(*every))
+                candidates = [
+                    s for s in self.live() if s.role in roles and len(self.live(s.role)) > 1
+                ]
+                if not candidates:
+                    continue
+                slot = self.rng.choice(candidates)
+                pause = self.rng.uniform(*down)
+                if self.rng.random() < stop_rather_than_kill:
+                    self.kill(slot, signal.SIGSTOP)
+                    time.sleep(pause)
+                    assert slot.process is not None
+                    slot.process.signal(signal.SIGCONT)
+                    with self._lock:
+                        self.last_fault = time.monotonic()
+                else:
+                    self.kill(slot)
+                    time.sleep(pause)
+                    self.restart(slot)
+
+        thread = threading.Thread(target=run, name="chaos storm", daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        for slot in self.slots:
+            if slot.process is not None:
+                if slot.process.process.poll() is None:
+                    slot.process.signal(signal.SIGCONT)
+                slot.process.close()
+        self.redis.stop()
+
+    # --- jobs -----------------------------------------------------------------------------------
+
+    def _stub(self, slot: Slot) -> Any:
+        channel = self._channels.get(slot.port)
+        if channel is None:
+            channel = self._channels[slot.port] = grpc.insecure_channel(f"127.0.0.1:{slot.port}")
+        return self.orch.grpc.OrchestratorServiceStub(channel)
+
+    def submit(self, job_id: str, seconds: float, *, within: float = 60) -> None:
+        """Submit through any live orchestrator, again on another when one fails (idempotent)."""
+        request = self.orch.pb2.BatchExecutionRequest(
+            job_id=job_id, job_type="work",
+            params={"key": job_id, "seconds": f"{seconds:.3f}"}, deadline_seconds=600,
+        )  # fmt: skip
+        deadline = time.monotonic() + within
+        while True:
+            orchestrators = [s for s in self.slots if s.role == "orchestrator"]
+            slot = self.rng.choice(orchestrators)
+            try:
+                self._stub(slot).Submit(request, timeout=5)
+                return
+            except grpc.RpcError as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"could not submit {job_id}: {exc}") from None
+                time.sleep(0.05)
+
+    def records(self, job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
+        """Each job's record as stored (None when there is none)."""
+        client = self.redis.client()
+        try:
+            raw = client.mget([f"wpm-job:{j}" for j in job_ids])
+        finally:
+            client.close()
+        return {
+            job_id: None if value is None else msgspec.json.decode(value)
+            for job_id, value in zip(job_ids, raw, strict=True)
+        }
+
+    def states(self, job_ids: list[str]) -> dict[str, str]:
+        """Each job's state as its record says (MISSING when there is none)."""
+        return {
+            job_id: "MISSING" if record is None else str(record["state"])
+            for job_id, record in self.records(job_ids).items()
+        }
+
+    def wait_terminal(self, job_ids: list[str], *, within: float) -> float:
+        """Wait until every job is terminal (or `within` s after the last fault); the seconds
+        from the last fault to then."""
+
+        def all_terminal() -> bool:
+            return all(s in TERMINAL for s in self.states(job_ids).values())
+
+        with contextlib.suppress(AssertionError):  # the report counts what is left
+            wait_for(
+                all_terminal, timeout=max(1.0, self.last_fault + within - time.monotonic()),
+                what="every job terminal",
+            )  # fmt: skip
+        return time.monotonic() - self.last_fault
+
+    def report(self, job_ids: list[str], settle: float) -> Report:
+        states = self.states(job_ids)
+        starts: Counter[str] = Counter()
+        dones: Counter[str] = Counter()
+        if self.ledger.exists():
+            for line in self.ledger.read_text().splitlines():
+                kind, key, _pid = line.split()
+                (starts if kind == "start" else dones)[key] += 1
+        return Report(
+            submitted=len(job_ids),
+            terminal=Counter(s for s in states.values() if s in TERMINAL),
+            lost=sorted(j for j, s in states.items() if s not in TERMINAL),
+            completed_twice=sorted(j for j in job_ids if dones[j] > 1),
+            rerun_after_kill=sorted(j for j in job_ids if starts[j] > 1 and dones[j] <= 1),
+            faults=self.faults,
+            settle_seconds=settle,
+        )
+
+
+def print_report(name: str, report: Report, out: Callable[[str], None] = print) -> None:
+    out(f"\n== chaos: {name}")
+    for line in report.lines():
+        out(f"   {line}")
