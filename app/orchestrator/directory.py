@@ -47,6 +47,7 @@ class DirectoryStatistics(msgspec.Struct, frozen=True, kw_only=True):
     workers: int
     refreshes: int
     errors: int
+    skipped: int
     registry: OutageState
 
 
@@ -75,6 +76,7 @@ class WorkerDirectory:
             max_delay=max(5.0, refresh_seconds), meanwhile="keeping the last view of the fleet",
         )  # fmt: skip
         self.errors = 0
+        self._skipped: dict[str, str] = {}  # registry keys skipped, and why (said once each)
         self._state = Lifecycle.CREATED
 
     def __repr__(self) -> str:
@@ -91,6 +93,7 @@ class WorkerDirectory:
             workers=len(self._entries),
             refreshes=self.refreshes,
             errors=self.errors,
+            skipped=len(self._skipped),
             registry=self._outage.state,
         )
 
@@ -110,7 +113,12 @@ class WorkerDirectory:
         return f"its last report is {age:.1f}s old" if age > self._stale_after else None
 
     async def refresh(self) -> None:
-        """Read every worker's PodInfo now."""
+        """Read every worker's PodInfo now.
+
+        A restarted worker reports under a new key (its new pid) while the old one lingers until
+        its TTL: per address the freshest report counts. A report that cannot be a worker's
+        (not a PodInfo, or no port a worker could listen on) is skipped, and said once per key.
+        """
         keys = await self._registry.keys(f"{self._prefix}:")
         values = await self._registry.get_many(keys)
         entries: dict[str, WorkerEntry] = {}
@@ -120,13 +128,25 @@ class WorkerDirectory:
             try:
                 entry = WorkerEntry(key=key, info=decode_pod_info(raw))
             except msgspec.DecodeError as exc:
-                log.warning("ignoring %s: not a PodInfo (%s)", key, exc)
+                self._skip(key, f"not a PodInfo ({exc})")
                 continue
-            entries[entry.address] = entry
+            if not 1 <= entry.info.grpc_port <= 65535 or not entry.info.ip:
+                self._skip(key, f"no address a worker could have ({entry.address!r})")
+                continue
+            known = entries.get(entry.address)
+            if known is None or entry.info.update_epoch_ms > known.info.update_epoch_ms:
+                entries[entry.address] = entry
+        live = set(keys)
+        self._skipped = {k: why for k, why in self._skipped.items() if k in live}
         self._entries = entries
         self.refreshes += 1
         self._changed.set()
         self._changed = anyio.Event()
+
+    def _skip(self, key: str, why: str) -> None:
+        if key not in self._skipped:
+            log.warning("ignoring %s: %s", key, why)
+        self._skipped[key] = why
 
     async def wait_refreshed(self) -> None:
         """Return after the next refresh."""

@@ -32,6 +32,11 @@ def orchestrator_metrics(
     ):
         jobs.add_metric([state], value)
     out: list[Metric] = [
+        GaugeMetricFamily(
+            "jobworker_orchestrator_registry_skipped",
+            "Registry entries skipped as no worker's (junk, or no usable address)",
+            value=directory.statistics().skipped,
+        ),
         GaugeMetricFamily("jobworker_orchestrator_jobs_inflight", "Jobs in hand", value=s.inflight),
         GaugeMetricFamily(
             "jobworker_orchestrator_jobs_waiting_for_worker",
