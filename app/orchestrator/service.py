@@ -28,6 +28,8 @@ MAX_PARAMS = 64
 MAX_PARAM_BYTES = 64 * 1024
 MAX_PRIORITY = 9
 MAX_ATTEMPTS = 20
+# a year: past it, deadlines overflow what records and the wire can hold (1e308 did)
+MAX_SECONDS = 366 * 86_400
 
 
 def _invalid(field: str, problem: str) -> GRPCError:
@@ -105,8 +107,8 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             ("timeout_seconds", req.timeout_seconds),
             ("deadline_seconds", req.deadline_seconds),
         ):
-            if not math.isfinite(number) or number < 0:
-                raise _invalid(name, "must be a finite number, 0 or more")
+            if not math.isfinite(number) or not 0 <= number <= MAX_SECONDS:
+                raise _invalid(name, f"must be 0..{MAX_SECONDS} seconds")
         if not 0 <= req.priority <= MAX_PRIORITY:
             raise _invalid("priority", f"must be 0..{MAX_PRIORITY}")
         if req.max_attempts > MAX_ATTEMPTS:
