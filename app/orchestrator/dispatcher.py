@@ -428,10 +428,7 @@ class Dispatcher:
             if left <= 0:
                 return False
             await anyio.sleep(min(delay, left))
-            if not budgeted:
-                self._counts["recovery_retries"] += 1
-                return True
-            if self._budget.try_spend():
+            if not budgeted or self._budget.try_spend():
                 return True
             # the fleet is sick: wait a full ceiling before asking again, instead of piling on
             delay = policy.ceiling(policy.max_attempts + 1)

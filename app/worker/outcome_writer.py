@@ -71,14 +71,17 @@ class OutcomeWriter:
 
     def finished(self, record: JobRun) -> None:
         """The job master's hook: queue the outcome of a run that carries a fencing token."""
-        if not record.fencing_token or self._state is Lifecycle.STOPPED:
+        if not record.fencing_token:
+            return
+        if self._state in (Lifecycle.DRAINING, Lifecycle.STOPPED):
+            self.dropped += 1  # closed: the worker stops after its job master, so this is rare
             return
         outcome = RunOutcome(
             state=record.state, result_json=record.result_json.decode(), error=record.error
         )
         try:
             self._send.send_nowait((record.id, record.fencing_token, outcome))
-        except (anyio.WouldBlock, anyio.ClosedResourceError):
+        except anyio.WouldBlock:
             # the store has been away for that long: the orchestrator that asked may still get
             # the outcome over RunWork; only a takeover then runs the job again
             if not self.dropped:
