@@ -9,7 +9,7 @@ that is shown.
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -173,8 +173,8 @@ async def test_an_unknown_job_type_is_rejected(fleet: Fleet) -> None:
     assert completion.reply is Reply.REJECTED
 
 
-async def test_a_cancelled_run_ends_cancelled(fleet: Fleet) -> None:
-    j = job("c5", "sleep", seconds="30")
+async def wait_while(fleet: Fleet, j: BatchJob, act: Callable[[], Awaitable[None]]) -> Completion:
+    """Admit `j`, then wait for its end in a task while `act` runs; the wait's answer."""
     await fleet.client.admit(fleet.address, j)
     ended: list[Completion] = []
 
@@ -184,9 +184,17 @@ async def test_a_cancelled_run_ends_cancelled(fleet: Fleet) -> None:
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(wait)
-            assert await fleet.client.cancel(fleet.address, "c5")
-    assert ended[0].outcome is not None
-    assert ended[0].outcome.state is JobState.CANCELLED
+            await act()
+    return ended[0]
+
+
+async def test_a_cancelled_run_ends_cancelled(fleet: Fleet) -> None:
+    async def cancel() -> None:
+        assert await fleet.client.cancel(fleet.address, "c5")
+
+    ended = await wait_while(fleet, job("c5", "sleep", seconds="30"), cancel)
+    assert ended.outcome is not None
+    assert ended.outcome.state is JobState.CANCELLED
     assert await fleet.client.cancel(fleet.address, "never-seen")  # answered all the same
 
 
@@ -207,19 +215,12 @@ async def test_a_draining_worker_refuses_new_jobs_and_finishes_its_own(fleet: Fl
 
 
 async def test_a_killed_worker_breaks_the_wait_at_once(fleet: Fleet) -> None:
-    j = job("c8", "sleep", seconds="60")
-    await fleet.client.admit(fleet.address, j)
-    ended: list[Completion] = []
+    async def kill() -> None:
+        await anyio.wait_all_tasks_blocked()  # the wait is under way
+        fleet.kill()
 
-    async def wait() -> None:
-        ended.append(await fleet.client.wait(fleet.address, j))
-
-    with anyio.fail_after(10):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait)
-            await anyio.wait_all_tasks_blocked()  # the wait is under way
-            fleet.kill()
-    assert ended[0].reply is Reply.UNREACHABLE
+    ended = await wait_while(fleet, job("c8", "sleep", seconds="60"), kill)
+    assert ended.reply is Reply.UNREACHABLE
     assert (await fleet.client.admit(fleet.address, job("c9"))).reply is Reply.UNREACHABLE
 
 
