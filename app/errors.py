@@ -3,6 +3,17 @@
 from __future__ import annotations
 
 
+def shown(value: str, limit: int = 64) -> str:
+    """`repr(value)` for an error's reason, cut near `limit` characters (values come from clients).
+
+    A reason is one line of a status message: a megabyte id echoed in it cost the server tens of
+    seconds in hpack's Huffman coder, and the client its trailer limit.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
+
 class JobWorkerError(Exception):
     """Base of this project's errors. `str()` is a one-line reason fit for a status message."""
 

@@ -31,12 +31,14 @@ from grpclib.server import Server
 from app.core.lifecycle import Lifecycle
 from app.grpc.codec import CheckedProtoCodec, status_details_codec
 from app.grpc.fastpath.install import install_fast_server
+from app.grpc.limits import GrpcLimits
 from app.grpc.statistics import (
     CallCounters,
     CodecCounters,
     FastPathMode,
     GrpcServerStatistics,
 )
+from app.grpc.status import guard_services
 from app.pb.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 
 log = logging.getLogger(__name__)
@@ -66,26 +68,36 @@ class GrpcServer:
         host: str,
         fast_path: bool = True,
         close_grace_seconds: float = 2.0,
+        limits: GrpcLimits | None = None,
     ) -> None:
         self._status = ServiceStatus()
         checks = {service: [self._status] for service in services}
         checks[OVERALL] = [self._status]
         health = Health(checks)
-        all_services = ServerReflection.extend([*services, health], pool=_descriptor_pool())
+        all_services = guard_services(
+            ServerReflection.extend([*services, health], pool=_descriptor_pool())
+        )
         self._calls = CallCounters()
         self._codec_counters = CodecCounters()
-        server: Server | None = None
-        if fast_path:
-            server = install_fast_server(
-                all_services, calls=self._calls, codec_counters=self._codec_counters
-            )
+        self.limits = limits = limits if limits is not None else GrpcLimits()
+        # with the fast path off, the same server holds connections to the limits, and every
+        # call takes grpclib's own path and codec
+        server = install_fast_server(
+            all_services,
+            calls=self._calls,
+            codec_counters=self._codec_counters,
+            limits=limits,
+            unary=fast_path,
+        )
         if server is not None:
-            self._fast_path = FastPathMode.ON
+            self._fast_path = FastPathMode.ON if fast_path else FastPathMode.OFF
         else:
             self._fast_path = FastPathMode.FALLEN_BACK if fast_path else FastPathMode.OFF
             server = Server(
                 all_services,
-                codec=CheckedProtoCodec(self._codec_counters),
+                codec=CheckedProtoCodec(
+                    self._codec_counters, max_message_bytes=limits.max_receive_message_bytes
+                ),
                 status_details_codec=status_details_codec(),
             )
             # grpclib's public events API; never on the fast server, which gives way to
@@ -119,6 +131,7 @@ class GrpcServer:
             fast_calls=self._calls.fast,
             general_calls=self._calls.general,
             codec=self._codec_counters.snapshot(),
+            handshake_timeouts=self._calls.handshake_timeouts,
         )
 
     async def _count_general(self, event: RecvRequest) -> None:

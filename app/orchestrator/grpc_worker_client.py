@@ -18,6 +18,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from app.fleet.batch_job import BatchJob, RunOutcome
 from app.fleet.job_state import JobState, from_worker_wire
+from app.grpc.status import StatusDetailsCodec, retry_info
 from app.orchestrator.worker_client import Admission, Completion, Reply
 from app.pb import worker as wpb
 
@@ -77,7 +78,9 @@ class GrpcWorkerClient:
         channel = self._channels.get(address)
         if channel is None:
             host, _, port = address.rpartition(":")
-            channel = self._channels[address] = Channel(host, int(port), config=self._config)
+            channel = self._channels[address] = Channel(
+                host, int(port), config=self._config, status_details_codec=StatusDetailsCodec()
+            )
         return wpb.WorkerServiceStub(channel)
 
     async def admit(self, address: str, job: BatchJob) -> Admission:
@@ -165,7 +168,9 @@ async def _isolated(call: Callable[[Req], Awaitable[Res]], request: Req) -> Res:
 
 
 def _status_text(exc: GRPCError) -> str:
-    return f"{exc.status.name}: {exc.message}"
+    hint = retry_info(exc.details)  # the worker's RetryInfo, for the attempt's record
+    later = f" (retry after {hint.retry_delay_seconds:g}s)" if hint is not None else ""
+    return f"{exc.status.name}: {exc.message}{later}"
 
 
 def _failure_text(exc: Exception) -> str:

@@ -26,6 +26,7 @@ import anyio.abc
 from app.config import Config
 from app.core.balancer import make_balancer
 from app.errors import ConfigError
+from app.grpc.limits import limits_from
 from app.grpc.ports import candidate_ports
 from app.grpc.server import GrpcServer
 from app.orchestrator.directory import WorkerDirectory
@@ -74,7 +75,12 @@ async def serve_orchestrator(config: Config) -> None:
                 store, events, directory, client, make_balancer(o.balancer), o, consumer=consumer
             )
             service = OrchestratorService(store, events, directory, dispatcher, o)
-            server = GrpcServer([service], host=o.host, fast_path=config.grpc.fast_path)
+            server = GrpcServer(
+                [service],
+                host=o.host,
+                fast_path=config.grpc.fast_path,
+                limits=limits_from(config.grpc),
+            )
             try:
                 # nothing works without the shared Redis: wait for it (a signal still stops us)
                 async with anyio.create_task_group() as waiting:

@@ -16,6 +16,8 @@ from app.config import OrchestratorConfig
 from app.core.clock import utc_iso
 from app.fleet.batch_job import BatchJob, encode_job
 from app.fleet.job_state import to_orchestrator_wire
+from app.fleet.limits import MAX_ID_LENGTH, MAX_NAME_LENGTH, params_problem
+from app.grpc.status import retry_later
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.pb import orchestrator as pb
@@ -23,17 +25,24 @@ from app.stores.abc import JobEvents, JobStore, SubmitResult
 from app.stores.waits import wait_finished
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:@/-]+$")
-MAX_ID = 256
-MAX_PARAMS = 64
-MAX_PARAM_BYTES = 64 * 1024
 MAX_PRIORITY = 9
 MAX_ATTEMPTS = 20
 # a year: past it, deadlines overflow what records and the wire can hold (1e308 did)
 MAX_SECONDS = 366 * 86_400
 
 
+#: When a full queue tells the client to come back (RetryInfo, `retry-after-ms`).
+QUEUE_FULL_RETRY_SECONDS = 5.0
+
+
 def _invalid(field: str, problem: str) -> GRPCError:
     return GRPCError(Status.INVALID_ARGUMENT, f"{field}: {problem}")
+
+
+def _check_id(job_id: str) -> None:
+    # bounded first: the regex and the store never see a megabyte id
+    if len(job_id) > MAX_ID_LENGTH or not _NAME.match(job_id):
+        raise _invalid("job_id", f"letters, digits and _.:@/- only, at most {MAX_ID_LENGTH}")
 
 
 def job_message(job: BatchJob) -> pb.Job:
@@ -91,18 +100,15 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         c = self._config
         if not req.job_type:
             raise _invalid("job_type", "must not be empty")
-        if len(req.job_type) > 128 or not _NAME.match(req.job_type):
-            raise _invalid("job_type", "letters, digits and _.:@/- only, at most 128")
+        if len(req.job_type) > MAX_NAME_LENGTH or not _NAME.match(req.job_type):
+            raise _invalid(
+                "job_type", f"letters, digits and _.:@/- only, at most {MAX_NAME_LENGTH}"
+            )
         job_id = req.job_id or uuid.uuid4().hex
-        if len(job_id) > MAX_ID or not _NAME.match(job_id):
-            raise _invalid("job_id", f"letters, digits and _.:@/- only, at most {MAX_ID}")
-        if len(req.params) > MAX_PARAMS:
-            raise _invalid("params", f"at most {MAX_PARAMS} entries")
-        for key, value in req.params.items():
-            if not key:
-                raise _invalid("params", "keys must not be empty")
-            if len(value.encode()) > MAX_PARAM_BYTES:
-                raise _invalid(f"params.{key}", f"at most {MAX_PARAM_BYTES} bytes")
+        _check_id(job_id)
+        problem = params_problem(req.params)
+        if problem is not None:
+            raise _invalid(*problem)
         for name, number in (
             ("timeout_seconds", req.timeout_seconds),
             ("deadline_seconds", req.deadline_seconds),
@@ -145,10 +151,11 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         bound = self._config.queue_bound_per_type
         result, existing, queued = await self._store.submit(job, bound=bound)
         if result is SubmitResult.QUEUE_FULL:
-            raise GRPCError(
+            raise retry_later(
                 Status.RESOURCE_EXHAUSTED,
                 f"queue for job type {job.job_type!r} is full ({queued} of {bound});"
-                " retry after 5s",
+                f" retry after {QUEUE_FULL_RETRY_SECONDS:g}s",
+                QUEUE_FULL_RETRY_SECONDS,
             )
         if result is SubmitResult.EXISTS:
             assert existing is not None
@@ -187,6 +194,7 @@ class OrchestratorService(pb.OrchestratorServiceBase):
     async def _get(self, job_id: str) -> BatchJob:
         if not job_id:
             raise _invalid("job_id", "must not be empty")
+        _check_id(job_id)
         job = await self._store.get(job_id)
         if job is None:
             raise GRPCError(Status.NOT_FOUND, f"no job with id {job_id!r}")

@@ -26,6 +26,7 @@ import anyio
 from app.config import Config
 from app.core.clock import SystemClock
 from app.errors import ConfigError
+from app.grpc.limits import limits_from
 from app.grpc.ports import (
     LAST_PORT_FILE,
     candidate_ports,
@@ -115,6 +116,8 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 keep_alive_seconds=w.keep_alive_seconds,
                 default_timeout_seconds=w.default_timeout_seconds,
                 history_size=w.history_size,
+                history_max_bytes=w.history_max_bytes,
+                max_result_bytes=w.max_result_bytes,
                 on_finished=outcomes.finished,
             )
             await tg.start(job_master.run)
@@ -125,6 +128,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 host=config.grpc.host,
                 fast_path=config.grpc.fast_path,
                 close_grace_seconds=config.grpc.close_grace_seconds,
+                limits=limits_from(config.grpc),
             )
             port = await tg.start(server.run, port_candidates(config, env))
             if config.grpc.remember_port:

@@ -159,6 +159,7 @@ INTERNALS: tuple[tuple[str, str, Shape], ...] = (
     ("grpclib.server.Server", "__gc_step__", _method),
     ("grpclib.server.Handler", "__init__", _takes("mapping", "codec", "status_details_codec")),
     ("grpclib.protocol.H2Protocol", "connection_made", _method),
+    ("grpclib.protocol.H2Protocol", "connection_lost", _method),
     *(("grpclib.protocol.EventsProcessor", m, _method) for m in _PROCESSOR_METHODS),
     ("grpclib.protocol.Connection", "flush", _method),
     ("grpclib.protocol.Connection", "is_closing", _method),
@@ -204,6 +205,9 @@ INTERNALS: tuple[tuple[str, str, Shape], ...] = (
     ("h2.connection.H2Connection", "send_data", _method),
     ("h2.connection.H2Connection", "reset_stream", _method),
     ("h2.connection.H2Connection", "acknowledge_received_data", _method),
+    # the limits: settings sent on each server connection, hpack's header list limit at once
+    ("h2.connection.H2Connection", "update_settings", _method),
+    ("<H2Connection>", "decoder", _has("max_header_list_size")),
     ("h2.connection.H2Connection", "local_flow_control_window", _method),
     ("h2.connection.ConnectionInputs", "SEND_HEADERS", _present),
     ("h2.connection.ConnectionInputs", "SEND_DATA", _present),
