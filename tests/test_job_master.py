@@ -314,7 +314,7 @@ async def test_request_fields_are_bounded_before_anything_is_looked_up(
     master_tg: anyio.abc.TaskGroup, gate: Gate
 ) -> None:
     master = await started_master(master_tg, gate)
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         (dict(name="echo", job_id="x" * 257), "id: must be printable and at most 256 characters"),
         (dict(name="e" * 129, job_id="n"), "name: at most 128 characters"),
         (dict(name="echo", job_id="p", params={str(i): "" for i in range(65)}),
@@ -328,7 +328,7 @@ async def test_request_fields_are_bounded_before_anything_is_looked_up(
         with pytest.raises(InvalidJobRequest) as info:
             master.submit_nowait(**kwargs)
         assert str(info.value) == reason
-    with pytest.raises(InvalidJobRequest, match="^id: at most 256 characters$"):
+    with pytest.raises(InvalidJobRequest, match=r"^id: at most 256 characters$"):
         master.get("x" * 1_000_000)
     with pytest.raises(JobNotFound) as missing:
         master.get("y" * 200)
