@@ -700,3 +700,49 @@ def test_the_limits_hold_with_the_fast_path_off(
     finally:
         worker.close()
     assert "Traceback" not in worker.log()
+
+
+def _hpack_int(value: int, prefix: int, flags: int) -> bytes:
+    top = (1 << prefix) - 1
+    if value < top:
+        return bytes([flags | value])
+    out = [flags | top]
+    value -= top
+    while value >= 128:
+        out.append(value % 128 + 128)
+        value //= 128
+    out.append(value)
+    return bytes(out)
+
+
+def test_a_huge_header_block_closes_its_connection_before_it_is_decoded(
+    procs: SimpleNamespace, channels: SimpleNamespace
+) -> None:
+    worker = procs.worker
+    # metadata under the 16 KiB header list limit passes
+    metadata = (("x-note", "n" * 8000),)
+    _raw(channels.worker, "/worker.WorkerService/GetStatus")(b"", timeout=5, metadata=metadata)
+    # a megabyte of Huffman-coded "a" in one header, over 61 frames (h2 takes up to 64)
+    a8 = bytes([0x18, 0xC6, 0x31, 0x8C, 0x63])  # eight "a" (00011 each)
+    value = a8 * (MiB // 8)
+    block = (
+        b"\x83\x86\x41\x01x"  # :method POST, :scheme http, :authority x
+        + b"\x04" + _hpack_int(31, 7, 0) + b"/worker.WorkerService/GetStatus"
+        + b"\x00" + _hpack_int(5, 7, 0) + b"x-big" + _hpack_int(len(value), 7, 0x80) + value
+    )  # fmt: skip
+    parts = [block[i : i + 16384] for i in range(0, len(block), 16384)]
+    frames = b"".join(
+        struct.pack(">I", len(part))[1:]
+        + bytes([1 if i == 0 else 9, 4 if i == len(parts) - 1 else 0])
+        + struct.pack(">I", 1)
+        + part
+        for i, part in enumerate(parts)
+    )
+    with (
+        _Pollers(worker.target, "/worker.WorkerService/GetStatus") as pollers,
+        _h2_connection(worker.port) as (sock, _),
+    ):
+        sock.sendall(frames)
+        _closed_within(sock, 5)
+    assert max(pollers.latencies) < 1.0
+    assert "Traceback" not in worker.log()

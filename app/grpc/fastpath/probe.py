@@ -208,6 +208,11 @@ INTERNALS: tuple[tuple[str, str, Shape], ...] = (
     # the limits: settings sent on each server connection, hpack's header list limit at once
     ("h2.connection.H2Connection", "update_settings", _method),
     ("<H2Connection>", "decoder", _has("max_header_list_size")),
+    ("<H2Connection>", "incoming_buffer", _kind("FrameBuffer")),
+    ("h2.frame_buffer.FrameBuffer", "__init__", _takes("server")),
+    ("h2.frame_buffer.FrameBuffer", "_update_header_buffer", _method),
+    ("<FrameBuffer>", "_headers_buffer", _kind("list")),
+    ("hyperframe.frame", "HeadersFrame", _class),
     ("h2.connection.H2Connection", "local_flow_control_window", _method),
     ("h2.connection.ConnectionInputs", "SEND_HEADERS", _present),
     ("h2.connection.ConnectionInputs", "SEND_DATA", _present),
@@ -341,6 +346,7 @@ class _Specimens:
             o["<Connection>"] = connection = protocol.connection
             o["<EventsProcessor>"] = protocol.processor
             o["<H2Connection>"] = connection._connection
+            o["<FrameBuffer>"] = connection._connection.incoming_buffer
         except Exception as exc:
             self.errors.append(f"{type(exc).__name__}: {exc}")
         try:

@@ -63,10 +63,12 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
+from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from h2.stream import StreamInputs
 from h2.utilities import SizeLimitDict
 from hpack.hpack import encode_integer
+from hyperframe.frame import HeadersFrame
 from multidict import MultiDict
 
 from app.grpc.codec import status_details_codec as default_status_details_codec
@@ -88,6 +90,27 @@ if TYPE_CHECKING:
 # forever. A few thousand ids is ample for late frames. Set on each server connection's own
 # H2Connection (`_limit_closed_streams`), so that clients in the process keep h2's default.
 MAX_CLOSED_STREAMS = 4096
+
+
+class _BoundedFrameBuffer(FrameBuffer):
+    """h2's frame buffer, with a header block (HEADERS and its CONTINUATIONs) bounded in bytes.
+
+    hpack enforces SETTINGS_MAX_HEADER_LIST_SIZE only as it decodes, and h2 buffers up to 64
+    CONTINUATION frames first: a megabyte of Huffman-coded header held the event loop ~100 ms.
+    Past `max_block` encoded bytes the connection ends (a ProtocolError, as for too many
+    CONTINUATIONs) before anything is decoded.
+    """
+
+    def __init__(self, *, max_block: int) -> None:
+        super().__init__(server=True)
+        self.max_block = max_block
+
+    def _update_header_buffer(self, f: Any) -> Any:
+        if f is not None and (self._headers_buffer or isinstance(f, HeadersFrame)):
+            size = len(f.data) + sum(len(x.data) for x in self._headers_buffer)
+            if size > self.max_block:
+                raise h2.exceptions.ProtocolError("header block too large")
+        return super()._update_header_buffer(f)
 
 
 def _limit_closed_streams(h2c: H2Connection, limit: int) -> None:
@@ -892,6 +915,8 @@ class _FastProtocol(H2Protocol):
             SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_bytes,
         })  # fmt: skip
         h2c.decoder.max_header_list_size = limits.max_header_list_bytes
+        # Huffman coding shrinks printable text; twice the list size is ample for a client's block
+        h2c.incoming_buffer = _BoundedFrameBuffer(max_block=2 * limits.max_header_list_bytes + 1024)
         self.connection.flush()
         self.processor = _FastProcessor(self.handler, self.connection)
         self._handshake_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
