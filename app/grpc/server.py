@@ -4,9 +4,12 @@ It binds the first free candidate port, serves the given services with server re
 (v1 and v1alpha, for grpcurl) and `grpc.health.v1.Health`, and closes when its task is cancelled.
 
 With `fast_path` (the default; `grpc.fast_path` in the config) it serves with the fast path
-(`fastpath/`), if the start-up probe finds the grpclib and h2 internals it relies on; otherwise,
-or with `fast_path=False`, with grpclib's own Server and ProtoCodec. Either way it counts the calls
-each path served and the codec's fallbacks and errors (`statistics()`).
+(`fastpath/`), if the start-up probe finds the grpclib and h2 internals it relies on; with
+`fast_path=False` the same server sends every call grpclib's own way, with grpclib's ProtoCodec.
+Either way connections are held to `limits` (GrpcLimits). When the probe finds an internal
+missing, grpclib's own Server serves (h2's default connection limits; the message size checked
+once read). Every method handler's status is one bounded line (`status.guard_services`). It
+counts the calls each path served and the codec's fallbacks and errors (`statistics()`).
 """
 
 from __future__ import annotations
