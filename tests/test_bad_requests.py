@@ -465,6 +465,7 @@ def test_large_requests_are_answered_at_once_and_others_are_served(
     # liveness, not a benchmark: nobody waited on the event loop behind the large request
     assert max(pollers.latencies) < 1.0, max(pollers.latencies)
     grown = (_rss(proc) - before) / MiB
+    print(f"{method}: slowest other call {max(pollers.latencies):.3f}s, RSS +{grown:.1f} MiB")
     assert grown < 40, f"RSS grew by {grown:.0f} MiB"
 
 
@@ -544,6 +545,7 @@ def test_2000_streams_that_never_read(procs: SimpleNamespace) -> None:
                 lambda: _calls(procs) - calls_before >= 2000, timeout=30, what="2,000 calls taken"
             )
             grown = (_rss(worker) - before) / MiB
+        print(f"2,000 streams: slowest other call {max(pollers.latencies):.3f}s, +{grown:.1f} MiB")
         assert max(pollers.latencies) < 1.0, max(pollers.latencies)
         assert grown < 40, f"RSS grew by {grown:.0f} MiB for 2,000 streams"
         # more streams than allowed on one connection: the connection is refused as a whole
