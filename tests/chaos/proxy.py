@@ -97,9 +97,10 @@ class FaultProxy:
                             )
                     w.transport.abort()
             self._pairs.clear()
+            done.set()
 
         done = threading.Event()
-        self._loop.call_soon_threadsafe(lambda: (rst(), done.set()))
+        self._loop.call_soon_threadsafe(rst)
         done.wait(5)
 
     @property
