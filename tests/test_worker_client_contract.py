@@ -103,11 +103,15 @@ async def fleet(
             channel.close()
         return int(status.jobs_accepted)
 
+    def kill_process() -> None:
+        process.signal(signal.SIGKILL)
+        process.process.wait(10)  # gone: nothing listens on its port any more
+
     try:
         yield Fleet(
             grpc, process.target, accepted=accepted_on_worker,
             drain=lambda: process.signal(signal.SIGTERM),
-            kill=lambda: process.signal(signal.SIGKILL),
+            kill=kill_process,
             store=RedisJobStore(redis_client),
         )  # fmt: skip
     finally:

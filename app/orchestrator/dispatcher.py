@@ -609,7 +609,7 @@ class Dispatcher:
         if probed is not None and now - probed[0] < self._config.discovery_interval_seconds:
             return probed[1]
         answered = False
-        with anyio.move_on_after(self._admit_timeout):
+        with anyio.move_on_after(self._config.keepalive_timeout_seconds):
             answered = await self._client.probe(address)
         self._probes[address] = (self._clock.monotonic(), answered)
         if answered and address not in self._cut_off:
