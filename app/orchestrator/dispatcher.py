@@ -574,6 +574,7 @@ class Dispatcher:
         """
         since = job.attempts[-1].started_at + self._admit_timeout
         said = False
+        tries = 0
         self._client.forget(address)  # reconnect: the old connection is what broke
         while True:
             recorded = await self._recorded_outcome(job)
@@ -599,8 +600,11 @@ class Dispatcher:
             if result.absent:  # nothing listens there any more: the run died with its worker
                 return None
             self._client.forget(address)
-            with anyio.move_on_after(1.0):
+            # soon at first (a killed worker's port refuses a moment after its connections
+            # reset), then at most once a refresh
+            with anyio.move_on_after(min(1.0, 0.05 * 2**tries)):
                 await self._directory.wait_refreshed()
+            tries += 1
 
     async def _answers(self, address: str) -> bool:
         """Whether the worker answers a direct probe (cached for a refresh interval)."""
