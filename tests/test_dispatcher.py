@@ -469,3 +469,16 @@ async def test_a_dispatcher_cancelled_at_each_await_point_loses_and_repeats_noth
     await fleet.wait_until(lambda: fleet.dispatchers[-1].statistics().inflight == 0)
     await fleet.wait_queue_empty()
     assert job.attempts[-1].outcome == "SUCCEEDED"
+
+
+async def test_what_is_kept_per_worker_goes_when_the_worker_leaves(fleet: Fleet) -> None:
+    d = await fleet.dispatcher("o1")
+    await fleet.submit("g1")
+    await fleet.wait_state("g1", JobState.SUCCEEDED)
+    d.breaker("10.0.0.9:9091")  # a worker seen once, gone since
+    kept = d.breaker("10.0.0.1:9091")
+    gone = "10.0.0.2:9091"
+    fleet.reporting[gone] = False
+    await fleet.registry.delete(f"wpm-apps:{gone.replace(':9091', '')}:9091")
+    await fleet.wait_until(lambda: "10.0.0.9:9091" not in d._breakers and gone not in d._breakers)
+    assert d.breaker("10.0.0.1:9091") is kept  # a worker still there keeps its own
