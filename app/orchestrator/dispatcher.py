@@ -47,9 +47,11 @@ from app.orchestrator.decisions import (
     Dispatch,
     Finish,
     Requeue,
+    RunSighting,
     Stop,
     adopt,
     decide,
+    sight_run,
 )
 from app.orchestrator.directory import WorkerDirectory, WorkerEntry
 from app.orchestrator.worker_client import Reply, WorkerClient
@@ -118,6 +120,11 @@ class Dispatcher:
         self._worker_inflight: Counter[str] = Counter()
         self._waiting: Counter[int] = Counter()  # jobs waiting for a worker, by priority
         self._breakers: dict[str, CircuitBreaker] = {}
+        # per worker: when it was last probed directly, and whether it answered
+        self._probes: dict[str, tuple[float, bool]] = {}
+        self._cut_off: set[str] = set()  # stale workers that answer: said once each
+        # SendWork answers at once; one that does not within a keepalive's time is unreachable
+        self._admit_timeout = config.keepalive_seconds + config.keepalive_timeout_seconds
         self._breaker_config = BreakerConfig(
             failure_threshold=config.breaker_failure_threshold,
             failure_rate=config.breaker_failure_rate,
@@ -284,6 +291,7 @@ class Dispatcher:
         idle_ms = int(self._config.claim_idle_seconds * 1000)
         while True:
             await anyio.sleep(self._config.claim_idle_seconds / 2)
+            self._prune()
             free = int(self._slots.available_tokens)
             if self._draining or free < 1:
                 continue
@@ -307,6 +315,17 @@ class Dispatcher:
                 await self._store.keep_alive(self.consumer, list(self._entries))
             except Exception as exc:
                 self._queue_outage.failed(exc)
+
+    def _prune(self) -> None:
+        """Forget what is kept per worker (breakers, probes) for workers that left the registry
+        and have no call in flight: workers come and go, each under a new address in k8s."""
+        known = {e.address for e in self._directory.entries()}
+        for table in (self._breakers, self._probes):
+            for address in [a for a in table if a not in known and not self._worker_inflight[a]]:
+                del table[address]
+        self._cut_off &= known
+        for address in [a for a, n in self._worker_inflight.items() if not n]:
+            del self._worker_inflight[address]
 
     def _take(self, entry_id: str, job_id: str) -> None:
         assert self._task_group is not None
@@ -440,11 +459,12 @@ class Dispatcher:
         try:
             while self._time_left(job) > 0:
                 if prefer is not None:
-                    entry = self._directory.get(prefer)
-                    if (
-                        self._directory.stale_reason(entry) is None
-                        and self.breaker(prefer).try_acquire()
-                    ):
+                    # the worker its run may go on: stale in the registry but answering (cut
+                    # off from Redis only) still has it, and a copy elsewhere would run twice
+                    fresh = self._directory.stale_reason(self._directory.get(prefer)) is None
+                    if (fresh or await self._answers(prefer)) and self.breaker(
+                        prefer
+                    ).try_acquire():
                         return prefer
                     prefer = None
                 ahead = max((p for p, n in self._waiting.items() if n), default=job.priority)
@@ -502,6 +522,8 @@ class Dispatcher:
                     tg.start_soon(self._watch_worker, address, lost, tg.cancel_scope)
                     tg.start_soon(self._watch_cancel, job.job_id, address)
                     result = await self._admit_and_wait(job, address, token)
+                    if result.kind is CallKind.UNREACHABLE and not result.absent:
+                        result = await self._follow(job, address, token) or result
                     tg.cancel_scope.cancel()
             if deadline.cancelled_caught:
                 result = CallResult(kind=CallKind.DEADLINE, error="deadline passed while running")
@@ -520,24 +542,95 @@ class Dispatcher:
         return result
 
     async def _admit_and_wait(self, job: BatchJob, address: str, token: int) -> CallResult:
-        admission = await self._client.admit(address, job)
+        with anyio.move_on_after(self._admit_timeout) as admitting:
+            admission = await self._client.admit(address, job)
+        if admitting.cancelled_caught:
+            return CallResult(
+                kind=CallKind.UNREACHABLE, error=f"no answer within {self._admit_timeout:g}s"
+            )
         if admission.reply is not Reply.OK:
-            return CallResult(kind=_CALL_KIND[admission.reply], error=admission.error)
+            return CallResult(
+                kind=_CALL_KIND[admission.reply], error=admission.error, absent=admission.absent
+            )
         if admission.running:
             job.state = JobState.RUNNING
             if await self._store.write(job, token) is not WriteResult.WRITTEN:
                 return CallResult(kind=CallKind.SUPERSEDED, error="superseded")
         completion = await self._client.wait(address, job)
         if completion.reply is not Reply.OK:
-            return CallResult(kind=_CALL_KIND[completion.reply], error=completion.error)
+            return CallResult(
+                kind=_CALL_KIND[completion.reply], error=completion.error, absent=completion.absent
+            )
         return CallResult(kind=CallKind.DONE, outcome=completion.outcome)
 
+    async def _follow(self, job: BatchJob, address: str, token: int) -> CallResult | None:
+        """The call broke, but the worker may not be gone: while its report lists the run, the
+        run goes on there. Attach to it again when the worker answers, else learn its outcome
+        from the store once the worker records it. None when the run is not there (or a cancel
+        was asked for): the call failed.
+
+        Bounded by the call's deadline; the worker watch ends it when the worker goes stale and
+        does not answer.
+        """
+        since = job.attempts[-1].started_at + self._admit_timeout
+        said = False
+        tries = 0
+        self._client.forget(address)  # reconnect: the old connection is what broke
+        while True:
+            recorded = await self._recorded_outcome(job)
+            if recorded is not None:
+                return recorded
+            if await self._store.cancel_requested(job.job_id):
+                return None  # stopped where the call cannot follow: decide() ends it
+            entry = self._directory.get(address)
+            fresh = self._directory.stale_reason(entry) is None
+            info = entry.info if entry is not None else None
+            sighting = sight_run(info, fresh=fresh, job_id=job.job_id, since=since)
+            if sighting in (RunSighting.GONE, RunSighting.UNSEEN):
+                return None
+            if not said:
+                said = True
+                self._counts["followed"] += 1
+                how = "lists it" if sighting is RunSighting.GOING else "may have it"
+                log.info("job %s: the call to %s broke, but the worker %s: following the run"
+                         " there", job.job_id, address, how)  # fmt: skip
+            result = await self._admit_and_wait(job, address, token)
+            if result.kind is not CallKind.UNREACHABLE:
+                return result
+            if result.absent:  # nothing listens there any more: the run died with its worker
+                return None
+            self._client.forget(address)
+            # soon at first (a killed worker's port refuses a moment after its connections
+            # reset), then at most once a refresh
+            with anyio.move_on_after(min(1.0, 0.05 * 2**tries)):
+                await self._directory.wait_refreshed()
+            tries += 1
+
+    async def _answers(self, address: str) -> bool:
+        """Whether the worker answers a direct probe (cached for a refresh interval)."""
+        now = self._clock.monotonic()
+        probed = self._probes.get(address)
+        if probed is not None and now - probed[0] < self._config.discovery_interval_seconds:
+            return probed[1]
+        answered = False
+        with anyio.move_on_after(self._config.keepalive_timeout_seconds):
+            answered = await self._client.probe(address)
+        self._probes[address] = (self._clock.monotonic(), answered)
+        if answered and address not in self._cut_off:
+            self._cut_off.add(address)
+            log.warning("worker %s: its report is stale, but it answers: its runs go on there;"
+                        " it gets no new work until it reports again", address)  # fmt: skip
+        elif not answered:
+            self._cut_off.discard(address)
+        return answered
+
     async def _watch_worker(self, address: str, lost: list[str], scope: anyio.CancelScope) -> None:
-        """Cancel the call when the worker goes stale or disappears from the registry."""
+        """Cancel the call when the worker goes stale or disappears from the registry and does
+        not answer a probe either (one that answers is only cut off from the registry)."""
         while True:
             await self._directory.wait_refreshed()
             reason = self._directory.stale_reason(self._directory.get(address))
-            if reason is not None:
+            if reason is not None and not await self._answers(address):
                 lost.append(reason)
                 scope.cancel()
                 return

@@ -93,7 +93,11 @@ class GrpcWorkerClient:
                 return Admission(reply=Reply.OK, running=True)
             return Admission(reply=_reply_for(exc.status), error=_status_text(exc))
         except Exception as exc:
-            return Admission(reply=Reply.UNREACHABLE, error=_failure_text(exc))
+            return Admission(
+                reply=Reply.UNREACHABLE,
+                error=_failure_text(exc),
+                absent=isinstance(exc, ConnectionRefusedError),
+            )
         return Admission(reply=Reply.OK, running=reply.state == wpb.JobState.RUNNING)
 
     async def wait(self, address: str, job: BatchJob) -> Completion:
@@ -104,7 +108,11 @@ class GrpcWorkerClient:
         except GRPCError as exc:
             return Completion(reply=_reply_for(exc.status), error=_status_text(exc))
         except Exception as exc:
-            return Completion(reply=Reply.UNREACHABLE, error=_failure_text(exc))
+            return Completion(
+                reply=Reply.UNREACHABLE,
+                error=_failure_text(exc),
+                absent=isinstance(exc, ConnectionRefusedError),
+            )
         state = from_worker_wire(info.state)
         if state is None:
             return Completion(
@@ -128,6 +136,17 @@ class GrpcWorkerClient:
                 return False
             return True
         return False
+
+    async def probe(self, address: str) -> bool:
+        """GetStatus; True when the worker answered (any status: it is there)."""
+        stub = self._stub(address)
+        try:
+            await _isolated(stub.get_status, wpb.StatusReq())
+        except GRPCError:
+            return True
+        except Exception:
+            return False
+        return True
 
     def forget(self, address: str) -> None:
         """Close the channel to a worker that is gone (the next call reconnects)."""

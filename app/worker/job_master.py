@@ -49,6 +49,7 @@ from app.fleet.limits import MAX_ID_LENGTH, MAX_NAME_LENGTH, params_problem
 from app.fleet.pod_info import PodStatus, WorkerLoad
 from app.worker.job_registry import JobRegistry, JobSpec
 from app.worker.job_run import JobRun
+from app.worker.run_context import RunContext, enter_run, leave_run
 
 log = logging.getLogger(__name__)
 
@@ -253,6 +254,10 @@ class JobMaster:
         """The record of a queued, running or remembered finished job; JobNotFound otherwise."""
         return self._find(job_id).record
 
+    def live(self) -> list[JobRun]:
+        """The runs not finished yet (queued and running): what PodInfo lists as this worker's."""
+        return [r.record for r in self._live.values()]
+
     def jobs(self) -> list[JobRun]:
         """Live runs (queued first, then running), then remembered ones, newest first."""
         return [r.record for r in self._live.values()] + [
@@ -284,6 +289,7 @@ class JobMaster:
         known = self._live.get(job_id) or self._history.get(job_id)
         if known is not None:
             # ids are idempotent: a retried submit must not run the job twice
+            self._attach(known, fencing_token)
             state = known.record.state
             verb = "already ran" if state.finished else "is already"
             raise JobAlreadyExists(f"job {job_id!r} {verb} {state.value}")
@@ -312,6 +318,14 @@ class JobMaster:
         self._live[job_id] = run
         self._counts["accepted"] += 1
         return record
+
+    @staticmethod
+    def _attach(run: _Run, fencing_token: int) -> None:
+        """An orchestrator's newer attempt attaches to a live run: the run is that attempt's now
+        (its outcome is recorded under the newer token, and a check after an absence does not
+        take it for a run that was superseded elsewhere)."""
+        if not run.record.state.finished and fencing_token > run.record.fencing_token:
+            run.record.fencing_token = fencing_token
 
     def _validate(
         self, name: str, job_id: str, params: dict[str, str], timeout_seconds: float
@@ -505,6 +519,16 @@ class JobMaster:
             self._finish(run, state, result=result, error=error, hand_over=outside)
 
     async def _call(self, run: _Run) -> Any:
+        record = run.record
+        entered = enter_run(
+            RunContext(job_id=record.id, name=record.name, fencing_token=record.fencing_token)
+        )
+        try:
+            return await self._call_in_context(run)
+        finally:
+            leave_run(entered)
+
+    async def _call_in_context(self, run: _Run) -> Any:
         spec = run.spec
         if spec.blocking:
             # abandon_on_cancel: a cancel or timeout takes effect now; a thread that ignores
@@ -576,6 +600,7 @@ class JobMaster:
         if known is not None and job_id:
             if known.record.name != name:
                 raise JobAlreadyExists(f"job {job_id!r} exists for job {known.record.name!r}")
+            self._attach(known, fencing_token)
         else:
             self.submit_nowait(
                 name,
@@ -588,6 +613,15 @@ class JobMaster:
 
     async def cancel(self, job_id: str, reason: str = "cancelled by request") -> JobRun:
         """Cancel a queued or running job and wait for its end; a finished one comes back as is."""
+        run = self._stop(job_id, reason)
+        await run.wait_ended()
+        return run.record
+
+    def cancel_nowait(self, job_id: str, reason: str) -> None:
+        """Cancel a queued or running job without waiting for its end (JobNotFound if unknown)."""
+        self._stop(job_id, reason)
+
+    def _stop(self, job_id: str, reason: str) -> _Run:
         run = self._find(job_id)
         if run.record.state is JobState.QUEUED:
             self._queue.remove(run)
@@ -596,8 +630,7 @@ class JobMaster:
             run.cancel_reason = reason
             if run.scope is not None:
                 run.scope.cancel()
-        await run.wait_ended()
-        return run.record
+        return run
 
     def begin_drain(self, grace_seconds: float) -> None:
         """Refuse new work from now on; jobs still running after the grace are cancelled."""

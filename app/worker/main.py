@@ -47,6 +47,7 @@ from app.worker.job_registry import JobRegistry, default_registry, load_job_modu
 from app.worker.outcome_writer import OutcomeWriter
 from app.worker.reporter import ApplicationInfoReportJob, make_identity
 from app.worker.service import WorkerService
+from app.worker.superseded_runs import SupersededRuns
 
 log = logging.getLogger("app.worker")
 
@@ -98,14 +99,12 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             clock = SystemClock()
             # each run an orchestrator asked for leaves its outcome in the job store, under the
             # attempt's fencing token: it outlives the orchestrator that asked
-            outcomes = OutcomeWriter(
-                RedisJobStore(
-                    redis,
-                    job_prefix=config.orchestrator.job_prefix,
-                    retention_seconds=config.orchestrator.retention_seconds,
-                ),
-                clock=clock,
+            job_store = RedisJobStore(
+                redis,
+                job_prefix=config.orchestrator.job_prefix,
+                retention_seconds=config.orchestrator.retention_seconds,
             )
+            outcomes = OutcomeWriter(job_store, clock=clock)
             await tg.start(outcomes.run)
             job_master = JobMaster(
                 registry,
@@ -147,6 +146,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 interval_seconds=config.schedule.report_interval_seconds,
                 retry_max_seconds=config.redis.retry_max_seconds,
                 clock=clock,
+                # back from an absence: stop the runs the fleet started again elsewhere
+                on_return=SupersededRuns(job_store, job_master),
+                unrecorded_ids=outcomes.unwritten_ids,
             )
             service.identity = identity
             service.report_job = report
