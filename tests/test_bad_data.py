@@ -212,6 +212,29 @@ async def test_a_junk_counter_starts_again_and_never_fails_a_script(
 
 
 @pytest.mark.anyio
+async def test_junk_in_the_quarantine_key_does_not_keep_entries_in_the_queue(
+    store: RedisJobStore, client: aioredis.Redis
+) -> None:
+    await client.set(QUARANTINE, "not a stream")
+    await client.xadd(STREAM, {b"job_id": b"\xff"})
+    await store.submit(job("a"), bound=10)
+    await store.submit(job("b"), bound=10)
+    entries = await store.read_new("c1", count=10, block_ms=10)
+    assert [j for _, j in entries] == ["a", "b"]
+    await client.set("wpm-job:a:fence", "junk")
+    with pytest.raises(CorruptRecord) as caught:
+        await store.fence("a")
+    assert await store.quarantine(entries[0][0], caught.value, now=1.0)
+    # both are acked and dropped (there is nowhere to keep them), and said once
+    assert (await client.xpending(STREAM, GROUP))["pending"] == 1
+    assert (await store.get("a")).state is JobState.FAILED  # type: ignore[union-attr]
+    found, quarantined = stats(store)
+    assert found["stream_entry"] == 2  # the poison entry, and the quarantine key
+    assert quarantined["stream_entry"] == quarantined["fencing_token"] == 0
+    assert await client.get(QUARANTINE) == b"not a stream"
+
+
+@pytest.mark.anyio
 async def test_the_quarantine_is_bounded(client: aioredis.Redis) -> None:
     store = RedisJobStore(client, quarantine_maxlen=10)
     await store.ensure_group()

@@ -165,23 +165,26 @@ _CANCEL_TRIES = 10
 
 # KEYS: stream, quarantine, record, fence, counter, channel, cancel
 # ARGV: group, entry id, job id, kind, reason, maxlen, record as read, failed record, retention
-# 0 (nothing done) when the record changed since it was read; else 1
+# 0 (nothing done) when the item was mended since it was read; 1, or 2 when the quarantine
+# key is junk itself (the entry is acked and dropped)
 _QUARANTINE = f"""{_READ}
 if ARGV[7] ~= '' and redis.pcall('GET', KEYS[3]) ~= ARGV[7] then return 0 end
+if ARGV[4] == 'fencing_token' and int_at(KEYS[4]) then return 0 end  -- mended meanwhile
 if ARGV[8] ~= '' then
   -- the fence is junk but the record reads: the job ends here (no holder can write it now)
-  if int_at(KEYS[4]) then return 0 end  -- mended meanwhile: read again
   redis.call('SET', KEYS[3], ARGV[8])
   count_down(KEYS[5])
   redis.call('PUBLISH', KEYS[6], ARGV[8])
 end
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
-           'entry', ARGV[2], 'job_id', ARGV[3], 'kind', ARGV[4], 'reason', ARGV[5])
+-- junk in the quarantine key itself must not keep the entry in the queue: it is dropped then
+local kept = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
+                         'entry', ARGV[2], 'job_id', ARGV[3], 'kind', ARGV[4], 'reason', ARGV[5])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
 -- what is left of the job is kept for the retention, as a finished job's, then expires
 for i = 3, 4 do redis.call('EXPIRE', KEYS[i], ARGV[9]) end
 redis.call('EXPIRE', KEYS[7], ARGV[9])
+if type(kept) == 'table' then return 2 end
 return 1
 """
 #: The quarantine stream keeps about this many entries (MAXLEN ~).
@@ -489,7 +492,14 @@ class RedisJobStore:
             pipe.xadd(self.quarantine_key, record, maxlen=self._quarantine_maxlen, approximate=True)
             pipe.xack(self.stream_key, self.group, entry_id)
             pipe.xdel(self.stream_key, entry_id)
-            await pipe.execute()
+            try:
+                await pipe.execute()
+            except ResponseError as exc:
+                if not _wrong_type(exc):
+                    raise
+                # EXEC does not roll back: the entry is acked and dropped all the same
+                self._quarantine_is_junk()
+                return
         self.bad_data.quarantined(kind)
 
     async def quarantine(self, entry_id: str, problem: CorruptRecord, *, now: float) -> bool:
@@ -530,10 +540,16 @@ class RedisJobStore:
                 f"{key}:cancel"]  # fmt: skip
         args = [self.group, entry_id, job_id, problem.kind.value, problem.problem,
                 self._quarantine_maxlen, as_read, failed, self._retention]  # fmt: skip
-        if not await self._quarantine(keys=keys, args=args):
-            return False
-        self.bad_data.quarantined(problem.kind)
-        return True
+        done = await self._quarantine(keys=keys, args=args)
+        if done == 2:
+            self._quarantine_is_junk()
+        elif done:
+            self.bad_data.quarantined(problem.kind)
+        return bool(done)
+
+    def _quarantine_is_junk(self) -> None:
+        self.bad_data.found(BadDataKind.STREAM_ENTRY, self.quarantine_key, "not a stream",
+                            "entries set aside are acked and dropped, not kept")  # fmt: skip
 
     async def quarantined(self, *, count: int = 100) -> list[Quarantined]:
         """The last `count` entries set aside, oldest first."""
@@ -584,7 +600,8 @@ def _bytes(value: bytes | str) -> bytes:
 
 
 def _wrong_type(exc: ResponseError) -> bool:
-    return str(exc).startswith("WRONGTYPE")
+    """Whether Redis said the key holds another type (a pipeline prefixes its errors)."""
+    return "WRONGTYPE" in str(exc)
 
 
 def text(value: bytes | str, *, lenient: bool = False) -> str:
