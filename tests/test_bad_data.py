@@ -10,6 +10,7 @@ tests/test_stores_contract.py.
 
 from __future__ import annotations
 
+import logging
 import re
 import signal
 import time
@@ -192,7 +193,7 @@ async def test_values_of_the_wrong_type_are_junk_too(
 
 @pytest.mark.anyio
 async def test_a_junk_counter_starts_again_and_never_fails_a_script(
-    store: RedisJobStore, client: aioredis.Redis
+    store: RedisJobStore, client: aioredis.Redis, caplog: pytest.LogCaptureFixture
 ) -> None:
     await client.set("wpm-job-queued:echo", "lots")
     assert await store.queued_count("echo") == 0
@@ -209,6 +210,14 @@ async def test_a_junk_counter_starts_again_and_never_fails_a_script(
     assert await client.get("wpm-job-queued:echo") == b"1"
     found, _ = stats(store)
     assert found["queued_counter"] == 1  # one key, said once
+    await client.delete("wpm-job-queued:other")
+    await client.hset("wpm-job-queued:other", "n", "1")
+    with caplog.at_level(logging.WARNING):
+        assert (await store.submit(job("c", "other"), bound=1))[0].value == "CREATED"
+    (said,) = [r.getMessage() for r in caplog.records if "wpm-job-queued:other" in r.getMessage()]
+    assert said == (
+        "bad data: wpm-job-queued:other: not a string value, so not an integer; reset to 0"
+    )
 
 
 @pytest.mark.anyio

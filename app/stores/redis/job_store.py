@@ -93,23 +93,24 @@ end
 """
 
 # KEYS: record, counter, stream   ARGV: json, bound, job_id
-# {0, record} exists; {2, count} full; {1, entry id, junk counter or ''}; {3} not a string value
+# {0, record} exists; {2, count} full; {3} its record is not a string value;
+# {1, entry id, 1 when the counter was junk, the junk (nil: not a string value)}
 _SUBMIT = f"""{_READ}
 local existing = redis.pcall('GET', KEYS[1])
 if type(existing) == 'table' then return {{3}} end
 if existing then return {{0, existing}} end
 local queued, raw = int_at(KEYS[2])
-local junk = ''
+local junk = 0
 if not queued then
   -- the counter is junk: start it again (the bound is a safety valve, not a ledger)
   redis.call('DEL', KEYS[2])
-  queued, junk = 0, raw or '(not a string value)'
+  queued, junk = 0, 1
 end
 if queued >= tonumber(ARGV[2]) then return {{2, tostring(queued)}} end
 redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1])
 local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[3])
-return {{1, id, junk}}
+return {{1, id, junk, raw}}
 """
 
 # KEYS: record, fence, counter, channel, cancel   ARGV: json, token, final (0/1), retention
@@ -304,7 +305,7 @@ class RedisJobStore:
             return SubmitResult.QUEUE_FULL, None, int(reply[1])
         if reply[2]:
             self.bad_data.found(
-                BadDataKind.QUEUED_COUNTER, keys[2], not_a(reply[2], "an integer"), "reset to 0"
+                BadDataKind.QUEUED_COUNTER, keys[2], not_a(reply[3], "an integer"), "reset to 0"
             )
         return SubmitResult.CREATED, None, 0
 
