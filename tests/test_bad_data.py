@@ -346,10 +346,21 @@ def metric(port: int, name: str, kind: str) -> float:
     )
 
 
+def wait_quarantined(port: int, kind: str, count: int) -> None:
+    """The counter follows the script that moved the entry: wait for it (briefly)."""
+    wait_for(lambda: metric(port, "quarantined", kind) == count, what=f"{count} {kind} counted")
+
+
 def quarantine_ids(client: redis.Redis) -> dict[str, str]:
     """entry id -> kind, of what the quarantine holds."""
     entries: Any = client.xrange(QUARANTINE)
     return {text(fields[b"entry"]): text(fields[b"kind"]) for _, fields in entries}
+
+
+def queue_empty(client: redis.Redis) -> bool:
+    """Nothing pending, nothing in the stream: every entry acked (or quarantined)."""
+    pending: Any = client.xpending(STREAM, GROUP)
+    return pending["pending"] == 0 and client.xlen(STREAM) == 0
 
 
 def test_poison_entries_of_a_killed_orchestrator_are_set_aside_and_its_jobs_finish(
@@ -390,12 +401,11 @@ def test_poison_entries_of_a_killed_orchestrator_are_set_aside_and_its_jobs_fini
     assert fleet.state(res.job) == "SUCCEEDED"
     wait_for(lambda: len(quarantine_ids(redis_client)) == 5, what="5 entries quarantined")
     assert quarantine_ids(redis_client) == {e: "stream_entry" for e in [*poison, ghost]}
-    assert redis_client.xpending(STREAM, GROUP)["pending"] == 0
-    assert redis_client.xlen(STREAM) == 0
+    wait_for(lambda: queue_empty(redis_client), what="the queue empty")  # acks follow the ends
     # each job ran once: the run of held-0 was attached to, its junk outcome ignored
     assert sum(fleet.worker_client(w).status().jobs_accepted for w in workers) == 7
     assert metric(metrics_port, "bad_data", "stream_entry") == 5
-    assert metric(metrics_port, "quarantined", "stream_entry") == 5
+    wait_quarantined(metrics_port, "stream_entry", 5)
     assert metric(metrics_port, "bad_data", "run_outcome") == 1
     assert_said_once(second, [*(f"queue entry {e}:" for e in [*poison, ghost]), outcome_key])
     assert lines_about(second, "claimed job")  # the real jobs were claimed from the dead one
@@ -460,14 +470,14 @@ def test_junk_records_answer_data_loss_and_are_quarantined_while_others_run(
     kinds = quarantine_ids(redis_client)
     assert {e: kinds[e] for e in entries} == dict.fromkeys(entries, "job_record")
     assert sorted(kinds.values()).count("fencing_token") == 1
-    assert redis_client.xlen(STREAM) == 0
+    wait_for(lambda: queue_empty(redis_client), what="the queue empty")
     # a junk record is kept for the retention (to look at), then expires
     assert all(redis_client.ttl(f"wpm-job:{j}") > 0 for j in JUNK_RECORDS)
     for kind, count in (("job_record", 4), ("fencing_token", 1), ("queued_counter", 1),
                         ("job_event", 1), ("stream_entry", 0)):  # fmt: skip
         assert metric(metrics_port, "bad_data", kind) == count, kind
-    assert metric(metrics_port, "quarantined", "job_record") == 4
-    assert metric(metrics_port, "quarantined", "fencing_token") == 1
+    wait_quarantined(metrics_port, "job_record", 4)
+    wait_quarantined(metrics_port, "fencing_token", 1)
     said = [f"wpm-job:{j}:" for j in JUNK_RECORDS]
     assert_said_once(orch, [*said, "wpm-job:fenced:fence", "wpm-job-queued:echo",
                             "wpm-job-events:"])  # fmt: skip
