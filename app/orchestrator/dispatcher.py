@@ -37,6 +37,7 @@ from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage
 from app.core.retry import RetryBudget, RetryPolicy
+from app.errors import BadDataKind, CorruptRecord
 from app.fleet.batch_job import AttemptRecord, BatchJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
@@ -336,20 +337,38 @@ class Dispatcher:
     async def _handle(self, entry_id: str, job_id: str) -> None:
         try:
             job = await self._store.get(job_id)
-            if job is not None and not job.state.finished:
+            if job is None:
+                # never a job's, or kept past its record's retention: nothing to drive
+                where, why = f"queue entry {entry_id}", f"no record of job {job_id!r}"
+                no_record = CorruptRecord(BadDataKind.STREAM_ENTRY, job_id, where, why)
+                await self._set_aside(entry_id, no_record)
+                return
+            if not job.state.finished:
                 await self._drive(job)
                 job = await self._store.get(job_id)
             # ended here or elsewhere (or its record expired): the entry is done with; a job
             # taken over by another orchestrator is acked there
             if job is None or job.state.finished:
                 await self._store.ack(entry_id)
-        except Exception:
-            # the entry stays pending; once its idle time passes, some orchestrator claims it
-            log.exception("dispatching job %s failed; it will be claimed again", job_id)
+        except Exception as exc:
+            if (corrupt := _corrupt(exc)) is not None:
+                await self._set_aside(entry_id, corrupt)
+            else:
+                # the entry stays pending; once its idle time passes, some orchestrator claims it
+                log.exception("dispatching job %s failed; it will be claimed again", job_id)
         finally:
             self._slots.release_on_behalf_of(entry_id)
             del self._entries[entry_id]
             self._slot_freed.set()
+
+    async def _set_aside(self, entry_id: str, problem: CorruptRecord) -> None:
+        """Quarantine the entry of a job that cannot be driven (the store says it once)."""
+        try:
+            if not await self._store.quarantine(entry_id, problem, now=self._clock.timestamp()):
+                # mended meanwhile: the entry stays pending, and is claimed and read again
+                log.info("job %s: its data reads again; it will be claimed again", problem.job_id)
+        except Exception:
+            log.exception("quarantining job %s failed; it will be claimed again", problem.job_id)
 
     # --- one job: decide, then do -----------------------------------------------------------------
 
@@ -666,6 +685,17 @@ class Dispatcher:
             log.warning(
                 "job %s: result of superseded attempt (token %d) refused", job.job_id, token
             )
+
+
+def _corrupt(exc: Exception) -> CorruptRecord | None:
+    """The CorruptRecord that `exc` is, or that ended a task group (alone), else None."""
+    if isinstance(exc, CorruptRecord):
+        return exc
+    if isinstance(exc, ExceptionGroup):
+        found, rest = exc.split(CorruptRecord)
+        if found is not None and rest is None:
+            return _corrupt(found.exceptions[0])
+    return None
 
 
 def _note(attempt: AttemptRecord, call: CallResult, now: float) -> None:

@@ -34,6 +34,7 @@ from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.grpc_worker_client import GrpcWorkerClient
 from app.orchestrator.service import OrchestratorService
 from app.stores.abc import JobEvents, JobStore
+from app.stores.bad_data import BadData
 from app.stores.redis.client import create_redis, wait_for_redis
 from app.stores.redis.job_events import RedisJobEvents
 from app.stores.redis.job_store import RedisJobStore
@@ -52,14 +53,16 @@ async def serve_orchestrator(config: Config) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             redis = create_redis(config.redis)
+            bad_data = BadData()  # junk met in the store: said once, counted in /metrics
             store: JobStore = RedisJobStore(
                 redis,
                 job_prefix=o.job_prefix,
                 stream_key=o.stream_key,
                 group=o.group,
                 retention_seconds=o.retention_seconds,
+                bad_data=bad_data,
             )
-            events: JobEvents = RedisJobEvents(redis, job_prefix=o.job_prefix)
+            events: JobEvents = RedisJobEvents(redis, job_prefix=o.job_prefix, bad_data=bad_data)
             directory = WorkerDirectory(
                 RedisPodRegistry(redis),
                 prefix=config.redis.key_prefix,
@@ -116,7 +119,9 @@ async def serve_orchestrator(config: Config) -> None:
                         tg,
                         host=config.metrics.host,
                         port=config.metrics.port,
-                        collect=lambda: orchestrator_metrics(dispatcher, directory, server),
+                        collect=lambda: orchestrator_metrics(
+                            dispatcher, directory, server, bad_data
+                        ),
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,
                     )

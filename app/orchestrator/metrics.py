@@ -14,12 +14,17 @@ from app.grpc.metrics import grpc_metrics
 from app.grpc.server import GrpcServer
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
+from app.stores.bad_data import BadData
 
 
 def orchestrator_metrics(
-    dispatcher: Dispatcher, directory: WorkerDirectory, server: GrpcServer | None = None
+    dispatcher: Dispatcher,
+    directory: WorkerDirectory,
+    server: GrpcServer | None = None,
+    bad_data: BadData | None = None,
 ) -> list[Metric]:
-    """The dispatcher's counters, each known worker's eligibility and breaker, gRPC's counters."""
+    """The dispatcher's counters, each known worker's eligibility and breaker, gRPC's counters,
+    and the junk found in the store."""
     s = dispatcher.statistics()
     jobs = CounterMetricFamily(
         "jobworker_orchestrator_jobs", "Jobs this orchestrator ended", labels=["state"]
@@ -68,5 +73,22 @@ def orchestrator_metrics(
         breaker.add_metric([entry.address], {b.value: b is stats.state for b in BreakerState})
         opened.add_metric([entry.address], stats.opened_count)
         eligible.add_metric([entry.address], int(dispatcher.eligibility(entry) is None))
+    if bad_data is not None:
+        b = bad_data.statistics()
+        found = CounterMetricFamily(
+            "jobworker_orchestrator_bad_data",
+            "Unreadable items found in the store (each said once in the log)",
+            labels=["kind"],
+        )
+        quarantined = CounterMetricFamily(
+            "jobworker_orchestrator_quarantined",
+            "Queue entries moved to the quarantine stream",
+            labels=["kind"],
+        )
+        for kind, value in b.found.items():
+            found.add_metric([kind], value)
+        for kind, value in b.quarantined.items():
+            quarantined.add_metric([kind], value)
+        out += [found, quarantined]
     grpc = grpc_metrics(server.statistics()) if server is not None else []
     return [*out, breaker, opened, eligible, *grpc]

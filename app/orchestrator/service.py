@@ -6,7 +6,8 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import anyio
 from grpclib.const import Status
@@ -14,6 +15,7 @@ from grpclib.exceptions import GRPCError
 
 from app.config import OrchestratorConfig
 from app.core.clock import utc_iso
+from app.errors import CorruptRecord
 from app.fleet.batch_job import BatchJob, encode_job
 from app.fleet.job_state import to_orchestrator_wire
 from app.fleet.limits import MAX_ID_LENGTH, MAX_NAME_LENGTH, params_problem
@@ -43,6 +45,16 @@ def _check_id(job_id: str) -> None:
     # bounded first: the regex and the store never see a megabyte id
     if len(job_id) > MAX_ID_LENGTH or not _NAME.match(job_id):
         raise _invalid("job_id", f"letters, digits and _.:@/- only, at most {MAX_ID_LENGTH}")
+
+
+@contextmanager
+def _data_loss() -> Iterator[None]:
+    """A job whose stored data does not read answers DATA_LOSS with the one-line reason (the
+    store has said it in the log, once), never UNKNOWN."""
+    try:
+        yield
+    except CorruptRecord as exc:
+        raise GRPCError(Status.DATA_LOSS, str(exc)) from None
 
 
 def job_message(job: BatchJob) -> pb.Job:
@@ -167,10 +179,12 @@ class OrchestratorService(pb.OrchestratorServiceBase):
     async def submit(self, message: pb.BatchExecutionRequest) -> pb.SubmitResponse:
         """Queue a job and answer at once: its id, its state, and whether the id existed already.
 
-        UNAVAILABLE while draining, INVALID_ARGUMENT or NOT_FOUND for a bad request, and
-        RESOURCE_EXHAUSTED when the job type's queue is full.
+        UNAVAILABLE while draining, INVALID_ARGUMENT or NOT_FOUND for a bad request,
+        RESOURCE_EXHAUSTED when the job type's queue is full, and DATA_LOSS when the id's
+        existing record does not read.
         """
-        job, existing = await self._submit(message)
+        with _data_loss():
+            job, existing = await self._submit(message)
         return pb.SubmitResponse(
             job_id=job.job_id, state=to_orchestrator_wire(job.state), existing=existing
         )
@@ -181,21 +195,24 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         For an id that exists already, it waits for that job. Past the job's deadline plus 5 s the
         record comes back as it is then.
         """
-        job, _ = await self._submit(message)
-        # the dispatcher ends the job at its deadline; wait a little past it for that write
-        deadline = anyio.current_time() + max(0.0, job.deadline_at - time.time()) + 5.0
-        final = await wait_finished(self._store, self._events, job.job_id, deadline=deadline)
+        with _data_loss():
+            job, _ = await self._submit(message)
+            # the dispatcher ends the job at its deadline; wait a little past it for that write
+            deadline = anyio.current_time() + max(0.0, job.deadline_at - time.time()) + 5.0
+            final = await wait_finished(self._store, self._events, job.job_id, deadline=deadline)
         return pb.BatchExecutionResponse(job=job_message(final or job))
 
     async def get_job(self, message: pb.JobRequest) -> pb.Job:
-        """The job's record; INVALID_ARGUMENT for an empty id, NOT_FOUND when there is none."""
+        """The job's record; INVALID_ARGUMENT for an empty id, NOT_FOUND when there is none,
+        DATA_LOSS when it does not read."""
         return job_message(await self._get(message.job_id))
 
     async def _get(self, job_id: str) -> BatchJob:
         if not job_id:
             raise _invalid("job_id", "must not be empty")
         _check_id(job_id)
-        job = await self._store.get(job_id)
+        with _data_loss():
+            job = await self._store.get(job_id)
         if job is None:
             raise GRPCError(Status.NOT_FOUND, f"no job with id {job_id!r}")
         return job
@@ -209,7 +226,8 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         job = await self._get(message.job_id)
         if job.state.finished:
             return job_message(job)
-        after = await self._dispatcher.cancel(job.job_id)
+        with _data_loss():
+            after = await self._dispatcher.cancel(job.job_id)
         return job_message(after or job)
 
     async def list_workers(self, message: pb.ListWorkersRequest) -> pb.ListWorkersResponse:
