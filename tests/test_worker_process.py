@@ -588,6 +588,39 @@ def test_user_jobs_from_a_module(
     assert err.details() == "params.n: Expected `int`, got `str`"
 
 
+def test_job_modules_are_found_in_the_current_directory(
+    tmp_path: Path, worker_env: dict[str, str]
+) -> None:
+    """`jobworker worker --jobs myjobs` from the folder of myjobs.py, through the console script
+    (whose own folder, not the current one, is first on its path; `python -m` would hide it)."""
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "myjobs.py").write_text(
+        "from app import job\n\n\n@job\nasync def hello() -> str:\n    return 'hi'\n"
+    )
+    script = Path(sys.executable).parent / "jobworker"
+    assert script.is_file(), "the venv has no jobworker console script"
+    env = {**worker_env, "PYTHONPATH": ""}  # the project is installed; the folder is not on it
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(script), "worker", "--jobs", "myjobs"], env=env, cwd=folder,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            wait_for(
+                lambda: process.poll() is not None or "worker ready" in log_path.read_text(),
+                timeout=20,
+                what="the worker to start or exit",
+            )
+            text = log_path.read_text()
+            assert process.poll() is None, text
+            assert re.search(r"worker ready: .*jobs \S*\bhello\b", text), text
+        finally:
+            process.kill()
+            process.wait(10)
+
+
 @BOTH_PATHS
 def test_cli_clients(worker_env: dict[str, str], start_worker: StartWorker) -> None:
     worker = start_worker(worker_env)

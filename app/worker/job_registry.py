@@ -20,6 +20,8 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
+import sys
 import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, overload
@@ -158,7 +160,17 @@ def job(
 
 
 def load_job_modules(modules: Iterable[str], *, key: str = "worker.job_modules") -> None:
-    """Import each module so that its `@job` functions register; ConfigError when one fails."""
+    """Import each module so that its `@job` functions register; ConfigError when one fails.
+
+    The current directory is on the import path first, as `python -m` puts it: the `jobworker`
+    script's own path is its bin folder, so `--jobs myjobs` beside `myjobs.py` found nothing.
+    """
+    modules = list(modules)
+    if modules:
+        here = os.getcwd()
+        if here not in sys.path:
+            sys.path.insert(0, here)
+            importlib.invalidate_caches()
     for module in modules:
         try:
             importlib.import_module(module)
