@@ -291,19 +291,45 @@ def test_port_falls_back_to_a_neighbour_and_is_remembered(
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", taken + 1)) != 0:
                 break
+    # no port given: the worker starts at grpc.default_port and chooses a neighbour itself
+    env = {k: v for k, v in worker_env.items() if k != "JOBWORKER_GRPC__PORT"}
+    env["JOBWORKER_GRPC__DEFAULT_PORT"] = str(taken)
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", taken))
         blocker.listen()
-        worker = start_worker({**worker_env, "JOBWORKER_GRPC__PORT": str(taken)})
+        worker = start_worker(env)
         assert worker.port == taken + 1
     last_port = tmp_path / "state" / "jobworker" / "last-port"
     assert last_port.read_text().strip() == str(taken + 1)
     worker.signal()
     assert worker.wait_exit() == 0
-    # no port configured: the next start begins at the last port used
-    env = {k: v for k, v in worker_env.items() if k != "JOBWORKER_GRPC__PORT"}
+    # the next start begins at the last port it chose, though the default is free again
     again = start_worker(env)
     assert again.port == taken + 1
+
+
+def test_a_port_given_explicitly_is_never_remembered(
+    tmp_path: Path, worker_env: dict[str, str], start_worker: StartWorker
+) -> None:
+    chosen, one_off = free_port(), free_port()
+    env = {k: v for k, v in worker_env.items() if k != "JOBWORKER_GRPC__PORT"}
+    env["JOBWORKER_GRPC__DEFAULT_PORT"] = str(chosen)
+    last_port = tmp_path / "state" / "jobworker" / "last-port"
+    first = start_worker(env)  # chose its port itself: remembered
+    assert first.port == chosen
+    assert last_port.read_text().strip() == str(chosen)
+    first.signal()
+    assert first.wait_exit() == 0
+    for given in (["--port", str(one_off)], []):  # the flag, then grpc.port in the environment
+        extra = {} if given else {"JOBWORKER_GRPC__PORT": str(one_off)}
+        once = start_worker({**env, **extra}, *given)
+        assert once.port == one_off
+        once.signal()
+        assert once.wait_exit() == 0
+        assert last_port.read_text().strip() == str(chosen)
+    # a later plain start goes back to the port it chose itself, not the one-off
+    plain = start_worker(env)
+    assert plain.port == chosen
 
 
 def test_9091_taken_falls_back_to_9092(

@@ -130,7 +130,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 limits=limits_from(config.grpc),
             )
             port = await tg.start(server.run, port_candidates(config, env))
-            if config.grpc.remember_port:
+            if config.grpc.remember_port and config.grpc.port is None:
+                # only a port the worker chose itself: a one-off `--port` must not become
+                # every later plain start's port
                 write_last_port(state_dir(env) / LAST_PORT_FILE, port)
             identity = make_identity(
                 config.grpc.advertise_port or port,
