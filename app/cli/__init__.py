@@ -14,6 +14,11 @@ from app.cli import clients, cron, launcher
 from app.cli.runtime import EXIT_CONFIG
 from app.errors import ConfigError
 
+WRONG_TIER_HINT = (
+    "is --target the right tier? status, submit, job, cancel and health ask a worker;"
+    " jobs and workers ask an orchestrator"
+)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line: every subcommand of every module."""
@@ -44,6 +49,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _client_failure(exc: Exception) -> int:
     """One line for what a person can act on; a traceback only for what is a bug."""
+    from grpclib.const import Status
     from grpclib.exceptions import GRPCError
 
     if isinstance(exc, GRPCError):
@@ -53,7 +59,15 @@ def _client_failure(exc: Exception) -> int:
         message = exc.message or ""
         if hint is not None and "retry after" not in message:
             message += f" (retry after {hint.retry_delay_seconds:g}s)"
-        print(f"jobworker: {exc.status.name}: {message}", file=sys.stderr)
+        if exc.status is Status.UNIMPLEMENTED or message == "Missing content-type header":
+            # grpclib's own server answers a method it lacks without a content-type
+            message += f"; {WRONG_TIER_HINT}"
+        said = (
+            f"jobworker: {exc.status.name}: {message}"
+            if message
+            else f"jobworker: {exc.status.name}"
+        )
+        print(said, file=sys.stderr)
         return 1
     if isinstance(exc, OSError | TimeoutError):
         print(f"jobworker: {type(exc).__name__}: {exc}", file=sys.stderr)

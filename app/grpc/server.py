@@ -22,7 +22,9 @@ from typing import Any
 
 import anyio
 import anyio.abc
+from grpclib.const import Status
 from grpclib.events import RecvRequest, listen
+from grpclib.exceptions import GRPCError
 from grpclib.health.check import ServiceStatus
 from grpclib.health.service import OVERALL, Health
 from grpclib.health.v1 import health_pb2
@@ -58,6 +60,36 @@ def _descriptor_pool() -> Any:
     return pool
 
 
+class _Health(Health):
+    """grpclib's health service, whose NOT_FOUND says which names it knows (it said nothing)."""
+
+    async def Check(self, stream: Any) -> None:
+        """`grpc.health.v1.Health/Check`; an unknown service is NOT_FOUND naming the known."""
+        request = await stream.recv_message()
+        if request is not None and request.service not in self._checks:
+            known = ", ".join(name or '"" (the whole server)' for name in sorted(self._checks))
+            raise GRPCError(
+                Status.NOT_FOUND,
+                f"no health status for service {request.service!r}; known: {known}",
+            )
+        await super().Check(_Replayed(stream, request))  # type: ignore[arg-type]
+
+
+class _Replayed:
+    """`stream` whose first message, already read, is read again."""
+
+    def __init__(self, stream: Any, message: Any) -> None:
+        self._stream = stream
+        self._message = message
+
+    async def recv_message(self) -> Any:
+        message, self._message = self._message, None
+        return message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
 class GrpcServer:
     """Serves `services` until cancelled. `port` is known once `run` has reported started.
 
@@ -76,7 +108,7 @@ class GrpcServer:
         self._status = ServiceStatus()
         checks = {service: [self._status] for service in services}
         checks[OVERALL] = [self._status]
-        health = Health(checks)
+        health = _Health(checks)
         all_services = guard_services(
             ServerReflection.extend([*services, health], pool=_descriptor_pool())
         )

@@ -489,6 +489,8 @@ class _FastProcessor(EventsProcessor):
     # --- h2 events ----------------------------------------------------------------------------
 
     def process_request_received(self, event: RequestReceived) -> None:
+        if self._refuse_unknown_method(event):
+            return
         call = self._unary_call(event)
         if call is None:
             self._counts.general += 1
@@ -502,6 +504,42 @@ class _FastProcessor(EventsProcessor):
         connection.last_stream_created = time.monotonic()
         self._calls[call.stream_id] = call
         # HEADERS with END_STREAM (no message) comes with a StreamEnded event, which starts it
+
+    def _refuse_unknown_method(self, event: RequestReceived) -> bool:
+        """Answer UNIMPLEMENTED, naming the services served, for a well-formed call to a method
+        this server lacks; False for anything else (grpclib's path answers it).
+
+        grpclib answers it without a content-type, which grpclib and grpc-go clients report as
+        `UNKNOWN: Missing content-type header`: a client pointed at the wrong tier learnt nothing.
+        """
+        headers: _Headers = event.headers  # type: ignore[assignment]
+        stream_id = event.stream_id
+        if stream_id is None or not headers:
+            return False
+        fields = dict(headers)
+        path = fields.get(":path")
+        if (
+            path is None
+            or path in self.fast_handler.mapping
+            or fields.get(":method") != "POST"
+            or fields.get("content-type") not in self._accepted_content_types
+        ):
+            return False
+        services = sorted({name.split("/")[1] for name in self.fast_handler.mapping})
+        ours = [s for s in services if not s.startswith("grpc.")]
+        message = f"unknown method {path}: this server serves {', '.join(ours or services)}"
+        self._refused.add(stream_id)
+        headers_out = self._response_headers()
+        headers_out.append(("grpc-status", str(Status.UNIMPLEMENTED.value)))
+        headers_out.append(("grpc-message", encode_grpc_message(message[:512])))
+        with contextlib.suppress(h2.exceptions.ProtocolError):
+            self._h2.send_headers(stream_id, headers_out, end_stream=True)
+        h2_stream = self._h2.streams.get(stream_id)
+        if h2_stream is not None and not h2_stream.closed:
+            # the request's DATA is not wanted (RST_STREAM(NO_ERROR), as after an early reply)
+            self._h2.reset_stream(stream_id, error_code=ErrorCodes.NO_ERROR)
+        self._schedule_flush()
+        return True
 
     def _unary_call(self, event: RequestReceived) -> _Call | None:
         """A call for the fast path, or None for grpclib's (which answers odd requests)."""
