@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,7 +14,7 @@ import pytest
 import redis
 
 from tests.grpc_clients import grpcurl
-from tests.helpers import BOTH_PATHS, ROOT, RedisServer
+from tests.helpers import BOTH_PATHS, ROOT, RedisServer, wait_for
 from tests.test_orchestrator import Fleet
 
 
@@ -31,6 +33,27 @@ def fleet(
 def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "app", *args], env=env, capture_output=True,
                           text=True, timeout=timeout, cwd=ROOT, check=False)  # fmt: skip
+
+
+@pytest.fixture
+def start_cli() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Start CLI processes (output piped), killed at teardown if the test left them running."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+        started.append(subprocess.Popen(
+            [sys.executable, "-m", "app", *args], env=env, text=True, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        ))  # fmt: skip
+        return started[-1]
+
+    try:
+        yield start
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+            process.communicate(timeout=10)
 
 
 @BOTH_PATHS
@@ -73,3 +96,49 @@ def test_health_of_an_unknown_service_names_the_known(fleet: Fleet) -> None:
     )
     known = cli(env, "health", "--target", worker.target, "--service", "worker.WorkerService")
     assert (known.returncode, known.stdout.strip()) == (0, "SERVING")
+
+
+def test_waiting_for_a_job_has_no_time_limit_unless_asked(
+    fleet: Fleet, start_cli: Callable[..., subprocess.Popen[str]]
+) -> None:
+    """`--wait` and `jobs watch` ended after 10 s (`TimeoutError: `) while the job ran on."""
+    worker = fleet.worker()
+    orchestrator = fleet.orchestrator()
+    env = fleet.env()
+    seconds = "11"  # past the 10 s the waits used to end at
+    began = time.monotonic()
+    direct = start_cli(env, "submit", "--target", worker.target, "sleep", "-p",
+                       f"seconds={seconds}", "--id", "direct", "--wait")  # fmt: skip
+    fleet_wait = start_cli(env, "jobs", "submit", "--target", orchestrator.target, "sleep", "-p",
+                           f"seconds={seconds}", "--id", "queued", "--wait")  # fmt: skip
+    watched = start_cli(env, "jobs", "submit", "--target", orchestrator.target, "sleep", "-p",
+                        f"seconds={seconds}", "--id", "watched")  # fmt: skip
+    assert watched.wait(30) == 0, watched.communicate()[1]
+    watch = start_cli(env, "jobs", "watch", "--target", orchestrator.target, "watched")
+    # asked for a limit: it ends then, saying so, and the job runs on
+    limited = cli(env, "jobs", "submit", "--target", orchestrator.target, "sleep", "-p",
+                  f"seconds={seconds}", "--id", "limited", "--wait", "--timeout", "1")  # fmt: skip
+    assert limited.returncode == 1
+    assert limited.stderr.strip() == (
+        f"jobworker: TimeoutError: no answer from {orchestrator.target} within 1s (--timeout)"
+    )
+    got = cli(env, "jobs", "get", "--target", orchestrator.target, "limited")
+    assert json.loads(got.stdout)["state"] in ("DISPATCHED", "RUNNING"), got.stdout
+    outputs = {}
+    for name, process in (("direct", direct), ("fleet", fleet_wait), ("watch", watch)):
+        out, err = process.communicate(timeout=60)
+        outputs[name] = out
+        assert process.returncode == 0, f"{name}: {err}"
+        assert "TimeoutError" not in err
+    assert time.monotonic() - began > 10.5
+    assert json.loads(outputs["direct"])["state"] == "SUCCEEDED"
+    assert json.loads(outputs["fleet"])["job"]["state"] == "SUCCEEDED"
+    states = [json.loads(line)["state"] for line in outputs["watch"].splitlines()]
+    assert states[-1] == "SUCCEEDED", states
+    assert len(states) >= 2, states  # the state it had when watched, then each change
+    final = wait_for(
+        lambda: json.loads(cli(env, "jobs", "get", "--target", orchestrator.target,
+                               "limited").stdout)["state"] == "SUCCEEDED",
+        timeout=20, what="the job whose wait was limited to end",
+    )  # fmt: skip
+    assert final

@@ -1,7 +1,9 @@
 """Client commands for people and probes: a worker's status, jobs and health; an orchestrator's.
 
 Each opens one grpclib channel to `--target`, makes its call under `--timeout`, prints the answer
-as JSON and exits 0 (1 when the call failed or the job did not succeed).
+as JSON and exits 0 (1 when the call failed or the job did not succeed). Waiting for a job
+(`--wait`, `jobs watch`) has no time limit unless `--timeout` asks for one: the connection is
+bounded instead, and keepalive pings notice a server that goes silent meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +22,13 @@ T = TypeVar("T")
 
 DEFAULT_TARGET = "localhost:9091"
 DEFAULT_ORCHESTRATOR = "localhost:9090"
+#: an answer that is not a job's outcome, unless --timeout says otherwise
+DEFAULT_TIMEOUT_SECONDS = 10.0
+#: waiting for a job without a time limit: the connection to the server still has one
+CONNECT_TIMEOUT_SECONDS = 10.0
+# while a job runs no data flows: pings show the server is still there (the servers accept
+# the orchestrator's, every 2 s)
+KEEPALIVE_SECONDS = 10.0
 
 
 def _split_target(target: str) -> tuple[str, int]:
@@ -29,20 +38,46 @@ def _split_target(target: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _client_call(target: str, call: Callable[[Any], Awaitable[T]], timeout: float) -> T:
-    """Open a channel to `target`, run `call(channel)` under `timeout`, close the channel."""
+def _timeout(args: argparse.Namespace) -> float | None:
+    """`--timeout`, else none for a wait on a job's end (`--wait`, `watch`), else the default."""
+    if args.timeout is not None:
+        return float(args.timeout)
+    if getattr(args, "wait", False) or getattr(args, "action", None) == "watch":
+        return None
+    return DEFAULT_TIMEOUT_SECONDS
+
+
+def _client_call(target: str, call: Callable[[Any], Awaitable[T]], timeout: float | None) -> T:
+    """Open a channel to `target`, run `call(channel)` under `timeout` (None: connecting is
+    bounded, the answer is not), close the channel."""
     from grpclib.client import Channel
+    from grpclib.config import Configuration
 
     from app.grpc.status import StatusDetailsCodec
 
     host, port = _split_target(target)
+    config = Configuration(
+        _keepalive_time=KEEPALIVE_SECONDS,
+        _keepalive_timeout=KEEPALIVE_SECONDS,
+        _keepalive_permit_without_calls=False,
+        _http2_max_pings_without_data=0,
+    )
 
     async def main() -> T:
         # RetryInfo in a status is decoded into GRPCError.details (see app.cli._client_failure)
-        channel = Channel(host, port, status_details_codec=StatusDetailsCodec())
+        channel = Channel(host, port, status_details_codec=StatusDetailsCodec(), config=config)
         try:
-            with anyio.fail_after(timeout):
-                return await call(channel)
+            if timeout is not None:
+                with anyio.move_on_after(timeout):
+                    return await call(channel)
+                raise TimeoutError(f"no answer from {target} within {timeout:g}s (--timeout)")
+            with anyio.move_on_after(CONNECT_TIMEOUT_SECONDS) as connecting:
+                await channel.__connect__()
+            if connecting.cancelled_caught:
+                raise TimeoutError(
+                    f"cannot connect to {target} within {CONNECT_TIMEOUT_SECONDS:g}s"
+                )
+            return await call(channel)
         finally:
             channel.close()
 
@@ -57,7 +92,7 @@ def _status(args: argparse.Namespace) -> int:
     from app.pb import worker as pb
 
     res = _client_call(
-        args.target, lambda ch: pb.WorkerServiceStub(ch).get_status(pb.StatusReq()), args.timeout
+        args.target, lambda ch: pb.WorkerServiceStub(ch).get_status(pb.StatusReq()), _timeout(args)
     )
     _print_message(res)
     return 0
@@ -89,7 +124,7 @@ def _submit(args: argparse.Namespace) -> int:
         stub = pb.WorkerServiceStub(ch)
         return await (stub.run_work(req) if args.wait else stub.send_work(req))
 
-    res = _client_call(args.target, call, args.timeout)
+    res = _client_call(args.target, call, _timeout(args))
     _print_message(res)
     ok = not args.wait or res.state == pb.JobState.SUCCEEDED
     return 0 if ok else 1
@@ -103,7 +138,7 @@ def _job(args: argparse.Namespace) -> int:
         ref = pb.JobRef(id=args.id)
         return stub.cancel_job(ref) if args.command == "cancel" else stub.get_job(ref)
 
-    _print_message(_client_call(args.target, call, args.timeout))
+    _print_message(_client_call(args.target, call, _timeout(args)))
     return 0
 
 
@@ -115,7 +150,7 @@ def _health(args: argparse.Namespace) -> int:
     async def call(ch: Any) -> Any:
         return await HealthStub(ch).Check(HealthCheckRequest(service=args.service))
 
-    res = _client_call(args.target, call, args.timeout)
+    res = _client_call(args.target, call, _timeout(args))
     status = HealthCheckResponse.ServingStatus.Name(res.status)
     print(status)
     return 0 if res.status == HealthCheckResponse.SERVING else 1
@@ -146,7 +181,7 @@ def _jobs(args: argparse.Namespace) -> int:
             return None
         return await (stub.cancel_job(ref) if args.action == "cancel" else stub.get_job(ref))
 
-    res = _client_call(args.target, call, args.timeout)
+    res = _client_call(args.target, call, _timeout(args))
     if res is None:
         return 0
     _print_message(res)
@@ -161,7 +196,7 @@ def _workers(args: argparse.Namespace) -> int:
     res = _client_call(
         args.target,
         lambda ch: pb.OrchestratorServiceStub(ch).list_workers(pb.ListWorkersRequest()),
-        args.timeout,
+        _timeout(args),
     )
     _print_message(res)
     return 0
@@ -179,7 +214,12 @@ def add_parsers(sub: Any) -> None:
     ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help_)
         p.add_argument("--target", default=target, help=f"HOST:PORT (default {target})")
-        p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the answer")
+        p.add_argument(
+            "--timeout",
+            type=float,
+            help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_SECONDS:g};"
+            " no limit for --wait and watch)",
+        )
         p.set_defaults(func=func)
         return p
 
