@@ -240,13 +240,16 @@ class MetricsConfig(_Section, frozen=True):
 
 
 class LogConfig(_Section, frozen=True):
-    """The log level of every role: DEBUG, INFO, WARNING or ERROR (in any case)."""
+    """The log level of every role: DEBUG, INFO, WARNING or ERROR (in any case); the format."""
 
     level: str = "INFO"
+    # "text" for people, "json" for a log pipeline: one object per line
+    format: str = "text"
 
     def __post_init__(self) -> None:
         levels = ("DEBUG", "INFO", "WARNING", "ERROR")
         _check(self.level.upper() in levels, "level", f"must be one of {', '.join(levels)}")
+        _check(self.format in ("text", "json"), "format", "must be text or json")
 
 
 class Config(_Section, frozen=True):

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from app.cli.logs import FORMATS
 from app.cli.runtime import run_async, setup_logging
 from app.config import load_config
 from app.errors import ConfigError
@@ -25,9 +26,10 @@ def _worker(args: argparse.Namespace) -> int:
         overrides["grpc.port"] = args.port
     if args.host is not None:
         overrides["grpc.host"] = args.host
+    overrides.update(log_overrides(args))
     env = dict(os.environ)
     config = load_config(env, profile=args.profile, config_dir=args.config_dir, overrides=overrides)
-    setup_logging(config.log.level)
+    setup_logging(config.log.level, config.log.format)
     registry = build_job_registry(config, args.jobs)
     _run_service(lambda: serve_worker(config, registry, env))
     return 0
@@ -55,12 +57,25 @@ def _orchestrator(args: argparse.Namespace) -> int:
         overrides["orchestrator.port"] = args.port
     if args.host is not None:
         overrides["orchestrator.host"] = args.host
+    overrides.update(log_overrides(args))
     config = load_config(
         dict(os.environ), profile=args.profile, config_dir=args.config_dir, overrides=overrides
     )
-    setup_logging(config.log.level)
+    setup_logging(config.log.level, config.log.format)
     _run_service(lambda: serve_orchestrator(config))
     return 0
+
+
+def add_log_options(parser: argparse.ArgumentParser) -> None:
+    """`--log-format` (log.format) on a role's command."""
+    parser.add_argument(
+        "--log-format", choices=FORMATS, help="text (default) or json: one object per line"
+    )
+
+
+def log_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config overrides of `add_log_options`' options."""
+    return {"log.format": args.log_format} if args.log_format is not None else {}
 
 
 def add_parsers(sub: Any) -> None:
@@ -77,6 +92,7 @@ def add_parsers(sub: Any) -> None:
     )
     worker.add_argument("--port", type=int, help="first gRPC port to try (grpc.port)")
     worker.add_argument("--host", help="address to bind (grpc.host)")
+    add_log_options(worker)
     worker.set_defaults(func=_worker)
 
     orchestrator = sub.add_parser("orchestrator", help="run the gateway: queue, balance, delegate")
@@ -86,4 +102,5 @@ def add_parsers(sub: Any) -> None:
     )
     orchestrator.add_argument("--port", type=int, help="first gRPC port to try (orchestrator.port)")
     orchestrator.add_argument("--host", help="address to bind (orchestrator.host)")
+    add_log_options(orchestrator)
     orchestrator.set_defaults(func=_orchestrator)

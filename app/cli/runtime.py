@@ -15,13 +15,11 @@ T = TypeVar("T")
 EXIT_CONFIG = 2
 
 
-def setup_logging(level: str) -> None:
-    """Log lines to stderr at `level`, one format for every role."""
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def setup_logging(level: str, log_format: str = "text") -> None:
+    """Log lines to stderr at `level`, in `log_format` (text or json), the same for every role."""
+    from app.cli.logs import log_handler
+
+    logging.basicConfig(level=level.upper(), handlers=[log_handler(log_format, sys.stderr)])
 
 
 def run_async(fn: Callable[[], Awaitable[T]]) -> T:

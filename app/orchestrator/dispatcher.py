@@ -35,6 +35,7 @@ from app.core.balancer import Candidate, LoadBalancer
 from app.core.breaker import BreakerConfig, CircuitBreaker
 from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
+from app.core.log_context import bind_log_fields, unbind_log_fields
 from app.core.outage import Outage
 from app.core.retry import RetryBudget, RetryPolicy
 from app.errors import BadDataKind, CorruptRecord
@@ -305,7 +306,8 @@ class Dispatcher:
                 continue
             for entry_id, job_id in claimed:
                 if entry_id not in self._entries:
-                    log.info("claimed job %s from an orchestrator that stopped", job_id)
+                    log.info("claimed job %s from an orchestrator that stopped", job_id,
+                             extra={"job_id": job_id})  # fmt: skip
                     self._counts["claimed"] += 1
                     self._take(entry_id, job_id)
 
@@ -335,6 +337,8 @@ class Dispatcher:
         self._task_group.start_soon(self._handle, entry_id, job_id, name=f"job {job_id}")
 
     async def _handle(self, entry_id: str, job_id: str) -> None:
+        # this task's own context: every line it logs is the job's
+        bind_log_fields(job_id=job_id)
         try:
             job = await self._store.get(job_id)
             if job is None:
@@ -401,7 +405,7 @@ class Dispatcher:
                     log.info("job %s: not retried, the record is %s", job.job_id, written.name)
                     return
                 log.info("job %s: attempt %d %s; retrying", job.job_id, len(job.attempts),
-                         step.reason)  # fmt: skip
+                         step.reason, extra=_worker_of(job))  # fmt: skip
                 self._counts["retries"] += 1
                 continue
             address = await self._before_attempt(job, step)
@@ -533,6 +537,7 @@ class Dispatcher:
         lost: list[str] = []
         result: CallResult | None = None
         self._worker_inflight[address] += 1
+        logged = bind_log_fields(worker=address)  # the call's lines, its watchers' too
         try:
             with anyio.move_on_after(
                 max(0.0, job.deadline_at - self._clock.timestamp())
@@ -549,6 +554,7 @@ class Dispatcher:
             elif lost:
                 result = CallResult(kind=CallKind.LOST, error=f"worker lost: {lost[0]}")
         finally:
+            unbind_log_fields(logged)
             self._worker_inflight[address] -= 1
         assert result is not None
         if result.kind in (CallKind.UNREACHABLE, CallKind.LOST):
@@ -638,7 +644,8 @@ class Dispatcher:
         if answered and address not in self._cut_off:
             self._cut_off.add(address)
             log.warning("worker %s: its report is stale, but it answers: its runs go on there;"
-                        " it gets no new work until it reports again", address)  # fmt: skip
+                        " it gets no new work until it reports again", address,
+                        extra={"worker": address})  # fmt: skip
         elif not answered:
             self._cut_off.discard(address)
         return answered
@@ -676,7 +683,7 @@ class Dispatcher:
             self._counts[step.state.value] += 1
             log.info("job %s (%s) %s after %d attempt(s)%s", job.job_id, job.job_type,
                      step.state.value, len(job.attempts),
-                     f": {step.error}" if step.error else "")  # fmt: skip
+                     f": {step.error}" if step.error else "", extra=_worker_of(job))  # fmt: skip
             if step.stop_on is not None:
                 self._stop_soon(step.stop_on, job.job_id)
         elif written is WriteResult.SUPERSEDED:
@@ -696,6 +703,11 @@ def _corrupt(exc: Exception) -> CorruptRecord | None:
         if found is not None and rest is None:
             return _corrupt(found.exceptions[0])
     return None
+
+
+def _worker_of(job: BatchJob) -> dict[str, str]:
+    """The log field naming the worker of the job's last attempt (none before the first)."""
+    return {"worker": job.attempts[-1].worker} if job.attempts else {}
 
 
 def _note(attempt: AttemptRecord, call: CallResult, now: float) -> None:

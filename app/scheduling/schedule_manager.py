@@ -41,6 +41,7 @@ import msgspec
 
 from app.core.clock import Clock, LoopClock, SystemClock
 from app.core.lifecycle import Lifecycle
+from app.core.log_context import bind_log_fields
 from app.scheduling.decisions import (
     Decision,
     DecisionKind,
@@ -517,6 +518,7 @@ class ScheduleManager:
                     v.kind,
                     tick_label(v.tick),
                     v.reason,
+                    extra={"schedule": schedule.name},
                 )
 
     def _start(self, schedule: _Schedule, verdict: Verdict) -> None:
@@ -535,6 +537,8 @@ class ScheduleManager:
         )
 
     async def _run(self, schedule: _Schedule, run: _Run, previous: list[_Run]) -> None:
+        # this run's own task (its context is its own): all its lines are the schedule's
+        bind_log_fields(schedule=schedule.name)
         try:
             for old in previous:  # REPLACE: the new run starts once the old one has ended
                 await old.wait_ended()

@@ -36,6 +36,7 @@ import msgspec
 
 from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
+from app.core.log_context import bind_log_fields, unbind_log_fields
 from app.errors import (
     Draining,
     InvalidJobRequest,
@@ -403,7 +404,8 @@ class JobMaster:
         if self.draining and not self._live:
             self._wakeup.set()  # the drain is complete
         if state is JobState.FAILED:
-            log.info("job %s (%s) failed: %s", record.id, record.name, error)
+            log.info("job %s (%s) failed: %s", record.id, record.name, error,
+                     extra={"job_id": record.id})  # fmt: skip
         if self._on_finished is not None:
             self._on_finished(record)
 
@@ -523,9 +525,12 @@ class JobMaster:
         entered = enter_run(
             RunContext(job_id=record.id, name=record.name, fencing_token=record.fencing_token)
         )
+        # the job's own log lines (its worker thread's too) carry its id
+        logged = bind_log_fields(job_id=record.id)
         try:
             return await self._call_in_context(run)
         finally:
+            unbind_log_fields(logged)
             leave_run(entered)
 
     async def _call_in_context(self, run: _Run) -> Any:

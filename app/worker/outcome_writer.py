@@ -91,7 +91,8 @@ class OutcomeWriter:
             # the store has been away for that long: the orchestrator that asked may still get
             # the outcome over RunWork; only a takeover then runs the job again
             if not self.dropped:
-                log.warning("run outcomes queue full: outcomes dropped (e.g. job %s)", record.id)
+                log.warning("run outcomes queue full: outcomes dropped (e.g. job %s)", record.id,
+                            extra={"job_id": record.id})  # fmt: skip
             self.dropped += 1
 
     def unwritten_ids(self) -> list[str]:

@@ -67,4 +67,4 @@ class SupersededRuns:
                     continue
                 self.stopped += 1
                 log.warning("job %s: run under fencing token %d stopped: %s", run.id,
-                            run.fencing_token, reason)  # fmt: skip
+                            run.fencing_token, reason, extra={"job_id": run.id})  # fmt: skip
