@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -545,6 +546,21 @@ def test_the_embedded_redis_dies_with_a_killed_worker(
         return not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
 
     wait_for(gone, timeout=10, what="the embedded redis-server to stop")
+
+
+def test_ctrl_c_in_a_terminal_drains_a_worker_with_its_embedded_redis(
+    tmp_path: Path, start_worker: StartWorker
+) -> None:
+    """A terminal's Ctrl-C reaches its whole process group: the embedded server is out of it,
+    so it does not stop under the worker in the middle of the drain."""
+    worker = start_worker(base_env(tmp_path, JOBWORKER_GRPC__PORT=str(free_port())))
+    worker.wait_log(r"started embedded \S+ at unix://")
+    (server,) = psutil.Process(worker.pid).children()
+    assert os.getpgid(server.pid) != os.getpgid(worker.pid)
+    os.killpg(worker.pid, signal.SIGINT)  # the worker leads its group (start_new_session)
+    assert worker.wait_exit() == 0
+    assert "worker stopped" in worker.log()
+    assert "Traceback" not in worker.log()
 
 
 # --- config and user jobs -------------------------------------------------------------------------

@@ -37,8 +37,9 @@ os.execv(sys.argv[2], sys.argv[2:])
 """
 
 
-def _dies_with_this_process() -> list[str]:
-    """A prefix for the server's command line that ties its life to this process (Linux)."""
+def dies_with_this_process() -> list[str]:
+    """A prefix for a command line that ties the command's life to this process (Linux): it
+    gets SIGTERM when this process dies. `jobworker dev` starts its children through it too."""
     if not sys.platform.startswith("linux"):
         return []
     return [sys.executable, "-c", _PARENT_DEATH_SHIM, str(os.getpid())]
@@ -92,14 +93,17 @@ class EmbeddedRedis:
         with tempfile.TemporaryDirectory(prefix="jobworker-redis-") as tmp:
             sock = Path(tmp) / "redis.sock"
             args = [
-                *_dies_with_this_process(), binary,
+                *dies_with_this_process(), binary,
                 "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
                 "--save", "", "--appendonly", "no", "--dir", tmp, "--daemonize", "no",
                 "--loglevel", "warning", "--logfile", str(Path(tmp) / "redis.log"),
             ]  # fmt: skip
+            # out of the terminal's process group: a Ctrl-C is its owner's to act on (the server
+            # stopped at once, and its owner could take that for a crash in the middle of a drain)
             process = await anyio.open_process(
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-            )
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
             try:
                 self.url = f"unix://{sock}"
                 await self._wait_ready(process, Path(tmp) / "redis.log")
