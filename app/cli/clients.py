@@ -1,20 +1,25 @@
 """Client commands for people and probes: a worker's status, jobs and health; an orchestrator's.
 
-Each opens one grpclib channel to `--target`, makes its call under `--timeout`, prints the answer
-as JSON and exits 0 (1 when the call failed or the job did not succeed). Waiting for a job
-(`--wait`, `jobs watch`) has no time limit unless `--timeout` asks for one: the connection is
-bounded instead, and keepalive pings notice a server that goes silent meanwhile.
+Each opens one grpclib channel to its target, makes its call under `--timeout`, prints the answer
+as JSON and exits 0 (1 when the call failed or the job did not succeed). The target is
+`--target`, else `$JOBWORKER_TARGET` (a worker) or `$JOBWORKER_ORCHESTRATOR_TARGET`, else the
+fleet of a running `jobworker dev` (its record), else localhost:9091 or localhost:9090.
+
+Waiting for a job (`--wait`, `jobs watch`) has no time limit unless `--timeout` asks for one:
+the connection is bounded instead, and keepalive pings notice a server that goes silent.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Awaitable, Callable, Sequence
+import os
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import anyio
 
+from app.cli.dev_record import read_dev_record
 from app.cli.runtime import run_async
 from app.errors import ConfigError
 
@@ -22,6 +27,9 @@ T = TypeVar("T")
 
 DEFAULT_TARGET = "localhost:9091"
 DEFAULT_ORCHESTRATOR = "localhost:9090"
+#: what each kind of target defaults to, and the variable that names it
+DEFAULTS = {"worker": DEFAULT_TARGET, "orchestrator": DEFAULT_ORCHESTRATOR}
+TARGET_ENV = {"worker": "JOBWORKER_TARGET", "orchestrator": "JOBWORKER_ORCHESTRATOR_TARGET"}
 #: an answer that is not a job's outcome, unless --timeout says otherwise
 DEFAULT_TIMEOUT_SECONDS = 10.0
 #: waiting for a job without a time limit: the connection to the server still has one
@@ -29,6 +37,30 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 # while a job runs no data flows: pings show the server is still there (the servers accept
 # the orchestrator's, every 2 s)
 KEEPALIVE_SECONDS = 10.0
+
+
+def resolve_target(kind: str, flag: str | None, env: Mapping[str, str] = os.environ) -> str:
+    """Where a `kind` command ("worker", "orchestrator", "trigger") goes: `flag` (--target),
+    else its environment variable, else the running `jobworker dev` fleet, else the default."""
+    if flag:
+        return flag
+    named = env.get(TARGET_ENV.get(kind, ""), "")
+    if named:
+        return named
+    record = read_dev_record(env)
+    if record is not None:
+        fleet = {
+            "worker": record.workers[0] if record.workers else "",
+            "orchestrator": record.orchestrator,
+            "trigger": record.trigger,
+        }
+        if fleet.get(kind):
+            return fleet[kind]
+    return DEFAULTS.get(kind, DEFAULT_TARGET)
+
+
+def _target(args: argparse.Namespace) -> str:
+    return resolve_target(args.target_kind, args.target)
 
 
 def _split_target(target: str) -> tuple[str, int]:
@@ -92,7 +124,9 @@ def _status(args: argparse.Namespace) -> int:
     from app.pb import worker as pb
 
     res = _client_call(
-        args.target, lambda ch: pb.WorkerServiceStub(ch).get_status(pb.StatusReq()), _timeout(args)
+        _target(args),
+        lambda ch: pb.WorkerServiceStub(ch).get_status(pb.StatusReq()),
+        _timeout(args),
     )
     _print_message(res)
     return 0
@@ -124,7 +158,7 @@ def _submit(args: argparse.Namespace) -> int:
         stub = pb.WorkerServiceStub(ch)
         return await (stub.run_work(req) if args.wait else stub.send_work(req))
 
-    res = _client_call(args.target, call, _timeout(args))
+    res = _client_call(_target(args), call, _timeout(args))
     _print_message(res)
     ok = not args.wait or res.state == pb.JobState.SUCCEEDED
     return 0 if ok else 1
@@ -138,7 +172,7 @@ def _job(args: argparse.Namespace) -> int:
         ref = pb.JobRef(id=args.id)
         return stub.cancel_job(ref) if args.command == "cancel" else stub.get_job(ref)
 
-    _print_message(_client_call(args.target, call, _timeout(args)))
+    _print_message(_client_call(_target(args), call, _timeout(args)))
     return 0
 
 
@@ -150,7 +184,7 @@ def _health(args: argparse.Namespace) -> int:
     async def call(ch: Any) -> Any:
         return await HealthStub(ch).Check(HealthCheckRequest(service=args.service))
 
-    res = _client_call(args.target, call, _timeout(args))
+    res = _client_call(_target(args), call, _timeout(args))
     status = HealthCheckResponse.ServingStatus.Name(res.status)
     print(status)
     return 0 if res.status == HealthCheckResponse.SERVING else 1
@@ -181,7 +215,7 @@ def _jobs(args: argparse.Namespace) -> int:
             return None
         return await (stub.cancel_job(ref) if args.action == "cancel" else stub.get_job(ref))
 
-    res = _client_call(args.target, call, _timeout(args))
+    res = _client_call(_target(args), call, _timeout(args))
     if res is None:
         return 0
     _print_message(res)
@@ -194,7 +228,7 @@ def _workers(args: argparse.Namespace) -> int:
     from app.pb import orchestrator as pb
 
     res = _client_call(
-        args.target,
+        _target(args),
         lambda ch: pb.OrchestratorServiceStub(ch).list_workers(pb.ListWorkersRequest()),
         _timeout(args),
     )
@@ -209,18 +243,22 @@ def add_parsers(sub: Any) -> None:
         name: str,
         help_: str,
         func: Callable[[argparse.Namespace], int],
-        target: str = DEFAULT_TARGET,
+        kind: str = "worker",
         parent: Any = sub,
     ) -> argparse.ArgumentParser:
         p: argparse.ArgumentParser = parent.add_parser(name, help=help_)
-        p.add_argument("--target", default=target, help=f"HOST:PORT (default {target})")
+        p.add_argument(
+            "--target",
+            help=f"HOST:PORT (default ${TARGET_ENV[kind]}, else the running `jobworker dev`"
+            f" fleet's, else {DEFAULTS[kind]})",
+        )
         p.add_argument(
             "--timeout",
             type=float,
             help=f"seconds to wait for the answer (default {DEFAULT_TIMEOUT_SECONDS:g};"
             " no limit for --wait and watch)",
         )
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, target_kind=kind)
         return p
 
     client("status", "print a worker's status", _status)
@@ -237,7 +275,7 @@ def add_parsers(sub: Any) -> None:
 
     jobs = sub.add_parser("jobs", help="jobs on an orchestrator: submit, get, cancel, watch")
     actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
-    target = DEFAULT_ORCHESTRATOR
+    target = "orchestrator"
     submit_job = client("submit", "queue a job (--wait: run and wait)", _jobs, target, actions)
     submit_job.add_argument("job_type", help="the worker's job name")
     submit_job.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
