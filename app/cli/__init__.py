@@ -10,7 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from app import __version__
-from app.cli import clients, cron, launcher
+from app.cli import clients, cron, dev, launcher
 from app.cli.runtime import EXIT_CONFIG
 from app.errors import ConfigError
 
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.add_parsers(sub)
     clients.add_parsers(sub)
     cron.add_parsers(sub)
+    dev.add_parsers(sub)
     return parser
 
 

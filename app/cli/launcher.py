@@ -10,12 +10,14 @@ import argparse
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from app.cli.logs import FORMATS
 from app.cli.runtime import run_async, setup_logging
 from app.config import load_config
 from app.errors import ConfigError
+
+T = TypeVar("T")
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -31,13 +33,14 @@ def _worker(args: argparse.Namespace) -> int:
     config = load_config(env, profile=args.profile, config_dir=args.config_dir, overrides=overrides)
     setup_logging(config.log.level, config.log.format)
     registry = build_job_registry(config, args.jobs)
-    _run_service(lambda: serve_worker(config, registry, env))
+    run_service(lambda: serve_worker(config, registry, env))
     return 0
 
 
-def _run_service(main: Callable[[], Awaitable[None]]) -> None:
+def run_service(main: Callable[[], Awaitable[T]]) -> T:
+    """Run `main` on asyncio; a ConfigError raised in its task groups comes out alone."""
     try:
-        run_async(main)
+        return run_async(main)
     except BaseExceptionGroup as group:
         # a config problem found at run time (no Redis to embed) surfaces from the task group
         config_errors = group.subgroup(ConfigError)
@@ -47,6 +50,9 @@ def _run_service(main: Callable[[], Awaitable[None]]) -> None:
         while isinstance(found, BaseExceptionGroup):
             found = found.exceptions[0]
         raise found from None
+
+
+_run_service = run_service  # its former name (branch `trigger` calls it so)
 
 
 def _orchestrator(args: argparse.Namespace) -> int:
@@ -62,7 +68,7 @@ def _orchestrator(args: argparse.Namespace) -> int:
         dict(os.environ), profile=args.profile, config_dir=args.config_dir, overrides=overrides
     )
     setup_logging(config.log.level, config.log.format)
-    _run_service(lambda: serve_orchestrator(config))
+    run_service(lambda: serve_orchestrator(config))
     return 0
 
 
