@@ -279,3 +279,31 @@ def test_port_9091_taken_is_one_line_and_exit_2(start_dev: Callable[..., Dev]) -
         " or `jobworker dev`"
     ]
     assert read_dev_record(dev.env) is None
+
+
+def test_a_target_is_the_flag_then_the_variable_then_the_dev_fleet_then_the_default(
+    tmp_path: Path,
+) -> None:
+    from app.cli.clients import resolve_target
+    from app.cli.dev_record import DevRecord, write_dev_record
+
+    env = {"XDG_STATE_HOME": str(tmp_path)}
+    assert resolve_target("orchestrator", None, env) == "localhost:9090"
+    assert resolve_target("worker", None, env) == "localhost:9091"
+    # a process whose command line says `dev`, standing in for a running `jobworker dev`
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "dev"])
+    try:
+        record = DevRecord(pid=stand_in.pid, redis_url="unix:///x", orchestrator="h:7",
+                           workers=["h:8", "h:9"])  # fmt: skip
+        write_dev_record(record, env)
+        assert resolve_target("orchestrator", None, env) == "h:7"
+        assert resolve_target("worker", None, env) == "h:8"
+        assert resolve_target("trigger", None, env) == "localhost:9089"  # none in this fleet
+        named = {**env, "JOBWORKER_ORCHESTRATOR_TARGET": "e:1", "JOBWORKER_TARGET": "e:2"}
+        assert resolve_target("orchestrator", None, named) == "e:1"
+        assert resolve_target("worker", None, named) == "e:2"
+        assert resolve_target("orchestrator", "f:1", named) == "f:1"
+    finally:
+        stand_in.kill()
+        stand_in.wait(10)
+    assert resolve_target("orchestrator", None, env) == "localhost:9090"  # its process is gone

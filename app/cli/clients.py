@@ -28,8 +28,16 @@ T = TypeVar("T")
 DEFAULT_TARGET = "localhost:9091"
 DEFAULT_ORCHESTRATOR = "localhost:9090"
 #: what each kind of target defaults to, and the variable that names it
-DEFAULTS = {"worker": DEFAULT_TARGET, "orchestrator": DEFAULT_ORCHESTRATOR}
-TARGET_ENV = {"worker": "JOBWORKER_TARGET", "orchestrator": "JOBWORKER_ORCHESTRATOR_TARGET"}
+DEFAULTS = {
+    "worker": DEFAULT_TARGET,
+    "orchestrator": DEFAULT_ORCHESTRATOR,
+    "trigger": "localhost:9089",
+}
+TARGET_ENV = {
+    "worker": "JOBWORKER_TARGET",
+    "orchestrator": "JOBWORKER_ORCHESTRATOR_TARGET",
+    "trigger": "JOBWORKER_TRIGGER_TARGET",
+}
 #: an answer that is not a job's outcome, unless --timeout says otherwise
 DEFAULT_TIMEOUT_SECONDS = 10.0
 #: waiting for a job without a time limit: the connection to the server still has one
@@ -56,7 +64,7 @@ def resolve_target(kind: str, flag: str | None, env: Mapping[str, str] = os.envi
         }
         if fleet.get(kind):
             return fleet[kind]
-    return DEFAULTS.get(kind, DEFAULT_TARGET)
+    return DEFAULTS[kind]
 
 
 def _target(args: argparse.Namespace) -> str:
