@@ -39,7 +39,7 @@ def _check(ok: bool, key: str, problem: str) -> None:
 
 
 class GrpcConfig(_Section, frozen=True):
-    """The gRPC listener. `port` unset: the last port this worker used, else 9091."""
+    """The gRPC listener. `port` unset: the last port the worker chose itself, else 9091."""
 
     host: str = "0.0.0.0"
     # the address written to PodInfo.ip; empty: the bound host, or this host's name resolved
