@@ -27,7 +27,7 @@ from tests.helpers import ROOT
 K8S_DIR = ROOT / "tools" / "k8s"
 # gRPC probes are GA from 1.27; the newest is whatever the installed kubernetes-validate ships
 K8S_VERSIONS = ["1.27.0", kubernetes_validate.latest_version()]
-# the tiers that exist now; `orchestrator` is prepared but off until `jobworker orchestrator` lands
+# the tiers that are deployed (the trigger tier is not yet)
 LIVE_TIERS = {"worker", "orchestrator"}
 PREPARED_TIERS: set[str] = set()
 # shutdown work after the drain grace: the DRAINING report and the key's deletion (3 s each at
