@@ -293,6 +293,8 @@ def test_a_target_is_the_flag_then_the_variable_then_the_dev_fleet_then_the_defa
     # a process whose command line says `dev`, standing in for a running `jobworker dev`
     stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "dev"])
     try:
+        cmdline = Path(f"/proc/{stand_in.pid}/cmdline")
+        wait_for(lambda: b"dev" in cmdline.read_bytes().split(b"\0"), what="its exec")
         record = DevRecord(pid=stand_in.pid, redis_url="unix:///x", orchestrator="h:7",
                            workers=["h:8", "h:9"])  # fmt: skip
         write_dev_record(record, env)

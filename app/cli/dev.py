@@ -288,11 +288,6 @@ class DevFleet:
         alive = sum(r.returncode is None and r.process is not None for r in self._running)
         return f"<DevFleet children={len(self._running)} alive={alive}>"
 
-    @property
-    def pids(self) -> list[int]:
-        """The pids of the children started so far."""
-        return [r.pid for r in self._running if r.pid]
-
     async def run(self) -> int:
         """Run the fleet until a signal; the exit code (0, or that of a child that failed to
         start: 2 for its config error)."""
@@ -435,8 +430,8 @@ class DevFleet:
             " worker.WorkerService/SendWork",
             "Ctrl-C stops the fleet (a second Ctrl-C: at once)",
         ]
-        for line in lines:
-            log.info("%s", line)
+        for line in lines:  # whatever log.level says: this is what the command is for
+            self._console.write("dev", line)
 
     async def _stop_in_order(self) -> None:
         """SIGTERM stage by stage, each within its grace plus a margin, then SIGKILL."""
