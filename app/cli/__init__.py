@@ -28,9 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"jobworker {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     launcher.add_parsers(sub)
+    dev.add_parsers(sub)
     clients.add_parsers(sub)
     cron.add_parsers(sub)
-    dev.add_parsers(sub)
     return parser
 
 
