@@ -40,7 +40,8 @@ SHARED: dict[str, set[str]] = {
     "app.config": {"app.errors"},
     "app.core": {"app.errors"},
     "app.scheduling": {"app.core", "app.errors"},
-    "app.fleet": {"app.core", "app.errors", "app.pb"},
+    # fleet's schedule records are validated with the kernel's cron and triggers
+    "app.fleet": {"app.core", "app.errors", "app.pb", "app.scheduling"},
     "app.stores": {"app.core", "app.errors", "app.fleet", "app.config"},
     "app.grpc": {"app.core", "app.errors", "app.fleet", "app.pb"},
     "app.http": {"app.core", "app.errors"},
