@@ -278,6 +278,8 @@ class TickDecision(msgspec.Struct, frozen=True, kw_only=True):
     """The orchestrator knew the job id already (a replica took the tick over mid-submit)."""
     late_seconds: float = 0.0
     jitter_seconds: float = 0.0
+    grace_seconds: float = 0.0
+    """For a miss past the grace: the schedule's misfire grace then."""
     blocking_job: str = ""
     blocking_state: str = ""
     attempts: int = 0
