@@ -7,6 +7,7 @@ trio's MockClock moves it; waits are Events, never polling.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -699,13 +700,17 @@ class MemoryScheduleStore:
         self._cursors[name] = msgspec.structs.replace(cursor, last_job_id=job_id)
 
     def _write_record(self, decision: TickDecision, *, replace: bool, now: float) -> None:
+        # kept sorted by tick (records of one tick in the order written), as a ZSET is
         records = self._ledgers.get(decision.schedule) or []
+        tick = decision.tick
         if replace:
-            records = [r for r in records if r[0] != decision.tick]
-        records.append((decision.tick, encode_record(decision)))
-        records.sort(key=lambda r: r[0])  # stable: records of one tick keep their order
-        horizon = now - self._retention
-        records = [r for r in records if r[0] >= horizon][-self._ledger_size :]
+            lo = bisect.bisect_left(records, tick, key=lambda r: r[0])
+            hi = bisect.bisect_right(records, tick, key=lambda r: r[0])
+            del records[lo:hi]
+        at = bisect.bisect_right(records, tick, key=lambda r: r[0])
+        records.insert(at, (tick, encode_record(decision)))
+        del records[: bisect.bisect_left(records, now - self._retention, key=lambda r: r[0])]
+        del records[: max(0, len(records) - self._ledger_size)]
         self._ledgers.set(decision.schedule, records, self._retention)
 
     async def add_decision(

@@ -129,9 +129,8 @@ async def backfill(
     cursor: ScheduleCursor = await store.cursor(spec.name)
     decided = -math.inf if cursor.tick is None else cursor.tick
     end = min(end, clock.timestamp(), decided)
-    ticks = [
-        t for t in ticks_between(trigger_for(spec), start - 1e-6, end, limit=limit + 1) if t.runs
-    ]
+    after = max(start - 1e-6, spec.since)  # its fire times are those after it began
+    ticks = [t for t in ticks_between(trigger_for(spec), after, end, limit=limit + 1) if t.runs]
     more = ticks[limit] if len(ticks) > limit else None
     submitted: list[TickDecision] = []
     already = 0

@@ -109,6 +109,7 @@ class TriggerReplica:
         self._runners: dict[str, ScheduleRunner] = {}
         self._held_until: dict[str, float] = {}  # loop time by which a lease runs out
         self._free_before: set[str] = set()
+        self._to_release: list[str] = []
         self._replicas: list[str] = []
         self._schedules = 0
         self._state = Lifecycle.CREATED
@@ -198,6 +199,7 @@ class TriggerReplica:
         if self._state in (Lifecycle.RUNNING, Lifecycle.STARTING):
             self._state = Lifecycle.DRAINING
             self._ctx.draining = True
+            self._to_release = list(self._runners)  # runners leave the dict as they stop
             for runner in self._runners.values():
                 runner.wake()
             self._wake.set()
@@ -207,7 +209,7 @@ class TriggerReplica:
         await self._stopped.wait()
 
     async def _drain(self) -> None:
-        names = list(self._runners)
+        names = sorted({*self._to_release, *self._runners})
         runners = list(self._runners.values())
         with anyio.move_on_after(self._drain_grace):
             for runner in runners:
@@ -222,7 +224,7 @@ class TriggerReplica:
             except StoreUnavailable as exc:
                 log.warning("drain: could not release the leases (%s); they run out", exc)
         log.info("trigger replica %s drained: %d schedule(s) released", self.replica_id,
-                 len(runners))  # fmt: skip
+                 len(names))  # fmt: skip
 
     # --- the scan ---------------------------------------------------------------------------------
 
