@@ -444,6 +444,17 @@ async def test_create_refuses_a_bad_field_by_name(world: World) -> None:
     with pytest.raises(GRPCError) as caught:
         await service.create_schedule(schedule())
     assert caught.value.status is Status.ALREADY_EXISTS
+    for call, words in (
+        (service.get_schedule(pb.ScheduleRequest(name="x" * 1_000_000)), "name: letters"),
+        (service.explain(pb.ExplainRequest(name="api", at="y" * 1_000_000)), "at: expected"),
+        (service.list_decisions(pb.ListDecisionsRequest(name="api", limit=5000)), "limit: "),
+        (service.pause_schedule(pb.PauseScheduleRequest(name="api", note="n" * 2000)), "note:"),
+    ):
+        with pytest.raises(GRPCError) as caught:
+            await call
+        assert caught.value.status is Status.INVALID_ARGUMENT
+        assert (caught.value.message or "").startswith(words)
+        assert len(caught.value.message or "") < 200  # one line, the value not echoed whole
 
 
 async def test_update_pause_resume_and_what_the_config_owns(world: World) -> None:

@@ -21,6 +21,8 @@ from grpclib.exceptions import GRPCError
 from app.core.clock import Clock, utc_iso
 from app.errors import StoreUnavailable, shown
 from app.fleet.schedules import (
+    MAX_SCHEDULE_NAME,
+    SCHEDULE_NAME,
     InvalidSchedule,
     ScheduleSource,
     ScheduleSpec,
@@ -150,8 +152,11 @@ class TriggerService(pb.TriggerServiceBase):
 
     @staticmethod
     def _name(name: str) -> str:
-        if not name:
-            raise _invalid("name", "must not be empty")
+        # bounded first: a megabyte name never reaches the store or a reason
+        if not name or len(name) > MAX_SCHEDULE_NAME or not SCHEDULE_NAME.match(name):
+            raise _invalid(
+                "name", f"letters, digits and _.- only, 1 to {MAX_SCHEDULE_NAME} characters"
+            )
         return name
 
     async def _get(self, name: str) -> ScheduleSpec:

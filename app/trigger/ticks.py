@@ -161,7 +161,11 @@ def _quiet(
                 "took it over within the grace"
             ),
         )
-    return TickKind.MISSED, TickCause.NO_REPLICA, "no trigger replica was working the schedule"
+    return TickKind.MISSED, TickCause.NO_REPLICA, NO_REPLICA
+
+
+#: Why a tick nobody took in time is missed (no replica was up, or none could reach Redis).
+NO_REPLICA = "no trigger replica was working the schedule (none was up, or none reached Redis)"
 
 
 def plan_step(
