@@ -1,6 +1,7 @@
 """`jobworker`: the one console script, with a subcommand per role and per client task.
 
-`launcher` runs the roles, `clients` talks to running ones, `cron` previews expressions.
+`launcher` runs the roles, `clients` talks to running ones, `cron` previews expressions;
+`trigger` runs the trigger tier and `schedules` manages its schedules (and answers `why`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from app import __version__
-from app.cli import clients, cron, dev, launcher
+from app.cli import clients, cron, dev, launcher, schedules, trigger
 from app.cli.runtime import EXIT_CONFIG
 from app.errors import ConfigError
 
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_parsers(sub)
     clients.add_parsers(sub)
     cron.add_parsers(sub)
+    trigger.add_parsers(sub)
+    schedules.add_parsers(sub)
     return parser
 
 
