@@ -52,9 +52,6 @@ def run_service(main: Callable[[], Awaitable[T]]) -> T:
         raise found from None
 
 
-_run_service = run_service  # its former name (branch `trigger` calls it so)
-
-
 def _orchestrator(args: argparse.Namespace) -> int:
     from app.orchestrator.main import serve_orchestrator
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from app.cli.launcher import add_log_options
 from app.cli.runtime import setup_logging
 from app.config import load_config
 
@@ -27,7 +28,7 @@ A bad key or schedule exits 2 naming it: `schedules[0].cron: ...`.
 
 
 def _trigger(args: argparse.Namespace) -> int:
-    from app.cli.launcher import _run_service
+    from app.cli.launcher import log_overrides, run_service
     from app.trigger.main import serve_trigger
 
     overrides: dict[str, Any] = {}
@@ -37,11 +38,12 @@ def _trigger(args: argparse.Namespace) -> int:
         overrides["trigger.host"] = args.host
     if args.orchestrator:
         overrides["trigger.orchestrators"] = list(args.orchestrator)
+    overrides.update(log_overrides(args))
     config = load_config(
         dict(os.environ), profile=args.profile, config_dir=args.config_dir, overrides=overrides
     )
-    setup_logging(config.log.level)
-    _run_service(lambda: serve_trigger(config))
+    setup_logging(config.log.level, config.log.format)
+    run_service(lambda: serve_trigger(config))
     return 0
 
 
@@ -62,4 +64,5 @@ def add_parsers(sub: Any) -> None:
         "--orchestrator", action="append", metavar="HOST:PORT",
         help="an orchestrator to submit to (repeatable; trigger.orchestrators)",
     )  # fmt: skip
+    add_log_options(trigger)
     trigger.set_defaults(func=_trigger)

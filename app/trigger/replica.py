@@ -37,6 +37,7 @@ import msgspec
 
 from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
+from app.core.log_context import bind_log_fields
 from app.core.outage import Outage
 from app.errors import StoreUnavailable
 from app.fleet.schedules import TickCause, TickKind
@@ -262,7 +263,8 @@ class TriggerReplica:
             if mine and await store.acquire(name, me, self._lease):
                 self._held_until[name] = started + self._lease
                 self._counters.acquired += 1
-                log.info("schedule %s: working it here (replica %s)", name, me)
+                log.info("schedule %s: working it here (replica %s)", name, me,
+                         extra={"schedule": name})  # fmt: skip
                 self._start(name)
         self._free_before = free
         self._hand_off()
@@ -290,6 +292,7 @@ class TriggerReplica:
         self._runners[name] = runner
 
         async def work() -> None:
+            bind_log_fields(schedule=name)  # this task's own context: its lines are the schedule's
             try:
                 await runner.run()
             finally:
@@ -306,7 +309,7 @@ class TriggerReplica:
         self._held_until.pop(name, None)
         if runner is None:
             return
-        log.info("schedule %s: no longer worked here: %s", name, why)
+        log.info("schedule %s: no longer worked here: %s", name, why, extra={"schedule": name})
         runner.scope.cancel()
         if not release or self._tg is None:
             self._counters.lost += 1

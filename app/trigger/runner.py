@@ -34,6 +34,7 @@ import anyio
 import msgspec
 
 from app.core.clock import Clock
+from app.core.log_context import bind_log_fields, unbind_log_fields
 from app.core.outage import Outage
 from app.core.retry import RetryPolicy
 from app.errors import StoreUnavailable
@@ -189,7 +190,12 @@ class ScheduleRunner:
             return True
         if isinstance(step, Record):
             return await self._decide(cursor, step.decisions)
-        return await self._run_tick(spec, cursor, step)
+        # the tick's lines concern its job too
+        logged = bind_log_fields(job_id=tick_job_id(spec.name, step.tick.timestamp))
+        try:
+            return await self._run_tick(spec, cursor, step)
+        finally:
+            unbind_log_fields(logged)
 
     async def _idle(self, until: float | None) -> None:
         c = self.ctx
