@@ -1,7 +1,8 @@
 """`jobworker schedules ...` and `jobworker why ...`: the trigger tier's API for people.
 
 Each opens one grpclib channel to a trigger replica (`--target`, else `$JOBWORKER_TRIGGER_TARGET`,
-else localhost:9089; any replica answers for all), makes its calls under `--timeout`, and
+else the trigger of a running `jobworker dev`, else localhost:9089; any replica answers for
+all), makes its calls under `--timeout`, and
 prints: a readable listing for `list`, `decisions`, `backfill` and `why` (`--json` for the
 messages as JSON), the JSON of the schedule for the others. Exit 0, or 1 when a call failed
 (the status and its one-line reason on stderr), 2 for a bad argument.
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -27,27 +27,26 @@ TARGET_ENV = "JOBWORKER_TRIGGER_TARGET"
 
 ENV_HELP = f"""\
 environment:
-  {TARGET_ENV}   the replica to ask when --target is not given (default {DEFAULT_TRIGGER})
+  {TARGET_ENV}   the replica to ask when --target is not given (else the
+                             trigger of a running `jobworker dev`, else {DEFAULT_TRIGGER})
 
 Times (--at, --from, --to, --before, --start) are ISO 8601; without an offset they are wall
 times in the schedule's zone (2026-03-08T02:30 in America/New_York); `now` works too.
 """
 
 
-def _target() -> str:
-    return os.environ.get(TARGET_ENV) or DEFAULT_TRIGGER
-
-
 def _call(args: argparse.Namespace, call: Callable[[Any], Awaitable[T]]) -> T:
     """Open a channel to `--target`, run `call(stub)` under `--timeout`, close the channel."""
     from grpclib.client import Channel
 
+    from app.cli.clients import resolve_target
     from app.grpc.status import StatusDetailsCodec
     from app.pb import trigger as pb
 
-    host, _, port = args.target.rpartition(":")
+    target = resolve_target("trigger", args.target)
+    host, _, port = target.rpartition(":")
     if not host or not port.isdigit():
-        raise ConfigError("--target", f"expected HOST:PORT, got {args.target!r}")
+        raise ConfigError("--target", f"expected HOST:PORT, got {target!r}")
 
     async def main() -> T:
         channel = Channel(host.strip("[]"), int(port), status_details_codec=StatusDetailsCodec())
@@ -255,8 +254,9 @@ def _connection(p: argparse.ArgumentParser, *, top: bool = False) -> None:
     # on the command and on each action, so that either place works; an action's value wins
     default: Any = argparse.SUPPRESS
     p.add_argument(
-        "--target", default=_target() if top else default, metavar="HOST:PORT",
-        help=f"a trigger replica (default ${TARGET_ENV}, else {DEFAULT_TRIGGER})",
+        "--target", default=None if top else default, metavar="HOST:PORT",
+        help=f"a trigger replica (default ${TARGET_ENV}, else a running `jobworker dev`'s,"
+        f" else {DEFAULT_TRIGGER})",
     )  # fmt: skip
     p.add_argument(
         "--timeout", type=float, default=30.0 if top else default,
