@@ -19,7 +19,6 @@ import psutil
 import pytest
 
 from app.cli.console import Console
-from app.cli.dev import has_trigger_role
 from app.cli.dev_record import dev_record_path, read_dev_record
 from tests.grpc_clients import grpcurl, grpcurl_json
 from tests.helpers import ROOT, base_env, wait_for
@@ -153,10 +152,10 @@ def test_the_fleet_from_one_command(start_dev: Callable[..., Dev]) -> None:
     assert record.orchestrator != "127.0.0.1:9090"
     assert record.redis_url.startswith("unix://")
     processes = roles_of(dev.descendants())
-    expected = {"orchestrator", "worker", "redis"} | ({"trigger"} if has_trigger_role() else set())
-    assert set(processes) == expected
+    assert set(processes) == {"orchestrator", "worker", "trigger", "redis"}
+    assert record.trigger
     # each child's lines, prefixed by its name (no colour: this is not a terminal)
-    for name in ("worker-1", "worker-2", "orchestrator"):
+    for name in ("worker-1", "worker-2", "orchestrator", "trigger"):
         assert re.search(rf"^{name} +\| .* ready", out, re.M), name
     assert re.search(r"^dev +\| .*fleet ready in", out, re.M)
     assert "\x1b[" not in out
@@ -178,6 +177,12 @@ def test_the_fleet_from_one_command(start_dev: Callable[..., Dev]) -> None:
     assert sorted(w["address"] for w in workers) == record.workers
     status = dev.cli("status")
     assert json.loads(status.stdout)["grpcPort"] == 9091, status.stderr
+    # the trigger's demo schedule: listed from here, and its first tick runs on the fleet
+    listed = dev.cli("schedules", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert "demo-echo" in listed.stdout
+    demo_ran = r"^orchestrator +\| .*job demo-echo@\S+ \(echo\) SUCCEEDED after 1 attempt"
+    wait_for(lambda: re.search(demo_ran, dev.output(), re.M), timeout=30, what="a demo tick")
 
     # Ctrl-C: stopped in order, nothing left behind
     began = time.monotonic()
@@ -185,8 +190,7 @@ def test_the_fleet_from_one_command(start_dev: Callable[..., Dev]) -> None:
     assert dev.process.wait(60) == 0, dev.output()
     out = dev.output()
     stops = [m[1] for m in re.finditer(r"^dev +\| .*app\.cli\.dev: stopping (.*)$", out, re.M)]
-    assert stops == [*(["trigger"] if has_trigger_role() else []), "orchestrator",
-                     "worker-1, worker-2"]  # fmt: skip
+    assert stops == ["trigger", "orchestrator", "worker-1, worker-2"]
     ends = [
         m[1] for m in re.finditer(r"^(\S+) +\| .*: (?:orchestrator|worker) stopped$", out, re.M)
     ]
@@ -208,6 +212,9 @@ def test_the_children_die_with_a_killed_dev(start_dev: Callable[..., Dev]) -> No
     assert {e["process"] for e in entries} >= {"dev", "orchestrator", "worker-1", "worker-2"}
     ready = [e for e in entries if e["process"] == "worker-1" and "worker ready" in e["message"]]
     assert ready[0]["logger"] == "app.worker"
+    dev.wait_output("working it here")  # the trigger took the demo schedule
+    (taken,) = [json.loads(line) for line in dev.output().splitlines() if "working it" in line]
+    assert (taken["process"], taken["schedule"]) == ("trigger", "demo-echo")
     everyone = dev.descendants()
     dev.process.send_signal(signal.SIGKILL)
     dev.process.wait(10)

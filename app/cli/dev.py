@@ -4,7 +4,7 @@
     ├── redis-server        private: a unix socket in a temporary folder (as a worker embeds one)
     ├── orchestrator        127.0.0.1:9090, or a free port when that one is taken
     ├── worker-1, worker-2  127.0.0.1:9091 (where the seed's grpcurl lines call), then 9092
-    └── trigger             with a demo schedule, once this build has the trigger role
+    └── trigger             127.0.0.1:9089, with a demo schedule: `echo` every 10 s
 
 Each role is a child process (`python -m app ROLE`) in a session of its own, so that the
 terminal's Ctrl-C reaches this process alone; their output comes out here, each line prefixed by
@@ -35,7 +35,6 @@ import sys
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +68,8 @@ SETUP_TIMEOUT_SECONDS = 30.0
 #: a line longer than this is cut (a child's output is read line by line)
 MAX_LINE_BYTES = 64 * 1024
 
-# Set up once the fleet is ready: (child, `jobworker` arguments run against its --target).
-# TRIGGER: the demo schedule; this is `jobworker schedules create` as branch `trigger` has it.
+# the trigger's demo schedule, made through its API once the fleet is ready (it lives in the
+# private Redis, so it goes with the fleet)
 DEMO_SCHEDULE = ("schedules", "create", "demo-echo", "--every", "10", "--job", "echo",
                  "-p", "from=jobworker dev")  # fmt: skip
 
@@ -99,18 +98,12 @@ class DevPorts(msgspec.Struct, frozen=True, kw_only=True):
     trigger: int
 
 
-def has_trigger_role() -> bool:
-    """Whether this build has `jobworker trigger` (branch `trigger` brings it)."""
-    return find_spec("app.trigger") is not None
-
-
 def plan_fleet(
     config: Config,
     ports: DevPorts,
     *,
     role_args: Sequence[str] = (),
     jobs: Sequence[str] = (),
-    trigger: bool = False,
 ) -> list[Child]:
     """The children of a dev fleet: pure, from the config (drain graces) and the ports.
 
@@ -140,20 +133,18 @@ def plan_fleet(
                 grace_seconds=config.worker.drain_grace_seconds,
             )
         )
-    if trigger:
-        trigger_config: Any = getattr(config, "trigger", None)
-        children.append(
-            Child(
-                name="trigger",
-                role="trigger",
-                args=(*role_args, "--port", str(ports.trigger), "--orchestrator", orchestrator),
-                env={"JOBWORKER_TRIGGER__HOST": HOST, "JOBWORKER_TRIGGER__PORT_SEARCH": "0"},
-                port=ports.trigger,
-                stage=0,
-                grace_seconds=float(getattr(trigger_config, "drain_grace_seconds", 5.0)),
-                setup=(DEMO_SCHEDULE,),
-            )
+    children.append(
+        Child(
+            name="trigger",
+            role="trigger",
+            args=(*role_args, "--port", str(ports.trigger), "--orchestrator", orchestrator),
+            env={"JOBWORKER_TRIGGER__HOST": HOST, "JOBWORKER_TRIGGER__PORT_SEARCH": "0"},
+            port=ports.trigger,
+            stage=0,
+            grace_seconds=config.trigger.drain_grace_seconds,
+            setup=(DEMO_SCHEDULE,),
         )
+    )
     return children
 
 
@@ -508,9 +499,7 @@ def _dev(args: argparse.Namespace) -> int:
         role_args += ["--profile", args.profile]
     if args.config_dir:
         role_args += ["--config-dir", str(args.config_dir.resolve())]
-    children = plan_fleet(
-        config, ports, role_args=role_args, jobs=args.jobs, trigger=has_trigger_role()
-    )
+    children = plan_fleet(config, ports, role_args=role_args, jobs=args.jobs)
     console = Console(["dev", *(c.name for c in children)], json_lines=config.log.format == "json")
     _log_to(console, config)
     env["JOBWORKER_LOG__FORMAT"] = config.log.format
@@ -530,10 +519,10 @@ def add_parsers(sub: Any) -> None:
     """`dev`, on the `jobworker` subparsers `sub`."""
     dev = sub.add_parser(
         "dev",
-        help="run the whole fleet here: a private Redis, an orchestrator, two workers",
+        help="run the whole fleet here: a private Redis, an orchestrator, two workers, a trigger",
         description=(
-            "Start a private redis-server, an orchestrator, workers (the first on 9091) and, when"
-            " this build has it, a trigger with a demo schedule; each a child process whose"
+            "Start a private redis-server, an orchestrator, workers (the first on 9091) and a"
+            " trigger with a demo schedule (echo every 10 s); each a child process whose"
             " output is prefixed by its name. Ctrl-C drains and stops them in order; a second"
             " Ctrl-C stops them at once. The client commands find the fleet with no flags."
         ),
