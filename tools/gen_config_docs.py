@@ -132,6 +132,50 @@ MEANINGS: dict[str, str] = {
     " has its call broken",
     "orchestrator.drain_grace_seconds": "on SIGTERM, jobs in hand get this long to end; the rest"
     " stay in the stream for another orchestrator",
+    # [trigger]
+    "trigger.host": "address the trigger's gRPC server binds (`trigger --host`)",
+    "trigger.port": "the trigger's gRPC port (`trigger --port`; server-batch's)",
+    "trigger.port_search": "neighbours above `port` tried before an ephemeral port",
+    "trigger.orchestrators": "HOST:PORT of each orchestrator it submits to; a call that cannot"
+    " reach one goes to the next (`trigger --orchestrator`, repeatable)",
+    "trigger.key_prefix": "prefix of the trigger's Redis keys (schedules, leases, cursors, ledger)",
+    "trigger.replica_id": "this replica's name in leases and decisions; empty: `host:pid:random`,"
+    " unique per process",
+    "trigger.lease_seconds": "a schedule's lease: another replica takes it over this long after"
+    " its holder stopped (a misfire grace must be at least twice it)",
+    "trigger.ledger_size": "decisions kept per schedule",
+    "trigger.ledger_retention_seconds": "...and for how long, by fire time",
+    "trigger.call_timeout_seconds": "one call to an orchestrator (a tick is retried until its"
+    " misfire grace runs out)",
+    "trigger.drain_grace_seconds": "on SIGTERM, runners in the middle of a tick get this long to"
+    " finish it",
+    # [[schedules]]
+    "schedules.name": "the schedule's name: letters, digits and `_.-`; part of its jobs' ids"
+    " (`name@2026-03-08T07:00:00Z`)",
+    "schedules.job_type": "the job to submit (a worker's job name)",
+    "schedules.cron": "5 fields, 6 with seconds first, or a macro (`@daily`); or"
+    " `interval_seconds`",
+    "schedules.interval_seconds": "an interval instead of `cron`, on a grid from `interval_start`",
+    "schedules.interval_start": "where the interval's grid starts (ISO 8601; empty: the epoch, so"
+    " every replica computes the same fire times)",
+    "schedules.time_zone": "IANA zone of the cron expression",
+    "schedules.dst_skipped": "a fire time in the spring-forward gap: `run_at_transition` or `skip`",
+    "schedules.dst_repeated": "a fire time in the fall-back hour: `once` or `twice`",
+    "schedules.params": "the job's parameters",
+    "schedules.overlap": "when the previous fire time's job still runs: `forbid` (skip this one),"
+    " `allow`, or `replace` (cancel it, then submit)",
+    "schedules.misfire_grace_seconds": "how late a fire time may still be submitted (at least"
+    " twice `trigger.lease_seconds`); later, it is recorded missed",
+    "schedules.jitter_seconds": "delay each fire time by up to this (a fixed fraction per schedule"
+    " and fire time, the same on every replica)",
+    "schedules.deadline_seconds": "the job's deadline (waiting and running); 0: the orchestrator's"
+    " default",
+    "schedules.timeout_seconds": "the job's run time limit; 0: the orchestrator's default",
+    "schedules.priority": "the job's priority, 0 to 9",
+    "schedules.retry_on_failure": "retry a run that failed (not only one whose worker vanished)",
+    "schedules.max_attempts": "the job's attempts; 0: the orchestrator's default",
+    "schedules.paused": "created paused (a later pause or resume through the API is kept across"
+    " restarts)",
     # [metrics]
     "metrics.host": "address /metrics, /healthz and /readyz bind",
     "metrics.port": "their port; unset: off; 0: any free port (logged)",
@@ -176,6 +220,11 @@ def _shown(key: str, value: Any) -> str:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     text = f"`{msgspec.json.encode(value).decode()}`"
+    if key.endswith("_seconds") and isinstance(value, int) and value >= 3600:
+        for unit, size in (("day", 86_400), ("hour", 3600)):
+            if value % size == 0:
+                n = value // size
+                return f"{text} ({n} {unit}{'s' if n > 1 else ''})"
     if key.endswith("_bytes") and isinstance(value, int) and value >= 1024:
         for unit, size in (("MiB", 1024 * 1024), ("KiB", 1024)):
             if value % size == 0:
@@ -241,7 +290,7 @@ def render() -> tuple[str, list[str]]:
             top.append(field.name)
             continue
         rows = _rows(f"{field.name}.", struct, fields, keys)
-        doc = (struct.__doc__ or "").strip().splitlines()[0]
+        doc = " ".join((struct.__doc__ or "").strip().split("\n\n")[0].split())
         sections += [f"## {heading}", "", doc, "", "| key | type | default | meaning |",
                      "|---|---|---|---|", *rows, ""]  # fmt: skip
     if top:
