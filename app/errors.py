@@ -42,3 +42,13 @@ class Draining(JobRejected):
 
 class JobNotFound(JobWorkerError):
     """No job with that id is queued, running or remembered (NOT_FOUND)."""
+
+
+class StoreUnavailable(JobWorkerError):
+    """The shared store (Redis) cannot be reached now: down, restarting, loading its data or
+    failing over (UNAVAILABLE). The same call may work once it is back."""
+
+
+class QueueGone(JobWorkerError):
+    """The job queue's consumer group is not there: the store lost its data (restarted empty,
+    flushed) or someone deleted it. `JobStore.ensure_group` makes it again."""

@@ -17,8 +17,10 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
+from app.errors import QueueGone
 from app.fleet.batch_job import (
     BatchJob,
+    LostJob,
     RunOutcome,
     decode_job,
     decode_outcome,
@@ -146,6 +148,19 @@ class MemoryJobStore:
         self._pending: dict[int, _Pending] = {}
         self._arrived: anyio.Event | None = None  # made by a blocked reader, set by submit
         self._listeners: list[Callable[[str], None]] = []  # MemoryJobEvents' wake-ups
+        self._lost: deque[LostJob] = deque(maxlen=10_000)
+
+    def forget_everything(self) -> None:
+        """Lose every record, token, outcome and the queue with its group, as a Redis that
+        restarted empty (for tests). Entry ids go on growing, as a new stream's would."""
+        self._records, self._fences = _Keys(), _Keys()
+        self._cancels, self._outcomes = _Keys(), _Keys()
+        self._queued.clear()
+        self._group = False
+        self._entries.clear()
+        self._unread.clear()
+        self._pending.clear()
+        self._lost.clear()
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -169,10 +184,11 @@ class MemoryJobStore:
 
     # --- records ----------------------------------------------------------------------------------
 
-    async def ensure_group(self) -> None:
+    async def ensure_group(self) -> bool:
         """Create the consumer group (it reads the queue from its start) unless it is there."""
         await anyio.lowlevel.checkpoint()
-        self._group = True
+        created, self._group = not self._group, True
+        return created
 
     async def submit(
         self, job: BatchJob, *, bound: int
@@ -217,11 +233,11 @@ class MemoryJobStore:
         """Store `job` if `token` is the newest and the stored job has not finished."""
         job.fencing_token = token  # as RedisJobStore does: the caller's record carries it
         await anyio.lowlevel.checkpoint()
+        current = self._records.get(job.job_id)
+        if current is None:  # first: a record Redis lost has lost its fence too
+            return WriteResult.MISSING
         if token != (self._fences.get(job.job_id) or 0):
             return WriteResult.SUPERSEDED
-        current = self._records.get(job.job_id)
-        if current is None:
-            return WriteResult.MISSING
         if decode_job(current).state.finished:
             return WriteResult.ALREADY_FINISHED
         self._records.set(job.job_id, encode_job(job))
@@ -283,11 +299,26 @@ class MemoryJobStore:
         await anyio.lowlevel.checkpoint()
         return self._queued.get(job_type, 0)
 
+    async def report_lost(self, lost: LostJob) -> bool:
+        """Note the lost job (the newest 10,000 kept) and drop its token, unless its record is
+        there after all."""
+        await anyio.lowlevel.checkpoint()
+        if self._records.get(lost.job_id) is not None:
+            return False
+        self._fences.delete(lost.job_id)
+        self._lost.append(lost)
+        return True
+
+    async def lost_jobs(self, *, count: int) -> list[LostJob]:
+        """The `count` newest lost-job reports, newest first."""
+        await anyio.lowlevel.checkpoint()
+        return list(reversed(self._lost))[:count]
+
     # --- the queue --------------------------------------------------------------------------------
 
     def _check_group(self) -> None:
         if not self._group:  # Redis answers NOGROUP
-            raise RuntimeError("no consumer group: call ensure_group() first")
+            raise QueueGone("the job queue's consumer group is gone")
 
     def _deliver_new(self, consumer: str, count: int) -> list[QueueEntry]:
         taken: list[QueueEntry] = []

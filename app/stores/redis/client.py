@@ -9,7 +9,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.config import RedisConfig
@@ -19,7 +19,25 @@ from app.core.outage import Outage
 log = logging.getLogger(__name__)
 
 #: What "Redis is unreachable" looks like to callers (redis-py raises these, or OSError).
-REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+#: ConnectionError covers LOADING (restarting with its AOF) and Sentinel's "no master found".
+REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (
+    RedisConnectionError, RedisTimeoutError, OSError, ReadOnlyError,
+)  # fmt: skip
+# replies that mean "not now" rather than "wrong": a replica not yet in sync, a fail-over
+_NOT_NOW = ("MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means Redis cannot serve right now (down, loading, failing over), so that
+    the same call may work later; as opposed to a wrong call or bad data."""
+    if isinstance(exc, REDIS_DOWN_ERRORS):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_NOT_NOW)
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """Whether `exc` is Redis's NOGROUP: the stream or its consumer group is not there."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
 
 def create_redis(config: RedisConfig, url: str | None = None) -> aioredis.Redis:
