@@ -17,6 +17,12 @@ Recovery never waits on a timeout tied to job length:
 
 Cancel goes through `Dispatcher.cancel`: the store ends a PENDING job at once (fenced); a job on
 a worker is stopped there by whichever dispatcher holds it, woken by the job's events.
+
+Redis faults: a job in hand waits out an outage where it is (`PatientJobStore`), instead of being
+given up and run again by whoever claims it; claims pause until keep-alives have had a chance
+after an outage. When Redis lost its data (the consumer group is gone, NOGROUP), the group is
+made again, said once and counted; a job whose record vanished ends here, logged once and noted
+for `jobworker jobs lost`, instead of looping.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage
 from app.core.retry import RetryBudget, RetryPolicy
-from app.fleet.batch_job import AttemptRecord, BatchJob
+from app.errors import QueueGone
+from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
 from app.orchestrator.decisions import (
@@ -54,6 +61,7 @@ from app.orchestrator.decisions import (
 from app.orchestrator.directory import WorkerDirectory, WorkerEntry
 from app.orchestrator.worker_client import Reply, WorkerClient
 from app.stores.abc import JobEvents, JobStore, WriteResult
+from app.stores.patient import PatientJobStore
 from app.stores.waits import wait_finished
 
 log = logging.getLogger(__name__)
@@ -62,6 +70,8 @@ log = logging.getLogger(__name__)
 CANCEL_WAIT_SECONDS = 10.0
 #: While a call runs, a cancel request is looked for at least this often (events may be missed).
 CANCEL_CHECK_SECONDS = 2.0
+#: A lost consumer group noticed again within this many seconds is not said again.
+_QUEUE_GONE_QUIET_SECONDS = 10.0
 _CALL_KIND = {
     Reply.REFUSED: CallKind.REFUSED,
     Reply.REJECTED: CallKind.REJECTED,
@@ -85,6 +95,9 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     recovered: int
     superseded: int
     retry_budget_refused: int
+    queue_recreated: int
+    lost: int
+    store_waits: int
 
 
 class Dispatcher:
@@ -103,7 +116,16 @@ class Dispatcher:
         rng: Callable[[], float] = random.random,
         clock: Clock | None = None,
     ) -> None:
-        self._store = store
+        self._clock: Clock = clock or SystemClock()
+        # calls that answer a client (cancel) fail fast; the jobs in hand wait out an outage
+        self._direct = store
+        self._store = PatientJobStore(
+            store,
+            outage=Outage(
+                "the job store", log=log, clock=self._clock,
+                meanwhile="jobs in hand wait where they are, queued ones in the queue",
+            ),
+        )  # fmt: skip
         self._events = events
         self._directory = directory
         self._client = client
@@ -111,7 +133,6 @@ class Dispatcher:
         self._config = config
         self.consumer = consumer
         self._rng = rng
-        self._clock: Clock = clock or SystemClock()
         self._slots = anyio.CapacityLimiter(config.max_inflight)
         self._slot_freed = anyio.Event()
         self._entries: dict[str, str] = {}  # queue entry id -> job id, ours now
@@ -133,6 +154,9 @@ class Dispatcher:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._state = Lifecycle.CREATED
         self._counts: Counter[str] = Counter()
+        self._queue_lock = anyio.Lock()
+        self._queue_said_at = -_QUEUE_GONE_QUIET_SECONDS
+        self._data_losses = 0  # the store lost its data this many times (jobs re-check records)
         # the job queue's outages (reads, claims, keep-alives): one line when it goes, one back
         self._queue_outage = Outage(
             "the job queue", log=log, clock=self._clock, min_delay=0.5,
@@ -199,6 +223,9 @@ class Dispatcher:
             recovered=c["recovered_outcomes"],
             superseded=c["superseded"],
             retry_budget_refused=self._budget.refused,
+            queue_recreated=c["queue_recreated"],
+            lost=c["lost"],
+            store_waits=self._store.waits,
         )
 
     # --- cancel -----------------------------------------------------------------------------------
@@ -212,13 +239,34 @@ class Dispatcher:
         A PENDING job ends here (the store fences out its holder); a job on a worker is stopped
         there by the dispatcher that holds it, which records the end.
         """
-        after = await self._store.request_cancel(
+        after = await self._direct.request_cancel(
             job_id, error="cancelled by request", now=self._clock.timestamp()
         )
         if after is None or after.state.finished:
             return after
         deadline = anyio.current_time() + wait_seconds
-        return await wait_finished(self._store, self._events, job_id, deadline=deadline)
+        return await wait_finished(self._direct, self._events, job_id, deadline=deadline)
+
+    async def data_lost(self) -> None:
+        """The store lost its data (its epoch marker changed): make the queue's group again now,
+        and have the jobs waiting for a worker look whether their records are still there."""
+        await self._recreate_queue()
+
+    async def _recreate_queue(self) -> None:
+        """The consumer group is gone (NOGROUP): make it again; said once, and counted."""
+        async with self._queue_lock:
+            created = await self._store.ensure_group()
+            self._data_losses += 1
+            now = self._clock.monotonic()
+            if now - self._queue_said_at < _QUEUE_GONE_QUIET_SECONDS:
+                return  # another of our loops found it gone a moment ago
+            self._queue_said_at = now
+            self._counts["queue_recreated"] += 1
+        log.warning(
+            "the job queue's consumer group was gone (Redis lost its data?): %s; jobs in hand"
+            " whose records are gone end here and are noted for `jobworker jobs lost`",
+            "recreated it" if created else "another orchestrator has recreated it",
+        )
 
     # --- the loops --------------------------------------------------------------------------------
 
@@ -273,6 +321,9 @@ class Dispatcher:
                 entries = await self._store.read_new(
                     self.consumer, count=min(free, 64), block_ms=1000
                 )
+            except QueueGone:
+                await self._recreate_queue()
+                continue
             except Exception as exc:  # Redis away: the jobs wait in the queue meanwhile
                 await anyio.sleep(self._queue_outage.failed(exc))
                 continue
@@ -287,10 +338,17 @@ class Dispatcher:
             free = int(self._slots.available_tokens)
             if self._draining or free < 1:
                 continue
+            # after an outage every entry looks idle, live holders' too: give their keep-alives
+            # a claim period (and a retry) to refresh them first
+            if self._store.unavailable_within(self._config.claim_idle_seconds + 1.0):
+                continue
             try:
                 claimed = await self._store.claim_idle(
                     self.consumer, min_idle_ms=idle_ms, count=free
                 )
+            except QueueGone:
+                await self._recreate_queue()
+                continue
             except Exception as exc:
                 self._queue_outage.failed(exc)
                 continue
@@ -305,6 +363,8 @@ class Dispatcher:
             await anyio.sleep(self._config.claim_idle_seconds / 3)
             try:
                 await self._store.keep_alive(self.consumer, list(self._entries))
+            except QueueGone:
+                await self._recreate_queue()
             except Exception as exc:
                 self._queue_outage.failed(exc)
 
@@ -316,12 +376,14 @@ class Dispatcher:
 
     async def _handle(self, entry_id: str, job_id: str) -> None:
         try:
-            job = await self._store.get(job_id)
+            job = held = await self._store.get(job_id)
             if job is not None and not job.state.finished:
                 await self._drive(job)
                 job = await self._store.get(job_id)
-            # ended here or elsewhere (or its record expired): the entry is done with; a job
-            # taken over by another orchestrator is acked there
+            if job is None:  # the record vanished: Redis lost it (an entry outlives no record)
+                await self._lost(job_id, held)
+            # ended here or elsewhere (or lost): the entry is done with; a job taken over by
+            # another orchestrator is acked there
             if job is None or job.state.finished:
                 await self._store.ack(entry_id)
         except Exception:
@@ -331,6 +393,31 @@ class Dispatcher:
             self._slots.release_on_behalf_of(entry_id)
             del self._entries[entry_id]
             self._slot_freed.set()
+
+    async def _lost(self, job_id: str, held: BatchJob | None) -> None:
+        """End a job whose record is gone: said once, noted for the operators' check."""
+        last = held.attempts[-1] if held is not None and held.attempts else None
+        lost = LostJob(
+            job_id=job_id,
+            reason="its record vanished while this orchestrator held it (Redis lost its data?)"
+            if held is not None else "queued, but its record was gone (Redis lost its data?)",
+            noticed_by=self.consumer,
+            noticed_at=self._clock.timestamp(),
+            job_type=held.job_type if held is not None else "",
+            state=held.state.value if held is not None else "",
+            worker=last.worker if last is not None else "",
+            attempts=len(held.attempts) if held is not None else 0,
+            result_json=held.result_json if held is not None else "",
+            error=held.error if held is not None else "",
+        )  # fmt: skip
+        if not await self._store.report_lost(lost):
+            return  # it is there after all (a write raced the read): nothing was lost
+        self._counts["lost"] += 1
+        log.warning(
+            "job %s lost: %s; last known %s%s; noted for `jobworker jobs lost`",
+            job_id, lost.reason, lost.state or "queued",
+            f" on {lost.worker}" if lost.worker else "",
+        )  # fmt: skip
 
     # --- one job: decide, then do -----------------------------------------------------------------
 
@@ -368,6 +455,8 @@ class Dispatcher:
                 continue
             address = await self._before_attempt(job, step)
             if address is None:
+                if await self._store.get(job.job_id) is None:
+                    return  # its record is gone (Redis lost its data): the caller ends it
                 continue  # deadline or cancel while waiting: decide() ends it
             token = await self._store.next_token(job.job_id)
             attempt = AttemptRecord(
@@ -436,6 +525,7 @@ class Dispatcher:
     async def _pick(self, job: BatchJob, step: Dispatch) -> str | None:
         """A worker for the job, waiting for one (backpressure); None on deadline or cancel."""
         prefer = step.prefer
+        losses = self._data_losses
         self._waiting[job.priority] += 1
         try:
             while self._time_left(job) > 0:
@@ -454,6 +544,10 @@ class Dispatcher:
                         return address
                 if await self._store.cancel_requested(job.job_id):
                     return None
+                if losses != self._data_losses:  # Redis lost its data: is the record still there?
+                    losses = self._data_losses
+                    if await self._store.get(job.job_id) is None:
+                        return None
                 with anyio.move_on_after(
                     min(1.0, max(0.0, job.deadline_at - self._clock.timestamp()))
                 ):
