@@ -121,6 +121,8 @@ class RedisConfig(_Section, frozen=True):
     connect_timeout_seconds: float = 2.0
     # the report job backs off from report_interval up to this while Redis is down
     retry_max_seconds: float = 30.0
+    # how often each process checks that Redis answers (health) and still has its data
+    check_interval_seconds: float = 1.0
     embedded: bool = True
 
     def __post_init__(self) -> None:
@@ -134,6 +136,7 @@ class RedisConfig(_Section, frozen=True):
         _check(bool(self.key_prefix), "key_prefix", "must not be empty")
         _check(self.connect_timeout_seconds > 0, "connect_timeout_seconds", "must be above 0")
         _check(self.retry_max_seconds > 0, "retry_max_seconds", "must be above 0")
+        _check(self.check_interval_seconds > 0, "check_interval_seconds", "must be above 0")
 
     @property
     def configured(self) -> bool:
@@ -147,6 +150,15 @@ class RedisConfig(_Section, frozen=True):
         scheme = "rediss" if self.tls else "redis"
         return f"{scheme}://{self.host}:{self.port}/{self.db}"
 
+    def display_url(self) -> str:
+        """`effective_url()` without a password, for logs."""
+        url = self.effective_url()
+        scheme, sep, rest = url.partition("://")
+        userinfo, at, hostpart = rest.rpartition("@")
+        if not at or ":" not in userinfo:
+            return url
+        return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{hostpart}"
+
 
 class OrchestratorConfig(_Section, frozen=True):
     """The gateway tier: its listener, the queue, retry, breaker and discovery."""
@@ -159,6 +171,8 @@ class OrchestratorConfig(_Section, frozen=True):
     consumer: str = ""
     stream_key: str = "wpm-jobs:stream"
     job_prefix: str = "wpm-job"
+    # jobs whose record vanished while in hand (Redis lost its data), for `jobworker jobs lost`
+    lost_key: str = "wpm-jobs:lost"
     # jobs one orchestrator dispatches at once; the rest wait in the stream
     max_inflight: int = 256
     # queued (unfinished) jobs per job type; a submit past it gets RESOURCE_EXHAUSTED
