@@ -1,6 +1,7 @@
 """`jobworker`: the one console script, with a subcommand per role and per client task.
 
-`launcher` runs the roles, `clients` talks to running ones, `cron` previews expressions.
+`launcher` runs the roles, `clients` talks to running ones, `cron` previews expressions, `lost`
+lists the jobs Redis forgot.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from app import __version__
-from app.cli import clients, cron, launcher
+from app.cli import clients, cron, launcher, lost
 from app.cli.runtime import EXIT_CONFIG
 from app.errors import ConfigError
 
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.add_parsers(sub)
     clients.add_parsers(sub)
     cron.add_parsers(sub)
+    lost.add_parsers(sub)
     return parser
 
 
