@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 import signal
 import threading
 import time
@@ -81,11 +82,70 @@ class ChaosFleet:
         self.last_fault = time.monotonic()
         self._lock = threading.Lock()
         self._channels: dict[int, grpc.Channel] = {}
+        self.extra_env: dict[str, str] = {}  # for every process started from now on
 
     # --- processes ------------------------------------------------------------------------------
 
-    def start_redis(self) -> None:
+    def start_redis(self, *extra: str) -> None:
+        """Start the fleet's redis-server (again, on the same port and folder), with `extra`
+        arguments (`--appendonly yes`) when given."""
+        if extra:
+            self.redis.extra = list(extra)
         self.redis.start()
+
+    def redis_down(self, signum: int = signal.SIGTERM) -> None:
+        """A fault: `signum` to redis-server, and wait for it to exit (a SIGTERM with AOF on
+        writes and syncs the file first)."""
+        process = self.redis.process
+        assert process is not None
+        process.send_signal(signum)
+        process.wait(10)
+        self.redis.process = None
+        with self._lock:
+            self.faults += 1
+            self.last_fault = time.monotonic()
+
+    def redis_up(self, *, empty: bool = False) -> None:
+        """Start redis-server again where it was; `empty`: without its files (all data lost)."""
+        if empty:
+            for path in (self.tmp / "redis").iterdir():
+                if path.suffix != ".log":
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.redis.start()
+        with self._lock:
+            self.last_fault = time.monotonic()
+
+    def logs(self, role: str | None = None) -> dict[str, str]:
+        """Every process log of `role` (all roles when None) so far, by file name."""
+        return {
+            p.name: p.read_text(errors="replace")
+            for p in sorted(self.tmp.glob(f"{role or '*'}-*.log"))
+        }
+
+    def http_port(self, slot: Slot) -> int:
+        """The slot's /metrics, /healthz, /readyz port (`extra_env` sets metrics.port to 0)."""
+        assert slot.process is not None
+        return int(slot.process.wait_log(r"http on http://[^:]+:(\d+)")[1])
+
+    def health(self, slot: Slot) -> str:
+        """What the slot's gRPC health service answers: SERVING, NOT_SERVING, or the error."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        channel = self._channels.get(slot.port)
+        if channel is None:
+            channel = self._channels[slot.port] = grpc.insecure_channel(f"127.0.0.1:{slot.port}")
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=2
+            )
+        except grpc.RpcError as exc:
+            return f"error {exc.code().name}"
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def tracebacks(self) -> dict[str, int]:
+        """Log files with a traceback in them, and how many."""
+        found = {name: text.count("Traceback") for name, text in self.logs().items()}
+        return {name: n for name, n in found.items() if n}
 
     def env(self, slot: Slot, **extra: str) -> dict[str, str]:
         port_key = (
@@ -108,6 +168,7 @@ class ChaosFleet:
             JOBWORKER_WORKER__MAX_SIZE="16",
             JOBWORKER_LOG__LEVEL="INFO",
             **{port_key: str(slot.port), "JOBWORKER_ORCHESTRATOR__HOST": "127.0.0.1"},
+            **self.extra_env,
             **extra,
         )
 
@@ -260,6 +321,13 @@ class ChaosFleet:
                 what="every job terminal",
             )  # fmt: skip
         return time.monotonic() - self.last_fault
+
+    def ledger_done(self) -> set[str]:
+        """The keys of the runs that have ended so far (a `done` line in the ledger)."""
+        if not self.ledger.exists():
+            return set()
+        lines = self.ledger.read_text().splitlines()
+        return {line.split()[1] for line in lines if line.startswith("done ")}
 
     def report(self, job_ids: list[str], settle: float) -> Report:
         states = self.states(job_ids)
