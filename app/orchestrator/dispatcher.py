@@ -61,6 +61,7 @@ from app.orchestrator.decisions import (
 from app.orchestrator.directory import WorkerDirectory, WorkerEntry
 from app.orchestrator.worker_client import Reply, WorkerClient
 from app.stores.abc import JobEvents, JobStore, WriteResult
+from app.stores.patient import MAX_DELAY as PATIENCE_MAX_DELAY
 from app.stores.patient import PatientJobStore
 from app.stores.waits import wait_finished
 
@@ -122,7 +123,7 @@ class Dispatcher:
         self._store = PatientJobStore(
             store,
             outage=Outage(
-                "the job store", log=log, clock=self._clock,
+                "the job store", log=log, clock=self._clock, max_delay=PATIENCE_MAX_DELAY,
                 meanwhile="jobs in hand wait where they are, queued ones in the queue",
             ),
         )  # fmt: skip
