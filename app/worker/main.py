@@ -87,8 +87,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
     w = config.worker
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
+            redis_url: str | None = None  # configured: the config's endpoint (or its sentinels)
             if config.redis.configured:
-                redis_url = config.redis.effective_url()
+                pass
             elif config.redis.embedded:
                 redis_url = await tg.start(EmbeddedRedis().run)
             else:

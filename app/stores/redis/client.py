@@ -7,6 +7,7 @@ import logging
 import anyio
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ReadOnlyError, RedisError, ResponseError
@@ -40,12 +41,27 @@ def is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
 
+class SentinelRedis(aioredis.Redis):
+    """The master's client from Redis Sentinel; closing it closes the sentinels' clients too."""
+
+    # not `sentinel`: Redis has a SENTINEL command method of that name
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Close the master's pool, then the connections to the sentinels."""
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            if self.sentinel_manager is not None:
+                await self.sentinel_manager.aclose()
+
+
 def create_redis(config: RedisConfig, url: str | None = None) -> aioredis.Redis:
-    """A client for `url` (default: the config's endpoint). Every call has a socket timeout.
+    """A client for `url`, else the config's endpoint: its URL or host, or the master its
+    sentinels name (found again after a fail-over). Every call has a socket timeout.
 
     `redis.username`/`redis.password` apply when the URL carries none.
     """
-    url = url or config.effective_url()
     kwargs: dict[str, object] = {
         "socket_timeout": config.connect_timeout_seconds,
         "socket_connect_timeout": config.connect_timeout_seconds,
@@ -57,7 +73,18 @@ def create_redis(config: RedisConfig, url: str | None = None) -> aioredis.Redis:
         kwargs["username"] = config.username
     if config.password:
         kwargs["password"] = config.password
-    return aioredis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+    if url is None and config.sentinels:
+        timeouts = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+        tls = {"ssl": True} if config.tls else {}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            config.sentinel_addresses(), sentinel_kwargs={**timeouts, **tls}, **kwargs, **tls
+        )
+        master: SentinelRedis = sentinel.master_for(
+            config.master_name, redis_class=SentinelRedis, db=config.db
+        )
+        master.sentinel_manager = sentinel
+        return master
+    return aioredis.Redis.from_url(url or config.effective_url(), **kwargs)  # type: ignore[arg-type]
 
 
 async def wait_for_redis(client: aioredis.Redis, *, what: str = "Redis", cap: float = 5.0) -> None:
