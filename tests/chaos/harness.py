@@ -10,9 +10,11 @@ retries a client makes when one is down (ids are idempotent).
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -24,8 +26,16 @@ from typing import Any
 
 import grpc
 import msgspec
+import redis
 
-from tests.helpers import RedisServer, WorkerProcess, base_env, free_port, wait_for
+from tests.helpers import (
+    RedisServer,
+    WorkerProcess,
+    base_env,
+    free_port,
+    redis_server_binary,
+    wait_for,
+)
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
 JOB_MODULE = "tests.chaos.chaos_jobs"
@@ -83,6 +93,7 @@ class ChaosFleet:
         self._lock = threading.Lock()
         self._channels: dict[int, grpc.Channel] = {}
         self.extra_env: dict[str, str] = {}  # for every process started from now on
+        self.redis_env: dict[str, str] | None = None  # how they find Redis (default: REDIS_URL)
 
     # --- processes ------------------------------------------------------------------------------
 
@@ -101,6 +112,10 @@ class ChaosFleet:
         process.send_signal(signum)
         process.wait(10)
         self.redis.process = None
+        self.note_fault()
+
+    def note_fault(self) -> None:
+        """Count a fault made from outside the harness (a fail-over), now."""
         with self._lock:
             self.faults += 1
             self.last_fault = time.monotonic()
@@ -153,7 +168,7 @@ class ChaosFleet:
         )
         return base_env(
             self.tmp / f"{slot.role}-{slot.port}",
-            REDIS_URL=self.redis.url,
+            **(self.redis_env or {"REDIS_URL": self.redis.url}),
             CHAOS_LEDGER=str(self.ledger),
             JOBWORKER_SCHEDULE__REPORT_INTERVAL_SECONDS="0.5",
             JOBWORKER_ORCHESTRATOR__WORKER_REPORT_INTERVAL_SECONDS="0.5",
@@ -352,3 +367,106 @@ def print_report(name: str, report: Report, out: Callable[[str], None] = print) 
     out(f"\n== chaos: {name}")
     for line in report.lines():
         out(f"   {line}")
+
+
+class SentinelRedis(RedisServer):
+    """A master, one replica and three sentinels (`redis-server <conf> --sentinel`), all real
+    processes on 127.0.0.1. `client()` reaches whichever is master now; `env()` is what a role
+    needs to find it through the sentinels."""
+
+    NAME = "chaos"
+
+    def __init__(self, tmp: Path, *, down_after_ms: int = 1000) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "master").mkdir(exist_ok=True)
+        (tmp / "replica").mkdir(exist_ok=True)
+        super().__init__(tmp / "master")
+        self.replica = RedisServer(
+            tmp / "replica", extra=["--replicaof", "127.0.0.1", str(self.port)]
+        )
+        self.sentinel_dir = tmp
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.down_after_ms = down_after_ms
+
+    def env(self) -> dict[str, str]:
+        addresses = [f"127.0.0.1:{port}" for port in self.sentinel_ports]
+        return {
+            "JOBWORKER_REDIS__SENTINELS": json.dumps(addresses),
+            "JOBWORKER_REDIS__MASTER_NAME": self.NAME,
+        }
+
+    def start(self) -> None:
+        super().start()
+        self.replica.start()
+        wait_for(self._replica_in_sync, timeout=20, what="the replica in sync")
+        for port in self.sentinel_ports:
+            conf = self.sentinel_dir / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.sentinel_dir}\n"
+                f"logfile {self.sentinel_dir}/sentinel-{port}.log\n"
+                f"sentinel monitor {self.NAME} 127.0.0.1 {self.port} 2\n"
+                f"sentinel down-after-milliseconds {self.NAME} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.NAME} 10000\n"
+            )
+            self.sentinels.append(subprocess.Popen(
+                [redis_server_binary(), str(conf), "--sentinel"], stdin=subprocess.DEVNULL
+            ))  # fmt: skip
+        wait_for(self._sentinels_ready, timeout=30, what="3 sentinels that know each other")
+
+    def _replica_in_sync(self) -> bool:
+        client = self.replica.client()
+        try:
+            return client.info("replication").get("master_link_status") == "up"
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def _sentinel_state(self, port: int) -> dict[str, Any] | None:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+        try:
+            masters: Any = client.sentinel_masters()
+            state: dict[str, Any] | None = masters.get(self.NAME)
+            return state
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+
+    def _sentinels_ready(self) -> bool:
+        states = [self._sentinel_state(port) for port in self.sentinel_ports]
+        return all(
+            s is not None and s["num-other-sentinels"] == 2 and s["num-slaves"] == 1 for s in states
+        )
+
+    def master_port(self) -> int | None:
+        """The master's port as a sentinel reports it (None: none answers)."""
+        for port in self.sentinel_ports:
+            state = self._sentinel_state(port)
+            if state is not None:
+                return int(state["port"])
+        return None
+
+    def kill_master(self) -> RedisServer:
+        """SIGKILL the master now (the first, or the replica once promoted); the one killed."""
+        master = self if self.master_port() == self.port else self.replica
+        assert master.process is not None
+        master.process.kill()
+        master.process.wait(10)
+        master.process = None
+        return master
+
+    def client(self) -> redis.Redis:
+        port = self.master_port() if self.sentinels else self.port  # before: the first master
+        assert port is not None, "no sentinel answers"
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            if sentinel.poll() is None:
+                sentinel.terminate()
+                sentinel.wait(10)
+        self.sentinels = []
+        self.replica.stop()
+        super().stop()

@@ -5,6 +5,8 @@
 - restarted empty: every process says once that Redis lost its data, the orchestrators recreate
   the queue's group and go on serving new work, and every job Redis forgot is listed by the
   operators' check (`jobworker lost`) or, at worst, was never taken by anyone (see below);
+- failed over to a replica (Redis Sentinel: master, replica, 3 sentinels; the master SIGKILLed):
+  nothing lost, nothing completed twice, every process finds the new master by itself;
 - during each outage: Submit answers UNAVAILABLE with a retry-after, health is NOT_SERVING and
   /readyz 503, and back to SERVING after; no traceback reaches any process's log.
 """
@@ -24,7 +26,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.chaos.harness import ChaosFleet, Report, Slot, print_report
+from tests.chaos.harness import ChaosFleet, Report, SentinelRedis, Slot, print_report
 from tests.helpers import ROOT, wait_for
 
 pytestmark = pytest.mark.chaos
@@ -32,10 +34,16 @@ pytestmark = pytest.mark.chaos
 OUTAGE_SECONDS = 3.0
 
 
-def start_fleet(chaos: ChaosFleet, *redis_args: str) -> Slot:
-    """Redis (again) with `redis_args`, then 2 workers and 2 orchestrators; one orchestrator."""
+def start_fleet(chaos: ChaosFleet, *redis_args: str, sentinel: bool = False) -> Slot:
+    """Redis (again) with `redis_args` (or a master, a replica and 3 sentinels), then 2 workers
+    and 2 orchestrators; one orchestrator."""
     chaos.redis.stop()
-    chaos.start_redis(*redis_args)
+    if sentinel:
+        chaos.redis = SentinelRedis(chaos.tmp / "sentinel")
+        chaos.redis.start()
+        chaos.redis_env = chaos.redis.env()
+    else:
+        chaos.start_redis(*redis_args)
     chaos.extra_env = {
         "JOBWORKER_METRICS__PORT": "0",
         "JOBWORKER_REDIS__CHECK_INTERVAL_SECONDS": "0.5",
@@ -197,3 +205,40 @@ def test_redis_restarted_empty(chaos: ChaosFleet) -> None:
         assert text.count("Redis lost its data: its epoch marker") == 1, name
         if name.startswith("orchestrator"):
             assert text.count("consumer group was gone") == 1, name
+
+
+def test_redis_failed_over_to_a_replica(chaos: ChaosFleet) -> None:
+    orchestrator = start_fleet(chaos, sentinel=True)
+    group = chaos.redis
+    assert isinstance(group, SentinelRedis)
+    jobs = [f"failover-{i}" for i in range(120)]
+    submitter = submit_in_background(chaos, jobs, rate=8, seconds=(0.2, 1.5))
+    time.sleep(5)
+    killed = group.kill_master()
+    chaos.note_fault()
+    killed_at = time.monotonic()
+    wait_for(lambda: group.master_port() not in (None, killed.port), timeout=30,
+             what="the sentinels to promote the replica")  # fmt: skip
+    promoted_after = time.monotonic() - killed_at
+    chaos.note_fault()  # the fault ends when there is a master again
+    chaos.faults -= 1
+    probe_recovered(chaos, orchestrator)
+    submitter.join()
+    settle = chaos.wait_terminal(jobs, within=60)
+    report = chaos.report(jobs, settle)
+    blamed = blamed_workers(chaos, jobs)
+    outages = sum(text.count("unreachable (") for text in chaos.logs("orchestrator").values())
+    report.notes += [
+        f"master SIGKILLed; the sentinels promoted the replica {promoted_after:.1f}s later",
+        f"orchestrators that saw Redis unreachable meanwhile: {outages} outage line(s)",
+        f"attempts blamed on a worker: {len(blamed)} {blamed[:5]}",
+    ]
+    check_logs(chaos, report)
+    print_report("Redis failed over to its replica (Sentinel)", report)
+    assert report.lost == []
+    assert report.completed_twice == []
+    assert report.rerun_after_kill == []
+    assert blamed == []
+    assert report.settle_seconds <= 30
+    for name, text in chaos.logs().items():  # the replica had the data: nothing was lost
+        assert "Redis lost its data" not in text, name
