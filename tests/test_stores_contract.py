@@ -496,6 +496,24 @@ async def test_ack_removes_the_entry(stores: Stores) -> None:
     assert await store.get("a") is not None  # the record stays: an ack ends the entry only
 
 
+async def test_a_fence_that_went_back_in_time_is_restored_by_its_holder(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(job(), bound=10)
+    record, token = await start_attempt(store, "j1", JobState.DISPATCHED)
+    assert not await store.restore_fence("j1", token)  # not behind: nothing to do
+    assert not await store.restore_fence("j1", token - 1)
+    # Redis lost the writes since the submit: the fence is back before this attempt's INCR
+    await stores.forget()
+    await store.submit(job(), bound=10)
+    assert await store.fence("j1") == token - 1
+    record.state = JobState.SUCCEEDED
+    assert await store.write(record, token) is WriteResult.SUPERSEDED
+    assert await store.restore_fence("j1", token)
+    assert await store.fence("j1") == token
+    assert await store.write(record, token) is WriteResult.WRITTEN
+    assert await store.next_token("j1") == token + 1
+
+
 # --- the store lost its data ----------------------------------------------------------------------
 
 

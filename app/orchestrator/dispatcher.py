@@ -98,6 +98,7 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     retry_budget_refused: int
     queue_recreated: int
     lost: int
+    fences_restored: int
     store_waits: int
 
 
@@ -158,6 +159,7 @@ class Dispatcher:
         self._queue_lock = anyio.Lock()
         self._queue_said_at = -_QUEUE_GONE_QUIET_SECONDS
         self._data_losses = 0  # the store lost its data this many times (jobs re-check records)
+        self._losses_at_take: dict[str, int] = {}  # job id -> data losses when it was taken
         # the job queue's outages (reads, claims, keep-alives): one line when it goes, one back
         self._queue_outage = Outage(
             "the job queue", log=log, clock=self._clock, min_delay=0.5,
@@ -226,6 +228,7 @@ class Dispatcher:
             retry_budget_refused=self._budget.refused,
             queue_recreated=c["queue_recreated"],
             lost=c["lost"],
+            fences_restored=c["fences_restored"],
             store_waits=self._store.waits,
         )
 
@@ -371,11 +374,14 @@ class Dispatcher:
 
     def _take(self, entry_id: str, job_id: str) -> None:
         assert self._task_group is not None
+        if entry_id in self._entries:
+            return  # ours already: Redis went back in time and delivered it again
         self._slots.acquire_on_behalf_of_nowait(entry_id)
         self._entries[entry_id] = job_id
         self._task_group.start_soon(self._handle, entry_id, job_id, name=f"job {job_id}")
 
     async def _handle(self, entry_id: str, job_id: str) -> None:
+        self._losses_at_take[job_id] = self._data_losses
         try:
             job = held = await self._store.get(job_id)
             if job is not None and not job.state.finished:
@@ -391,6 +397,7 @@ class Dispatcher:
             # the entry stays pending; once its idle time passes, some orchestrator claims it
             log.exception("dispatching job %s failed; it will be claimed again", job_id)
         finally:
+            self._losses_at_take.pop(job_id, None)
             self._slots.release_on_behalf_of(entry_id)
             del self._entries[entry_id]
             self._slot_freed.set()
@@ -447,7 +454,7 @@ class Dispatcher:
                 return
             if isinstance(step, Requeue):
                 job.state = JobState.PENDING
-                if (written := await self._store.write(job, token)) is not WriteResult.WRITTEN:
+                if (written := await self._write(job, token)) is not WriteResult.WRITTEN:
                     log.info("job %s: not retried, the record is %s", job.job_id, written.name)
                     return
                 log.info("job %s: attempt %d %s; retrying", job.job_id, len(job.attempts),
@@ -468,7 +475,7 @@ class Dispatcher:
             )
             job.attempts.append(attempt)
             job.state = JobState.DISPATCHED
-            if (written := await self._store.write(job, token)) is not WriteResult.WRITTEN:
+            if (written := await self._write(job, token)) is not WriteResult.WRITTEN:
                 log.info("job %s: not dispatched, the record is %s", job.job_id, written.name)
                 self.breaker(address).release()
                 return
@@ -478,6 +485,26 @@ class Dispatcher:
                 # the worker went away with the answer; if the run had ended, it said how
                 call = await self._recorded_outcome(job) or call
             _note(attempt, call, self._clock.timestamp())
+
+    async def _write(self, job: BatchJob, token: int) -> WriteResult:
+        """The store's fenced write; when it was refused because Redis went back in time (the
+        fence below our token, which only this holder took), the fence is restored, said once
+        per job, and the write made again."""
+        written = await self._store.write(job, token)
+        # not after a data loss: the record may be a new job under the same id, its own tokens
+        same_data = self._losses_at_take.get(job.job_id) == self._data_losses
+        if (
+            written is WriteResult.SUPERSEDED
+            and same_data
+            and await self._store.restore_fence(job.job_id, token)
+        ):
+            self._counts["fences_restored"] += 1
+            log.warning(
+                "job %s: Redis lost its last writes (the job's fence went back below token %d,"
+                " which this orchestrator holds): restored it", job.job_id, token,
+            )  # fmt: skip
+            written = await self._store.write(job, token)
+        return written
 
     async def _recorded_outcome(self, job: BatchJob) -> CallResult | None:
         """The outcome the worker recorded for the run of the last attempt (which, when it
@@ -620,7 +647,7 @@ class Dispatcher:
             return CallResult(kind=_CALL_KIND[admission.reply], error=admission.error)
         if admission.running:
             job.state = JobState.RUNNING
-            if await self._store.write(job, token) is not WriteResult.WRITTEN:
+            if await self._write(job, token) is not WriteResult.WRITTEN:
                 return CallResult(kind=CallKind.SUPERSEDED, error="superseded")
         completion = await self._client.wait(address, job)
         if completion.reply is not Reply.OK:
@@ -654,7 +681,7 @@ class Dispatcher:
     async def _finish(self, job: BatchJob, token: int, step: Finish) -> None:
         job.state, job.result_json, job.error = step.state, step.result_json, step.error
         job.finished_at = self._clock.timestamp()
-        written = await self._store.write(job, token)
+        written = await self._write(job, token)
         if written is WriteResult.WRITTEN:
             self._counts[step.state.value] += 1
             log.info("job %s (%s) %s after %d attempt(s)%s", job.job_id, job.job_type,

@@ -104,6 +104,15 @@ class JobStore(Protocol):
         counts against its type's bound. Wakes `JobEvents` waiters."""
         ...
 
+    async def restore_fence(self, job_id: str, token: int) -> bool:
+        """Raise the job's fence back to `token` if it is below it; True if it was.
+
+        Tokens only grow, so a fence below a token its holder took means the store went back in
+        time (Redis restarted without its last second of writes). The holder, the only one with
+        a token that high, takes its place back instead of being refused as superseded.
+        """
+        ...
+
     async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
         """Ask for the job to be cancelled; the record as it is after, or None when there is none.
 

@@ -248,6 +248,14 @@ class MemoryJobStore:
         self._publish(job.job_id)
         return WriteResult.WRITTEN
 
+    async def restore_fence(self, job_id: str, token: int) -> bool:
+        """Raise the fence back to `token` if it is below it."""
+        await anyio.lowlevel.checkpoint()
+        if (self._fences.get(job_id) or 0) >= token:
+            return False
+        self._fences.set(job_id, token)
+        return True
+
     async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
         """Ask for the job to be cancelled; a PENDING one ends CANCELLED here under a new token.
 

@@ -91,6 +91,10 @@ class PatientJobStore:
         """See `JobStore.write`."""
         return await self._call(self._store.write, job, token)
 
+    async def restore_fence(self, job_id: str, token: int) -> bool:
+        """See `JobStore.restore_fence`."""
+        return await self._call(self._store.restore_fence, job_id, token)
+
     async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
         """See `JobStore.request_cancel`."""
         return await self._call(self._store.request_cancel, job_id, error=error, now=now)

@@ -130,6 +130,23 @@ class ChaosFleet:
         with self._lock:
             self.last_fault = time.monotonic()
 
+    def cut_aof(self, *, seconds: float, before: float) -> int:
+        """Drop the AOF's writes of the last `seconds` before `before` (Unix time), as a machine
+        that lost power would with `appendfsync everysec`: redis-server must run with
+        `--aof-timestamp-enabled yes` (a `#TS:` line each second) and be stopped. The bytes cut."""
+        aof_dir = self.tmp / "redis" / "appendonlydir"
+        incr = sorted(aof_dir.glob("*.incr.aof"), key=lambda p: int(p.name.split(".")[-3]))[-1]
+        data = incr.read_bytes()
+        cutoff, position, cut_at = before - seconds, 0, len(data)
+        while (found := data.find(b"#TS:", position)) != -1:
+            end = data.index(b"\r\n", found)
+            if int(data[found + 4 : end]) > cutoff:
+                cut_at = found
+                break
+            position = end
+        incr.write_bytes(data[:cut_at])
+        return len(data) - cut_at
+
     def logs(self, role: str | None = None) -> dict[str, str]:
         """Every process log of `role` (all roles when None) so far, by file name."""
         return {
@@ -166,8 +183,7 @@ class ChaosFleet:
         port_key = (
             "JOBWORKER_GRPC__PORT" if slot.role == "worker" else "JOBWORKER_ORCHESTRATOR__PORT"
         )
-        return base_env(
-            self.tmp / f"{slot.role}-{slot.port}",
+        settings = dict(
             **(self.redis_env or {"REDIS_URL": self.redis.url}),
             CHAOS_LEDGER=str(self.ledger),
             JOBWORKER_SCHEDULE__REPORT_INTERVAL_SECONDS="0.5",
@@ -183,8 +199,10 @@ class ChaosFleet:
             JOBWORKER_WORKER__MAX_SIZE="16",
             JOBWORKER_LOG__LEVEL="INFO",
             **{port_key: str(slot.port), "JOBWORKER_ORCHESTRATOR__HOST": "127.0.0.1"},
-            **self.extra_env,
-            **extra,
+        )
+        # the scenario's settings, then the call's, win over these defaults
+        return base_env(
+            self.tmp / f"{slot.role}-{slot.port}", **{**settings, **self.extra_env, **extra}
         )
 
     def add(self, role: str, count: int = 1) -> list[Slot]:

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.chaos.harness import ChaosFleet, Report, SentinelRedis, Slot, print_report
+from tests.chaos.harness import TERMINAL, ChaosFleet, Report, SentinelRedis, Slot, print_report
 from tests.helpers import ROOT, wait_for
 
 pytestmark = pytest.mark.chaos
@@ -45,6 +45,7 @@ def start_fleet(chaos: ChaosFleet, *redis_args: str, sentinel: bool = False) -> 
     else:
         chaos.start_redis(*redis_args)
     chaos.extra_env = {
+        **chaos.extra_env,
         "JOBWORKER_METRICS__PORT": "0",
         "JOBWORKER_REDIS__CHECK_INTERVAL_SECONDS": "0.5",
     }
@@ -242,3 +243,51 @@ def test_redis_failed_over_to_a_replica(chaos: ChaosFleet) -> None:
     assert report.settle_seconds <= 30
     for name, text in chaos.logs().items():  # the replica had the data: nothing was lost
         assert "Redis lost its data" not in text, name
+
+
+def test_redis_lost_its_last_second(chaos: ChaosFleet) -> None:
+    """What a machine that lost power does to Redis with `appendfsync everysec`: the AOF's last
+    second is gone (cut at its `#TS:` mark). Jobs submitted in that second are forgotten, and
+    listed by the check; jobs whose last writes went are finished by their holder (which
+    restores their fence) or by whoever claims them, without running them again."""
+    # few slots: jobs queue up, and the lost second holds dispatches of jobs submitted earlier
+    chaos.extra_env = {"JOBWORKER_WORKER__CORE_SIZE": "3", "JOBWORKER_WORKER__MAX_SIZE": "3"}
+    orchestrator = start_fleet(
+        chaos, "--appendonly", "yes", "--appendfsync", "everysec", "--aof-timestamp-enabled", "yes"
+    )
+    jobs = [f"cut-{i}" for i in range(120)]
+    submitter = submit_in_background(chaos, jobs, rate=8, seconds=(0.2, 1.5))
+    time.sleep(5)
+    chaos.redis_down(signal.SIGKILL)
+    down_at = time.monotonic()
+    cut = chaos.cut_aof(seconds=1.0, before=time.time())
+    notes = probe_outage(chaos, orchestrator)
+    time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
+    chaos.redis_up()
+    probe_recovered(chaos, orchestrator)
+    submitter.join()
+
+    def settled() -> tuple[set[str], set[str]] | None:
+        states = chaos.states(jobs)
+        _, lines = lost_check(chaos)
+        lost = {line["job_id"] for line in lines}
+        left = {j for j, s in states.items() if s not in TERMINAL} - lost
+        return ({j for j, s in states.items() if s == "MISSING"}, lost) if not left else None
+
+    forgotten, lost = wait_for(settled, timeout=60, what="every job terminal or noted lost")
+    report = chaos.report(jobs, time.monotonic() - chaos.last_fault)
+    blamed = blamed_workers(chaos, jobs)
+    restored = sum(text.count("restored it") for text in chaos.logs("orchestrator").values())
+    report.notes += [
+        *notes,
+        f"AOF cut by {cut} bytes (the last second); {len(forgotten)} jobs forgotten, "
+        f"{len(lost)} listed by `jobworker lost`; fences restored by their holders: {restored}",
+        f"attempts blamed on a worker: {len(blamed)} {blamed[:5]}",
+    ]
+    check_logs(chaos, report)
+    print_report("Redis lost its last second (AOF cut, as a power loss with everysec)", report)
+    assert cut > 0
+    assert set(report.lost) == forgotten == lost  # each forgotten job is listed, no other
+    assert report.completed_twice == []
+    assert report.rerun_after_kill == []
+    assert blamed == []

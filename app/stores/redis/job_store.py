@@ -135,6 +135,13 @@ return {{1, ARGV[3]}}
 # a PENDING job changing under a cancel is retried this often before the cancel gives up on it
 _CANCEL_TRIES = 10
 
+# KEYS: fence   ARGV: token
+_RESTORE_FENCE = """
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
+"""
+
 # KEYS: record, fence, lost stream   ARGV: job id, report JSON, max length
 _REPORT_LOST = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
@@ -174,6 +181,7 @@ class RedisJobStore:
         self._write = client.register_script(_WRITE)
         self._cancel = client.register_script(_CANCEL)
         self._report_lost = client.register_script(_REPORT_LOST)
+        self._restore_fence = client.register_script(_RESTORE_FENCE)
 
     def __repr__(self) -> str:
         return f"<RedisJobStore {self.stream_key} group={self.group}>"
@@ -253,6 +261,12 @@ class RedisJobStore:
             keys=self._keys(job), args=[encode_job(job), token, final, self._retention]
         )
         return WriteResult(int(result))
+
+    @translated
+    async def restore_fence(self, job_id: str, token: int) -> bool:
+        """See `JobStore.restore_fence`: one script compares and sets `<record>:fence`."""
+        key = f"{self.record_key(job_id)}:fence"
+        return bool(await self._restore_fence(keys=[key], args=[token]))
 
     @translated
     async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
