@@ -198,7 +198,7 @@ class OrchestratorConfig(_Section, frozen=True):
     consumer: str = ""
     stream_key: str = "wpm-jobs:stream"
     job_prefix: str = "wpm-job"
-    # jobs whose record vanished while in hand (Redis lost its data), for `jobworker jobs lost`
+    # jobs whose record vanished while in hand (Redis lost its data), for `jobworker lost`
     lost_key: str = "wpm-jobs:lost"
     # jobs one orchestrator dispatches at once; the rest wait in the stream
     max_inflight: int = 256

@@ -24,7 +24,7 @@ from app.config import OrchestratorConfig
 from app.core.balancer import PowerOfTwoChoices
 from app.core.clock import ManualClock
 from app.errors import StoreUnavailable
-from app.fleet.batch_job import LostJob
+from app.fleet.batch_job import BatchJob, LostJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodInfo, PodStatus, encode_pod_info
 from app.orchestrator.directory import WorkerDirectory
@@ -140,6 +140,22 @@ async def test_a_job_waiting_for_a_worker_when_its_record_vanished_is_not_stuck(
     (lost,) = await fleet.store.lost_jobs(count=10)
     assert (lost.job_id, lost.job_type, lost.state) == ("j1", "nobody-runs-it", "PENDING")
     await fleet.wait_until(lambda: d.statistics().inflight == 0)
+
+
+async def test_after_redis_went_back_in_time_a_job_goes_to_the_worker_that_has_it(
+    fleet: Fleet,
+) -> None:
+    d = await fleet.dispatcher("o1")
+    await d.went_back_in_time()  # the monitor saw the heartbeat fall
+    # a run Redis has no trace of: its dispatch was in the writes Redis lost
+    job = BatchJob(job_id="j1", job_type="sleep", params={"seconds": "0.3"})
+    holder = sorted(fleet.workers)[1]
+    await fleet.client.admit(holder, job)
+    await fleet.submit("j1", "sleep", seconds=0.3)
+    done = await fleet.wait_state("j1", JobState.SUCCEEDED)
+    assert [a.worker for a in done.attempts] == [holder]  # attached there, not run again
+    assert started(fleet, "j1") == 1
+    assert d.statistics().found_on_worker == 1
 
 
 # --- the directory ------------------------------------------------------------------------------
@@ -299,6 +315,33 @@ async def test_the_monitor_turns_down_and_up_once_each(caplog: pytest.LogCapture
         await client.aclose()
     said = [r.getMessage() for r in caplog.records if "unreachable" in r.getMessage()]
     assert len(said) == 1
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_the_monitor_says_once_when_redis_went_back_in_time(
+    redis_server: RedisServer, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="app.stores.redis.monitor")
+    client = aioredis.Redis.from_url(redis_server.url)
+    reactions: list[str] = []
+
+    async def react() -> None:
+        reactions.append("careful")
+
+    monitor = RedisMonitor(client, on_went_back=react)
+    try:
+        for _ in range(3):
+            assert await monitor.check()
+        redis_client.decrby("wpm-fleet:heartbeat", 2)  # its last writes lost (my last beat)
+        assert await monitor.check()
+        assert await monitor.check()
+        assert reactions == ["careful"]
+        s = monitor.statistics()
+        assert (s.went_back, s.data_losses) == (1, 0)
+        said = [r.getMessage() for r in caplog.records if "went back in time" in r.getMessage()]
+        assert len(said) == 1
+    finally:
+        await client.aclose()
 
 
 # --- the operators' check -----------------------------------------------------------------------

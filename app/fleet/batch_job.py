@@ -54,7 +54,7 @@ class RunOutcome(msgspec.Struct, frozen=True, kw_only=True):
 
 class LostJob(msgspec.Struct, frozen=True, kw_only=True):
     """A job the store forgot while a process held it (Redis restarted empty, or failed over to
-    a replica that lacked it): what that process knew of it, for `jobworker jobs lost`."""
+    a replica that lacked it): what that process knew of it, for `jobworker lost`."""
 
     job_id: str
     reason: str

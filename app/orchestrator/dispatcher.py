@@ -22,12 +22,15 @@ Redis faults: a job in hand waits out an outage where it is (`PatientJobStore`),
 given up and run again by whoever claims it; claims pause until keep-alives have had a chance
 after an outage. When Redis lost its data (the consumer group is gone, NOGROUP), the group is
 made again, said once and counted; a job whose record vanished ends here, logged once and noted
-for `jobworker jobs lost`, instead of looping.
+for `jobworker lost`, instead of looping. When Redis went back in time (lost its last
+writes), a holder whose fence fell below its token restores it, and for a while a job about to
+run with no attempt on record first asks the workers whether one of them has it already.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -99,6 +102,7 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     queue_recreated: int
     lost: int
     fences_restored: int
+    found_on_worker: int
     store_waits: int
 
 
@@ -160,6 +164,7 @@ class Dispatcher:
         self._queue_said_at = -_QUEUE_GONE_QUIET_SECONDS
         self._data_losses = 0  # the store lost its data this many times (jobs re-check records)
         self._losses_at_take: dict[str, int] = {}  # job id -> data losses when it was taken
+        self._careful_until = -math.inf  # loop time: ask the workers before a first dispatch
         # the job queue's outages (reads, claims, keep-alives): one line when it goes, one back
         self._queue_outage = Outage(
             "the job queue", log=log, clock=self._clock, min_delay=0.5,
@@ -229,6 +234,7 @@ class Dispatcher:
             queue_recreated=c["queue_recreated"],
             lost=c["lost"],
             fences_restored=c["fences_restored"],
+            found_on_worker=c["found_on_worker"],
             store_waits=self._store.waits,
         )
 
@@ -256,6 +262,31 @@ class Dispatcher:
         and have the jobs waiting for a worker look whether their records are still there."""
         await self._recreate_queue()
 
+    async def went_back_in_time(self) -> None:
+        """Redis lost its last writes: a job may have run, or still run, with no trace of it
+        in Redis. Until the entries its holders let go of have been claimed, a job about to run
+        with no attempt on record first asks the workers, and goes to one that has it."""
+        self._careful_until = anyio.current_time() + 2 * self._config.claim_idle_seconds + 5.0
+
+    async def _worker_with_run(self, job_id: str) -> str | None:
+        """A live worker that has a run of the job (asked all at once, each bounded), or None."""
+        found: list[str] = []
+
+        async def ask(address: str) -> None:
+            if await self._client.knows(address, job_id):
+                found.append(address)
+
+        async with anyio.create_task_group() as tg:
+            for entry in self._directory.entries():
+                if self._directory.stale_reason(entry) is None:
+                    tg.start_soon(ask, entry.address)
+        if not found:
+            return None
+        self._counts["found_on_worker"] += 1
+        log.info("job %s: Redis had no trace of it, but worker %s has it: going there",
+                 job_id, found[0])  # fmt: skip
+        return found[0]
+
     async def _recreate_queue(self) -> None:
         """The consumer group is gone (NOGROUP): make it again; said once, and counted."""
         async with self._queue_lock:
@@ -268,7 +299,7 @@ class Dispatcher:
             self._counts["queue_recreated"] += 1
         log.warning(
             "the job queue's consumer group was gone (Redis lost its data?): %s; jobs in hand"
-            " whose records are gone end here and are noted for `jobworker jobs lost`",
+            " whose records are gone end here and are noted for `jobworker lost`",
             "recreated it" if created else "another orchestrator has recreated it",
         )
 
@@ -422,7 +453,7 @@ class Dispatcher:
             return  # it is there after all (a write raced the read): nothing was lost
         self._counts["lost"] += 1
         log.warning(
-            "job %s lost: %s; last known %s%s; noted for `jobworker jobs lost`",
+            "job %s lost: %s; last known %s%s; noted for `jobworker lost`",
             job_id, lost.reason, lost.state or "queued",
             f" on {lost.worker}" if lost.worker else "",
         )  # fmt: skip
@@ -441,6 +472,7 @@ class Dispatcher:
                 _note(job.attempts[-1], call, self._clock.timestamp())
         else:
             self._budget.record_call()  # a first attempt (an adopted run is not a new call)
+        asked = False
         while True:
             cancel = await self._store.cancel_requested(job.job_id)
             step = decide(job, call, now=self._clock.timestamp(), cancel_requested=cancel)
@@ -461,6 +493,10 @@ class Dispatcher:
                          step.reason)  # fmt: skip
                 self._counts["retries"] += 1
                 continue
+            if step.prefer is None and not asked and anyio.current_time() < self._careful_until:
+                asked = True  # Redis went back in time: a worker may have run it unrecorded
+                if (known := await self._worker_with_run(job.job_id)) is not None:
+                    step = msgspec.structs.replace(step, prefer=known)
             address = await self._before_attempt(job, step)
             if address is None:
                 if await self._store.get(job.job_id) is None:

@@ -93,7 +93,10 @@ async def serve_orchestrator(config: Config) -> None:
                 on_change=serving,
                 on_data_lost=dispatcher.data_lost,
                 data_loss_action="recreating the job queue's consumer group; jobs in hand whose"
-                " records are gone end as lost (`jobworker jobs lost` lists them)",
+                " records are gone end as lost (`jobworker lost` lists them)",
+                on_went_back=dispatcher.went_back_in_time,
+                went_back_action="for a while, a job to run with no attempt on record first"
+                " asks the workers whether one of them has it",
                 interval=config.redis.check_interval_seconds,
             )  # fmt: skip
             service.store_down = lambda: (
@@ -135,7 +138,9 @@ async def serve_orchestrator(config: Config) -> None:
                         tg,
                         host=config.metrics.host,
                         port=config.metrics.port,
-                        collect=lambda: orchestrator_metrics(dispatcher, directory, server),
+                        collect=lambda: orchestrator_metrics(
+                            dispatcher, directory, server, monitor
+                        ),
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,
                         unready=monitor.down_reason,

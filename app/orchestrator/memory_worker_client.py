@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 
 from app.fleet.batch_job import BatchJob, RunOutcome
@@ -196,6 +197,16 @@ class MemoryWorkerClient:
             run.cancelled = True
             run.scope.cancel()
         return True
+
+    async def knows(self, address: str, job_id: str) -> bool | None:
+        """GetJob's semantics: whether the worker has a run of the id (None: no answer)."""
+        self.calls["knows"] += 1
+        worker = self.workers.get(address)
+        if worker is None or not worker.reachable or worker.silent:
+            await anyio.lowlevel.checkpoint()
+            return None
+        await anyio.lowlevel.checkpoint()
+        return job_id in worker.runs
 
     def forget(self, address: str) -> None:
         """Counted, so that tests can see the dispatcher let go of a worker."""

@@ -65,6 +65,11 @@ class WorkerClient(Protocol):
         """Ask the worker to cancel the run; True when it answered (whatever the run's state)."""
         ...
 
+    async def knows(self, address: str, job_id: str) -> bool | None:
+        """Whether the worker has a run of `job_id` (queued, running or recently finished);
+        None when it did not answer in time."""
+        ...
+
     def forget(self, address: str) -> None:
         """Drop what is kept for that worker (its connection): it is gone or unreachable."""
         ...

@@ -161,6 +161,8 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 consequence="still serving; PodInfo and run outcomes wait for it",
                 on_data_lost=re_register,
                 data_loss_action="re-registering PodInfo now",
+                on_went_back=re_register,
+                went_back_action="re-registering PodInfo now",
                 interval=config.redis.check_interval_seconds,
             )  # fmt: skip
             await tg.start(monitor.run)
@@ -174,7 +176,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                     tg,
                     host=config.metrics.host,
                     port=config.metrics.port,
-                    collect=lambda: worker_metrics(job_master, report, server),
+                    collect=lambda: worker_metrics(job_master, report, server, monitor),
                     draining=lambda: job_master.draining,
                     grpc_port=lambda: server.port,
                 )

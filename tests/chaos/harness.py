@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import shutil
 import signal
@@ -131,16 +132,17 @@ class ChaosFleet:
             self.last_fault = time.monotonic()
 
     def cut_aof(self, *, seconds: float, before: float) -> int:
-        """Drop the AOF's writes of the last `seconds` before `before` (Unix time), as a machine
-        that lost power would with `appendfsync everysec`: redis-server must run with
-        `--aof-timestamp-enabled yes` (a `#TS:` line each second) and be stopped. The bytes cut."""
+        """Drop the AOF's writes of at least the last `seconds` before `before` (Unix time; up
+        to a second more, the marks being whole seconds), as a machine that lost power would with
+        `appendfsync everysec`: redis-server must run with `--aof-timestamp-enabled yes` (a `#TS:`
+        line before each second's first write) and be stopped. The bytes cut."""
         aof_dir = self.tmp / "redis" / "appendonlydir"
         incr = sorted(aof_dir.glob("*.incr.aof"), key=lambda p: int(p.name.split(".")[-3]))[-1]
         data = incr.read_bytes()
         cutoff, position, cut_at = before - seconds, 0, len(data)
         while (found := data.find(b"#TS:", position)) != -1:
             end = data.index(b"\r\n", found)
-            if int(data[found + 4 : end]) > cutoff:
+            if int(data[found + 4 : end]) >= math.floor(cutoff):
                 cut_at = found
                 break
             position = end
