@@ -82,6 +82,7 @@ def probe_outage(chaos: ChaosFleet, orchestrator: Slot) -> list[str]:
     """While Redis is down: health, /readyz and a Submit, as a client and a balancer see them."""
     wait_for(lambda: chaos.health(orchestrator) == "NOT_SERVING", timeout=OUTAGE_SECONDS,
              what="health NOT_SERVING")  # fmt: skip
+    noticed = time.monotonic() - chaos.last_fault
     status, body = readyz(chaos, orchestrator)
     assert status == 503, body
     assert "unreachable" in body
@@ -91,13 +92,17 @@ def probe_outage(chaos: ChaosFleet, orchestrator: Slot) -> list[str]:
     assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, refused.value
     details = refused.value.details() or ""
     assert "retry after" in details
-    return [f"during the outage: health NOT_SERVING, /readyz {status} {body!r}",
+    return [f"during the outage: health NOT_SERVING {noticed:.1f}s after the fault, "
+            f"/readyz {status} {body!r}",
             f"   Submit {refused.value.code().name}: {details}"]  # fmt: skip
 
 
-def probe_recovered(chaos: ChaosFleet, orchestrator: Slot) -> None:
+def probe_recovered(chaos: ChaosFleet, orchestrator: Slot) -> str:
+    """SERVING and ready again once Redis is back; how long that took, as a note."""
     wait_for(lambda: chaos.health(orchestrator) == "SERVING", timeout=10, what="SERVING again")
+    back = time.monotonic() - chaos.last_fault
     assert readyz(chaos, orchestrator) == (200, "ready")
+    return f"health SERVING again {back:.1f}s after Redis was back"
 
 
 def blamed_workers(chaos: ChaosFleet, jobs: list[str]) -> list[str]:
@@ -130,7 +135,7 @@ def test_redis_restarted_with_aof(chaos: ChaosFleet, signum: int, fsync: str) ->
     notes = probe_outage(chaos, orchestrator)
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
     chaos.redis_up()
-    probe_recovered(chaos, orchestrator)
+    notes.append(probe_recovered(chaos, orchestrator))
     submitter.join()
     settle = chaos.wait_terminal(jobs, within=60)
     report = chaos.report(jobs, settle)
@@ -174,7 +179,7 @@ def test_redis_restarted_empty(chaos: ChaosFleet) -> None:
     notes = probe_outage(chaos, orchestrator)
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
     chaos.redis_up(empty=True)
-    probe_recovered(chaos, orchestrator)
+    notes.append(probe_recovered(chaos, orchestrator))
     submitter.join()  # the rest of `before` goes to the empty Redis
     after = [f"after-{i}" for i in range(40)]
     for job_id in after:
@@ -234,14 +239,14 @@ def test_redis_failed_over_to_a_replica(chaos: ChaosFleet) -> None:
     promoted_after = time.monotonic() - killed_at
     chaos.note_fault()  # the fault ends when there is a master again
     chaos.faults -= 1
-    probe_recovered(chaos, orchestrator)
+    back = probe_recovered(chaos, orchestrator)
     submitter.join()
     settle = chaos.wait_terminal(jobs, within=60)
     report = chaos.report(jobs, settle)
     blamed = blamed_workers(chaos, jobs)
     outages = sum(text.count("unreachable (") for text in chaos.logs("orchestrator").values())
     report.notes += [
-        f"master SIGKILLed; the sentinels promoted the replica {promoted_after:.1f}s later",
+        f"master SIGKILLed; the sentinels promoted the replica {promoted_after:.1f}s later; {back}",
         f"orchestrators that saw Redis unreachable meanwhile: {outages} outage line(s)",
         f"attempts blamed on a worker: {len(blamed)} {blamed[:5]}",
     ]
@@ -276,7 +281,7 @@ def test_redis_lost_its_last_second(chaos: ChaosFleet) -> None:
     notes = probe_outage(chaos, orchestrator)
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
     chaos.redis_up()
-    probe_recovered(chaos, orchestrator)
+    notes.append(probe_recovered(chaos, orchestrator))
     submitter.join()
 
     left: dict[str, Any] = {}
