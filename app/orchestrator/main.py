@@ -99,9 +99,12 @@ async def serve_orchestrator(config: Config) -> None:
                 " asks the workers whether one of them has it",
                 interval=config.redis.check_interval_seconds,
             )  # fmt: skip
-            service.store_down = lambda: (
-                None if monitor.up else (f"{monitor.down_reason()}", monitor.retry_after())
-            )
+
+            def store_down() -> tuple[str, int] | None:
+                reason = monitor.down_reason()
+                return None if reason is None else (reason, monitor.retry_after())
+
+            service.store_down = store_down
             try:
                 # nothing works without the shared Redis: wait for it (a signal still stops us)
                 async with anyio.create_task_group() as waiting:
