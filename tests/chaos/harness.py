@@ -95,6 +95,8 @@ class ChaosFleet:
         self._channels: dict[int, grpc.Channel] = {}
         self.extra_env: dict[str, str] = {}  # for every process started from now on
         self.redis_env: dict[str, str] | None = None  # how they find Redis (default: REDIS_URL)
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     # --- processes ------------------------------------------------------------------------------
 
@@ -288,7 +290,18 @@ class ChaosFleet:
         thread.start()
         return thread
 
+    def in_background(self, fn: Callable[[], None], name: str) -> threading.Thread:
+        """Run `fn` in a thread that `close` stops (`stopping` is set) and joins first, so that a
+        failed scenario's thread does not go on against closed channels."""
+        thread = threading.Thread(target=fn, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
     def close(self) -> None:
+        self.stopping.set()
+        for thread in self._threads:
+            thread.join(10)
         for channel in self._channels.values():
             channel.close()
         for slot in self.slots:
@@ -313,7 +326,7 @@ class ChaosFleet:
             params={"key": job_id, "seconds": f"{seconds:.3f}"}, deadline_seconds=600,
         )  # fmt: skip
         deadline = time.monotonic() + within
-        while True:
+        while not self.stopping.is_set():
             orchestrators = [s for s in self.slots if s.role == "orchestrator"]
             slot = self.rng.choice(orchestrators)
             try:

@@ -61,12 +61,11 @@ def submit_in_background(
 
     def run() -> None:
         for job_id in jobs:
+            if chaos.stopping.wait(1 / rate):
+                return
             chaos.submit(job_id, seconds=chaos.rng.uniform(*seconds))
-            time.sleep(1 / rate)
 
-    thread = threading.Thread(target=run, name="submitter", daemon=True)
-    thread.start()
-    return thread
+    return chaos.in_background(run, "submitter")
 
 
 def readyz(chaos: ChaosFleet, slot: Slot) -> tuple[int, str]:
@@ -80,7 +79,7 @@ def readyz(chaos: ChaosFleet, slot: Slot) -> tuple[int, str]:
 
 def probe_outage(chaos: ChaosFleet, orchestrator: Slot) -> list[str]:
     """While Redis is down: health, /readyz and a Submit, as a client and a balancer see them."""
-    wait_for(lambda: chaos.health(orchestrator) == "NOT_SERVING", timeout=OUTAGE_SECONDS,
+    wait_for(lambda: chaos.health(orchestrator) == "NOT_SERVING", timeout=10,
              what="health NOT_SERVING")  # fmt: skip
     noticed = time.monotonic() - chaos.last_fault
     status, body = readyz(chaos, orchestrator)
