@@ -165,18 +165,23 @@ class ChaosFleet:
 
     def health(self, slot: Slot) -> str:
         """What the slot's gRPC health service answers: SERVING, NOT_SERVING, or the error."""
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        # grpclib's generated messages: grpcio-health-checking's would register the same proto
+        # names a second time in the process's descriptor pool (an error)
+        from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 
         channel = self._channels.get(slot.port)
         if channel is None:
             channel = self._channels[slot.port] = grpc.insecure_channel(f"127.0.0.1:{slot.port}")
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=HealthCheckRequest.SerializeToString,
+            response_deserializer=HealthCheckResponse.FromString,
+        )
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=2
-            )
+            reply = check(HealthCheckRequest(), timeout=2)
         except grpc.RpcError as exc:
             return f"error {exc.code().name}"
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+        return str(HealthCheckResponse.ServingStatus.Name(reply.status))
 
     def tracebacks(self) -> dict[str, int]:
         """Log files with a traceback in them, and how many."""
