@@ -1,7 +1,8 @@
 """job-worker-app: a gRPC job worker and batch fleet on structured concurrency.
 
-The one name a job author needs is here: `from app import job` (see `app.worker.job_registry`).
-It is imported on first use, so that importing the kernel does not import the worker.
+The names a job author needs are here: `from app import job` (see `app.worker.job_registry`) and
+`current_run` (its run's fencing token: `app.worker.run_context`). They are imported on first
+use, so that importing the kernel does not import the worker.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from app.worker.job_registry import job as job
+    from app.worker.run_context import current_run as current_run
 
 try:
     __version__ = version("job-worker-app")
@@ -23,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from app.worker.job_registry import job
 
         return job
+    if name == "current_run":
+        from app.worker.run_context import current_run
+
+        return current_run
     raise AttributeError(f"module 'app' has no attribute {name!r}")

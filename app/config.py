@@ -56,9 +56,27 @@ class GrpcConfig(_Section, frozen=True):
     # the fast path for unary calls (app/grpc/fastpath/); false: grpclib's own server and codec.
     # Read by every role that serves gRPC; it falls back by itself if grpclib/h2 changed
     fast_path: bool = True
+    # the largest request message (gRPC's default): past it RESOURCE_EXHAUSTED, before it is read
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    # HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE: request headers past it close the connection
+    # (grpc-core's hard limit; hpack decodes a header block in time linear in its size)
+    max_header_list_bytes: int = 16 * 1024
+    # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection (h2's default, which served until
+    # this was a setting; a grpclib or grpcio client queues calls past it, it does not fail them)
+    max_concurrent_streams: int = 100
+    # a connection that has not sent the HTTP/2 preface and SETTINGS by then is closed
+    handshake_timeout_seconds: float = 5.0
 
     def __post_init__(self) -> None:
         _check(self.port is None or 0 <= self.port <= 65535, "port", "must be 0..65535")
+        _check(1024 <= self.max_receive_message_bytes <= 2**31 - 1, "max_receive_message_bytes",
+               "must be 1024..2147483647")  # fmt: skip
+        _check(1024 <= self.max_header_list_bytes <= 1024 * 1024, "max_header_list_bytes",
+               "must be 1024..1048576")  # fmt: skip
+        _check(1 <= self.max_concurrent_streams <= 2**31 - 1, "max_concurrent_streams",
+               "must be 1..2147483647")  # fmt: skip
+        _check(0 < self.handshake_timeout_seconds <= 3600, "handshake_timeout_seconds",
+               "must be above 0 and at most 3600")  # fmt: skip
         _check(0 <= self.advertise_port <= 65535, "advertise_port", "must be 0..65535")
         _check(1 <= self.default_port <= 65535, "default_port", "must be 1..65535")
         _check(0 <= self.port_search <= 1000, "port_search", "must be 0..1000")
@@ -78,6 +96,10 @@ class WorkerConfig(_Section, frozen=True):
     drain_grace_seconds: float = 30.0
     # finished runs remembered for GetJob and for attaching a repeated RunWork
     history_size: int = 1000
+    # ...and at most this many bytes of their parameters, results and errors (oldest go first)
+    history_max_bytes: int = 64 * 1024 * 1024
+    # a job whose JSON result is larger ends FAILED: results travel in replies and records
+    max_result_bytes: int = 1024 * 1024
     # modules whose @job functions are registered next to the built-ins
     job_modules: list[str] = msgspec.field(default_factory=list)
     builtin_jobs: bool = True
@@ -91,6 +113,8 @@ class WorkerConfig(_Section, frozen=True):
         _check(self.default_timeout_seconds >= 0, "default_timeout_seconds", "must be 0 or more")
         _check(self.drain_grace_seconds >= 0, "drain_grace_seconds", "must be 0 or more")
         _check(self.history_size >= 0, "history_size", "must be 0 or more")
+        _check(self.history_max_bytes >= 0, "history_max_bytes", "must be 0 or more")
+        _check(self.max_result_bytes >= 1, "max_result_bytes", "must be at least 1")
 
 
 class ScheduleConfig(_Section, frozen=True):

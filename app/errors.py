@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import enum
+
+
+def shown(value: str, limit: int = 64) -> str:
+    """`repr(value)` for an error's reason, cut near `limit` characters (values come from clients).
+
+    A reason is one line of a status message: a megabyte id echoed in it cost the server tens of
+    seconds in hpack's Huffman coder, and the client its trailer limit.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
+
 
 class JobWorkerError(Exception):
     """Base of this project's errors. `str()` is a one-line reason fit for a status message."""
@@ -42,6 +55,43 @@ class Draining(JobRejected):
 
 class JobNotFound(JobWorkerError):
     """No job with that id is queued, running or remembered (NOT_FOUND)."""
+
+
+class BadDataKind(enum.Enum):
+    """What kind of stored item did not read: the `kind` label of the bad-data counters."""
+
+    STREAM_ENTRY = "stream_entry"  # a queue entry: no job id, not UTF-8, or no job record
+    JOB_RECORD = "job_record"  # `<prefix>:<id>`: not JSON, not a job, not a string value
+    FENCING_TOKEN = "fencing_token"  # `<prefix>:<id>:fence`: not an integer
+    RUN_OUTCOME = "run_outcome"  # `<prefix>:<id>:run:<token>`: not a run's end
+    QUEUED_COUNTER = "queued_counter"  # `<prefix>-queued:<type>`: not an integer
+    JOB_EVENT = "job_event"  # a pub/sub message on a channel that is not UTF-8
+
+
+class CorruptRecord(JobWorkerError):
+    """Something a job needs in the store does not read (DATA_LOSS): the job cannot be driven
+    or shown, and is set aside; other jobs are not affected.
+
+    `problem` says what (without the job id), `key` where it was found."""
+
+    def __init__(self, kind: BadDataKind, job_id: str, key: str, detail: str) -> None:
+        unusable = "unusable" if kind is BadDataKind.STREAM_ENTRY else "unreadable"
+        self.problem = f"{_WHAT[kind]} {unusable}: {detail}"
+        super().__init__(f"job {job_id}: {self.problem}")
+        self.kind = kind
+        self.job_id = job_id
+        self.key = key
+        self.detail = detail
+
+
+_WHAT = {
+    BadDataKind.STREAM_ENTRY: "queue entry",
+    BadDataKind.JOB_RECORD: "record",
+    BadDataKind.FENCING_TOKEN: "fencing token",
+    BadDataKind.RUN_OUTCOME: "run outcome",
+    BadDataKind.QUEUED_COUNTER: "queued counter",
+    BadDataKind.JOB_EVENT: "event",
+}
 
 
 class StoreUnavailable(JobWorkerError):

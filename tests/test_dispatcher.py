@@ -8,6 +8,7 @@ that refuses, dies, goes silent; deadlines; cancel wherever the job is; a dispat
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
@@ -43,6 +44,8 @@ CONFIG = OrchestratorConfig(
     retry_max_seconds=0.05,
     breaker_failure_threshold=2,
     breaker_open_seconds=60,
+    keepalive_seconds=0.1,
+    keepalive_timeout_seconds=0.2,
 )
 
 
@@ -84,7 +87,7 @@ class Fleet:
             info = PodInfo(
                 grpc_port=int(port), status=status, ip=ip, max_size=8, capacity=4,
                 update_datetime=now.isoformat(), update_epoch_ms=int(now.timestamp() * 1000),
-                job_names=sorted(worker.jobs),
+                job_names=sorted(worker.jobs), live_job_ids=worker.live_ids(),
             )  # fmt: skip
             await self.registry.put(f"wpm-apps:{ip}:{port}", encode_pod_info(info), 60)
 
@@ -181,7 +184,9 @@ async def test_a_refusing_worker_is_passed_over(fleet: Fleet) -> None:
     for i in range(6):
         await fleet.submit(f"r{i}")
     for i in range(6):
-        job = await fleet.wait_state(f"r{i}", JobState.SUCCEEDED)
+        # all six may hit the draining worker first: the retry budget then spaces the retries
+        # over its window (10 s), so the wait is longer than the default
+        job = await fleet.wait_state(f"r{i}", JobState.SUCCEEDED, within=30)
         assert job.attempts[-1].worker == "10.0.0.2:9091"
         assert all(a.outcome == "REFUSED" for a in job.attempts[:-1])
     assert sum(first.started.values()) == 0
@@ -212,6 +217,50 @@ async def test_a_silent_worker_is_lost_when_its_reports_stop(fleet: Fleet) -> No
     job = await fleet.wait_state("s1", JobState.SUCCEEDED)
     assert job.attempts[0].outcome == "LOST"
     assert job.attempts[0].error.startswith("worker lost: its last report is")
+
+
+async def test_a_black_holed_worker_s_run_is_followed_not_run_again(fleet: Fleet) -> None:
+    """The network to the worker goes (its report stays fresh, listing the run): the call
+    breaks, but the run goes on there and records its outcome; nothing starts a second copy."""
+    d = await fleet.dispatcher("o1")
+    await fleet.submit("b1", "sleep", seconds=0.5)
+    job = await fleet.wait_state("b1", JobState.RUNNING)
+    where = job.attempts[0].worker
+    fleet.workers[where].black_hole()
+    job = await fleet.wait_state("b1", JobState.SUCCEEDED)
+    assert [a.outcome for a in job.attempts] == ["SUCCEEDED"]
+    assert job.result_json == '{"slept":0.5}'
+    assert sum(w.started["b1"] for w in fleet.workers.values()) == 1
+    assert d.statistics().recovered == 1  # the outcome came from the store
+
+
+async def test_a_reset_call_attaches_to_its_run_again(fleet: Fleet) -> None:
+    await fleet.dispatcher("o1")
+    await fleet.submit("b2", "sleep", seconds=0.5)
+    job = await fleet.wait_state("b2", JobState.RUNNING)
+    worker = fleet.workers[job.attempts[0].worker]
+    worker.black_hole()  # the call breaks ...
+    worker.reconnect()  # ... and the worker is reachable again at once
+    job = await fleet.wait_state("b2", JobState.SUCCEEDED)
+    assert [a.outcome for a in job.attempts] == ["SUCCEEDED"]
+    assert sum(w.started["b2"] for w in fleet.workers.values()) == 1
+    assert fleet.client.calls["admit"] >= 2  # attached again
+
+
+async def test_a_worker_cut_off_from_the_registry_keeps_its_run(fleet: Fleet) -> None:
+    """Its report goes stale, but it answers: the call goes on; it gets no new work."""
+    d = await fleet.dispatcher("o1")
+    await fleet.submit("p1", "sleep", seconds=1)
+    job = await fleet.wait_state("p1", JobState.RUNNING)
+    where = job.attempts[0].worker
+    fleet.reporting[where] = False
+    await fleet.wait_until(lambda: d.eligibility(d._directory.get(where)) is not None)  # type: ignore[arg-type]
+    await fleet.submit("p2", "echo")
+    assert (await fleet.wait_state("p2", JobState.SUCCEEDED)).attempts[0].worker != where
+    job = await fleet.wait_state("p1", JobState.SUCCEEDED)
+    assert [a.outcome for a in job.attempts] == ["SUCCEEDED"]
+    assert sum(w.started["p1"] for w in fleet.workers.values()) == 1
+    assert fleet.client.calls["probe"] >= 1
 
 
 async def test_a_deadline_during_the_run_times_out_and_stops_the_run(fleet: Fleet) -> None:
@@ -360,6 +409,49 @@ async def test_a_dead_worker_s_many_jobs_all_move_at_once_whatever_the_budget(
     assert sum(spare.started.values()) == 8
 
 
+class _FenceTurnsJunk:
+    """The store, but one job's fencing token turns junk as the job is written RUNNING (inside
+    the call's task group)."""
+
+    def __init__(self, store: MemoryJobStore, job_id: str) -> None:
+        self._store, self._job_id = store, job_id
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def write(self, job: BatchJob, token: int) -> Any:
+        if job.job_id == self._job_id and job.state is JobState.RUNNING:
+            self._store._fences.set(job.job_id, b"junk")
+        return await self._store.write(job, token)
+
+
+async def test_junk_in_the_store_sets_its_job_aside_and_the_others_run(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    await fleet.submit("bad-record")
+    fleet.store._records.set("bad-record", b"{junk")
+    await fleet.submit("bad-fence", "sleep", seconds=0.2)
+    for i in range(3):
+        await fleet.submit(f"ok{i}")
+    store = cast("JobStore", _FenceTurnsJunk(fleet.store, "bad-fence"))
+    d = await fleet.dispatcher("o1", store=store)
+    for i in range(3):
+        await fleet.wait_state(f"ok{i}", JobState.SUCCEEDED)
+    job = await fleet.wait_state("bad-fence", JobState.FAILED)
+    assert job.error == "quarantined: fencing token unreadable: b'junk' is not an integer"
+    await fleet.wait_queue_empty()
+    await fleet.wait_until(lambda: d.statistics().inflight == 0)
+    assert sorted(q.job_id for q in await fleet.store.quarantined()) == ["bad-fence", "bad-record"]
+    bad = fleet.store.bad_data.statistics()
+    assert (bad.found["job_record"], bad.found["fencing_token"]) == (1, 1)
+    assert (bad.quarantined["job_record"], bad.quarantined["fencing_token"]) == (1, 1)
+    assert d.state is Lifecycle.RUNNING
+    # said once each, and nothing failed on the way (no error, no traceback)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(said) == 2, said
+    assert all(m.startswith("bad data: ") for m in said)
+
+
 class _Gate:
     """Wraps an object's coroutine methods; the `nth` call of `method` blocks for good instead
     of being made (where a cancellation then lands)."""
@@ -423,3 +515,16 @@ async def test_a_dispatcher_cancelled_at_each_await_point_loses_and_repeats_noth
     await fleet.wait_until(lambda: fleet.dispatchers[-1].statistics().inflight == 0)
     await fleet.wait_queue_empty()
     assert job.attempts[-1].outcome == "SUCCEEDED"
+
+
+async def test_what_is_kept_per_worker_goes_when_the_worker_leaves(fleet: Fleet) -> None:
+    d = await fleet.dispatcher("o1")
+    await fleet.submit("g1")
+    await fleet.wait_state("g1", JobState.SUCCEEDED)
+    d.breaker("10.0.0.9:9091")  # a worker seen once, gone since
+    kept = d.breaker("10.0.0.1:9091")
+    gone = "10.0.0.2:9091"
+    fleet.reporting[gone] = False
+    await fleet.registry.delete(f"wpm-apps:{gone.replace(':9091', '')}:9091")
+    await fleet.wait_until(lambda: "10.0.0.9:9091" not in d._breakers and gone not in d._breakers)
+    assert d.breaker("10.0.0.1:9091") is kept  # a worker still there keeps its own

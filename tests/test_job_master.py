@@ -308,3 +308,46 @@ async def test_a_deep_queue_of_quick_jobs_drains_in_a_few_loop_turns(gate: Gate)
         assert turns < 100, f"{turns} turns of the loop for 1000 queued jobs"
         assert master.limiter.borrowed_tokens == 0
         tg.cancel_scope.cancel()
+
+
+async def test_request_fields_are_bounded_before_anything_is_looked_up(
+    master_tg: anyio.abc.TaskGroup, gate: Gate
+) -> None:
+    master = await started_master(master_tg, gate)
+    cases: list[tuple[dict[str, Any], str]] = [
+        (dict(name="echo", job_id="x" * 257), "id: must be printable and at most 256 characters"),
+        (dict(name="e" * 129, job_id="n"), "name: at most 128 characters"),
+        (dict(name="echo", job_id="p", params={str(i): "" for i in range(65)}),
+         "params: at most 64 entries"),
+        (dict(name="echo", job_id="k", params={"k" * 129: ""}),
+         "params: keys must be printable and at most 128 characters"),
+        (dict(name="echo", job_id="v", params={"big": "x" * (64 * 1024 + 1)}),
+         "params.big: at most 65536 bytes"),
+    ]  # fmt: skip
+    for kwargs, reason in cases:
+        with pytest.raises(InvalidJobRequest) as info:
+            master.submit_nowait(**kwargs)
+        assert str(info.value) == reason
+    with pytest.raises(InvalidJobRequest, match=r"^id: at most 256 characters$"):
+        master.get("x" * 1_000_000)
+    with pytest.raises(JobNotFound) as missing:
+        master.get("y" * 200)
+    assert str(missing.value) == f"no job with id {'y' * 64!r}… (200 characters)"
+
+
+async def test_results_and_history_are_bounded_in_bytes(
+    master_tg: anyio.abc.TaskGroup, gate: Gate
+) -> None:
+    master = await started_master(
+        master_tg, gate, max_result_bytes=10_000, history_max_bytes=100_000
+    )
+    too_big = await master.run_and_wait("echo", job_id="big", params={"v": "x" * 20_000})
+    assert too_big.state is JobState.FAILED
+    assert too_big.error == "result is 20008 bytes of JSON, over worker.max_result_bytes (10000)"
+    for i in range(20):  # ~9 KB of parameters and result each: about 10 fit in 100 KB
+        await master.run_and_wait("echo", job_id=f"h{i}", params={"v": "x" * 4_000})
+    remembered = [r.id for r in master.jobs()]
+    assert remembered[0] == "h19"
+    assert 5 <= len(remembered) <= 12, remembered
+    with pytest.raises(JobNotFound):
+        master.get("h0")

@@ -30,6 +30,7 @@ EDGE_LIBRARIES = {
     "grpclib": "app.grpc",
     "h2": "app.grpc.fastpath",
     "hpack": "app.grpc.fastpath",
+    "hyperframe": "app.grpc.fastpath",
     "starlette": "app.http",
     "hypercorn": "app.http",
 }

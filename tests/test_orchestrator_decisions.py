@@ -8,18 +8,22 @@ from hypothesis import strategies as st
 
 from app.fleet.batch_job import AttemptRecord, BatchJob, RunOutcome
 from app.fleet.job_state import JobState
+from app.fleet.pod_info import PodInfo, PodStatus
 from app.orchestrator.decisions import (
+    CLOCK_SKEW_SECONDS,
     ORPHANED,
     CallKind,
     CallResult,
     Dispatch,
     Finish,
     Requeue,
+    RunSighting,
     Step,
     Stop,
     adopt,
     attempts_made,
     decide,
+    sight_run,
 )
 
 NOW = 1_000.0
@@ -212,3 +216,24 @@ def test_the_loop_ends_within_the_attempts_whatever_the_workers_answer(
     assert "SUCCEEDED" not in answered[:-1]  # nothing runs again after it succeeded
     if not retry_on_failure:
         assert "FAILED" not in answered[:-1]  # a failed run is final unless asked
+
+
+def _report(at: float, *live: str) -> PodInfo:
+    return PodInfo(
+        grpc_port=9091, status=PodStatus.IDLE, update_datetime="", ip="10.0.0.1",
+        update_epoch_ms=int(at * 1000), live_job_ids=list(live),
+    )  # fmt: skip
+
+
+def test_a_broken_call_s_run_is_judged_by_the_worker_s_report() -> None:
+    since = 1000.0
+    # the worker lists it: the run goes on there, whenever the report was written
+    assert sight_run(_report(990, "j"), fresh=True, job_id="j", since=since) is RunSighting.GOING
+    # a report written after the attempt began (by more than the clocks may differ) without it
+    later = since + CLOCK_SKEW_SECONDS + 0.1
+    assert sight_run(_report(later), fresh=True, job_id="j", since=since) is RunSighting.UNSEEN
+    # a report from before: the next one tells
+    assert sight_run(_report(since), fresh=True, job_id="j", since=since) is RunSighting.UNKNOWN
+    # no fresh report: whatever it listed, the worker is taken for gone
+    assert sight_run(_report(990, "j"), fresh=False, job_id="j", since=since) is RunSighting.GONE
+    assert sight_run(None, fresh=True, job_id="j", since=since) is RunSighting.GONE

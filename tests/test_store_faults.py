@@ -27,6 +27,7 @@ from app.errors import StoreUnavailable
 from app.fleet.batch_job import BatchJob, LostJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodInfo, PodStatus, encode_pod_info
+from app.grpc.status import retry_info
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.memory_worker_client import MemoryWorkerClient
@@ -256,6 +257,9 @@ async def test_the_service_answers_an_outage_with_unavailable_and_a_retry_after(
     assert (refused.value.status, refused.value.message) == (
         Status.UNAVAILABLE, "Redis at redis://r:6379/0 unreachable; retry after 3s"
     )  # fmt: skip
+    hint = retry_info(refused.value.details)  # the same, for clients that read RetryInfo
+    assert hint is not None
+    assert hint.retry_delay_seconds == 3
     assert flaky.refused == tried
     with pytest.raises(GRPCError) as refused:
         await anext(aiter(service.watch_job(pb.JobRequest(job_id="j1"))))

@@ -21,8 +21,8 @@ import pytest
 import redis.asyncio as aioredis
 import trio.testing
 
-from app.errors import QueueGone
-from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob, RunOutcome
+from app.errors import BadDataKind, CorruptRecord, QueueGone
+from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob, RunOutcome, encode_job
 from app.fleet.job_state import JobState
 from app.stores.abc import JobEvents, JobStore, PodRegistry, QueueEntry, SubmitResult, WriteResult
 from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
@@ -47,6 +47,8 @@ class Stores:
     # another job store (and its events) with its own retention: fresh in memory, the same
     # database on Redis
     with_retention: Callable[[int], tuple[JobStore, JobEvents]]
+    # junk, written behind a store's back: (store, job id, "" | "fence" | "run:<token>", value)
+    plant: Callable[[JobStore, str, str, bytes], Awaitable[None]]
     # lose every key, as a Redis that restarted empty (FLUSHDB)
     forget: Callable[[], Awaitable[object]]
 
@@ -76,14 +78,24 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
             store = MemoryJobStore(retention_seconds=retention)
             return store, MemoryJobEvents(store)
 
-        memory_store = MemoryJobStore(retention_seconds=RETENTION)
+        async def plant_in_memory(store: JobStore, job_id: str, part: str, raw: bytes) -> None:
+            assert isinstance(store, MemoryJobStore)
+            if part == "fence":
+                store._fences.set(job_id, raw)
+            elif part.startswith("run:"):
+                store._outcomes.set(f"{job_id}:{part[4:]}", raw)
+            else:
+                store._records.set(job_id, raw)
+
+        store, events = memory(RETENTION)
+        assert isinstance(store, MemoryJobStore)
+        forget_memory = store.forget_everything
 
         async def forget() -> None:
-            memory_store.forget_everything()
+            forget_memory()
 
-        await memory_store.ensure_group()
-        yield Stores(memory_store, MemoryJobEvents(memory_store), MemoryPodRegistry(), memory,
-                     forget)  # fmt: skip
+        await store.ensure_group()
+        yield Stores(store, events, MemoryPodRegistry(), memory, plant_in_memory, forget)
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     client = aioredis.Redis.from_url(server.url)
@@ -91,10 +103,14 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
     def on_redis(retention: int) -> tuple[JobStore, JobEvents]:
         return RedisJobStore(client, retention_seconds=retention), RedisJobEvents(client)
 
+    async def plant_in_redis(store: JobStore, job_id: str, part: str, raw: bytes) -> None:
+        await client.set(":".join(p for p in ("wpm-job", job_id, part) if p), raw)
+
     store, events = on_redis(RETENTION)
     await store.ensure_group()
     try:
-        yield Stores(store, events, RedisPodRegistry(client), on_redis, client.flushdb)
+        yield Stores(store, events, RedisPodRegistry(client), on_redis, plant_in_redis,
+                     client.flushdb)  # fmt: skip
     finally:
         await client.aclose()
 
@@ -711,3 +727,173 @@ async def test_wait_finished_returns_the_latest_record_at_the_deadline(stores: S
     assert anyio.current_time() - started >= 0.3
     assert latest is not None
     assert latest.state is JobState.DISPATCHED
+
+
+# --- junk in the store ----------------------------------------------------------------------------
+
+
+def found(store: JobStore, kind: BadDataKind) -> int:
+    """Distinct bad items of `kind` the store has said (each once)."""
+    bad = store.bad_data  # type: ignore[attr-defined]  # both twins have one
+    return int(bad.statistics().found[kind.value])
+
+
+JUNK_RECORDS = {
+    "not-json": b"not json {",
+    "not-an-object": b"[1, 2]",
+    "no-job-type": b'{"job_id": "j1"}',
+    "a-worker-state": encode_job(job("j1")).replace(b'"PENDING"', b'"QUEUED"'),
+    "past-year-9999": encode_job(msgspec.structs.replace(job("j1"), deadline_at=1e308)),
+    "negative-token": encode_job(job("j1", fencing_token=-1)),
+    "another-job-s": encode_job(job("other")),
+}
+
+
+@pytest.mark.parametrize("raw", JUNK_RECORDS.values(), ids=JUNK_RECORDS.keys())
+async def test_a_record_that_does_not_read_is_corrupt_and_said_once(
+    stores: Stores, raw: bytes
+) -> None:
+    store = stores.store
+    await store.submit(job("ok"), bound=10)
+    await stores.plant(store, "j1", "", raw)
+    with pytest.raises(CorruptRecord) as caught:
+        await store.get("j1")
+    assert caught.value.kind is BadDataKind.JOB_RECORD
+    assert str(caught.value).startswith("job j1: record unreadable: ")
+    assert "\n" not in str(caught.value)
+    # every way in says the same, and the item is said (and counted) once
+    with pytest.raises(CorruptRecord):
+        await store.submit(job("j1"), bound=10)
+    with pytest.raises(CorruptRecord):
+        await store.request_cancel("j1", error="x", now=1.0)
+    assert found(store, BadDataKind.JOB_RECORD) == 1
+    assert await store.cancel_requested("j1") is False
+    # other jobs go on
+    assert (await get(store, "ok")).state is JobState.PENDING
+    assert (await store.submit(job("ok2"), bound=10))[0] is SubmitResult.CREATED
+
+
+async def test_a_write_over_a_record_that_is_not_json_is_refused(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(job("j1"), bound=10)
+    record, token = await start_attempt(store, "j1", JobState.RUNNING)
+    await stores.plant(store, "j1", "", b"\xff junk")
+    record.state = JobState.SUCCEEDED
+    with pytest.raises(CorruptRecord) as caught:
+        await store.write(record, token)
+    assert caught.value.kind is BadDataKind.JOB_RECORD
+    assert await store.queued_count("echo") == 1  # nothing was counted down
+
+
+async def test_a_fencing_token_that_is_not_an_integer_is_corrupt(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(job("j1"), bound=10)
+    record = await get(store, "j1")
+    await stores.plant(store, "j1", "fence", b"junk")
+    for attempt in (store.fence("j1"), store.next_token("j1"), store.write(record, 0),
+                    store.request_cancel("j1", error="x", now=1.0)):  # fmt: skip
+        with pytest.raises(CorruptRecord) as caught:
+            await attempt
+        assert caught.value.kind is BadDataKind.FENCING_TOKEN
+        assert str(caught.value) == "job j1: fencing token unreadable: b'junk' is not an integer"
+    assert found(store, BadDataKind.FENCING_TOKEN) == 1
+    assert await store.cancel_requested("j1") is False
+    assert await get(store, "j1") == record
+
+
+async def test_quarantine_ends_a_job_whose_fence_is_junk(stores: Stores) -> None:
+    store = stores.store
+    for job_id in ("j1", "j2"):
+        await store.submit(job(job_id), bound=10)
+    entries = dict((j, e) for e, j in await store.read_new("c1", count=10, block_ms=10))
+    await stores.plant(store, "j1", "fence", b"1.5")
+    with pytest.raises(CorruptRecord) as caught:
+        await store.fence("j1")
+    problem = caught.value
+    assert await store.quarantine(entries["j1"], problem, now=1234.5)
+    failed = await get(store, "j1")
+    assert (failed.state, failed.finished_at) == (JobState.FAILED, 1234.5)
+    assert failed.error == "quarantined: fencing token unreadable: b'1.5' is not an integer"
+    assert await store.queued_count("echo") == 1  # no longer counted against the bound
+    # the entry is gone from the queue; the other one is not
+    assert await store.claim_idle("c2", min_idle_ms=0, count=10) == [(entries["j2"], "j2")]
+    (quarantined,) = await store.quarantined()
+    assert (quarantined.entry_id, quarantined.job_id, quarantined.kind, quarantined.reason) == (
+        entries["j1"], "j1", "fencing_token", problem.problem
+    )  # fmt: skip
+    bad = store.bad_data.statistics()  # type: ignore[attr-defined]
+    assert (bad.found["fencing_token"], bad.quarantined["fencing_token"]) == (1, 1)
+
+
+async def test_quarantine_keeps_a_junk_record_for_the_retention(stores: Stores) -> None:
+    store, _ = stores.with_retention(1)
+    await store.ensure_group()
+    await store.submit(job("j1"), bound=10)
+    ((entry, _),) = await store.read_new("c1", count=10, block_ms=10)
+    await stores.plant(store, "j1", "", b"{junk")
+    with pytest.raises(CorruptRecord) as caught:
+        await store.get("j1")
+    assert await store.quarantine(entry, caught.value, now=1.0)
+    assert await store.claim_idle("c2", min_idle_ms=0, count=10) == []
+    assert [q.kind for q in await store.quarantined()] == ["job_record"]
+
+    async def expired() -> bool:
+        try:
+            return await store.get("j1") is None
+        except CorruptRecord:
+            return False
+
+    await eventually(expired)  # kept as it is for the retention, then the id is free again
+    assert (await store.submit(job("j1"), bound=10))[0] is SubmitResult.CREATED
+
+
+async def test_quarantine_does_nothing_to_an_item_mended_meanwhile(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(job("j1"), bound=10)
+    ((entry, _),) = await store.read_new("c1", count=10, block_ms=10)
+    before = await get(store, "j1")
+    await stores.plant(store, "j1", "fence", b"junk")
+    with pytest.raises(CorruptRecord) as fence_problem:
+        await store.fence("j1")
+    await stores.plant(store, "j1", "fence", b"3")
+    assert not await store.quarantine(entry, fence_problem.value, now=1.0)
+    await stores.plant(store, "j1", "", b"junk")
+    with pytest.raises(CorruptRecord) as record_problem:
+        await store.get("j1")
+    await stores.plant(store, "j1", "", encode_job(before))
+    assert not await store.quarantine(entry, record_problem.value, now=1.0)
+    assert await get(store, "j1") == before
+    assert await store.claim_idle("c2", min_idle_ms=0, count=10) == [(entry, "j1")]
+    assert await store.quarantined() == []
+
+
+async def test_an_entry_whose_record_is_gone_can_be_quarantined(stores: Stores) -> None:
+    store, _ = stores.with_retention(1)
+    await store.ensure_group()
+    await store.submit(job("j1"), bound=10)
+    ((entry, _),) = await store.read_new("c1", count=10, block_ms=10)
+    await store.request_cancel("j1", error="stop", now=1.0)
+
+    async def expired() -> bool:
+        return await store.get("j1") is None
+
+    await eventually(expired)
+    gone = CorruptRecord(BadDataKind.STREAM_ENTRY, "j1", f"queue entry {entry}", "no record")
+    assert await store.quarantine(entry, gone, now=1.0)
+    assert await store.claim_idle("c2", min_idle_ms=0, count=10) == []
+    (quarantined,) = await store.quarantined()
+    assert (quarantined.kind, quarantined.reason) == (
+        "stream_entry",
+        "queue entry unusable: no record",
+    )
+
+
+async def test_a_run_outcome_that_does_not_read_is_left_out_and_said_once(stores: Stores) -> None:
+    store = stores.store
+    done = RunOutcome(state=JobState.SUCCEEDED, result_json="1")
+    assert await store.record_outcome("j1", 3, done)
+    await stores.plant(store, "j1", "run:4", b"junk")
+    await stores.plant(store, "j1", "run:5", b'{"state": "RUNNING"}')  # not a run's end
+    for _ in range(3):
+        assert await store.outcomes("j1", [3, 4, 5]) == {3: done}
+    assert found(store, BadDataKind.RUN_OUTCOME) == 2

@@ -103,11 +103,15 @@ async def fleet(
             channel.close()
         return int(status.jobs_accepted)
 
+    def kill_process() -> None:
+        process.signal(signal.SIGKILL)
+        process.process.wait(10)  # gone: nothing listens on its port any more
+
     try:
         yield Fleet(
             grpc, process.target, accepted=accepted_on_worker,
             drain=lambda: process.signal(signal.SIGTERM),
-            kill=lambda: process.signal(signal.SIGKILL),
+            kill=kill_process,
             store=RedisJobStore(redis_client),
         )  # fmt: skip
     finally:
@@ -234,13 +238,24 @@ async def test_a_killed_worker_breaks_the_wait_at_once(fleet: Fleet) -> None:
 
     ended = await wait_while(fleet, job("c8", "sleep", seconds="60"), kill)
     assert ended.reply is Reply.UNREACHABLE
-    assert (await fleet.client.admit(fleet.address, job("c9"))).reply is Reply.UNREACHABLE
+    # a broken stream may be a reset as well as a death: only a refused connection tells
+    assert not ended.absent
+    fleet.client.forget(fleet.address)  # as the dispatcher does: the next call reconnects
+    again = await fleet.client.admit(fleet.address, job("c9"))
+    assert again.reply is Reply.UNREACHABLE
+    assert again.absent  # nothing listens there any more
+    with anyio.fail_after(10):
+        assert not await fleet.client.probe(fleet.address)
 
 
 async def test_nobody_listening_is_unreachable(fleet: Fleet) -> None:
     nowhere = f"127.0.0.1:{free_port()}"
     with anyio.fail_after(10):
-        assert (await fleet.client.admit(nowhere, job("c10"))).reply is Reply.UNREACHABLE
-        assert (await fleet.client.wait(nowhere, job("c10"))).reply is Reply.UNREACHABLE
+        admission = await fleet.client.admit(nowhere, job("c10"))
+        assert (admission.reply, admission.absent) == (Reply.UNREACHABLE, True)
+        completion = await fleet.client.wait(nowhere, job("c10"))
+        assert (completion.reply, completion.absent) == (Reply.UNREACHABLE, True)
         assert not await fleet.client.cancel(nowhere, "c10")
+        assert not await fleet.client.probe(nowhere)
+        assert await fleet.client.probe(fleet.address)
     fleet.client.forget(nowhere)

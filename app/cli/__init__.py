@@ -49,7 +49,13 @@ def _client_failure(exc: Exception) -> int:
     from grpclib.exceptions import GRPCError
 
     if isinstance(exc, GRPCError):
-        print(f"jobworker: {exc.status.name}: {exc.message}", file=sys.stderr)
+        from app.grpc.status import retry_info
+
+        hint = retry_info(exc.details)
+        message = exc.message or ""
+        if hint is not None and "retry after" not in message:
+            message += f" (retry after {hint.retry_delay_seconds:g}s)"
+        print(f"jobworker: {exc.status.name}: {message}", file=sys.stderr)
         return 1
     if isinstance(exc, OSError | TimeoutError):
         print(f"jobworker: {type(exc).__name__}: {exc}", file=sys.stderr)

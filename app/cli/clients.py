@@ -33,10 +33,13 @@ def _client_call(target: str, call: Callable[[Any], Awaitable[T]], timeout: floa
     """Open a channel to `target`, run `call(channel)` under `timeout`, close the channel."""
     from grpclib.client import Channel
 
+    from app.grpc.status import StatusDetailsCodec
+
     host, port = _split_target(target)
 
     async def main() -> T:
-        channel = Channel(host, port)
+        # RetryInfo in a status is decoded into GRPCError.details (see app.cli._client_failure)
+        channel = Channel(host, port, status_details_codec=StatusDetailsCodec())
         try:
             with anyio.fail_after(timeout):
                 return await call(channel)

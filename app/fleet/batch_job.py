@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import msgspec
 
-from app.fleet.job_state import JobState
+from app.fleet.job_state import FLEET_STATES, JobState
+
+# What a record's numbers may be: what `orchestrator.Job` carries and RFC 3339 can show. A stored
+# value outside them is junk, refused when the record is read, not when it is put on the wire.
+Timestamp = Annotated[float, msgspec.Meta(ge=0, le=253_402_300_799)]  # to 9999-12-31
+Seconds = Annotated[float, msgspec.Meta(ge=0)]
+UInt32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
+UInt64 = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # Redis INCR stops there too
+Int32 = Annotated[int, msgspec.Meta(ge=-(2**31), le=2**31 - 1)]
 
 
 class AttemptRecord(msgspec.Struct, kw_only=True):
     """One delegation to one worker. `outcome` is empty while the call is going."""
 
-    number: int
+    number: UInt32
     worker: str
-    fencing_token: int
-    started_at: float
-    finished_at: float | None = None
+    fencing_token: UInt64
+    started_at: Timestamp
+    finished_at: Timestamp | None = None
     outcome: str = ""
     error: str = ""
 
@@ -29,18 +39,18 @@ class BatchJob(msgspec.Struct, kw_only=True):
     job_id: str
     job_type: str
     params: dict[str, str] = msgspec.field(default_factory=dict)
-    timeout_seconds: float = 0.0
-    priority: int = 0
-    deadline_at: float = 0.0
+    timeout_seconds: Seconds = 0.0
+    priority: Int32 = 0
+    deadline_at: Timestamp = 0.0
     retry_on_failure: bool = False
     max_attempts: int = 3
     state: JobState = JobState.PENDING
     attempts: list[AttemptRecord] = msgspec.field(default_factory=list)
     result_json: str = ""
     error: str = ""
-    submitted_at: float = 0.0
-    finished_at: float | None = None
-    fencing_token: int = 0
+    submitted_at: Timestamp = 0.0
+    finished_at: Timestamp | None = None
+    fencing_token: UInt64 = 0
 
 
 class RunOutcome(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,13 +95,20 @@ def encode_outcome(outcome: RunOutcome) -> bytes:
 
 
 def decode_outcome(raw: bytes | str) -> RunOutcome:
-    """An outcome from its JSON (msgspec.DecodeError when it is not one)."""
-    return _outcome_decoder.decode(raw)
+    """An outcome from its JSON (msgspec.DecodeError when it is not one: a run's end)."""
+    outcome = _outcome_decoder.decode(raw)
+    if not outcome.state.finished:
+        raise msgspec.ValidationError(f"state {outcome.state.value} is not the end of a run")
+    return outcome
 
 
 def decode_job(raw: bytes | str) -> BatchJob:
-    """A record from its stored JSON; `msgspec.DecodeError` when it is not one."""
-    return _decoder.decode(raw)
+    """A record from its stored JSON; `msgspec.DecodeError` when it is not one (its numbers
+    and state included: what it holds can always be shown)."""
+    job = _decoder.decode(raw)
+    if job.state not in FLEET_STATES:
+        raise msgspec.ValidationError(f"state {job.state.value} is not a fleet job's state")
+    return job
 
 
 def encode_lost(lost: LostJob) -> bytes:

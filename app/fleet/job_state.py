@@ -52,6 +52,8 @@ _TO_ORCHESTRATOR = {
     JobState.CANCELLED: opb.JobState.CANCELLED,
     JobState.TIMED_OUT: opb.JobState.TIMED_OUT,
 }
+#: The states a fleet job's record may hold (QUEUED is a worker's run's only).
+FLEET_STATES = frozenset(_TO_ORCHESTRATOR)
 
 
 def to_worker_wire(state: JobState) -> wpb.JobState:

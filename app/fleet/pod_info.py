@@ -54,6 +54,10 @@ class PodInfo(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     version: str = ""
     # the job names this worker runs, so that an orchestrator sends it only those
     job_names: list[str] = msgspec.field(default_factory=list)
+    # the ids of the jobs queued or running here: an orchestrator that lost its call to this
+    # worker (a partition, a reset) sees from it that the run goes on, and does not start a
+    # second copy elsewhere
+    live_job_ids: list[str] = msgspec.field(default_factory=list)
 
 
 _encoder = msgspec.json.Encoder()

@@ -1,22 +1,36 @@
-"""grpclib's ProtoCodec, with a request that does not decode answered INTERNAL and counted.
+"""grpclib's ProtoCodec with the request checked first: its size, its wire format, its lists.
 
 grpclib lets a decode error escape the method handler: the client gets UNKNOWN "Internal Server
 Error" and the log a traceback, for what is the client's mistake. Like grpc-go, grpc-java and
-grpcio, the server answers such a request with INTERNAL and a one-line reason, and logs nothing
-(the count shows it). Everything else is grpclib's ProtoCodec, through its public codec API
-only, so this is the codec with the fast path off too.
+grpcio (gRPC's status code table: "error parsing request proto" is INTERNAL), the server answers
+such a request with INTERNAL and a one-line reason, and logs nothing (the count shows it).
+
+A request goes through protobuf's C parser (upb) before betterproto2 sees it, because
+betterproto2's pure-Python parser takes quadratic time over unknown fields (4 MiB of them held
+the event loop for 90 s): upb refuses what is not valid protobuf (invalid UTF-8 in a string
+included), unknown fields are dropped (no service reads them), and betterproto2 parses the
+canonical bytes. Before that, a message over `max_message_bytes` is RESOURCE_EXHAUSTED, and a
+list or map with more than `MAX_ELEMENTS` entries is INVALID_ARGUMENT naming the field, before
+any Python object is made for its entries.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
 
+import betterproto2
+from google.protobuf import message_factory  # type: ignore[import-untyped]
 from grpclib.const import Status
-from grpclib.encoding.proto import ProtoCodec, ProtoStatusDetailsCodec
+from grpclib.encoding.proto import ProtoCodec
 from grpclib.exceptions import GRPCError
 
 from app.grpc.statistics import CodecCounters
+from app.grpc.status import StatusDetailsCodec
+
+#: gRPC's default for the largest message a server receives.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+#: Entries a repeated field or map of a request may hold (the services allow far fewer).
+MAX_ELEMENTS = 1024
 
 
 def _type_name(message_type: Any) -> str:
@@ -25,27 +39,96 @@ def _type_name(message_type: Any) -> str:
     return name if isinstance(name, str) else getattr(message_type, "__qualname__", "message")
 
 
-class CheckedProtoCodec(ProtoCodec):
-    """ProtoCodec (`application/grpc+proto`) whose decode errors become INTERNAL, counted."""
+def too_large(size: int, limit: int) -> GRPCError:
+    """RESOURCE_EXHAUSTED for a request message of `size` bytes over `limit` (grpc's wording)."""
+    return GRPCError(
+        Status.RESOURCE_EXHAUSTED,
+        f"received message larger than max ({size} vs. {limit} bytes)",
+    )
 
-    def __init__(self, counters: CodecCounters | None = None) -> None:
+
+def _repeated(field: Any) -> bool:
+    # protobuf 6.31 added `is_repeated` and later releases drop `label`
+    flag = getattr(field, "is_repeated", None)
+    return bool(flag) if flag is not None else bool(field.label == field.LABEL_REPEATED)
+
+
+def check_elements(upb: Any) -> None:
+    """INVALID_ARGUMENT naming the first list or map of `upb` (a parsed message) past MAX_ELEMENTS.
+
+    Reads lengths only, in upb's own containers: nothing is converted before this passes.
+    """
+    for field, value in upb.ListFields():
+        if _repeated(field):
+            if len(value) > MAX_ELEMENTS:
+                raise GRPCError(
+                    Status.INVALID_ARGUMENT,
+                    f"{field.name}: {len(value)} entries, more than a request may hold"
+                    f" ({MAX_ELEMENTS})",
+                )
+        elif field.message_type is not None:
+            check_elements(value)
+
+
+class CheckedProtoCodec(ProtoCodec):
+    """ProtoCodec (`application/grpc+proto`): size and lists checked, decode errors INTERNAL."""
+
+    def __init__(
+        self,
+        counters: CodecCounters | None = None,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
         self.counters = counters if counters is not None else CodecCounters()
+        self.max_message_bytes = max_message_bytes
+        self._upb_classes: dict[type, Any] = {}
+
+    def cannot_decode(self, message_type: Any) -> GRPCError:
+        """Count a request that does not decode; the INTERNAL error to answer it with."""
+        self.counters.decode_error += 1
+        return GRPCError(
+            Status.INTERNAL, f"cannot decode the request message as {_type_name(message_type)}"
+        )
+
+    def check_size(self, data: bytes) -> None:
+        """RESOURCE_EXHAUSTED (counted) when `data` is over `max_message_bytes`."""
+        if len(data) > self.max_message_bytes:
+            self.counters.decode_too_large += 1
+            raise too_large(len(data), self.max_message_bytes)
+
+    def _upb_class(self, message_type: type) -> Any:
+        try:
+            return self._upb_classes[message_type]
+        except KeyError:
+            pass
+        upb_cls = None
+        if issubclass(message_type, betterproto2.Message):
+            try:
+                upb_cls = message_factory.GetMessageClass(message_type.DESCRIPTOR)  # type: ignore[attr-defined]
+            except Exception:
+                upb_cls = None
+        self._upb_classes[message_type] = upb_cls
+        return upb_cls
 
     def decode(self, data: bytes, message_type: Any) -> Any:
-        """The message, or GRPCError(INTERNAL) when `data` does not decode as `message_type`."""
+        """The message; RESOURCE_EXHAUSTED, INVALID_ARGUMENT or INTERNAL as the module says."""
+        self.check_size(data)
+        upb_cls = self._upb_class(message_type) if isinstance(message_type, type) else None
+        if upb_cls is not None:
+            try:
+                upb = upb_cls.FromString(data)
+            except Exception as exc:
+                raise self.cannot_decode(message_type) from exc
+            upb.DiscardUnknownFields()
+            check_elements(upb)
+            if upb.ByteSize() != len(data):
+                data = upb.SerializeToString()
         try:
             return super().decode(data, message_type)
         except Exception as exc:
-            self.counters.decode_error += 1
-            raise GRPCError(
-                Status.INTERNAL, f"cannot decode the request message as {_type_name(message_type)}"
-            ) from exc
+            raise self.cannot_decode(message_type) from exc
 
 
-def status_details_codec() -> ProtoStatusDetailsCodec | None:
-    """grpclib's default for `grpc-status-details-bin`: only when googleapis' protos are there."""
-    try:
-        importlib.import_module("google.rpc.status_pb2")
-    except ImportError:
-        return None
-    return ProtoStatusDetailsCodec()
+def status_details_codec() -> StatusDetailsCodec:
+    """The codec for `grpc-status-details-bin`: google.rpc.Status, RetryInfo included."""
+    return StatusDetailsCodec()

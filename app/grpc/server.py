@@ -4,9 +4,12 @@ It binds the first free candidate port, serves the given services with server re
 (v1 and v1alpha, for grpcurl) and `grpc.health.v1.Health`, and closes when its task is cancelled.
 
 With `fast_path` (the default; `grpc.fast_path` in the config) it serves with the fast path
-(`fastpath/`), if the start-up probe finds the grpclib and h2 internals it relies on; otherwise,
-or with `fast_path=False`, with grpclib's own Server and ProtoCodec. Either way it counts the calls
-each path served and the codec's fallbacks and errors (`statistics()`).
+(`fastpath/`), if the start-up probe finds the grpclib and h2 internals it relies on; with
+`fast_path=False` the same server sends every call grpclib's own way, with grpclib's ProtoCodec.
+Either way connections are held to `limits` (GrpcLimits). When the probe finds an internal
+missing, grpclib's own Server serves (h2's default connection limits; the message size checked
+once read). Every method handler's status is one bounded line (`status.guard_services`). It
+counts the calls each path served and the codec's fallbacks and errors (`statistics()`).
 """
 
 from __future__ import annotations
@@ -31,12 +34,14 @@ from grpclib.server import Server
 from app.core.lifecycle import Lifecycle
 from app.grpc.codec import CheckedProtoCodec, status_details_codec
 from app.grpc.fastpath.install import install_fast_server
+from app.grpc.limits import GrpcLimits
 from app.grpc.statistics import (
     CallCounters,
     CodecCounters,
     FastPathMode,
     GrpcServerStatistics,
 )
+from app.grpc.status import guard_services
 from app.pb.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 
 log = logging.getLogger(__name__)
@@ -66,26 +71,36 @@ class GrpcServer:
         host: str,
         fast_path: bool = True,
         close_grace_seconds: float = 2.0,
+        limits: GrpcLimits | None = None,
     ) -> None:
         self._status = ServiceStatus()
         checks = {service: [self._status] for service in services}
         checks[OVERALL] = [self._status]
         health = Health(checks)
-        all_services = ServerReflection.extend([*services, health], pool=_descriptor_pool())
+        all_services = guard_services(
+            ServerReflection.extend([*services, health], pool=_descriptor_pool())
+        )
         self._calls = CallCounters()
         self._codec_counters = CodecCounters()
-        server: Server | None = None
-        if fast_path:
-            server = install_fast_server(
-                all_services, calls=self._calls, codec_counters=self._codec_counters
-            )
+        self.limits = limits = limits if limits is not None else GrpcLimits()
+        # with the fast path off, the same server holds connections to the limits, and every
+        # call takes grpclib's own path and codec
+        server = install_fast_server(
+            all_services,
+            calls=self._calls,
+            codec_counters=self._codec_counters,
+            limits=limits,
+            unary=fast_path,
+        )
         if server is not None:
-            self._fast_path = FastPathMode.ON
+            self._fast_path = FastPathMode.ON if fast_path else FastPathMode.OFF
         else:
             self._fast_path = FastPathMode.FALLEN_BACK if fast_path else FastPathMode.OFF
             server = Server(
                 all_services,
-                codec=CheckedProtoCodec(self._codec_counters),
+                codec=CheckedProtoCodec(
+                    self._codec_counters, max_message_bytes=limits.max_receive_message_bytes
+                ),
                 status_details_codec=status_details_codec(),
             )
             # grpclib's public events API; never on the fast server, which gives way to
@@ -119,6 +134,7 @@ class GrpcServer:
             fast_calls=self._calls.fast,
             general_calls=self._calls.general,
             codec=self._codec_counters.snapshot(),
+            handshake_timeouts=self._calls.handshake_timeouts,
         )
 
     async def _count_general(self, event: RecvRequest) -> None:

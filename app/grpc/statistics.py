@@ -29,28 +29,29 @@ class CallCounters:
     methods and the requests it leaves to grpclib, odd ones included).
     """
 
-    __slots__ = ("fast", "general")
+    __slots__ = ("fast", "general", "handshake_timeouts")
 
     def __init__(self) -> None:
         self.fast = 0
         self.general = 0
+        # connections closed for not completing the HTTP/2 handshake in time
+        self.handshake_timeouts = 0
 
 
 class CodecStatistics(msgspec.Struct, frozen=True, kw_only=True):
-    """What the codec could not do its fast way, by kind (all 0 with the fast path off but errors).
+    """What the codec could not do its fast way, and what it refused, by kind.
 
-    - `decode_fallback`: a request with unknown or non-canonically encoded fields, decoded by
-      betterproto2's own code (it keeps unknown fields);
-    - `decode_upb_rejected`: a request upb refused and betterproto2 accepted (it is more lenient;
-      the service gets what betterproto2 makes of it, as with the fast path off);
-    - `decode_error`: a request nothing could decode, answered with INTERNAL;
+    - `decode_fallback`: a request with unknown or non-canonically encoded fields, read by upb
+      with the unknown fields dropped (fast path only);
+    - `decode_error`: a request that is not valid protobuf, answered with INTERNAL;
+    - `decode_too_large`: a request over grpc.max_receive_message_bytes, RESOURCE_EXHAUSTED;
     - `encode_fallback`: a reply carrying unknown fields, encoded by betterproto2;
     - `encode_upb_error`: a reply upb could not encode, handed to betterproto2.
     """
 
     decode_fallback: int = 0
-    decode_upb_rejected: int = 0
     decode_error: int = 0
+    decode_too_large: int = 0
     encode_fallback: int = 0
     encode_upb_error: int = 0
 
@@ -61,15 +62,15 @@ class CodecCounters:
     __slots__ = (
         "decode_error",
         "decode_fallback",
-        "decode_upb_rejected",
+        "decode_too_large",
         "encode_fallback",
         "encode_upb_error",
     )
 
     def __init__(self) -> None:
         self.decode_fallback = 0
-        self.decode_upb_rejected = 0
         self.decode_error = 0
+        self.decode_too_large = 0
         self.encode_fallback = 0
         self.encode_upb_error = 0
 
@@ -77,8 +78,8 @@ class CodecCounters:
         """The counts now, frozen."""
         return CodecStatistics(
             decode_fallback=self.decode_fallback,
-            decode_upb_rejected=self.decode_upb_rejected,
             decode_error=self.decode_error,
+            decode_too_large=self.decode_too_large,
             encode_fallback=self.encode_fallback,
             encode_upb_error=self.encode_upb_error,
         )
@@ -93,3 +94,4 @@ class GrpcServerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     fast_calls: int
     general_calls: int
     codec: CodecStatistics
+    handshake_timeouts: int = 0

@@ -19,6 +19,7 @@ import msgspec
 
 from app.fleet.batch_job import AttemptRecord, BatchJob, RunOutcome
 from app.fleet.job_state import JobState
+from app.fleet.pod_info import PodInfo
 
 #: An attempt whose orchestrator stopped while it ran. The re-dispatch that attaches to the run
 #: on the same worker is not a new attempt, so it does not count against max_attempts.
@@ -43,6 +44,8 @@ class CallResult(msgspec.Struct, frozen=True, kw_only=True):
     kind: CallKind
     outcome: RunOutcome | None = None
     error: str = ""
+    # UNREACHABLE with the connection refused: nothing listens there, the run is gone with it
+    absent: bool = False
 
     @property
     def attempt_outcome(self) -> str:
@@ -93,6 +96,37 @@ class Stop(msgspec.Struct, frozen=True, kw_only=True):
 
 
 Step = Dispatch | Requeue | Finish | Stop
+
+
+class RunSighting(enum.Enum):
+    """Whether a worker's report shows the run of a job whose call to it broke."""
+
+    GOING = "GOING"  # listed as the worker's own: running, queued, or its outcome on the way
+    UNSEEN = "UNSEEN"  # a report written since the attempt began does not list it: not there
+    UNKNOWN = "UNKNOWN"  # the report predates the attempt: the next one tells
+    GONE = "GONE"  # no fresh report: the worker is taken for gone
+
+
+#: Worker and orchestrator clocks may differ by this much: a report counts as written after an
+#: attempt began only if its time is later by more.
+CLOCK_SKEW_SECONDS = 1.0
+
+
+def sight_run(info: PodInfo | None, *, fresh: bool, job_id: str, since: float) -> RunSighting:
+    """What the worker's last report (`info`, `fresh` or stale) says of the run of `job_id`
+    started at `since` (Unix seconds) on it. Pure.
+
+    A call to a worker breaks for reasons other than its death (a reset, a partition between
+    the two, a slow link). While the worker's report lists the run, it goes on there, and
+    starting another copy elsewhere would run the job twice.
+    """
+    if info is None or not fresh:
+        return RunSighting.GONE
+    if job_id in info.live_job_ids:
+        return RunSighting.GOING
+    if info.update_epoch_ms / 1000 > since + CLOCK_SKEW_SECONDS:
+        return RunSighting.UNSEEN
+    return RunSighting.UNKNOWN
 
 
 #: How an attempt ends when its worker vanished: the retry is recovery, not paid from the budget.

@@ -46,7 +46,7 @@ from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage
 from app.core.retry import RetryBudget, RetryPolicy
-from app.errors import QueueGone
+from app.errors import BadDataKind, CorruptRecord, QueueGone
 from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
@@ -57,9 +57,11 @@ from app.orchestrator.decisions import (
     Dispatch,
     Finish,
     Requeue,
+    RunSighting,
     Stop,
     adopt,
     decide,
+    sight_run,
 )
 from app.orchestrator.directory import WorkerDirectory, WorkerEntry
 from app.orchestrator.worker_client import Reply, WorkerClient
@@ -145,6 +147,11 @@ class Dispatcher:
         self._worker_inflight: Counter[str] = Counter()
         self._waiting: Counter[int] = Counter()  # jobs waiting for a worker, by priority
         self._breakers: dict[str, CircuitBreaker] = {}
+        # per worker: when it was last probed directly, and whether it answered
+        self._probes: dict[str, tuple[float, bool]] = {}
+        self._cut_off: set[str] = set()  # stale workers that answer: said once each
+        # SendWork answers at once; one that does not within a keepalive's time is unreachable
+        self._admit_timeout = config.keepalive_seconds + config.keepalive_timeout_seconds
         self._breaker_config = BreakerConfig(
             failure_threshold=config.breaker_failure_threshold,
             failure_rate=config.breaker_failure_rate,
@@ -370,6 +377,7 @@ class Dispatcher:
         idle_ms = int(self._config.claim_idle_seconds * 1000)
         while True:
             await anyio.sleep(self._config.claim_idle_seconds / 2)
+            self._prune()
             free = int(self._slots.available_tokens)
             if self._draining or free < 1:
                 continue
@@ -403,6 +411,17 @@ class Dispatcher:
             except Exception as exc:
                 self._queue_outage.failed(exc)
 
+    def _prune(self) -> None:
+        """Forget what is kept per worker (breakers, probes) for workers that left the registry
+        and have no call in flight: workers come and go, each under a new address in k8s."""
+        known = {e.address for e in self._directory.entries()}
+        for table in (self._breakers, self._probes):
+            for address in [a for a in table if a not in known and not self._worker_inflight[a]]:
+                del table[address]
+        self._cut_off &= known
+        for address in [a for a, n in self._worker_inflight.items() if not n]:
+            del self._worker_inflight[address]
+
     def _take(self, entry_id: str, job_id: str) -> None:
         assert self._task_group is not None
         if entry_id in self._entries:
@@ -414,9 +433,16 @@ class Dispatcher:
     async def _handle(self, entry_id: str, job_id: str) -> None:
         self._losses_at_take[job_id] = self._data_losses
         try:
-            job = held = await self._store.get(job_id)
-            if job is not None and not job.state.finished:
-                await self._drive(job)
+            held = await self._store.get(job_id)
+            if held is None:
+                # never a job's, or kept past its record's retention: nothing to drive
+                where, why = f"queue entry {entry_id}", f"no record of job {job_id!r}"
+                no_record = CorruptRecord(BadDataKind.STREAM_ENTRY, job_id, where, why)
+                await self._set_aside(entry_id, no_record)
+                return
+            job: BatchJob | None = held
+            if not held.state.finished:
+                await self._drive(held)
                 job = await self._store.get(job_id)
             if job is None:  # the record vanished: Redis lost it (an entry outlives no record)
                 await self._lost(job_id, held)
@@ -424,39 +450,49 @@ class Dispatcher:
             # another orchestrator is acked there
             if job is None or job.state.finished:
                 await self._store.ack(entry_id)
-        except Exception:
-            # the entry stays pending; once its idle time passes, some orchestrator claims it
-            log.exception("dispatching job %s failed; it will be claimed again", job_id)
+        except Exception as exc:
+            if (corrupt := _corrupt(exc)) is not None:
+                await self._set_aside(entry_id, corrupt)
+            else:
+                # the entry stays pending; once its idle time passes, some orchestrator claims it
+                log.exception("dispatching job %s failed; it will be claimed again", job_id)
         finally:
             self._losses_at_take.pop(job_id, None)
             self._slots.release_on_behalf_of(entry_id)
             del self._entries[entry_id]
             self._slot_freed.set()
 
-    async def _lost(self, job_id: str, held: BatchJob | None) -> None:
-        """End a job whose record is gone: said once, noted for the operators' check."""
-        last = held.attempts[-1] if held is not None and held.attempts else None
+    async def _lost(self, job_id: str, held: BatchJob) -> None:
+        """End a job whose record vanished in hand: said once, noted for the operators' check."""
+        last = held.attempts[-1] if held.attempts else None
         lost = LostJob(
             job_id=job_id,
-            reason="its record vanished while this orchestrator held it (Redis lost its data?)"
-            if held is not None else "queued, but its record was gone (Redis lost its data?)",
+            reason="its record vanished while this orchestrator held it (Redis lost its data?)",
             noticed_by=self.consumer,
             noticed_at=self._clock.timestamp(),
-            job_type=held.job_type if held is not None else "",
-            state=held.state.value if held is not None else "",
+            job_type=held.job_type,
+            state=held.state.value,
             worker=last.worker if last is not None else "",
-            attempts=len(held.attempts) if held is not None else 0,
-            result_json=held.result_json if held is not None else "",
-            error=held.error if held is not None else "",
-        )  # fmt: skip
+            attempts=len(held.attempts),
+            result_json=held.result_json,
+            error=held.error,
+        )
         if not await self._store.report_lost(lost):
             return  # it is there after all (a write raced the read): nothing was lost
         self._counts["lost"] += 1
         log.warning(
             "job %s lost: %s; last known %s%s; noted for `jobworker lost`",
-            job_id, lost.reason, lost.state or "queued",
-            f" on {lost.worker}" if lost.worker else "",
+            job_id, lost.reason, lost.state, f" on {lost.worker}" if lost.worker else "",
         )  # fmt: skip
+
+    async def _set_aside(self, entry_id: str, problem: CorruptRecord) -> None:
+        """Quarantine the entry of a job that cannot be driven (the store says it once)."""
+        try:
+            if not await self._store.quarantine(entry_id, problem, now=self._clock.timestamp()):
+                # mended meanwhile: the entry stays pending, and is claimed and read again
+                log.info("job %s: its data reads again; it will be claimed again", problem.job_id)
+        except Exception:
+            log.exception("quarantining job %s failed; it will be claimed again", problem.job_id)
 
     # --- one job: decide, then do -----------------------------------------------------------------
 
@@ -594,11 +630,12 @@ class Dispatcher:
         try:
             while self._time_left(job) > 0:
                 if prefer is not None:
-                    entry = self._directory.get(prefer)
-                    if (
-                        self._directory.stale_reason(entry) is None
-                        and self.breaker(prefer).try_acquire()
-                    ):
+                    # the worker its run may go on: stale in the registry but answering (cut
+                    # off from Redis only) still has it, and a copy elsewhere would run twice
+                    fresh = self._directory.stale_reason(self._directory.get(prefer)) is None
+                    if (fresh or await self._answers(prefer)) and self.breaker(
+                        prefer
+                    ).try_acquire():
                         return prefer
                     prefer = None
                 ahead = max((p for p, n in self._waiting.items() if n), default=job.priority)
@@ -660,6 +697,8 @@ class Dispatcher:
                     tg.start_soon(self._watch_worker, address, lost, tg.cancel_scope)
                     tg.start_soon(self._watch_cancel, job.job_id, address)
                     result = await self._admit_and_wait(job, address, token)
+                    if result.kind is CallKind.UNREACHABLE and not result.absent:
+                        result = await self._follow(job, address, token) or result
                     tg.cancel_scope.cancel()
             if deadline.cancelled_caught:
                 result = CallResult(kind=CallKind.DEADLINE, error="deadline passed while running")
@@ -678,24 +717,95 @@ class Dispatcher:
         return result
 
     async def _admit_and_wait(self, job: BatchJob, address: str, token: int) -> CallResult:
-        admission = await self._client.admit(address, job)
+        with anyio.move_on_after(self._admit_timeout) as admitting:
+            admission = await self._client.admit(address, job)
+        if admitting.cancelled_caught:
+            return CallResult(
+                kind=CallKind.UNREACHABLE, error=f"no answer within {self._admit_timeout:g}s"
+            )
         if admission.reply is not Reply.OK:
-            return CallResult(kind=_CALL_KIND[admission.reply], error=admission.error)
+            return CallResult(
+                kind=_CALL_KIND[admission.reply], error=admission.error, absent=admission.absent
+            )
         if admission.running:
             job.state = JobState.RUNNING
             if await self._write(job, token) is not WriteResult.WRITTEN:
                 return CallResult(kind=CallKind.SUPERSEDED, error="superseded")
         completion = await self._client.wait(address, job)
         if completion.reply is not Reply.OK:
-            return CallResult(kind=_CALL_KIND[completion.reply], error=completion.error)
+            return CallResult(
+                kind=_CALL_KIND[completion.reply], error=completion.error, absent=completion.absent
+            )
         return CallResult(kind=CallKind.DONE, outcome=completion.outcome)
 
+    async def _follow(self, job: BatchJob, address: str, token: int) -> CallResult | None:
+        """The call broke, but the worker may not be gone: while its report lists the run, the
+        run goes on there. Attach to it again when the worker answers, else learn its outcome
+        from the store once the worker records it. None when the run is not there (or a cancel
+        was asked for): the call failed.
+
+        Bounded by the call's deadline; the worker watch ends it when the worker goes stale and
+        does not answer.
+        """
+        since = job.attempts[-1].started_at + self._admit_timeout
+        said = False
+        tries = 0
+        self._client.forget(address)  # reconnect: the old connection is what broke
+        while True:
+            recorded = await self._recorded_outcome(job)
+            if recorded is not None:
+                return recorded
+            if await self._store.cancel_requested(job.job_id):
+                return None  # stopped where the call cannot follow: decide() ends it
+            entry = self._directory.get(address)
+            fresh = self._directory.stale_reason(entry) is None
+            info = entry.info if entry is not None else None
+            sighting = sight_run(info, fresh=fresh, job_id=job.job_id, since=since)
+            if sighting in (RunSighting.GONE, RunSighting.UNSEEN):
+                return None
+            if not said:
+                said = True
+                self._counts["followed"] += 1
+                how = "lists it" if sighting is RunSighting.GOING else "may have it"
+                log.info("job %s: the call to %s broke, but the worker %s: following the run"
+                         " there", job.job_id, address, how)  # fmt: skip
+            result = await self._admit_and_wait(job, address, token)
+            if result.kind is not CallKind.UNREACHABLE:
+                return result
+            if result.absent:  # nothing listens there any more: the run died with its worker
+                return None
+            self._client.forget(address)
+            # soon at first (a killed worker's port refuses a moment after its connections
+            # reset), then at most once a refresh
+            with anyio.move_on_after(min(1.0, 0.05 * 2**tries)):
+                await self._directory.wait_refreshed()
+            tries += 1
+
+    async def _answers(self, address: str) -> bool:
+        """Whether the worker answers a direct probe (cached for a refresh interval)."""
+        now = self._clock.monotonic()
+        probed = self._probes.get(address)
+        if probed is not None and now - probed[0] < self._config.discovery_interval_seconds:
+            return probed[1]
+        answered = False
+        with anyio.move_on_after(self._config.keepalive_timeout_seconds):
+            answered = await self._client.probe(address)
+        self._probes[address] = (self._clock.monotonic(), answered)
+        if answered and address not in self._cut_off:
+            self._cut_off.add(address)
+            log.warning("worker %s: its report is stale, but it answers: its runs go on there;"
+                        " it gets no new work until it reports again", address)  # fmt: skip
+        elif not answered:
+            self._cut_off.discard(address)
+        return answered
+
     async def _watch_worker(self, address: str, lost: list[str], scope: anyio.CancelScope) -> None:
-        """Cancel the call when the worker goes stale or disappears from the registry."""
+        """Cancel the call when the worker goes stale or disappears from the registry and does
+        not answer a probe either (one that answers is only cut off from the registry)."""
         while True:
             await self._directory.wait_refreshed()
             reason = self._directory.stale_reason(self._directory.get(address))
-            if reason is not None:
+            if reason is not None and not await self._answers(address):
                 lost.append(reason)
                 scope.cancel()
                 return
@@ -731,6 +841,17 @@ class Dispatcher:
             log.warning(
                 "job %s: result of superseded attempt (token %d) refused", job.job_id, token
             )
+
+
+def _corrupt(exc: Exception) -> CorruptRecord | None:
+    """The CorruptRecord that `exc` is, or that ended a task group (alone), else None."""
+    if isinstance(exc, CorruptRecord):
+        return exc
+    if isinstance(exc, ExceptionGroup):
+        found, rest = exc.split(CorruptRecord)
+        if found is not None and rest is None:
+            return _corrupt(found.exceptions[0])
+    return None
 
 
 def _note(attempt: AttemptRecord, call: CallResult, now: float) -> None:

@@ -18,6 +18,7 @@ from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
 from app.fleet.batch_job import BatchJob, RunOutcome
 from app.fleet.job_state import JobState, from_worker_wire
+from app.grpc.status import StatusDetailsCodec, retry_info
 from app.orchestrator.worker_client import Admission, Completion, Reply
 from app.pb import worker as wpb
 
@@ -78,7 +79,9 @@ class GrpcWorkerClient:
         channel = self._channels.get(address)
         if channel is None:
             host, _, port = address.rpartition(":")
-            channel = self._channels[address] = Channel(host, int(port), config=self._config)
+            channel = self._channels[address] = Channel(
+                host, int(port), config=self._config, status_details_codec=StatusDetailsCodec()
+            )
         return wpb.WorkerServiceStub(channel)
 
     async def admit(self, address: str, job: BatchJob) -> Admission:
@@ -91,7 +94,11 @@ class GrpcWorkerClient:
                 return Admission(reply=Reply.OK, running=True)
             return Admission(reply=_reply_for(exc.status), error=_status_text(exc))
         except Exception as exc:
-            return Admission(reply=Reply.UNREACHABLE, error=_failure_text(exc))
+            return Admission(
+                reply=Reply.UNREACHABLE,
+                error=_failure_text(exc),
+                absent=isinstance(exc, ConnectionRefusedError),
+            )
         return Admission(reply=Reply.OK, running=reply.state == wpb.JobState.RUNNING)
 
     async def wait(self, address: str, job: BatchJob) -> Completion:
@@ -102,7 +109,11 @@ class GrpcWorkerClient:
         except GRPCError as exc:
             return Completion(reply=_reply_for(exc.status), error=_status_text(exc))
         except Exception as exc:
-            return Completion(reply=Reply.UNREACHABLE, error=_failure_text(exc))
+            return Completion(
+                reply=Reply.UNREACHABLE,
+                error=_failure_text(exc),
+                absent=isinstance(exc, ConnectionRefusedError),
+            )
         state = from_worker_wire(info.state)
         if state is None:
             return Completion(
@@ -126,6 +137,17 @@ class GrpcWorkerClient:
                 return False
             return True
         return False
+
+    async def probe(self, address: str) -> bool:
+        """GetStatus; True when the worker answered (any status: it is there)."""
+        stub = self._stub(address)
+        try:
+            await _isolated(stub.get_status, wpb.StatusReq())
+        except GRPCError:
+            return True
+        except Exception:
+            return False
+        return True
 
     async def knows(self, address: str, job_id: str) -> bool | None:
         """GetJob, bounded by LOOKUP_TIMEOUT_SECONDS: True when the worker has the id, False on
@@ -180,7 +202,9 @@ async def _isolated(call: Callable[[Req], Awaitable[Res]], request: Req) -> Res:
 
 
 def _status_text(exc: GRPCError) -> str:
-    return f"{exc.status.name}: {exc.message}"
+    hint = retry_info(exc.details)  # the worker's RetryInfo, for the attempt's record
+    later = f" (retry after {hint.retry_delay_seconds:g}s)" if hint is not None else ""
+    return f"{exc.status.name}: {exc.message}{later}"
 
 
 def _failure_text(exc: Exception) -> str:

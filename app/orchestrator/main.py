@@ -30,6 +30,7 @@ import anyio.abc
 from app.config import Config
 from app.core.balancer import make_balancer
 from app.errors import ConfigError
+from app.grpc.limits import limits_from
 from app.grpc.ports import candidate_ports
 from app.grpc.server import GrpcServer
 from app.orchestrator.directory import WorkerDirectory
@@ -37,6 +38,7 @@ from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.grpc_worker_client import GrpcWorkerClient
 from app.orchestrator.service import OrchestratorService
 from app.stores.abc import JobEvents, JobStore
+from app.stores.bad_data import BadData
 from app.stores.redis.client import create_redis, wait_for_redis
 from app.stores.redis.job_events import RedisJobEvents
 from app.stores.redis.job_store import RedisJobStore
@@ -56,15 +58,17 @@ async def serve_orchestrator(config: Config) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             redis = create_redis(config.redis)
+            bad_data = BadData()  # junk met in the store: said once, counted in /metrics
             store: JobStore = RedisJobStore(
                 redis,
                 job_prefix=o.job_prefix,
                 stream_key=o.stream_key,
                 group=o.group,
                 retention_seconds=o.retention_seconds,
+                bad_data=bad_data,
                 lost_key=o.lost_key,
             )
-            events: JobEvents = RedisJobEvents(redis, job_prefix=o.job_prefix)
+            events: JobEvents = RedisJobEvents(redis, job_prefix=o.job_prefix, bad_data=bad_data)
             directory = WorkerDirectory(
                 RedisPodRegistry(redis),
                 prefix=config.redis.key_prefix,
@@ -80,7 +84,12 @@ async def serve_orchestrator(config: Config) -> None:
                 store, events, directory, client, make_balancer(o.balancer), o, consumer=consumer
             )
             service = OrchestratorService(store, events, directory, dispatcher, o)
-            server = GrpcServer([service], host=o.host, fast_path=config.grpc.fast_path)
+            server = GrpcServer(
+                [service],
+                host=o.host,
+                fast_path=config.grpc.fast_path,
+                limits=limits_from(config.grpc),
+            )
 
             def serving(redis_up: bool) -> None:
                 server.set_serving(redis_up and not service.draining)
@@ -142,7 +151,7 @@ async def serve_orchestrator(config: Config) -> None:
                         host=config.metrics.host,
                         port=config.metrics.port,
                         collect=lambda: orchestrator_metrics(
-                            dispatcher, directory, server, monitor
+                            dispatcher, directory, server, bad_data, monitor
                         ),
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,

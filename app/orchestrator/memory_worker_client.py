@@ -47,6 +47,8 @@ class MemoryWorker:
         self.reachable = True
         self.draining = False
         self.silent = False  # calls hang instead of answering (a stopped process)
+        # calls hang, runs go on and record their outcomes (a partition between the two)
+        self.cut_off = False
         self._gone = anyio.Event()  # set when killed: calls in flight break
 
     def __repr__(self) -> str:
@@ -66,6 +68,21 @@ class MemoryWorker:
         self.silent = True
         for run in self.runs.values():
             run.scope.cancel()
+
+    def black_hole(self) -> None:
+        """Cut the network between orchestrators and this worker: calls in flight break (as
+        the keepalive would notice), new ones hang; its runs go on and record outcomes."""
+        self.cut_off = True
+        self._gone.set()
+
+    def reconnect(self) -> None:
+        """End the black hole."""
+        self.cut_off = False
+        self._gone = anyio.Event()
+
+    def live_ids(self) -> list[str]:
+        """The runs not ended yet (what a real worker's PodInfo lists)."""
+        return [job_id for job_id, run in self.runs.items() if not run.ended.is_set()]
 
     def restart(self) -> None:
         """Come back empty, as a new process on the same address would."""
@@ -104,7 +121,7 @@ class MemoryWorkerClient:
         worker = self.workers.get(address)
         if worker is None or not worker.reachable:
             return None
-        if worker.silent:
+        if worker.silent or worker.cut_off:
             await anyio.sleep(math.inf)
         return worker
 
@@ -147,7 +164,7 @@ class MemoryWorkerClient:
         self.calls["admit"] += 1
         worker = await self._reach(address)
         if worker is None:
-            return Admission(reply=Reply.UNREACHABLE, error="ConnectionRefusedError")
+            return Admission(reply=Reply.UNREACHABLE, error="ConnectionRefusedError", absent=True)
         if worker.draining:  # before the id: a draining worker takes nothing, known or not
             return Admission(reply=Reply.REFUSED, error="UNAVAILABLE: worker is draining")
         if job.job_id in worker.runs:
@@ -162,7 +179,7 @@ class MemoryWorkerClient:
         self.calls["wait"] += 1
         worker = await self._reach(address)
         if worker is None:
-            return Completion(reply=Reply.UNREACHABLE, error="ConnectionRefusedError")
+            return Completion(reply=Reply.UNREACHABLE, error="ConnectionRefusedError", absent=True)
         run = worker.runs.get(job.job_id)
         if run is None:
             admission = await self.admit(address, job)
@@ -180,7 +197,7 @@ class MemoryWorkerClient:
                 tg.start_soon(broken)
                 await run.ended.wait()
                 tg.cancel_scope.cancel()
-        if run.outcome is None:  # killed or paused under the call
+        if run.outcome is None or not run.ended.is_set():  # killed, paused or cut off
             if worker.silent:
                 await anyio.sleep(math.inf)
             return Completion(reply=Reply.UNREACHABLE, error="StreamTerminatedError: reset")
@@ -198,14 +215,19 @@ class MemoryWorkerClient:
             run.scope.cancel()
         return True
 
+    async def probe(self, address: str) -> bool:
+        """Whether the worker answers (hangs while it is silent or cut off)."""
+        self.calls["probe"] += 1
+        return await self._reach(address) is not None
+
     async def knows(self, address: str, job_id: str) -> bool | None:
-        """GetJob's semantics: whether the worker has a run of the id (None: no answer)."""
+        """GetJob's semantics: whether the worker has a run of the id (None: no answer, at once
+        for a silent or cut-off worker where a real call would time out)."""
         self.calls["knows"] += 1
-        worker = self.workers.get(address)
-        if worker is None or not worker.reachable or worker.silent:
-            await anyio.lowlevel.checkpoint()
-            return None
         await anyio.lowlevel.checkpoint()
+        worker = self.workers.get(address)
+        if worker is None or not worker.reachable or worker.silent or worker.cut_off:
+            return None
         return job_id in worker.runs
 
     def forget(self, address: str) -> None:

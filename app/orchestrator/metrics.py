@@ -14,6 +14,7 @@ from app.grpc.metrics import grpc_metrics
 from app.grpc.server import GrpcServer
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
+from app.stores.bad_data import BadData
 from app.stores.redis.metrics import redis_metrics
 from app.stores.redis.monitor import RedisMonitor
 
@@ -22,10 +23,11 @@ def orchestrator_metrics(
     dispatcher: Dispatcher,
     directory: WorkerDirectory,
     server: GrpcServer | None = None,
+    bad_data: BadData | None = None,
     monitor: RedisMonitor | None = None,
 ) -> list[Metric]:
     """The dispatcher's counters, each known worker's eligibility and breaker, gRPC's counters,
-    and Redis as the monitor sees it."""
+    the junk found in the store, and Redis as the monitor sees it."""
     s = dispatcher.statistics()
     jobs = CounterMetricFamily(
         "jobworker_orchestrator_jobs", "Jobs this orchestrator ended", labels=["state"]
@@ -84,6 +86,23 @@ def orchestrator_metrics(
         breaker.add_metric([entry.address], {b.value: b is stats.state for b in BreakerState})
         opened.add_metric([entry.address], stats.opened_count)
         eligible.add_metric([entry.address], int(dispatcher.eligibility(entry) is None))
+    if bad_data is not None:
+        b = bad_data.statistics()
+        found = CounterMetricFamily(
+            "jobworker_orchestrator_bad_data",
+            "Unreadable items found in the store (each said once in the log)",
+            labels=["kind"],
+        )
+        quarantined = CounterMetricFamily(
+            "jobworker_orchestrator_quarantined",
+            "Queue entries moved to the quarantine stream",
+            labels=["kind"],
+        )
+        for kind, value in b.found.items():
+            found.add_metric([kind], value)
+        for kind, value in b.quarantined.items():
+            quarantined.add_metric([kind], value)
+        out += [found, quarantined]
     grpc = grpc_metrics(server.statistics()) if server is not None else []
     redis = redis_metrics(monitor.statistics()) if monitor is not None else []
     return [*out, breaker, opened, eligible, *grpc, *redis]

@@ -7,7 +7,8 @@ import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import anyio
@@ -16,9 +17,11 @@ from grpclib.exceptions import GRPCError
 
 from app.config import OrchestratorConfig
 from app.core.clock import utc_iso
-from app.errors import StoreUnavailable
+from app.errors import CorruptRecord, StoreUnavailable
 from app.fleet.batch_job import BatchJob, encode_job
 from app.fleet.job_state import to_orchestrator_wire
+from app.fleet.limits import MAX_ID_LENGTH, MAX_NAME_LENGTH, params_problem
+from app.grpc.status import retry_later
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.pb import orchestrator as pb
@@ -26,9 +29,6 @@ from app.stores.abc import JobEvents, JobStore, SubmitResult
 from app.stores.waits import wait_finished
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:@/-]+$")
-MAX_ID = 256
-MAX_PARAMS = 64
-MAX_PARAM_BYTES = 64 * 1024
 MAX_PRIORITY = 9
 MAX_ATTEMPTS = 20
 # a year: past it, deadlines overflow what records and the wire can hold (1e308 did)
@@ -43,13 +43,35 @@ M = TypeVar("M")
 R = TypeVar("R")
 
 
+#: When a full queue tells the client to come back (RetryInfo, `retry-after-ms`).
+QUEUE_FULL_RETRY_SECONDS = 5.0
+
+
 def _invalid(field: str, problem: str) -> GRPCError:
     return GRPCError(Status.INVALID_ARGUMENT, f"{field}: {problem}")
 
 
+def _check_id(job_id: str) -> None:
+    # bounded first: the regex and the store never see a megabyte id
+    if len(job_id) > MAX_ID_LENGTH or not _NAME.match(job_id):
+        raise _invalid("job_id", f"letters, digits and _.:@/- only, at most {MAX_ID_LENGTH}")
+
+
+@contextmanager
+def _data_loss() -> Iterator[None]:
+    """A job whose stored data does not read answers DATA_LOSS with the one-line reason (the
+    store has said it in the log, once), never UNKNOWN."""
+    try:
+        yield
+    except CorruptRecord as exc:
+        raise GRPCError(Status.DATA_LOSS, str(exc)) from None
+
+
 def unavailable(reason: str, retry_after: int, hint: str = "") -> GRPCError:
-    """UNAVAILABLE with a one-line reason that names when to try again (clients retry it)."""
-    return GRPCError(Status.UNAVAILABLE, f"{reason}; retry after {retry_after}s{hint}")
+    """UNAVAILABLE with a one-line reason that names when to try again, and the same as a
+    RetryInfo detail and `retry-after-ms` trailer for clients that read those."""
+    message = f"{reason}; retry after {retry_after}s{hint}"
+    return retry_later(Status.UNAVAILABLE, message, retry_after)
 
 
 def _store_guarded(
@@ -137,18 +159,15 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         c = self._config
         if not req.job_type:
             raise _invalid("job_type", "must not be empty")
-        if len(req.job_type) > 128 or not _NAME.match(req.job_type):
-            raise _invalid("job_type", "letters, digits and _.:@/- only, at most 128")
+        if len(req.job_type) > MAX_NAME_LENGTH or not _NAME.match(req.job_type):
+            raise _invalid(
+                "job_type", f"letters, digits and _.:@/- only, at most {MAX_NAME_LENGTH}"
+            )
         job_id = req.job_id or uuid.uuid4().hex
-        if len(job_id) > MAX_ID or not _NAME.match(job_id):
-            raise _invalid("job_id", f"letters, digits and _.:@/- only, at most {MAX_ID}")
-        if len(req.params) > MAX_PARAMS:
-            raise _invalid("params", f"at most {MAX_PARAMS} entries")
-        for key, value in req.params.items():
-            if not key:
-                raise _invalid("params", "keys must not be empty")
-            if len(value.encode()) > MAX_PARAM_BYTES:
-                raise _invalid(f"params.{key}", f"at most {MAX_PARAM_BYTES} bytes")
+        _check_id(job_id)
+        problem = params_problem(req.params)
+        if problem is not None:
+            raise _invalid(*problem)
         for name, number in (
             ("timeout_seconds", req.timeout_seconds),
             ("deadline_seconds", req.deadline_seconds),
@@ -191,10 +210,11 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         bound = self._config.queue_bound_per_type
         result, existing, queued = await self._store.submit(job, bound=bound)
         if result is SubmitResult.QUEUE_FULL:
-            raise GRPCError(
+            raise retry_later(
                 Status.RESOURCE_EXHAUSTED,
                 f"queue for job type {job.job_type!r} is full ({queued} of {bound});"
-                " retry after 5s",
+                f" retry after {QUEUE_FULL_RETRY_SECONDS:g}s",
+                QUEUE_FULL_RETRY_SECONDS,
             )
         if result is SubmitResult.EXISTS:
             assert existing is not None
@@ -208,9 +228,11 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         """Queue a job and answer at once: its id, its state, and whether the id existed already.
 
         UNAVAILABLE while draining or while Redis is away (with a retry-after), INVALID_ARGUMENT
-        or NOT_FOUND for a bad request, and RESOURCE_EXHAUSTED when the job type's queue is full.
+        or NOT_FOUND for a bad request, RESOURCE_EXHAUSTED when the job type's queue is full, and
+        DATA_LOSS when the id's existing record does not read.
         """
-        job, existing = await self._submit(message)
+        with _data_loss():
+            job, existing = await self._submit(message)
         return pb.SubmitResponse(
             job_id=job.job_id, state=to_orchestrator_wire(job.state), existing=existing
         )
@@ -223,25 +245,31 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         record comes back as it is then. A Redis outage while waiting answers UNAVAILABLE: the
         job goes on, and an Execute with its id waits for it again.
         """
-        job, _ = await self._submit(message)
-        # the dispatcher ends the job at its deadline; wait a little past it for that write
-        deadline = anyio.current_time() + max(0.0, job.deadline_at - time.time()) + 5.0
-        try:
-            final = await wait_finished(self._store, self._events, job.job_id, deadline=deadline)
-        except StoreUnavailable as exc:
-            hint = f" (job {job.job_id} goes on: Execute it again to wait for it)"
-            raise self.store_error(exc, hint) from None
+        with _data_loss():
+            job, _ = await self._submit(message)
+            # the dispatcher ends the job at its deadline; wait a little past it for that write
+            deadline = anyio.current_time() + max(0.0, job.deadline_at - time.time()) + 5.0
+            try:
+                final = await wait_finished(
+                    self._store, self._events, job.job_id, deadline=deadline
+                )
+            except StoreUnavailable as exc:
+                hint = f" (job {job.job_id} goes on: Execute it again to wait for it)"
+                raise self.store_error(exc, hint) from None
         return pb.BatchExecutionResponse(job=job_message(final or job))
 
     @_store_guarded
     async def get_job(self, message: pb.JobRequest) -> pb.Job:
-        """The job's record; INVALID_ARGUMENT for an empty id, NOT_FOUND when there is none."""
+        """The job's record; INVALID_ARGUMENT for an empty id, NOT_FOUND when there is none,
+        DATA_LOSS when it does not read."""
         return job_message(await self._get(message.job_id))
 
     async def _get(self, job_id: str) -> BatchJob:
         if not job_id:
             raise _invalid("job_id", "must not be empty")
-        job = await self._store.get(job_id)
+        _check_id(job_id)
+        with _data_loss():
+            job = await self._store.get(job_id)
         if job is None:
             raise GRPCError(Status.NOT_FOUND, f"no job with id {job_id!r}")
         return job
@@ -256,7 +284,8 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         job = await self._get(message.job_id)
         if job.state.finished:
             return job_message(job)
-        after = await self._dispatcher.cancel(job.job_id)
+        with _data_loss():
+            after = await self._dispatcher.cancel(job.job_id)
         return job_message(after or job)
 
     async def list_workers(self, message: pb.ListWorkersRequest) -> pb.ListWorkersResponse:

@@ -39,6 +39,9 @@ class Admission(msgspec.Struct, frozen=True, kw_only=True):
     reply: Reply
     running: bool = False
     error: str = ""
+    # UNREACHABLE because the connection was refused: no process listens at the address, so
+    # whatever ran there is gone (as opposed to a reset or a timeout, where it may run on)
+    absent: bool = False
 
 
 class Completion(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +50,7 @@ class Completion(msgspec.Struct, frozen=True, kw_only=True):
     reply: Reply
     outcome: RunOutcome | None = None
     error: str = ""
+    absent: bool = False  # as Admission.absent
 
 
 class WorkerClient(Protocol):
@@ -63,6 +67,10 @@ class WorkerClient(Protocol):
 
     async def cancel(self, address: str, job_id: str) -> bool:
         """Ask the worker to cancel the run; True when it answered (whatever the run's state)."""
+        ...
+
+    async def probe(self, address: str) -> bool:
+        """Whether the worker answers at all now (its status); the caller bounds the wait."""
         ...
 
     async def knows(self, address: str, job_id: str) -> bool | None:

@@ -12,7 +12,9 @@ from typing import Protocol
 
 import anyio
 import anyio.abc
+import msgspec
 
+from app.errors import CorruptRecord
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
 
 
@@ -61,6 +63,16 @@ class WriteResult(enum.IntEnum):
 QueueEntry = tuple[str, str]
 
 
+class Quarantined(msgspec.Struct, frozen=True, kw_only=True):
+    """A queue entry set aside because its job could not be driven, and why."""
+
+    quarantine_id: str  # its place in the quarantine (ordered as the entries were set aside)
+    entry_id: str
+    job_id: str  # "" when the entry named none
+    kind: str  # a BadDataKind value
+    reason: str
+
+
 class JobStore(Protocol):
     """The fleet's job records, their fencing tokens, and the queue the orchestrators share.
 
@@ -87,7 +99,11 @@ class JobStore(Protocol):
         ...
 
     async def get(self, job_id: str) -> BatchJob | None:
-        """The record, or None when there is none (never submitted, or expired)."""
+        """The record, or None when there is none (never submitted, or expired).
+
+        Here and below, a job's record or fencing token that does not read (junk) raises
+        `CorruptRecord`, said once (by key) and counted by the store's `BadData`.
+        """
         ...
 
     async def fence(self, job_id: str) -> int:
@@ -156,13 +172,29 @@ class JobStore(Protocol):
     async def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[QueueEntry]:
         """Up to `count` entries no consumer has read yet, now pending for `consumer`; waits up
         to `block_ms` for one when there are none (an empty list then; 0 waits until one
-        comes, as Redis's BLOCK 0 does)."""
+        comes, as Redis's BLOCK 0 does). An entry that names no job is quarantined instead."""
         ...
 
     async def claim_idle(self, consumer: str, *, min_idle_ms: int, count: int) -> list[QueueEntry]:
         """Up to `count` pending entries that no consumer has refreshed for `min_idle_ms`: now
         pending for `consumer` (their consumer stopped). An entry outlives its job's record: one
-        whose record has expired is handed out all the same, for the taker to ack."""
+        whose record has expired is handed out all the same, for the taker to quarantine. An
+        entry that names no job is quarantined instead."""
+        ...
+
+    async def quarantine(self, entry_id: str, problem: CorruptRecord, *, now: float) -> bool:
+        """Set aside the entry of a job that cannot be driven (`problem` says why): the entry
+        moves to the quarantine with the reason, and is acked.
+
+        A job whose fencing token is junk while its record reads ends FAILED here (`now`, the
+        error `quarantined: <problem>`): no holder could write it any more. What is left of the
+        job (record, fence, cancel flag) is kept for the retention, then expires. False, and
+        nothing done, when the item was mended (or a record came) since it was read: read again.
+        """
+        ...
+
+    async def quarantined(self, *, count: int = 100) -> list[Quarantined]:
+        """The last `count` entries set aside, oldest first."""
         ...
 
     async def keep_alive(self, consumer: str, entry_ids: Sequence[str]) -> None:

@@ -17,7 +17,7 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
-from app.errors import QueueGone
+from app.errors import BadDataKind, CorruptRecord, QueueGone
 from app.fleet.batch_job import (
     BatchJob,
     LostJob,
@@ -27,8 +27,18 @@ from app.fleet.batch_job import (
     encode_job,
     encode_outcome,
 )
-from app.fleet.job_state import JobState
-from app.stores.abc import QueueEntry, SubmitResult, WriteResult
+from app.fleet.job_state import FINISHED, JobState
+from app.stores.abc import Quarantined, QueueEntry, SubmitResult, WriteResult
+from app.stores.bad_data import (
+    FENCE_ACTION,
+    OUTCOME_ACTION,
+    RECORD_ACTION,
+    BadData,
+    is_int,
+    not_a,
+    readable,
+    record_problem,
+)
 from app.stores.waits import JobWaiters
 
 V = TypeVar("V")
@@ -128,15 +138,23 @@ class MemoryJobStoreStatistics(msgspec.Struct, frozen=True, kw_only=True):
 class MemoryJobStore:
     """`JobStore` in memory: `RedisJobStore`'s scripts, one synchronous step per call.
 
-    Records are kept encoded, so callers never share a mutable object with the store. Each
-    call is one checkpoint, then its whole effect with no await in it (as a Lua script is
-    atomic). Queue entry ids are `0-<n>`, valid Redis stream ids in the same order.
+    Records and fencing tokens are kept encoded, as Redis keeps them (so callers never share a
+    mutable object with the store, and a test can plant junk as it would in Redis). Each call
+    is one checkpoint, then its whole effect with no await in it (as a Lua script is atomic).
+    Queue entry ids are `0-<n>`, valid Redis stream ids in the same order.
     """
 
-    def __init__(self, *, retention_seconds: int = 86_400) -> None:
+    def __init__(
+        self,
+        *,
+        retention_seconds: int = 86_400,
+        bad_data: BadData | None = None,
+        quarantine_maxlen: int = 10_000,
+    ) -> None:
         self._retention = retention_seconds
+        self.bad_data = bad_data or BadData()
         self._records: _Keys[bytes] = _Keys()
-        self._fences: _Keys[int] = _Keys()
+        self._fences: _Keys[bytes] = _Keys()  # ASCII integers, as Redis keeps them
         self._cancels: _Keys[bool] = _Keys()
         self._outcomes: _Keys[bytes] = _Keys()  # `<job id>:<token>` -> RunOutcome JSON
         self._queued: dict[str, int] = {}
@@ -148,6 +166,8 @@ class MemoryJobStore:
         self._pending: dict[int, _Pending] = {}
         self._arrived: anyio.Event | None = None  # made by a blocked reader, set by submit
         self._listeners: list[Callable[[str], None]] = []  # MemoryJobEvents' wake-ups
+        self._quarantine: deque[Quarantined] = deque(maxlen=quarantine_maxlen)
+        self._quarantined = 0
         self._lost: deque[LostJob] = deque(maxlen=10_000)
 
     def forget_everything(self) -> None:
@@ -160,6 +180,7 @@ class MemoryJobStore:
         self._entries.clear()
         self._unread.clear()
         self._pending.clear()
+        self._quarantine.clear()
         self._lost.clear()
 
     def __repr__(self) -> str:
@@ -182,6 +203,37 @@ class MemoryJobStore:
         for wake in self._listeners:
             wake(job_id)
 
+    # --- junk (as RedisJobStore meets it) ---------------------------------------------------------
+
+    def _bad_record(self, job_id: str, raw: bytes) -> CorruptRecord:
+        error = CorruptRecord(BadDataKind.JOB_RECORD, job_id, job_id, record_problem(raw))
+        self.bad_data.found(error.kind, error.key, error.problem, RECORD_ACTION)
+        return error
+
+    def _decode(self, job_id: str, raw: bytes) -> BatchJob:
+        try:
+            job = decode_job(raw)
+        except msgspec.DecodeError:
+            raise self._bad_record(job_id, raw) from None
+        if job.job_id != job_id:
+            raise self._bad_record(job_id, raw)
+        return job
+
+    def _fence(self, job_id: str) -> int:
+        raw = self._fences.get(job_id)
+        if raw is None:
+            return 0
+        if not is_int(raw):
+            error = CorruptRecord(
+                BadDataKind.FENCING_TOKEN, job_id, f"{job_id}:fence", not_a(raw, "an integer")
+            )
+            self.bad_data.found(error.kind, error.key, error.problem, FENCE_ACTION)
+            raise error
+        return int(raw)
+
+    def _set_fence(self, job_id: str, token: int, ttl: float | None = None) -> None:
+        self._fences.set(job_id, str(token).encode(), ttl)
+
     # --- records ----------------------------------------------------------------------------------
 
     async def ensure_group(self) -> bool:
@@ -197,7 +249,7 @@ class MemoryJobStore:
         await anyio.lowlevel.checkpoint()
         existing = self._records.get(job.job_id)
         if existing is not None:
-            return SubmitResult.EXISTS, decode_job(existing), 0
+            return SubmitResult.EXISTS, self._decode(job.job_id, existing), 0
         queued = self._queued.get(job.job_type, 0)
         if queued >= bound:
             return SubmitResult.QUEUE_FULL, None, queued
@@ -215,18 +267,18 @@ class MemoryJobStore:
         """The record (a fresh copy), or None when there is none."""
         await anyio.lowlevel.checkpoint()
         raw = self._records.get(job_id)
-        return None if raw is None else decode_job(raw)
+        return None if raw is None else self._decode(job_id, raw)
 
     async def fence(self, job_id: str) -> int:
         """The job's newest fencing token (0 before the first)."""
         await anyio.lowlevel.checkpoint()
-        return self._fences.get(job_id) or 0
+        return self._fence(job_id)
 
     async def next_token(self, job_id: str) -> int:
         """A new fencing token: from now on, holders of older ones are refused."""
         await anyio.lowlevel.checkpoint()
-        token = (self._fences.get(job_id) or 0) + 1
-        self._fences.keep_ttl(job_id, token)
+        token = self._fence(job_id) + 1
+        self._fences.keep_ttl(job_id, str(token).encode())
         return token
 
     async def write(self, job: BatchJob, token: int) -> WriteResult:
@@ -236,13 +288,16 @@ class MemoryJobStore:
         current = self._records.get(job.job_id)
         if current is None:  # first: a record Redis lost has lost its fence too
             return WriteResult.MISSING
-        if token != (self._fences.get(job.job_id) or 0):
+        if token != self._fence(job.job_id):
             return WriteResult.SUPERSEDED
-        if decode_job(current).state.finished:
+        state = _stored_state(current)
+        if state is None:
+            raise self._bad_record(job.job_id, current)
+        if state in _FINISHED_NAMES:
             return WriteResult.ALREADY_FINISHED
         self._records.set(job.job_id, encode_job(job))
         if job.state.finished:
-            self._queued[job.job_type] = self._queued.get(job.job_type, 0) - 1
+            self._queued[job.job_type] = max(0, self._queued.get(job.job_type, 0) - 1)
             for keys in (self._records, self._fences, self._cancels):
                 keys.expire(job.job_id, self._retention)
         self._publish(job.job_id)
@@ -251,9 +306,9 @@ class MemoryJobStore:
     async def restore_fence(self, job_id: str, token: int) -> bool:
         """Raise the fence back to `token` if it is below it."""
         await anyio.lowlevel.checkpoint()
-        if (self._fences.get(job_id) or 0) >= token:
+        if self._fence(job_id) >= token:
             return False
-        self._fences.set(job_id, token)
+        self._set_fence(job_id, token)
         return True
 
     async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
@@ -265,20 +320,20 @@ class MemoryJobStore:
         raw = self._records.get(job_id)
         if raw is None:
             return None
-        job = decode_job(raw)
+        job = self._decode(job_id, raw)
         if job.state.finished:
             return job
+        token = self._fence(job_id) + 1  # junk raises before anything changes, as in Redis
         self._cancels.set(job_id, True, self._retention)
         if job.state is not JobState.PENDING:
             self._publish(job_id)  # its holder stops it; waiters re-read meanwhile
             return job
-        token = (self._fences.get(job_id) or 0) + 1
         cancelled = msgspec.structs.replace(
             job, state=JobState.CANCELLED, error=error, finished_at=now, fencing_token=token
         )
-        self._fences.set(job_id, token, self._retention)
+        self._set_fence(job_id, token, self._retention)
         self._records.set(job_id, encode_job(cancelled), self._retention)
-        self._queued[job.job_type] = self._queued.get(job.job_type, 0) - 1
+        self._queued[job.job_type] = max(0, self._queued.get(job.job_type, 0) - 1)
         self._publish(job_id)
         return cancelled
 
@@ -299,8 +354,17 @@ class MemoryJobStore:
     async def outcomes(self, job_id: str, tokens: Sequence[int]) -> dict[int, RunOutcome]:
         """The kept outcomes of `tokens`."""
         await anyio.lowlevel.checkpoint()
-        found = {t: self._outcomes.get(f"{job_id}:{t}") for t in tokens}
-        return {t: decode_outcome(raw) for t, raw in found.items() if raw is not None}
+        found: dict[int, RunOutcome] = {}
+        for token in tokens:
+            raw = self._outcomes.get(f"{job_id}:{token}")
+            if raw is None:
+                continue
+            try:
+                found[token] = decode_outcome(raw)
+            except msgspec.DecodeError as exc:
+                self.bad_data.found(BadDataKind.RUN_OUTCOME, f"{job_id}:run:{token}",
+                                    f"not a run's end ({exc})", OUTCOME_ACTION)  # fmt: skip
+        return found
 
     async def queued_count(self, job_type: str) -> int:
         """Unfinished jobs of `job_type` (what the per-type bound counts)."""
@@ -377,6 +441,51 @@ class MemoryJobStore:
                 claimed.append((f"0-{number}", self._entries[number]))
         return claimed
 
+    async def quarantine(self, entry_id: str, problem: CorruptRecord, *, now: float) -> bool:
+        """See `JobStore.quarantine`: the entry moves to the quarantine (bounded) and is acked; a
+        job whose fencing token is junk and whose record reads ends FAILED."""
+        await anyio.lowlevel.checkpoint()
+        job_id = problem.job_id
+        self.bad_data.found(
+            problem.kind, problem.key, problem.problem, f"queue entry {entry_id} quarantined"
+        )
+        raw = self._records.get(job_id)
+        if problem.kind is BadDataKind.FENCING_TOKEN:
+            fence = self._fences.get(job_id)
+            if fence is None or is_int(fence):
+                return False  # mended meanwhile: read again
+            job = None if raw is None or not readable(job_id, raw) else decode_job(raw)
+            if job is not None and not job.state.finished:
+                failed = msgspec.structs.replace(
+                    job, state=JobState.FAILED, error=f"quarantined: {problem.problem}",
+                    finished_at=now,
+                )  # fmt: skip
+                self._records.set(job_id, encode_job(failed))
+                self._queued[job.job_type] = max(0, self._queued.get(job.job_type, 0) - 1)
+                self._publish(job_id)
+        elif raw is not None and readable(job_id, raw):
+            return False  # mended meanwhile, or a record came: read it again
+        self._quarantine.append(
+            Quarantined(
+                quarantine_id=f"0-{self._quarantined + 1}",
+                entry_id=entry_id, job_id=job_id, kind=problem.kind.value,
+                reason=problem.problem,
+            )
+        )  # fmt: skip
+        self._quarantined += 1
+        number = _entry_number(entry_id)
+        self._pending.pop(number, None)
+        self._entries.pop(number, None)
+        for keys in (self._records, self._fences, self._cancels):
+            keys.expire(job_id, self._retention)
+        self.bad_data.quarantined(problem.kind)
+        return True
+
+    async def quarantined(self, *, count: int = 100) -> list[Quarantined]:
+        """The last `count` entries set aside, oldest first."""
+        await anyio.lowlevel.checkpoint()
+        return list(self._quarantine)[-count:] if count > 0 else []
+
     async def keep_alive(self, consumer: str, entry_ids: Sequence[str]) -> None:
         """XCLAIM with min-idle 0: pending entries among `entry_ids` are `consumer`'s, idle 0."""
         if not entry_ids:
@@ -395,6 +504,22 @@ class MemoryJobStore:
         number = _entry_number(entry_id)
         self._pending.pop(number, None)
         self._entries.pop(number, None)
+
+
+_FINISHED_NAMES = frozenset(s.value for s in FINISHED)
+
+
+def _stored_state(raw: bytes) -> str | None:
+    """The state of a stored record as the Redis scripts read it (a JSON object whose `state`,
+    PENDING when absent, is a string); None when it does not read that far."""
+    try:
+        value = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return None
+    if not isinstance(value, dict):
+        return None
+    state = value.get("state", JobState.PENDING.value)
+    return state if isinstance(state, str) else None
 
 
 def _entry_number(entry_id: str) -> int:

@@ -22,9 +22,9 @@ from typing import Any, TypeVar
 import anyio
 
 from app.core.outage import Outage
-from app.errors import StoreUnavailable
+from app.errors import CorruptRecord, StoreUnavailable
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
-from app.stores.abc import JobStore, QueueEntry, SubmitResult, WriteResult
+from app.stores.abc import JobStore, Quarantined, QueueEntry, SubmitResult, WriteResult
 
 T = TypeVar("T")
 
@@ -132,6 +132,14 @@ class PatientJobStore:
         return await self._call(
             self._store.claim_idle, consumer, min_idle_ms=min_idle_ms, count=count
         )
+
+    async def quarantine(self, entry_id: str, problem: CorruptRecord, *, now: float) -> bool:
+        """See `JobStore.quarantine`."""
+        return await self._call(self._store.quarantine, entry_id, problem, now=now)
+
+    async def quarantined(self, *, count: int = 100) -> list[Quarantined]:
+        """See `JobStore.quarantined`."""
+        return await self._call(self._store.quarantined, count=count)
 
     async def keep_alive(self, consumer: str, entry_ids: Sequence[str]) -> None:
         """See `JobStore.keep_alive`."""

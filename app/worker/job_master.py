@@ -36,15 +36,23 @@ import msgspec
 
 from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
-from app.errors import Draining, InvalidJobRequest, JobAlreadyExists, JobNotFound, QueueFull
+from app.errors import (
+    Draining,
+    InvalidJobRequest,
+    JobAlreadyExists,
+    JobNotFound,
+    QueueFull,
+    shown,
+)
 from app.fleet.job_state import JobState
+from app.fleet.limits import MAX_ID_LENGTH, MAX_NAME_LENGTH, params_problem
 from app.fleet.pod_info import PodStatus, WorkerLoad
 from app.worker.job_registry import JobRegistry, JobSpec
 from app.worker.job_run import JobRun
+from app.worker.run_context import RunContext, enter_run, leave_run
 
 log = logging.getLogger(__name__)
 
-MAX_ID_LENGTH = 256
 # queued runs one job task goes on to before it hands the queue to a fresh task
 TAKE_OVER_LIMIT = 64
 _json = msgspec.json.Encoder()
@@ -102,9 +110,16 @@ class _Runner:
         self.wake = anyio.Event()
 
 
-def _one_line(exc: BaseException) -> str:
+def _size(record: JobRun) -> int:
+    """About what a remembered run holds: its parameters, result and error."""
+    params = sum(len(k) + len(v) for k, v in record.params.items())
+    return params + len(record.result_json) + len(record.error) + len(record.id) + 200
+
+
+def _one_line(exc: BaseException, limit: int = 2000) -> str:
     text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    line = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
 class JobMaster:
@@ -121,6 +136,8 @@ class JobMaster:
         keep_alive_seconds: float = 60.0,
         default_timeout_seconds: float = 0.0,
         history_size: int = 1000,
+        history_max_bytes: int = 64 * 1024 * 1024,
+        max_result_bytes: int = 1024 * 1024,
         clock: Clock | None = None,
         on_finished: Callable[[JobRun], None] | None = None,
     ) -> None:
@@ -134,6 +151,9 @@ class JobMaster:
         self._keep_alive = keep_alive_seconds
         self._default_timeout = default_timeout_seconds
         self._history_size = history_size
+        self._history_max_bytes = history_max_bytes
+        self._history_bytes = 0
+        self._max_result_bytes = max_result_bytes
         self._clock: Clock = clock or SystemClock()
         # told of every run's end, synchronously (the worker records outcomes with it)
         self._on_finished = on_finished
@@ -223,14 +243,20 @@ class JobMaster:
         return self._registry.names()
 
     def _find(self, job_id: str) -> _Run:
+        if len(job_id) > MAX_ID_LENGTH:
+            raise InvalidJobRequest(f"id: at most {MAX_ID_LENGTH} characters")
         run = self._live.get(job_id) or self._history.get(job_id)
         if run is None:
-            raise JobNotFound(f"no job with id {job_id!r}")
+            raise JobNotFound(f"no job with id {shown(job_id)}")
         return run
 
     def get(self, job_id: str) -> JobRun:
         """The record of a queued, running or remembered finished job; JobNotFound otherwise."""
         return self._find(job_id).record
+
+    def live(self) -> list[JobRun]:
+        """The runs not finished yet (queued and running): what PodInfo lists as this worker's."""
+        return [r.record for r in self._live.values()]
 
     def jobs(self) -> list[JobRun]:
         """Live runs (queued first, then running), then remembered ones, newest first."""
@@ -263,6 +289,7 @@ class JobMaster:
         known = self._live.get(job_id) or self._history.get(job_id)
         if known is not None:
             # ids are idempotent: a retried submit must not run the job twice
+            self._attach(known, fencing_token)
             state = known.record.state
             verb = "already ran" if state.finished else "is already"
             raise JobAlreadyExists(f"job {job_id!r} {verb} {state.value}")
@@ -292,6 +319,14 @@ class JobMaster:
         self._counts["accepted"] += 1
         return record
 
+    @staticmethod
+    def _attach(run: _Run, fencing_token: int) -> None:
+        """An orchestrator's newer attempt attaches to a live run: the run is that attempt's now
+        (its outcome is recorded under the newer token, and a check after an absence does not
+        take it for a run that was superseded elsewhere)."""
+        if not run.record.state.finished and fencing_token > run.record.fencing_token:
+            run.record.fencing_token = fencing_token
+
     def _validate(
         self, name: str, job_id: str, params: dict[str, str], timeout_seconds: float
     ) -> tuple[JobSpec, dict[str, Any]]:
@@ -301,6 +336,11 @@ class JobMaster:
             raise InvalidJobRequest(f"id: must be printable and at most {MAX_ID_LENGTH} characters")
         if not name:
             raise InvalidJobRequest("name: must not be empty")
+        if len(name) > MAX_NAME_LENGTH:
+            raise InvalidJobRequest(f"name: at most {MAX_NAME_LENGTH} characters")
+        problem = params_problem(params)
+        if problem is not None:
+            raise InvalidJobRequest(f"{problem[0]}: {problem[1]}")
         if not math.isfinite(timeout_seconds) or timeout_seconds < 0:
             raise InvalidJobRequest("timeout_seconds: must be a finite number, 0 or more")
         spec = self._registry.get(name)
@@ -354,9 +394,7 @@ class JobMaster:
         if self._live.get(record.id) is run:
             del self._live[record.id]
         if self._history_size:
-            self._history[record.id] = run
-            while len(self._history) > self._history_size:
-                self._history.popitem(last=False)
+            self._remember(run)
         if run.ended is not None:
             run.ended.set()
         self._last_activity = anyio.current_time()
@@ -368,6 +406,16 @@ class JobMaster:
             log.info("job %s (%s) failed: %s", record.id, record.name, error)
         if self._on_finished is not None:
             self._on_finished(record)
+
+    def _remember(self, run: _Run) -> None:
+        """Keep a finished run for GetJob and attaching, within the count and the bytes."""
+        self._history[run.record.id] = run
+        self._history_bytes += _size(run.record)
+        while len(self._history) > self._history_size or (
+            self._history_bytes > self._history_max_bytes and len(self._history) > 1
+        ):
+            _, old = self._history.popitem(last=False)
+            self._history_bytes -= _size(old.record)
 
     def _hand_over(self) -> None:
         """Give free tokens to queued jobs, oldest first."""
@@ -440,7 +488,16 @@ class JobMaster:
                     if yield_first:  # here, so that a cancel meanwhile still ends the run
                         await anyio.lowlevel.checkpoint()
                     value = await self._call(run)
-                    outcome = (JobState.SUCCEEDED, _json.encode(value), "")
+                    result = _json.encode(value)
+                    if len(result) > self._max_result_bytes:
+                        outcome = (
+                            JobState.FAILED,
+                            b"",
+                            f"result is {len(result)} bytes of JSON, over"
+                            f" worker.max_result_bytes ({self._max_result_bytes})",
+                        )
+                    else:
+                        outcome = (JobState.SUCCEEDED, result, "")
                 except Exception as exc:
                     outcome = (JobState.FAILED, b"", _one_line(exc))
             if outcome is None:  # this run's own scope stopped it
@@ -462,6 +519,16 @@ class JobMaster:
             self._finish(run, state, result=result, error=error, hand_over=outside)
 
     async def _call(self, run: _Run) -> Any:
+        record = run.record
+        entered = enter_run(
+            RunContext(job_id=record.id, name=record.name, fencing_token=record.fencing_token)
+        )
+        try:
+            return await self._call_in_context(run)
+        finally:
+            leave_run(entered)
+
+    async def _call_in_context(self, run: _Run) -> Any:
         spec = run.spec
         if spec.blocking:
             # abandon_on_cancel: a cancel or timeout takes effect now; a thread that ignores
@@ -533,6 +600,7 @@ class JobMaster:
         if known is not None and job_id:
             if known.record.name != name:
                 raise JobAlreadyExists(f"job {job_id!r} exists for job {known.record.name!r}")
+            self._attach(known, fencing_token)
         else:
             self.submit_nowait(
                 name,
@@ -545,6 +613,15 @@ class JobMaster:
 
     async def cancel(self, job_id: str, reason: str = "cancelled by request") -> JobRun:
         """Cancel a queued or running job and wait for its end; a finished one comes back as is."""
+        run = self._stop(job_id, reason)
+        await run.wait_ended()
+        return run.record
+
+    def cancel_nowait(self, job_id: str, reason: str) -> None:
+        """Cancel a queued or running job without waiting for its end (JobNotFound if unknown)."""
+        self._stop(job_id, reason)
+
+    def _stop(self, job_id: str, reason: str) -> _Run:
         run = self._find(job_id)
         if run.record.state is JobState.QUEUED:
             self._queue.remove(run)
@@ -553,8 +630,7 @@ class JobMaster:
             run.cancel_reason = reason
             if run.scope is not None:
                 run.scope.cancel()
-        await run.wait_ended()
-        return run.record
+        return run
 
     def begin_drain(self, grace_seconds: float) -> None:
         """Refuse new work from now on; jobs still running after the grace are cancelled."""

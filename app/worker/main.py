@@ -27,6 +27,7 @@ import anyio
 from app.config import Config
 from app.core.clock import SystemClock
 from app.errors import ConfigError
+from app.grpc.limits import limits_from
 from app.grpc.ports import (
     LAST_PORT_FILE,
     candidate_ports,
@@ -48,6 +49,7 @@ from app.worker.job_registry import JobRegistry, default_registry, load_job_modu
 from app.worker.outcome_writer import OutcomeWriter
 from app.worker.reporter import ApplicationInfoReportJob, make_identity
 from app.worker.service import WorkerService
+from app.worker.superseded_runs import SupersededRuns
 
 log = logging.getLogger("app.worker")
 
@@ -100,14 +102,12 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             clock = SystemClock()
             # each run an orchestrator asked for leaves its outcome in the job store, under the
             # attempt's fencing token: it outlives the orchestrator that asked
-            outcomes = OutcomeWriter(
-                RedisJobStore(
-                    redis,
-                    job_prefix=config.orchestrator.job_prefix,
-                    retention_seconds=config.orchestrator.retention_seconds,
-                ),
-                clock=clock,
+            job_store = RedisJobStore(
+                redis,
+                job_prefix=config.orchestrator.job_prefix,
+                retention_seconds=config.orchestrator.retention_seconds,
             )
+            outcomes = OutcomeWriter(job_store, clock=clock)
             await tg.start(outcomes.run)
             job_master = JobMaster(
                 registry,
@@ -118,6 +118,8 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 keep_alive_seconds=w.keep_alive_seconds,
                 default_timeout_seconds=w.default_timeout_seconds,
                 history_size=w.history_size,
+                history_max_bytes=w.history_max_bytes,
+                max_result_bytes=w.max_result_bytes,
                 on_finished=outcomes.finished,
             )
             await tg.start(job_master.run)
@@ -128,6 +130,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 host=config.grpc.host,
                 fast_path=config.grpc.fast_path,
                 close_grace_seconds=config.grpc.close_grace_seconds,
+                limits=limits_from(config.grpc),
             )
             port = await tg.start(server.run, port_candidates(config, env))
             if config.grpc.remember_port:
@@ -146,6 +149,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 interval_seconds=config.schedule.report_interval_seconds,
                 retry_max_seconds=config.redis.retry_max_seconds,
                 clock=clock,
+                # back from an absence: stop the runs the fleet started again elsewhere
+                on_return=SupersededRuns(job_store, job_master),
+                unrecorded_ids=outcomes.unwritten_ids,
             )
             service.identity = identity
             service.report_job = report

@@ -9,6 +9,7 @@ order, riding out a store outage (logged once) with the queue bounded.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 import anyio
 import anyio.abc
@@ -52,6 +53,10 @@ class OutcomeWriter:
         self._drained = anyio.Event()
         self.written = 0
         self.dropped = 0
+        # runs whose outcome is not in the store yet: PodInfo still lists them as this worker's,
+        # so that an orchestrator that finds neither the run listed nor its outcome may be sure
+        # the run is not here
+        self._unwritten: Counter[str] = Counter()
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -81,12 +86,17 @@ class OutcomeWriter:
         )
         try:
             self._send.send_nowait((record.id, record.fencing_token, outcome))
+            self._unwritten[record.id] += 1
         except anyio.WouldBlock:
             # the store has been away for that long: the orchestrator that asked may still get
             # the outcome over RunWork; only a takeover then runs the job again
             if not self.dropped:
                 log.warning("run outcomes queue full: outcomes dropped (e.g. job %s)", record.id)
             self.dropped += 1
+
+    def unwritten_ids(self) -> list[str]:
+        """The jobs whose runs ended here but whose outcome is not in the store yet."""
+        return list(self._unwritten)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -105,6 +115,9 @@ class OutcomeWriter:
                             continue
                         self._outage.succeeded()
                         self.written += 1
+                        self._unwritten[job_id] -= 1
+                        if not self._unwritten[job_id]:
+                            del self._unwritten[job_id]
                         break
         finally:
             self._state = Lifecycle.STOPPED

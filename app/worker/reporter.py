@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import anyio
@@ -86,6 +87,8 @@ class ApplicationInfoReportJob:
         interval_seconds: float = 5.0,
         retry_max_seconds: float = 30.0,
         clock: Clock | None = None,
+        on_return: Callable[[float], Awaitable[None]] | None = None,
+        unrecorded_ids: Callable[[], list[str]] | None = None,
     ) -> None:
         self._registry = registry
         self._job_master = job_master
@@ -104,6 +107,14 @@ class ApplicationInfoReportJob:
         )
         self._lock = anyio.Lock()
         self.reports = 0
+        # the fleet deems a worker gone when its report is older than two intervals
+        self._stale_after = 2 * interval_seconds
+        self._last_written: float | None = None  # monotonic
+        # told, after a report that follows a longer absence (frozen, cut off from the
+        # registry), how long this worker was away: its runs may have been taken over meanwhile
+        self._on_return = on_return
+        # runs that ended here but whose outcome is not in the store yet: listed as live still
+        self._unrecorded_ids = unrecorded_ids
 
     def __repr__(self) -> str:
         state = self._outage.state.value
@@ -141,7 +152,14 @@ class ApplicationInfoReportJob:
             start_datetime=ident.start_datetime,
             version=ident.version,
             job_names=self._job_master.job_names(),
+            live_job_ids=self._live_job_ids(),
         )
+
+    def _live_job_ids(self) -> list[str]:
+        ids = [run.id for run in self._job_master.live()]
+        if self._unrecorded_ids is not None:
+            ids += self._unrecorded_ids()
+        return ids
 
     async def __call__(self) -> None:
         """`report()`, as a schedule calls it: nothing is written while backing off."""
@@ -162,6 +180,10 @@ class ApplicationInfoReportJob:
         if first:
             log.info("PodInfo registered as %s (ttl %ds)", self.key, self._ttl)
         self.reports += 1
+        now, last = self._clock.monotonic(), self._last_written
+        self._last_written = now
+        if last is not None and now - last > self._stale_after and self._on_return is not None:
+            await self._on_return(now - last)
         return True
 
     async def unregister(self) -> None:

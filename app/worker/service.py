@@ -20,6 +20,7 @@ from app.errors import (
     UnknownJob,
 )
 from app.fleet.job_state import to_worker_wire
+from app.grpc.status import retry_later
 from app.pb import worker as pb
 from app.scheduling.schedule_manager import ScheduleManager
 from app.worker.job_master import JobMaster
@@ -36,9 +37,19 @@ _STATUS: dict[type[JobWorkerError], Status] = {
 }
 
 
+#: When a full queue tells the client to come back (RetryInfo, `retry-after-ms`): about how
+#: long a few short jobs take to make room.
+QUEUE_FULL_RETRY_SECONDS = 1.0
+
+
 def grpc_error(exc: JobWorkerError) -> GRPCError:
-    """The status for a core error (the nearest mapped class), its message the error's line."""
+    """The status for a core error (the nearest mapped class), its message the error's line.
+
+    A full queue's RESOURCE_EXHAUSTED carries a retry hint (google.rpc.RetryInfo).
+    """
     status = next((_STATUS[c] for c in type(exc).__mro__ if c in _STATUS), Status.INTERNAL)
+    if isinstance(exc, QueueFull):
+        return retry_later(status, str(exc), QUEUE_FULL_RETRY_SECONDS)
     return GRPCError(status, str(exc))
 
 

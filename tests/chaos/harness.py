@@ -23,12 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import msgspec
 import redis
 
+from tests.chaos.proxy import FaultProxy
 from tests.helpers import (
     RedisServer,
     WorkerProcess,
@@ -39,17 +40,38 @@ from tests.helpers import (
 )
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
+#: How an attempt ends when the fleet took its worker for gone: its run may come back and end.
+LOST_OUTCOMES = {"LOST", "UNREACHABLE"}
 JOB_MODULE = "tests.chaos.chaos_jobs"
 
 
 @dataclass
 class Slot:
-    """One process place: its role, its fixed port, and the process in it now (if any)."""
+    """One process place: its role, its fixed port, and the process in it now (if any).
+
+    A worker slot may sit behind fault proxies: `grpc_proxy` (the port it advertises, so that
+    orchestrators reach it through the proxy) and `redis_proxy` (its way to Redis)."""
 
     role: str
     port: int
     process: WorkerProcess | None = None
     starts: int = 0
+    grpc_proxy: FaultProxy | None = None
+    redis_proxy: FaultProxy | None = None
+
+    @property
+    def address(self) -> str:
+        """Where orchestrators reach it (the worker's PodInfo address)."""
+        return f"127.0.0.1:{self.grpc_proxy.port if self.grpc_proxy else self.port}"
+
+
+class LedgerLine(NamedTuple):
+    """One line of the chaos jobs' ledger."""
+
+    kind: str  # start | done
+    key: str
+    pid: int
+    token: int
 
 
 @dataclass
@@ -60,6 +82,8 @@ class Report:
     terminal: Counter[str]
     lost: list[str]
     completed_twice: list[str]
+    # completed more than once, but not with an attempt recorded as lost for each extra run
+    unexplained_repeats: list[str]
     rerun_after_kill: list[str]
     faults: int
     settle_seconds: float
@@ -72,6 +96,8 @@ class Report:
             f"({dict(self.terminal)}), faults {self.faults}",
             f"lost (never terminal) {len(self.lost)}: {self.lost[:10]}",
             f"completed more than once {len(self.completed_twice)}: {self.completed_twice[:10]}",
+            f"  of which not explained by an attempt recorded as lost"
+            f" {len(self.unexplained_repeats)}: {self.unexplained_repeats[:10]}",
             f"run again after a run was killed mid-way {len(self.rerun_after_kill)}",
             f"from the last fault to all terminal: {self.settle_seconds:.1f}s",
             *self.notes,
@@ -209,16 +235,28 @@ class ChaosFleet:
             JOBWORKER_LOG__LEVEL="INFO",
             **{port_key: str(slot.port), "JOBWORKER_ORCHESTRATOR__HOST": "127.0.0.1"},
         )
-        # the scenario's settings, then the call's, win over these defaults
+        # the scenario's settings, then the slot's proxies, then the call's win over defaults
         return base_env(
-            self.tmp / f"{slot.role}-{slot.port}", **{**settings, **self.extra_env, **extra}
+            self.tmp / f"{slot.role}-{slot.port}",
+            **(settings | self.extra_env | self._proxied(slot) | extra),
         )
 
-    def add(self, role: str, count: int = 1) -> list[Slot]:
-        """`count` new slots of `role`, started."""
+    def _proxied(self, slot: Slot) -> dict[str, str]:
+        env = {}
+        if slot.grpc_proxy is not None:
+            env["JOBWORKER_GRPC__ADVERTISE_PORT"] = str(slot.grpc_proxy.port)
+        if slot.redis_proxy is not None:
+            env["REDIS_URL"] = f"redis://127.0.0.1:{slot.redis_proxy.port}/0"
+        return env
+
+    def add(self, role: str, count: int = 1, *, proxied: bool = False) -> list[Slot]:
+        """`count` new slots of `role`, started (`proxied`: behind fault proxies)."""
         added = []
         for _ in range(count):
             slot = Slot(role=role, port=free_port())
+            if proxied:
+                slot.grpc_proxy = FaultProxy(slot.port)
+                slot.redis_proxy = FaultProxy(self.redis.port)
             self.slots.append(slot)
             self._start(slot)
             added.append(slot)
@@ -249,6 +287,17 @@ class ChaosFleet:
             self.faults += 1
             self.last_fault = time.monotonic()
 
+    def fault(self) -> None:
+        """Count a fault done from outside (a proxy's), now."""
+        with self._lock:
+            self.faults += 1
+            self.last_fault = time.monotonic()
+
+    def healed(self) -> None:
+        """A fault ended now: the time to settle counts from here."""
+        with self._lock:
+            self.last_fault = time.monotonic()
+
     def restart(self, slot: Slot) -> None:
         """Start the slot's process again on the same port."""
         self._start(slot)
@@ -263,10 +312,12 @@ class ChaosFleet:
         down: tuple[float, float],
         roles: tuple[str, ...] = ("worker", "orchestrator"),
         stop_rather_than_kill: float = 0.0,
+        stopped: tuple[float, float] | None = None,
     ) -> threading.Thread:
         """A thread of faults for `seconds`: every `every` s a random live process of `roles` is
         killed (or, with probability `stop_rather_than_kill`, stopped) and brought back after
-        `down` s. At least one process of each role stays up."""
+        `down` s (`stopped` s for a stop, default `down`). At least one process of each role
+        stays up."""
 
         def run() -> None:
             end = time.monotonic() + seconds
@@ -280,6 +331,7 @@ class ChaosFleet:
                 slot = self.rng.choice(candidates)
                 pause = self.rng.uniform(*down)
                 if self.rng.random() < stop_rather_than_kill:
+                    pause = self.rng.uniform(*(stopped or down))
                     self.kill(slot, signal.SIGSTOP)
                     time.sleep(pause)
                     assert slot.process is not None
@@ -314,6 +366,9 @@ class ChaosFleet:
                 if slot.process.process.poll() is None:
                     slot.process.signal(signal.SIGCONT)
                 slot.process.close()
+            for proxy in (slot.grpc_proxy, slot.redis_proxy):
+                if proxy is not None:
+                    proxy.close()
         self.redis.stop()
 
     # --- jobs -----------------------------------------------------------------------------------
@@ -341,6 +396,20 @@ class ChaosFleet:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"could not submit {job_id}: {exc}") from None
                 time.sleep(0.05)
+
+    def wait_known(self, slot: Slot, *, within: float = 20) -> None:
+        """Wait until every live orchestrator counts the worker in `slot` as eligible."""
+
+        def eligible_everywhere() -> bool:
+            for orchestrator in self.live("orchestrator"):
+                reply = self._stub(orchestrator).ListWorkers(
+                    self.orch.pb2.ListWorkersRequest(), timeout=5
+                )
+                if not any(w.address == slot.address and w.eligible for w in reply.workers):
+                    return False
+            return True
+
+        wait_for(eligible_everywhere, timeout=within, what=f"{slot.address} eligible")
 
     def records(self, job_ids: list[str]) -> dict[str, dict[str, Any] | None]:
         """Each job's record as stored (None when there is none)."""
@@ -375,26 +444,39 @@ class ChaosFleet:
             )  # fmt: skip
         return time.monotonic() - self.last_fault
 
+    def ledger_lines(self) -> list[LedgerLine]:
+        """The chaos jobs' ledger, in the order written."""
+        if not self.ledger.exists():
+            return []
+        return [
+            LedgerLine(kind, key, int(pid), int(token))
+            for kind, key, pid, token in (ln.split() for ln in self.ledger.read_text().splitlines())
+        ]
+
     def ledger_done(self) -> set[str]:
         """The keys of the runs that have ended so far (a `done` line in the ledger)."""
-        if not self.ledger.exists():
-            return set()
-        lines = self.ledger.read_text().splitlines()
-        return {line.split()[1] for line in lines if line.startswith("done ")}
+        return {line.key for line in self.ledger_lines() if line.kind == "done"}
 
     def report(self, job_ids: list[str], settle: float) -> Report:
-        states = self.states(job_ids)
+        records = self.records(job_ids)
+        states = {j: "MISSING" if r is None else str(r["state"]) for j, r in records.items()}
         starts: Counter[str] = Counter()
         dones: Counter[str] = Counter()
-        if self.ledger.exists():
-            for line in self.ledger.read_text().splitlines():
-                kind, key, _pid = line.split()
-                (starts if kind == "start" else dones)[key] += 1
+        for line in self.ledger_lines():
+            (starts if line.kind == "start" else dones)[line.key] += 1
+
+        def lost_attempts(job_id: str) -> int:
+            record = records[job_id] or {}
+            return sum(a.get("outcome") in LOST_OUTCOMES for a in record.get("attempts", []))
+
         return Report(
             submitted=len(job_ids),
             terminal=Counter(s for s in states.values() if s in TERMINAL),
             lost=sorted(j for j, s in states.items() if s not in TERMINAL),
             completed_twice=sorted(j for j in job_ids if dones[j] > 1),
+            unexplained_repeats=sorted(
+                j for j in job_ids if dones[j] > 1 and dones[j] - 1 > lost_attempts(j)
+            ),
             rerun_after_kill=sorted(j for j in job_ids if starts[j] > 1 and dones[j] <= 1),
             faults=self.faults,
             settle_seconds=settle,

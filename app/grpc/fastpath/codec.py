@@ -8,14 +8,15 @@ same (proto3 fields in number order, default values left out).
 
 A message type goes the upb way only when every field is a plain one: scalars, strings, bytes,
 enums, nested messages of the same kind, repeated fields and maps of them. Oneofs, proto3
-`optional`, unwrapped well-known types, or a recursive type keep betterproto2's own code, as
-do a request with unknown or non-canonically encoded fields (betterproto2 keeps unknown fields
-in the object) and a reply that carries unknown fields. Non-betterproto2 messages (grpclib's
-health and reflection services) use their own `FromString`/`SerializeToString` as before.
+`optional`, unwrapped well-known types, or a recursive type keep betterproto2's own code (after
+`CheckedProtoCodec`'s checks), as does a reply that carries unknown fields. A request with unknown
+or non-canonically encoded fields is read by upb all the same, its unknown fields dropped (no
+service reads them; betterproto2 would keep them, in quadratic time). Non-betterproto2 messages
+(grpclib's health and reflection services) use their own `FromString`/`SerializeToString`.
 
-Every time a message leaves the upb way it is counted by kind (`CodecStatistics`), and a request
-that betterproto2 cannot decode either is answered INTERNAL (`CheckedProtoCodec`): what a client
-gets is what it gets with the fast path off, betterproto2's leniency included.
+Every time a message leaves the upb way it is counted by kind (`CodecStatistics`); a request that
+is not valid protobuf is answered INTERNAL, one over the size limit RESOURCE_EXHAUSTED, and one
+with a list or map past `MAX_ELEMENTS` INVALID_ARGUMENT, on either path.
 
 It reads betterproto2's class metadata (`_betterproto`, `FieldMetadata`, `_unknown_fields`): the
 start-up probe (`probe.py`) checks those before a server uses this codec.
@@ -28,8 +29,9 @@ from typing import Any, cast
 
 import betterproto2
 from google.protobuf import message_factory  # type: ignore[import-untyped]
+from grpclib.exceptions import GRPCError
 
-from app.grpc.codec import CheckedProtoCodec
+from app.grpc.codec import DEFAULT_MAX_MESSAGE_BYTES, CheckedProtoCodec, check_elements
 from app.grpc.statistics import CodecCounters
 
 _SCALARS = frozenset(
@@ -89,12 +91,16 @@ class _MessagePlan:
         self.upb_cls = upb_cls
         self.fields: list[_Field] = []
 
-    def decode(self, data: bytes) -> Any:
+    def decode(self, data: bytes) -> tuple[Any, bool]:
+        """The message, and whether it had unknown or non-canonically encoded fields.
+
+        Raises what upb raises for bytes that are not this message, and GRPCError for a list or
+        map past MAX_ELEMENTS.
+        """
         upb = self.upb_cls.FromString(data)
         upb.DiscardUnknownFields()
-        if upb.ByteSize() != len(data):
-            raise _Fallback  # unknown fields (betterproto2 keeps them) or a non-canonical encoding
-        return self.from_upb(upb)
+        check_elements(upb)
+        return self.from_upb(upb), upb.ByteSize() != len(data)
 
     def from_upb(self, upb: Any) -> Any:
         kwargs: dict[str, Any] = {}
@@ -214,8 +220,13 @@ class _Planner:
 class UpbProtoCodec(CheckedProtoCodec):
     """ProtoCodec (`application/grpc+proto`) that (de)serialises betterproto2 messages with upb."""
 
-    def __init__(self, counters: CodecCounters | None = None) -> None:
-        super().__init__(counters)
+    def __init__(
+        self,
+        counters: CodecCounters | None = None,
+        *,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        super().__init__(counters, max_message_bytes=max_message_bytes)
         self._planner = _Planner()
 
     def encode(self, message: Any, message_type: Any) -> bytes:
@@ -234,17 +245,17 @@ class UpbProtoCodec(CheckedProtoCodec):
         return super().encode(message, message_type)
 
     def decode(self, data: bytes, message_type: Any) -> Any:
-        """The request: upb's parse when it can, else betterproto2's; INTERNAL when neither can."""
+        """The request, read by upb when it can; else CheckedProtoCodec's way."""
         plan = self._planner.plan(message_type)
-        if plan is not None:
-            try:
-                return plan.decode(data)
-            except _Fallback:
-                self.counters.decode_fallback += 1
-            except Exception:
-                # betterproto2 accepts some bytes upb refuses: the service gets what it gets with
-                # the fast path off, or the client INTERNAL (counted as a decode error) if none
-                message = super().decode(data, message_type)
-                self.counters.decode_upb_rejected += 1
-                return message
-        return super().decode(data, message_type)
+        if plan is None:
+            return super().decode(data, message_type)
+        self.check_size(data)
+        try:
+            message, normalised = plan.decode(data)
+        except GRPCError:
+            raise
+        except Exception as exc:
+            raise self.cannot_decode(message_type) from exc
+        if normalised:
+            self.counters.decode_fallback += 1
+        return message

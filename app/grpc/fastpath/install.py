@@ -13,8 +13,9 @@ import logging
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
-from app.grpc.codec import status_details_codec
+from app.grpc.codec import CheckedProtoCodec, status_details_codec
 from app.grpc.fastpath.probe import missing_internals, versions
+from app.grpc.limits import GrpcLimits
 from app.grpc.statistics import CallCounters, CodecCounters
 
 if TYPE_CHECKING:
@@ -25,12 +26,19 @@ log = logging.getLogger("app.grpc")
 
 
 def install_fast_server(
-    handlers: Collection[IServable], *, calls: CallCounters, codec_counters: CodecCounters
+    handlers: Collection[IServable],
+    *,
+    calls: CallCounters,
+    codec_counters: CodecCounters,
+    limits: GrpcLimits,
+    unary: bool = True,
 ) -> Server | None:
     """A FastServer for `handlers`, or None (after one warning) when its internals are missing.
 
-    `calls` and `codec_counters` receive the server's counts. Call it with the event loop
-    running, as for grpclib's own Server.
+    With `unary=False` every call takes grpclib's own path and codec, and the server only holds
+    connections to `limits` (h2 settings, the handshake timeout, the message size before
+    grpclib buffers it). `calls` and `codec_counters` receive the server's counts. Call it with
+    the event loop running, as for grpclib's own Server.
     """
     missing = missing_internals()
     if not missing:
@@ -42,15 +50,24 @@ def install_fast_server(
     if missing:
         log.warning(
             "gRPC fast path off: grpclib/h2 internals it relies on are missing or changed (%s): "
-            "%s; serving with grpclib's own server",
+            "%s; serving with grpclib's own server (the connection limits are h2's defaults, "
+            "the message size limit holds once a message is read)",
             versions(),
             ", ".join(missing),
         )
         return None
     install_lazy_frame_repr()
+    size = limits.max_receive_message_bytes
+    codec = (
+        UpbProtoCodec(codec_counters, max_message_bytes=size)
+        if unary
+        else CheckedProtoCodec(codec_counters, max_message_bytes=size)
+    )
     return FastServer(
         handlers,
         calls=calls,
-        codec=UpbProtoCodec(codec_counters),
+        codec=codec,
         status_details_codec=status_details_codec(),
+        limits=limits,
+        unary=unary,
     )

@@ -159,6 +159,7 @@ INTERNALS: tuple[tuple[str, str, Shape], ...] = (
     ("grpclib.server.Server", "__gc_step__", _method),
     ("grpclib.server.Handler", "__init__", _takes("mapping", "codec", "status_details_codec")),
     ("grpclib.protocol.H2Protocol", "connection_made", _method),
+    ("grpclib.protocol.H2Protocol", "connection_lost", _method),
     *(("grpclib.protocol.EventsProcessor", m, _method) for m in _PROCESSOR_METHODS),
     ("grpclib.protocol.Connection", "flush", _method),
     ("grpclib.protocol.Connection", "is_closing", _method),
@@ -204,6 +205,14 @@ INTERNALS: tuple[tuple[str, str, Shape], ...] = (
     ("h2.connection.H2Connection", "send_data", _method),
     ("h2.connection.H2Connection", "reset_stream", _method),
     ("h2.connection.H2Connection", "acknowledge_received_data", _method),
+    # the limits: settings sent on each server connection, hpack's header list limit at once
+    ("h2.connection.H2Connection", "update_settings", _method),
+    ("<H2Connection>", "decoder", _has("max_header_list_size")),
+    ("<H2Connection>", "incoming_buffer", _kind("FrameBuffer")),
+    ("h2.frame_buffer.FrameBuffer", "__init__", _takes("server")),
+    ("h2.frame_buffer.FrameBuffer", "_update_header_buffer", _method),
+    ("<FrameBuffer>", "_headers_buffer", _kind("list")),
+    ("hyperframe.frame", "HeadersFrame", _class),
     ("h2.connection.H2Connection", "local_flow_control_window", _method),
     ("h2.connection.ConnectionInputs", "SEND_HEADERS", _present),
     ("h2.connection.ConnectionInputs", "SEND_DATA", _present),
@@ -337,6 +346,7 @@ class _Specimens:
             o["<Connection>"] = connection = protocol.connection
             o["<EventsProcessor>"] = protocol.processor
             o["<H2Connection>"] = connection._connection
+            o["<FrameBuffer>"] = connection._connection.incoming_buffer
         except Exception as exc:
             self.errors.append(f"{type(exc).__name__}: {exc}")
         try:

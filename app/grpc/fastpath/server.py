@@ -63,15 +63,19 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
+from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from h2.stream import StreamInputs
 from h2.utilities import SizeLimitDict
 from hpack.hpack import encode_integer
+from hyperframe.frame import HeadersFrame
 from multidict import MultiDict
 
 from app.grpc.codec import status_details_codec as default_status_details_codec
+from app.grpc.codec import too_large
 from app.grpc.fastpath.codec import UpbProtoCodec
-from app.grpc.statistics import CallCounters
+from app.grpc.limits import GrpcLimits
+from app.grpc.statistics import CallCounters, CodecCounters
 
 if TYPE_CHECKING:
     from asyncio import Transport
@@ -86,6 +90,27 @@ if TYPE_CHECKING:
 # forever. A few thousand ids is ample for late frames. Set on each server connection's own
 # H2Connection (`_limit_closed_streams`), so that clients in the process keep h2's default.
 MAX_CLOSED_STREAMS = 4096
+
+
+class _BoundedFrameBuffer(FrameBuffer):
+    """h2's frame buffer, with a header block (HEADERS and its CONTINUATIONs) bounded in bytes.
+
+    hpack enforces SETTINGS_MAX_HEADER_LIST_SIZE only as it decodes, and h2 buffers up to 64
+    CONTINUATION frames first: a megabyte of Huffman-coded header held the event loop ~100 ms.
+    Past `max_block` encoded bytes the connection ends (a ProtocolError, as for too many
+    CONTINUATIONs) before anything is decoded.
+    """
+
+    def __init__(self, *, max_block: int) -> None:
+        super().__init__(server=True)
+        self.max_block = max_block
+
+    def _update_header_buffer(self, f: Any) -> Any:
+        if f is not None and (self._headers_buffer or isinstance(f, HeadersFrame)):
+            size = len(f.data) + sum(len(x.data) for x in self._headers_buffer)
+            if size > self.max_block:
+                raise h2.exceptions.ProtocolError("header block too large")
+        return super()._update_header_buffer(f)
 
 
 def _limit_closed_streams(h2c: H2Connection, limit: int) -> None:
@@ -186,6 +211,7 @@ class _Call:
         "terminated",
         "timed_out",
         "timer",
+        "too_large",
     )
 
     def __init__(
@@ -211,6 +237,7 @@ class _Call:
         self.timer: asyncio.TimerHandle | None = None
         self.timed_out = False
         self.terminated: str | None = None  # why the client reset the stream
+        self.too_large = 0  # the announced message length, when it is over the limit
 
     def message_bytes(self) -> bytes:
         data = self.chunks[0] if len(self.chunks) == 1 else b"".join(self.chunks)
@@ -401,6 +428,36 @@ class UnaryStream(StreamIterator[Any]):
             raise ProtocolError(protocol_error)
 
 
+class _Framing:
+    """Where a request stream is in its gRPC messages (5-byte prefix, then that many bytes)."""
+
+    __slots__ = ("head", "left")
+
+    def __init__(self) -> None:
+        self.head = b""  # the part of the next prefix received so far
+        self.left = 0  # bytes of the current message still to come
+
+    def feed(self, data: bytes, limit: int) -> int | None:
+        """Account for `data`; the announced length of a message over `limit`, else None."""
+        i, n = 0, len(data)
+        while i < n:
+            if self.left:
+                step = min(self.left, n - i)
+                self.left -= step
+                i += step
+                continue
+            need = _MESSAGE_PREFIX - len(self.head)
+            self.head += data[i : i + need]
+            i += need
+            if len(self.head) == _MESSAGE_PREFIX:
+                length = int.from_bytes(self.head[1:], "big")
+                self.head = b""
+                if length > limit:
+                    return length
+                self.left = length
+        return None
+
+
 class _FastProcessor(EventsProcessor):
     """grpclib's h2 event processor, with unary-unary calls taken off the events directly."""
 
@@ -422,6 +479,12 @@ class _FastProcessor(EventsProcessor):
         self._flush_scheduled = False
         self._ok_headers = _ok_headers(self.content_type)
         self._counts = handler.calls
+        self._max_message = handler.limits.max_receive_message_bytes
+        # grpclib's streams: where each is in its request messages, to refuse one too large
+        # before grpclib buffers it (its reads acknowledge the data, so nothing else bounds it)
+        self._framing: dict[int, _Framing] = {}
+        self._refused: set[int] = set()
+        self.handshaken = False  # the client's SETTINGS came
 
     # --- h2 events ----------------------------------------------------------------------------
 
@@ -430,6 +493,8 @@ class _FastProcessor(EventsProcessor):
         if call is None:
             self._counts.general += 1
             super().process_request_received(event)
+            if event.stream_id is not None:
+                self._framing[event.stream_id] = _Framing()
             return
         self._counts.fast += 1
         connection = self.connection
@@ -478,7 +543,7 @@ class _FastProcessor(EventsProcessor):
     def process_data_received(self, event: DataReceived) -> None:
         call = self._calls.get(event.stream_id)
         if call is None:
-            super().process_data_received(event)
+            self._general_data_received(event)
             return
         data: bytes = event.data
         size = len(data)
@@ -493,14 +558,71 @@ class _FastProcessor(EventsProcessor):
         call.received += size
         if call.needed < 0 and call.received >= _MESSAGE_PREFIX:
             head = call.message_bytes()
-            call.needed = _MESSAGE_PREFIX + int.from_bytes(head[1:_MESSAGE_PREFIX], "big")
+            length = int.from_bytes(head[1:_MESSAGE_PREFIX], "big")
+            if length > self._max_message:
+                # answered now, from the prefix: the rest is acknowledged and dropped as it comes
+                call.too_large = length
+                call.chunks = []
+                self._start(call)
+                return
+            call.needed = _MESSAGE_PREFIX + length
         if 0 <= call.needed <= call.received:
             self._start(call)
+
+    def _general_data_received(self, event: DataReceived) -> None:
+        """DATA for grpclib's streams: refuse a message over the limit before it is buffered."""
+        stream_id = event.stream_id
+        if stream_id in self._refused:  # refused already: keep the connection's window open
+            if event.flow_controlled_length and stream_id is not None:
+                self._h2.acknowledge_received_data(event.flow_controlled_length, stream_id)
+            return
+        framing = self._framing.get(stream_id)
+        if framing is not None:
+            length = framing.feed(event.data, self._max_message)
+            if length is not None and stream_id is not None:
+                self._refuse_general(stream_id, length, event.flow_controlled_length)
+                return
+        super().process_data_received(event)
+
+    def _refuse_general(self, stream_id: int, length: int, ack: int | None) -> None:
+        """Answer RESOURCE_EXHAUSTED on grpclib's stream `stream_id` and end grpclib's handler.
+
+        The status goes out as grpclib would send it (trailers-only, then RST_STREAM(NO_ERROR));
+        grpclib then sees the stream reset, which cancels its handler quietly.
+        """
+        self._framing.pop(stream_id, None)
+        self._refused.add(stream_id)
+        self.fast_handler.codec_counters.decode_too_large += 1
+        if ack:
+            self._h2.acknowledge_received_data(ack, stream_id)
+        h2_stream = self._h2.streams.get(stream_id)
+        if h2_stream is not None and not h2_stream.closed:
+            error = too_large(length, self._max_message)
+            headers_sent = getattr(h2_stream.state_machine, "headers_sent", False)
+            headers: _Headers = [] if headers_sent else self._response_headers()
+            headers.append(("grpc-status", str(error.status.value)))
+            headers.append(("grpc-message", encode_grpc_message(error.message or "")))
+            with contextlib.suppress(h2.exceptions.ProtocolError):
+                self._h2.send_headers(stream_id, headers, end_stream=True)
+            h2_stream = self._h2.streams.get(stream_id)
+            if h2_stream is not None and not h2_stream.closed:
+                self._h2.reset_stream(stream_id, error_code=ErrorCodes.NO_ERROR)
+            self._schedule_flush()
+        super().process_stream_reset(
+            StreamReset(stream_id=stream_id, error_code=ErrorCodes.NO_ERROR, remote_reset=False)
+        )
+
+    def _response_headers(self) -> _Headers:
+        return [(":status", "200"), ("content-type", self.content_type)]
 
     def process_stream_ended(self, event: StreamEnded) -> None:
         call = self._calls.get(event.stream_id)
         if call is None:
-            super().process_stream_ended(event)
+            if event.stream_id in self._refused:
+                self._refused.discard(event.stream_id)
+            else:
+                super().process_stream_ended(event)
+            self._framing.pop(event.stream_id, None)
             return
         self.connection.streams_succeeded += 1
         if not call.started:  # the client ended its side before a whole message came
@@ -509,6 +631,8 @@ class _FastProcessor(EventsProcessor):
     def process_stream_reset(self, event: StreamReset) -> None:
         call = self._calls.get(event.stream_id)
         if call is None:
+            self._framing.pop(event.stream_id, None)
+            self._refused.discard(event.stream_id)
             super().process_stream_reset(event)
             return
         self.connection.streams_failed += 1
@@ -530,6 +654,7 @@ class _FastProcessor(EventsProcessor):
                 window_updated.set()
 
     def process_remote_settings_changed(self, event: RemoteSettingsChanged) -> None:
+        self.handshaken = True
         super().process_remote_settings_changed(event)
         if SettingCodes.INITIAL_WINDOW_SIZE in event.changed_settings:
             for window_updated in self._window_waiters.values():
@@ -578,6 +703,9 @@ class _FastProcessor(EventsProcessor):
         try:
             if call.timed_out:  # before the message was in
                 raise asyncio.CancelledError  # noqa: TRY301
+            if call.too_large:
+                self.fast_handler.codec_counters.decode_too_large += 1
+                raise too_large(call.too_large, self._max_message)  # noqa: TRY301
             await call.method.func(stream)
         except asyncio.CancelledError:
             if call.terminated is not None:
@@ -742,13 +870,23 @@ class _FastProcessor(EventsProcessor):
 class FastHandler(Handler):
     """grpclib's per-connection handler, which also keeps the fast path's tasks."""
 
-    def __init__(self, *args: Any, calls: CallCounters, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        calls: CallCounters,
+        limits: GrpcLimits,
+        unary: bool,
+        codec_counters: Any,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.calls = calls
+        self.limits = limits
+        self.codec_counters = codec_counters
         self.unary: dict[str, MethodHandler] = {
             name: method
             for name, method in self.mapping.items()
-            if method.cardinality is Cardinality.UNARY_UNARY
+            if unary and method.cardinality is Cardinality.UNARY_UNARY
         }
 
     def dispatch_has_listeners(self) -> bool:
@@ -768,8 +906,38 @@ class _FastProtocol(H2Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         assert isinstance(self.handler, FastHandler)
-        _limit_closed_streams(self.connection._connection, MAX_CLOSED_STREAMS)
+        limits = self.handler.limits
+        h2c = self.connection._connection
+        _limit_closed_streams(h2c, MAX_CLOSED_STREAMS)
+        # in force once the client acknowledges them; hpack's limit holds from now on
+        h2c.update_settings({
+            SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
+            SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_list_bytes,
+        })  # fmt: skip
+        h2c.decoder.max_header_list_size = limits.max_header_list_bytes
+        # Huffman coding shrinks printable text; twice the list size is ample for a client's block
+        h2c.incoming_buffer = _BoundedFrameBuffer(max_block=2 * limits.max_header_list_bytes + 1024)
+        self.connection.flush()
         self.processor = _FastProcessor(self.handler, self.connection)
+        self._handshake_timer: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
+            limits.handshake_timeout_seconds, self._handshake_expired
+        )
+
+    def _handshake_expired(self) -> None:
+        self._handshake_timer = None
+        processor = self.processor
+        if isinstance(processor, _FastProcessor) and not processor.handshaken:
+            assert isinstance(self.handler, FastHandler)
+            self.handler.calls.handshake_timeouts += 1
+            peer = self.connection._transport.get_extra_info("peername")
+            log.debug("closing a connection from %s: no HTTP/2 handshake in time", peer)
+            self.connection._transport.abort()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
+        super().connection_lost(exc)
 
 
 class FastServer(Server):
@@ -788,6 +956,8 @@ class FastServer(Server):
         codec: CodecBase | None = None,
         status_details_codec: StatusDetailsCodecBase | None = None,
         config: Configuration | None = None,
+        limits: GrpcLimits | None = None,
+        unary: bool = True,
     ) -> None:
         if codec is None:  # what grpclib does for its default codec
             codec = UpbProtoCodec()
@@ -797,6 +967,8 @@ class FastServer(Server):
             handlers, codec=codec, status_details_codec=status_details_codec, config=config
         )
         self.calls = calls if calls is not None else CallCounters()
+        self.limits = limits if limits is not None else GrpcLimits()
+        self.unary = unary
 
     def _protocol_factory(self) -> H2Protocol:
         self.__gc_step__()
@@ -806,6 +978,9 @@ class FastServer(Server):
             self._status_details_codec,
             self.__dispatch__,
             calls=self.calls,
+            limits=self.limits,
+            unary=self.unary,
+            codec_counters=getattr(self._codec, "counters", None) or CodecCounters(),
         )
         self._handlers.add(handler)
         return _FastProtocol(handler, self._config, self._h2_config)

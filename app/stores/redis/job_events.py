@@ -14,6 +14,8 @@ from redis.exceptions import RedisError
 from app.core.clock import SystemClock
 from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage, OutageState
+from app.errors import BadDataKind
+from app.stores.bad_data import BadData
 from app.stores.redis.job_store import events_channel, text
 from app.stores.waits import JobWaiters
 
@@ -34,8 +36,15 @@ class RedisJobEvents:
 
     The store PUBLISHes on `<prefix>-events:<id>` with every write and cancel request."""
 
-    def __init__(self, client: aioredis.Redis, *, job_prefix: str = "wpm-job") -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        job_prefix: str = "wpm-job",
+        bad_data: BadData | None = None,
+    ) -> None:
         self._redis = client
+        self._bad_data = bad_data or BadData()
         self._outage = Outage(
             "job events (Redis pub/sub)", log=log, clock=SystemClock(), min_delay=0.5,
             meanwhile="waiters re-read the records",
@@ -99,8 +108,14 @@ class RedisJobEvents:
             message = await pubsub.get_message(timeout=1.0)
             if message is None:
                 continue
-            job_id = text(message["channel"]).removeprefix(prefix)
             self.messages += 1
+            try:
+                job_id = text(message["channel"]).removeprefix(prefix)
+            except UnicodeDecodeError:
+                # no job id is that (ids are checked at submit): it wakes nobody
+                self._bad_data.found(BadDataKind.JOB_EVENT, message["channel"],
+                                     "channel name is not UTF-8", "ignored")  # fmt: skip
+                continue
             self._waiters.wake(job_id)
 
     async def wait_changed(self, job_id: str) -> None:

@@ -9,11 +9,17 @@ Keys (prefixes configurable):
 | `wpm-job:<id>:cancel` | set when a cancel was asked for |
 | `wpm-job-queued:<type>` | unfinished jobs of that type (the per-type bound) |
 | `wpm-jobs:stream` | job ids, consumer group `orchestrators`; acked and deleted at the end |
+| `wpm-jobs:stream:quarantine` | entries set aside as unusable, with the reason (MAXLEN ~) |
 | `wpm-jobs:lost` | jobs whose record vanished while in hand (Redis lost them), the newest 10,000 |
 | `wpm-job-events:<id>` | pub/sub channel: the record after each change |
 
 Every write goes through a Lua script that checks the fencing token, so a late result from a
 superseded attempt is refused and never overwrites the job's outcome.
+
+Junk in any of these keys (written by hand, by a bug, by another program) is met where it is
+read: the item is said once and counted (`BadData`), then skipped or set aside, so that one bad
+item never stops the others. A script never raises on junk: it reads with `redis.pcall` and
+`pcall(cjson.decode)`, and answers with a code instead.
 
 Every method raises `StoreUnavailable` while Redis cannot serve (down, loading, failing over) and
 `QueueGone` when the consumer group is not there (Redis lost its data), instead of redis-py's
@@ -24,14 +30,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from app.errors import QueueGone, StoreUnavailable
+from app.errors import BadDataKind, CorruptRecord, QueueGone, StoreUnavailable
 from app.fleet.batch_job import (
     BatchJob,
     LostJob,
@@ -44,7 +50,18 @@ from app.fleet.batch_job import (
     encode_outcome,
 )
 from app.fleet.job_state import FINISHED, JobState
-from app.stores.abc import SubmitResult, WriteResult
+from app.stores.abc import Quarantined, QueueEntry, SubmitResult, WriteResult
+from app.stores.bad_data import (
+    FENCE_ACTION,
+    OUTCOME_ACTION,
+    RECORD_ACTION,
+    BadData,
+    is_int,
+    not_a,
+    readable,
+    record_problem,
+    show,
+)
 from app.stores.redis.client import is_nogroup, is_unavailable
 
 log = logging.getLogger(__name__)
@@ -73,60 +90,104 @@ def translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, 
 
 _FINISHED_NAMES = "{" + ",".join(f"'{s.value}'" for s in FINISHED) + "}"
 
+# Reads that never raise on junk. A value that is not a string (WRONGTYPE) comes back as false,
+# which a reply carries as nil.
+_READ = f"""
+local finished = {{}}
+for _, name in ipairs({_FINISHED_NAMES}) do finished[name] = true end
+-- the integer at key (0 when there is none), or false and what is there instead
+local function int_at(key)
+  local raw = redis.pcall('GET', key)
+  if not raw then return 0, '' end
+  if type(raw) ~= 'string' then return false, false end
+  if #raw > 18 or not string.match(raw, '^%-?%d+$') then return false, raw end
+  return tonumber(raw), raw
+end
+-- the state of the record at key (nil when there is none), or false and what is there instead
+-- when it is not a JSON object with a string state (the rest is for msgspec to judge)
+local function state_at(key)
+  local raw = redis.pcall('GET', key)
+  if not raw then return nil, '' end
+  if type(raw) ~= 'string' then return false, false end
+  if not string.match(raw, '^%s*{{') then return false, raw end  -- cjson reads [] as {{}} too
+  local ok, record = pcall(cjson.decode, raw)
+  if not ok then return false, raw end
+  local state = record['state']
+  if state == nil then state = 'PENDING' end  -- the schema's default, as msgspec reads it
+  if type(state) ~= 'string' then return false, raw end
+  return state, raw
+end
+-- the bound counts unfinished jobs: one ended. A junk counter is left for the next submit.
+local function count_down(key)
+  local queued = int_at(key)
+  if queued and queued > 0 then redis.call('DECR', key) end
+end
+"""
+
 # KEYS: record, counter, stream   ARGV: json, bound, job_id
-_SUBMIT = """
-local existing = redis.call('GET', KEYS[1])
-if existing then return {0, existing} end
-local queued = tonumber(redis.call('GET', KEYS[2]) or '0')
-if queued >= tonumber(ARGV[2]) then return {2, tostring(queued)} end
+# {0, record} exists; {2, count} full; {3} its record is not a string value;
+# {1, entry id, 1 when the counter was junk, the junk (nil: not a string value)}
+_SUBMIT = f"""{_READ}
+local existing = redis.pcall('GET', KEYS[1])
+if type(existing) == 'table' then return {{3}} end
+if existing then return {{0, existing}} end
+local queued, raw = int_at(KEYS[2])
+local junk = 0
+if not queued then
+  -- the counter is junk: start it again (the bound is a safety valve, not a ledger)
+  redis.call('DEL', KEYS[2])
+  queued, junk = 0, 1
+end
+if queued >= tonumber(ARGV[2]) then return {{2, tostring(queued)}} end
 redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1])
 local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[3])
-return {1, id}
+return {{1, id, junk, raw}}
 """
 
 # KEYS: record, fence, counter, channel, cancel   ARGV: json, token, final (0/1), retention
 # (a missing record first: when Redis lost it, it lost its fence too, and that is no takeover)
-_WRITE = f"""
-local current = redis.call('GET', KEYS[1])
-if not current then return -1 end
-local fence = tonumber(redis.call('GET', KEYS[2]) or '0')
-if tonumber(ARGV[2]) ~= fence then return 0 end
-local finished = {{}}
-for _, name in ipairs({_FINISHED_NAMES}) do finished[name] = true end
-if finished[cjson.decode(current)['state']] then return -2 end
+_WRITE = f"""{_READ}
+local state, current = state_at(KEYS[1])
+if state == nil then return {{-1}} end
+local fence, fence_raw = int_at(KEYS[2])
+if not fence then return {{-3, fence_raw}} end
+if tonumber(ARGV[2]) ~= fence then return {{0}} end
+if not state then return {{-4, current}} end
+if finished[state] then return {{-2}} end
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] == '1' then
-  redis.call('DECR', KEYS[3])
+  count_down(KEYS[3])
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[5], ARGV[4])
 end
 redis.call('PUBLISH', KEYS[4], ARGV[1])
-return 1
+return {{1}}
 """
 
 
 # KEYS: record, fence, counter, channel, cancel
 # ARGV: the record as read, the fence as read, the cancelled record, retention
-_CANCEL = f"""
-local current = redis.call('GET', KEYS[1])
-if not current then return {{-1}} end
-local finished = {{}}
-for _, name in ipairs({_FINISHED_NAMES}) do finished[name] = true end
-local state = cjson.decode(current)['state']
+# {-3, fence} or {-4, record} when that does not read
+_CANCEL = f"""{_READ}
+local state, current = state_at(KEYS[1])
+if state == nil then return {{-1}} end
+if not state then return {{-4, current}} end
 if finished[state] then return {{-2, current}} end
 redis.call('SET', KEYS[5], 1, 'EX', ARGV[4])
 if state ~= 'PENDING' then
   redis.call('PUBLISH', KEYS[4], current)
   return {{0, current}}
 end
-if current ~= ARGV[1] or tonumber(redis.call('GET', KEYS[2]) or '0') ~= tonumber(ARGV[2]) then
+local fence, fence_raw = int_at(KEYS[2])
+if not fence then return {{-3, fence_raw}} end
+if current ~= ARGV[1] or fence ~= tonumber(ARGV[2]) then
   return {{3}}
 end
 redis.call('SET', KEYS[2], tonumber(ARGV[2]) + 1)
 redis.call('SET', KEYS[1], ARGV[3])
-redis.call('DECR', KEYS[3])
+count_down(KEYS[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
 redis.call('PUBLISH', KEYS[4], ARGV[3])
@@ -135,22 +196,52 @@ return {{1, ARGV[3]}}
 # a PENDING job changing under a cancel is retried this often before the cancel gives up on it
 _CANCEL_TRIES = 10
 
-# KEYS: fence   ARGV: token
-_RESTORE_FENCE = """
-if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[1]) then return 0 end
+# KEYS: fence   ARGV: token   -> {1} raised, {0} not below, {-3, fence} when that does not read
+_RESTORE_FENCE = f"""{_READ}
+local fence, raw = int_at(KEYS[1])
+if not fence then return {{-3, raw}} end
+if fence >= tonumber(ARGV[1]) then return {{0}} end
 redis.call('SET', KEYS[1], ARGV[1])
-return 1
+return {{1}}
 """
 
 # KEYS: record, fence, lost stream   ARGV: job id, report JSON, max length
+# (junk in the lost stream's key must not fail the caller: the note is dropped then)
 _REPORT_LOST = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('DEL', KEYS[2])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'job_id', ARGV[1], 'lost', ARGV[2])
+redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'job_id', ARGV[1], 'lost', ARGV[2])
 return 1
 """
 #: Lost-job reports kept (about: the stream is trimmed approximately).
 LOST_KEPT = 10_000
+
+# KEYS: stream, quarantine, record, fence, counter, channel, cancel
+# ARGV: group, entry id, job id, kind, reason, maxlen, record as read, failed record, retention
+# 0 (nothing done) when the item was mended since it was read; 1, or 2 when the quarantine
+# key is junk itself (the entry is acked and dropped)
+_QUARANTINE = f"""{_READ}
+if ARGV[7] ~= '' and redis.pcall('GET', KEYS[3]) ~= ARGV[7] then return 0 end
+if ARGV[4] == 'fencing_token' and int_at(KEYS[4]) then return 0 end  -- mended meanwhile
+if ARGV[8] ~= '' then
+  -- the fence is junk but the record reads: the job ends here (no holder can write it now)
+  redis.call('SET', KEYS[3], ARGV[8])
+  count_down(KEYS[5])
+  redis.call('PUBLISH', KEYS[6], ARGV[8])
+end
+-- junk in the quarantine key itself must not keep the entry in the queue: it is dropped then
+local kept = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
+                         'entry', ARGV[2], 'job_id', ARGV[3], 'kind', ARGV[4], 'reason', ARGV[5])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+-- what is left of the job is kept for the retention, as a finished job's, then expires
+for i = 3, 4 do redis.call('EXPIRE', KEYS[i], ARGV[9]) end
+redis.call('EXPIRE', KEYS[7], ARGV[9])
+if type(kept) == 'table' then return 2 end
+return 1
+"""
+#: The quarantine stream keeps about this many entries (MAXLEN ~).
+QUARANTINE_MAXLEN = 10_000
 
 
 def events_channel(job_prefix: str, job_id: str) -> str:
@@ -169,19 +260,25 @@ class RedisJobStore:
         stream_key: str = "wpm-jobs:stream",
         group: str = "orchestrators",
         retention_seconds: int = 86_400,
+        bad_data: BadData | None = None,
+        quarantine_maxlen: int = QUARANTINE_MAXLEN,
         lost_key: str = "wpm-jobs:lost",
     ) -> None:
         self._redis = client
         self._prefix = job_prefix
         self.stream_key = stream_key
+        self.quarantine_key = f"{stream_key}:quarantine"
         self.group = group
         self.lost_key = lost_key
         self._retention = retention_seconds
+        self.bad_data = bad_data or BadData()
+        self._quarantine_maxlen = quarantine_maxlen
         self._submit = client.register_script(_SUBMIT)
         self._write = client.register_script(_WRITE)
         self._cancel = client.register_script(_CANCEL)
         self._report_lost = client.register_script(_REPORT_LOST)
         self._restore_fence = client.register_script(_RESTORE_FENCE)
+        self._quarantine = client.register_script(_QUARANTINE)
 
     def __repr__(self) -> str:
         return f"<RedisJobStore {self.stream_key} group={self.group}>"
@@ -201,6 +298,36 @@ class RedisJobStore:
             events_channel(self._prefix, job.job_id),
             f"{base}:cancel",
         ]
+
+    # --- junk -------------------------------------------------------------------------------------
+
+    def _bad_record(self, job_id: str, raw: bytes | str | None) -> CorruptRecord:
+        """The error for a record that does not read (`raw` None: not a string value); said once."""
+        return self._said(BadDataKind.JOB_RECORD, job_id, self.record_key(job_id),
+                          record_problem(raw), RECORD_ACTION)  # fmt: skip
+
+    def _bad_fence(self, job_id: str, raw: bytes | str | None) -> CorruptRecord:
+        """The error for a fencing token that is not an integer; said once."""
+        key = f"{self.record_key(job_id)}:fence"
+        return self._said(BadDataKind.FENCING_TOKEN, job_id, key, not_a(raw, "an integer"),
+                          FENCE_ACTION)  # fmt: skip
+
+    def _said(
+        self, kind: BadDataKind, job_id: str, key: str, detail: str, action: str
+    ) -> CorruptRecord:
+        error = CorruptRecord(kind, job_id, key, detail)
+        self.bad_data.found(kind, key, error.problem, action)
+        return error
+
+    def _decode(self, job_id: str, raw: bytes | str) -> BatchJob:
+        """The record of `job_id` from what its key holds, or CorruptRecord."""
+        try:
+            job = decode_job(raw)
+        except msgspec.DecodeError:
+            raise self._bad_record(job_id, raw) from None
+        if job.job_id != job_id:
+            raise self._bad_record(job_id, raw)
+        return job
 
     # --- records ----------------------------------------------------------------------------------
 
@@ -224,49 +351,87 @@ class RedisJobStore:
     ) -> tuple[SubmitResult, BatchJob | None, int]:
         """Create the record and queue it, atomically, unless the id exists or the type is full.
 
-        Returns (result, the existing job for EXISTS, the queued count for QUEUE_FULL).
+        Returns (result, the existing job for EXISTS, the queued count for QUEUE_FULL);
+        CorruptRecord when the id's existing record does not read. A junk counter of the type
+        is started again from 0.
         """
         keys = self._keys(job)
-        status, payload = await self._submit(
+        reply = await self._submit(
             keys=[keys[0], keys[2], self.stream_key], args=[encode_job(job), bound, job.job_id]
         )
+        status = reply[0]
+        if status == 3:
+            raise self._bad_record(job.job_id, None)
         if status == 0:
-            return SubmitResult.EXISTS, decode_job(payload), 0
+            return SubmitResult.EXISTS, self._decode(job.job_id, reply[1]), 0
         if status == 2:
-            return SubmitResult.QUEUE_FULL, None, int(payload)
+            return SubmitResult.QUEUE_FULL, None, int(reply[1])
+        if reply[2]:
+            self.bad_data.found(
+                BadDataKind.QUEUED_COUNTER, keys[2], not_a(reply[3], "an integer"), "reset to 0"
+            )
         return SubmitResult.CREATED, None, 0
 
     @translated
     async def get(self, job_id: str) -> BatchJob | None:
-        """The record, or None when there is none (never submitted, or expired)."""
-        raw = await self._redis.get(self.record_key(job_id))
-        return None if raw is None else decode_job(raw)
+        """The record, or None when there is none (never submitted, or expired); CorruptRecord
+        when it does not read."""
+        try:
+            raw = await self._redis.get(self.record_key(job_id))
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            raise self._bad_record(job_id, None) from None
+        return None if raw is None else self._decode(job_id, raw)
 
     @translated
     async def fence(self, job_id: str) -> int:
-        """The job's newest fencing token (0 before the first)."""
-        return int(await self._redis.get(f"{self.record_key(job_id)}:fence") or 0)
+        """The job's newest fencing token (0 before the first); CorruptRecord when it is junk."""
+        try:
+            raw = await self._redis.get(f"{self.record_key(job_id)}:fence")
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            raise self._bad_fence(job_id, None) from None
+        if raw is None:
+            return 0
+        if not is_int(raw):
+            raise self._bad_fence(job_id, raw)
+        return int(raw)
 
     @translated
     async def next_token(self, job_id: str) -> int:
         """A new fencing token: from now on, holders of older ones are refused."""
-        return int(await self._redis.incr(f"{self.record_key(job_id)}:fence"))
+        try:
+            return int(await self._redis.incr(f"{self.record_key(job_id)}:fence"))
+        except ResponseError:
+            await self.fence(job_id)  # junk: raises CorruptRecord saying what is there
+            raise
 
     @translated
     async def write(self, job: BatchJob, token: int) -> WriteResult:
-        """Store `job` if `token` is still the job's fencing token and the job has not ended."""
+        """Store `job` if `token` is still the job's fencing token and the job has not ended;
+        CorruptRecord when the stored record or fencing token does not read."""
         job.fencing_token = token
         final = "1" if job.state.finished else "0"
-        result = await self._write(
+        reply = await self._write(
             keys=self._keys(job), args=[encode_job(job), token, final, self._retention]
         )
-        return WriteResult(int(result))
+        if reply[0] == -3:
+            raise self._bad_fence(job.job_id, reply[1])
+        if reply[0] == -4:
+            raise self._bad_record(job.job_id, reply[1])
+        return WriteResult(int(reply[0]))
 
     @translated
     async def restore_fence(self, job_id: str, token: int) -> bool:
-        """See `JobStore.restore_fence`: one script compares and sets `<record>:fence`."""
+        """See `JobStore.restore_fence`: one script compares and sets `<record>:fence`;
+        CorruptRecord when the fence is junk."""
         key = f"{self.record_key(job_id)}:fence"
-        return bool(await self._restore_fence(keys=[key], args=[token]))
+        reply = await self._restore_fence(keys=[key], args=[token])
+        if reply[0] == -3:
+            raise self._bad_fence(job_id, reply[1])
+        return bool(reply[0] == 1)
 
     @translated
     async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
@@ -278,12 +443,18 @@ class RedisJobStore:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.get(key)
                 pipe.get(f"{key}:fence")
-                raw, fence_raw = await pipe.execute()
+                raw, fence_raw = await pipe.execute(raise_on_error=False)
+            if isinstance(raw, ResponseError):
+                raise self._bad_record(job_id, None) if _wrong_type(raw) else raw
             if raw is None:
                 return None
-            job = decode_job(raw)
+            job = self._decode(job_id, raw)
             if job.state.finished:
                 return job
+            if isinstance(fence_raw, ResponseError):
+                raise self._bad_fence(job_id, None) if _wrong_type(fence_raw) else fence_raw
+            if fence_raw is not None and not is_int(fence_raw):
+                raise self._bad_fence(job_id, fence_raw)
             fence = int(fence_raw or 0)
             cancelled = msgspec.structs.replace(
                 job, state=JobState.CANCELLED, error=error, finished_at=now, fencing_token=fence + 1
@@ -293,8 +464,12 @@ class RedisJobStore:
             )
             if reply[0] == -1:
                 return None
+            if reply[0] == -3:
+                raise self._bad_fence(job_id, reply[1])
+            if reply[0] == -4:
+                raise self._bad_record(job_id, reply[1])
             if reply[0] != 3:  # 3: it changed since read; read again
-                return decode_job(reply[1])
+                return self._decode(job_id, reply[1])
         return job
 
     @translated
@@ -307,7 +482,8 @@ class RedisJobStore:
 
     @translated
     async def outcomes(self, job_id: str, tokens: Sequence[int]) -> dict[int, RunOutcome]:
-        """One MGET of the tokens' outcome keys; one that does not decode is logged and left out."""
+        """One MGET of the tokens' outcome keys; one that does not decode is said once and left
+        out (the run's worker is asked again)."""
         if not tokens:
             return {}
         base = self.record_key(job_id)
@@ -319,7 +495,10 @@ class RedisJobStore:
             try:
                 found[token] = decode_outcome(raw)
             except msgspec.DecodeError as exc:
-                log.warning("ignoring %s:run:%d: not a run outcome (%s)", base, token, exc)
+                self.bad_data.found(
+                    BadDataKind.RUN_OUTCOME, f"{base}:run:{token}", f"not a run's end ({exc})",
+                    OUTCOME_ACTION,
+                )  # fmt: skip
         return found
 
     @translated
@@ -329,8 +508,22 @@ class RedisJobStore:
 
     @translated
     async def queued_count(self, job_type: str) -> int:
-        """Unfinished jobs of `job_type`: the `<prefix>-queued:<type>` counter."""
-        return int(await self._redis.get(f"{self._prefix}-queued:{job_type}") or 0)
+        """Unfinished jobs of `job_type`: the `<prefix>-queued:<type>` counter (junk reads as 0,
+        what the next submit starts it again from)."""
+        key = f"{self._prefix}-queued:{job_type}"
+        try:
+            raw = await self._redis.get(key)
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            raw = None
+            self.bad_data.found(BadDataKind.QUEUED_COUNTER, key, not_a(None, "an integer"),
+                                "read as 0")  # fmt: skip
+        if raw is not None and not is_int(raw):
+            self.bad_data.found(BadDataKind.QUEUED_COUNTER, key, not_a(raw, "an integer"),
+                                "read as 0")  # fmt: skip
+            return 0
+        return int(raw or 0)
 
     @translated
     async def report_lost(self, lost: LostJob) -> bool:
@@ -360,23 +553,130 @@ class RedisJobStore:
     # --- the stream -------------------------------------------------------------------------------
 
     @translated
-    async def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[tuple[str, str]]:
-        """New entries for this consumer: (entry id, job id)."""
+    async def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[QueueEntry]:
+        """New entries for this consumer: (entry id, job id). One that names no job (no job_id
+        field, or not UTF-8) goes to quarantine instead."""
         reply: Any = await self._redis.xreadgroup(
             self.group, consumer, {self.stream_key: ">"}, count=count, block=block_ms
         )
-        return [entry(e) for _, entries in reply or [] for e in entries]
+        return await self._usable(e for _, entries in reply or [] for e in entries)
 
     @translated
-    async def claim_idle(
-        self, consumer: str, *, min_idle_ms: int, count: int
-    ) -> list[tuple[str, str]]:
-        """Entries another consumer has held idle for `min_idle_ms` (it died): now ours."""
+    async def claim_idle(self, consumer: str, *, min_idle_ms: int, count: int) -> list[QueueEntry]:
+        """Entries another consumer has held idle for `min_idle_ms` (it died): now ours. One
+        that names no job goes to quarantine instead."""
         reply: Any = await self._redis.xautoclaim(
             self.stream_key, self.group, consumer, min_idle_time=min_idle_ms, start_id="0-0",
             count=count,
         )  # fmt: skip
-        return [entry(e) for e in reply[1] if e and e[1]]
+        return await self._usable(reply[1])
+
+    async def _usable(self, entries: Iterable[Sequence[Any]]) -> list[QueueEntry]:
+        """The entries that name a job, as (entry id, job id); the others are set aside, each
+        on its own, so that one poison entry never holds up the rest."""
+        usable: list[QueueEntry] = []
+        unusable: list[tuple[str, dict[Any, Any], str]] = []
+        for entry_id, fields, *_ in entries:
+            if entry_id is None or not fields:
+                continue  # deleted meanwhile (XAUTOCLAIM on Redis 6.2 answers nil for it)
+            job_id, problem = _job_id_of(fields)
+            if problem:
+                unusable.append((text(entry_id), fields, problem))
+            else:
+                usable.append((text(entry_id), job_id))
+        for entry_id, fields, problem in unusable:
+            await self._set_aside(entry_id, fields, problem)
+        return usable
+
+    async def _set_aside(self, entry_id: str, fields: dict[Any, Any], problem: str) -> None:
+        """Move an entry that names no job to the quarantine stream, with its fields as they
+        were (names prefixed `original.`), and ack it."""
+        kind = BadDataKind.STREAM_ENTRY
+        self.bad_data.found(kind, f"queue entry {entry_id}", problem,
+                            f"moved to {self.quarantine_key}")  # fmt: skip
+        record: dict[Any, Any] = {"entry": entry_id, "job_id": "", "kind": kind.value,
+                                  "reason": problem}  # fmt: skip
+        for name, value in fields.items():
+            record[b"original." + (name if isinstance(name, bytes) else name.encode())] = value
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.quarantine_key, record, maxlen=self._quarantine_maxlen, approximate=True)
+            pipe.xack(self.stream_key, self.group, entry_id)
+            pipe.xdel(self.stream_key, entry_id)
+            try:
+                await pipe.execute()
+            except ResponseError as exc:
+                if not _wrong_type(exc):
+                    raise
+                # EXEC does not roll back: the entry is acked and dropped all the same
+                self._quarantine_is_junk()
+                return
+        self.bad_data.quarantined(kind)
+
+    @translated
+    async def quarantine(self, entry_id: str, problem: CorruptRecord, *, now: float) -> bool:
+        """See `JobStore.quarantine`: one script moves the entry, acks it, and (a junk fencing
+        token, a record that reads) ends the job FAILED, if the record did not change since."""
+        job_id = problem.job_id
+        key = self.record_key(job_id)
+        moved = f"moved to {self.quarantine_key}"
+        if problem.kind is not BadDataKind.STREAM_ENTRY:
+            moved = f"its queue entry {entry_id} {moved}"
+        self.bad_data.found(problem.kind, problem.key, problem.problem, moved)
+        as_read: bytes | str = b""
+        failed, job_type = b"", ""
+        try:
+            raw = await self._redis.get(key)
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            raw = None  # not a string value: junk still, and nothing to compare
+        if raw is not None:
+            if problem.kind is not BadDataKind.FENCING_TOKEN and readable(job_id, raw):
+                return False  # mended meanwhile, or a record came: read it again
+            as_read = raw
+        if problem.kind is BadDataKind.FENCING_TOKEN and as_read:
+            try:
+                job = decode_job(as_read)
+            except msgspec.DecodeError:
+                pass  # the record is junk too: kept as it is, for the retention
+            else:
+                job_type = job.job_type
+                if not job.state.finished:
+                    failed = encode_job(msgspec.structs.replace(
+                        job, state=JobState.FAILED, error=f"quarantined: {problem.problem}",
+                        finished_at=now,
+                    ))  # fmt: skip
+        keys = [self.stream_key, self.quarantine_key, key, f"{key}:fence",
+                f"{self._prefix}-queued:{job_type}", events_channel(self._prefix, job_id),
+                f"{key}:cancel"]  # fmt: skip
+        args = [self.group, entry_id, job_id, problem.kind.value, problem.problem,
+                self._quarantine_maxlen, as_read, failed, self._retention]  # fmt: skip
+        done = await self._quarantine(keys=keys, args=args)
+        if done == 2:
+            self._quarantine_is_junk()
+        elif done:
+            self.bad_data.quarantined(problem.kind)
+        return bool(done)
+
+    def _quarantine_is_junk(self) -> None:
+        self.bad_data.found(BadDataKind.STREAM_ENTRY, self.quarantine_key, "not a stream",
+                            "entries set aside are acked and dropped, not kept")  # fmt: skip
+
+    @translated
+    async def quarantined(self, *, count: int = 100) -> list[Quarantined]:
+        """The last `count` entries set aside, oldest first."""
+        reply: Any = await self._redis.xrevrange(self.quarantine_key, count=count)
+        found = []
+        for entry_id, fields in reversed(reply):
+            f = {text(k, lenient=True): text(v, lenient=True) for k, v in fields.items()}
+            found.append(
+                Quarantined(
+                    quarantine_id=text(entry_id), entry_id=f.get("entry", ""),
+                    job_id=f.get("job_id", ""), kind=f.get("kind", ""),
+                    reason=f.get("reason", ""),
+                )
+            )  # fmt: skip
+        return found
 
     @translated
     async def keep_alive(self, consumer: str, entry_ids: Sequence[str]) -> None:
@@ -396,13 +696,30 @@ class RedisJobStore:
             await pipe.execute()
 
 
-def entry(entry: tuple[bytes | str, dict[bytes | str, bytes | str]]) -> tuple[str, str]:
-    """A stream entry as (entry id, job id), from bytes or str replies; "" when it has no job id."""
-    entry_id, fields = entry
-    job_id = fields.get(b"job_id", fields.get("job_id", b""))
-    return text(entry_id), text(job_id)
+def _job_id_of(fields: dict[Any, Any]) -> tuple[str, str]:
+    """(job id, "") from an entry's fields, or ("", what is wrong). Other fields are ignored:
+    a newer writer may add some."""
+    raw = fields.get(b"job_id", fields.get("job_id"))
+    if raw is None:
+        return "", f"no job_id field (fields {show(b' '.join(_bytes(k) for k in fields))})"
+    try:
+        job_id = raw.decode() if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        return "", f"job_id {show(raw)} is not UTF-8"
+    return (job_id, "") if job_id else ("", "empty job_id")
 
 
-def text(value: bytes | str) -> str:
-    """`value` as str (bytes decoded as UTF-8)."""
-    return value.decode() if isinstance(value, bytes) else value
+def _bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _wrong_type(exc: ResponseError) -> bool:
+    """Whether Redis said the key holds another type (a pipeline prefixes its errors)."""
+    return "WRONGTYPE" in str(exc)
+
+
+def text(value: bytes | str, *, lenient: bool = False) -> str:
+    """`value` as str (bytes decoded as UTF-8; `lenient`: what is not UTF-8 escaped)."""
+    if isinstance(value, str):
+        return value
+    return value.decode("utf-8", "backslashreplace") if lenient else value.decode()

@@ -20,7 +20,7 @@ class RedisPodRegistry:
 
     async def get(self, key: str) -> bytes | None:
         """The value as bytes, or None when the key is gone."""
-        value = await self._redis.get(key)
+        value = await self._redis.get(_name(key))
         return value.encode() if isinstance(value, str) else value
 
     async def delete(self, key: str) -> None:
@@ -31,16 +31,23 @@ class RedisPodRegistry:
         """The values of `keys` in order, by one MGET (None for a key that is gone)."""
         if not keys:
             return []
-        values = await self._redis.mget(keys)
+        values = await self._redis.mget([_name(k) for k in keys])
         return [v.encode() if isinstance(v, str) else v for v in values]
 
     async def keys(self, prefix: str) -> list[str]:
         """Every live key that starts with `prefix` (literally, not a glob), by SCAN; sorted."""
         found = [
-            k.decode() if isinstance(k, bytes) else str(k)
+            # a name that is not UTF-8 keeps its bytes (surrogateescape): it is read like the
+            # others, instead of failing the whole listing
+            k.decode("utf-8", "surrogateescape") if isinstance(k, bytes) else str(k)
             async for k in self._redis.scan_iter(match=_glob_escape(prefix) + "*", count=500)
         ]
         return sorted(set(found))
+
+
+def _name(key: str) -> bytes:
+    """A key as `keys()` gave it, back to its bytes."""
+    return key.encode("utf-8", "surrogateescape")
 
 
 def _glob_escape(text: str) -> str:
