@@ -270,6 +270,68 @@ class OrchestratorConfig(_Section, frozen=True):
         _check(bool(self.stream_key) and bool(self.job_prefix), "stream_key", "must not be empty")
 
 
+class TriggerConfig(_Section, frozen=True):
+    """The trigger tier: its listener, the orchestrators it submits to, leases and the ledger."""
+
+    host: str = "0.0.0.0"
+    port: int = 9089
+    port_search: int = 50
+    # HOST:PORT of each orchestrator; a call that cannot reach one goes to the next
+    orchestrators: list[str] = msgspec.field(default_factory=lambda: ["localhost:9090"])
+    key_prefix: str = "wpm-trigger"
+    # this replica's name in leases and decisions (default host:pid:random)
+    replica_id: str = ""
+    # a schedule's lease: another replica takes it over this long after its holder stopped
+    lease_seconds: float = 10.0
+    # decisions kept per schedule, and for how long (by fire time)
+    ledger_size: int = 1000
+    ledger_retention_seconds: float = 30 * 86_400.0
+    # one call to an orchestrator (a tick is retried until its misfire grace runs out)
+    call_timeout_seconds: float = 5.0
+    # runners in the middle of a tick get this long to finish it on SIGTERM
+    drain_grace_seconds: float = 5.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.port <= 65535, "port", "must be 0..65535")
+        _check(0 <= self.port_search <= 1000, "port_search", "must be 0..1000")
+        _check(bool(self.orchestrators), "orchestrators", "must name at least one HOST:PORT")
+        for address in self.orchestrators:
+            host, _, port = address.rpartition(":")
+            _check(bool(host) and port.isdigit() and 0 < int(port) <= 65535, "orchestrators",
+                   f"{address[:60]!r} is not HOST:PORT")  # fmt: skip
+        _check(bool(self.key_prefix), "key_prefix", "must not be empty")
+        _check(0.1 <= self.lease_seconds <= 3600, "lease_seconds", "must be 0.1..3600")
+        _check(1 <= self.ledger_size <= 100_000, "ledger_size", "must be 1..100000")
+        _check(self.ledger_retention_seconds >= 1, "ledger_retention_seconds", "must be >= 1")
+        _check(0 < self.call_timeout_seconds <= 600, "call_timeout_seconds", "must be in (0, 600]")
+        _check(self.drain_grace_seconds >= 0, "drain_grace_seconds", "must be 0 or more")
+
+
+class ScheduleEntry(_Section, frozen=True):
+    """One `[[schedules]]` table: a schedule the config owns (see `app.trigger.specs`; the
+    trigger checks cron, zone and policies when it starts, naming the key)."""
+
+    name: str
+    job_type: str
+    cron: str = ""
+    interval_seconds: float = 0.0
+    interval_start: str = ""
+    time_zone: str = "UTC"
+    dst_skipped: str = "run_at_transition"
+    dst_repeated: str = "once"
+    params: dict[str, str] = msgspec.field(default_factory=dict)
+    overlap: str = "forbid"
+    misfire_grace_seconds: float = 300.0
+    jitter_seconds: float = 0.0
+    deadline_seconds: float = 0.0
+    timeout_seconds: float = 0.0
+    priority: int = 0
+    retry_on_failure: bool = False
+    max_attempts: int = 0
+    # created paused (a later pause or resume through the API is kept across restarts)
+    paused: bool = False
+
+
 class MetricsConfig(_Section, frozen=True):
     """Prometheus metrics over HTTP at /metrics. No port: off (0: any free port, logged)."""
 
@@ -301,6 +363,8 @@ class Config(_Section, frozen=True):
     orchestrator: OrchestratorConfig = msgspec.field(default_factory=OrchestratorConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    trigger: TriggerConfig = msgspec.field(default_factory=TriggerConfig)
+    schedules: list[ScheduleEntry] = msgspec.field(default_factory=list)
 
 
 def _merge(into: dict[str, Any], layer: Mapping[str, Any], source: str, origins: dict[str, str],

@@ -66,6 +66,8 @@ class BadDataKind(enum.Enum):
     RUN_OUTCOME = "run_outcome"  # `<prefix>:<id>:run:<token>`: not a run's end
     QUEUED_COUNTER = "queued_counter"  # `<prefix>-queued:<type>`: not an integer
     JOB_EVENT = "job_event"  # a pub/sub message on a channel that is not UTF-8
+    SCHEDULE = "schedule"  # a field of `<trigger prefix>:schedules`: not a schedule
+    TICK_DECISION = "tick_decision"  # a member of `<trigger prefix>:{<name>}:ledger`
 
 
 class CorruptRecord(JobWorkerError):
@@ -91,6 +93,8 @@ _WHAT = {
     BadDataKind.RUN_OUTCOME: "run outcome",
     BadDataKind.QUEUED_COUNTER: "queued counter",
     BadDataKind.JOB_EVENT: "event",
+    BadDataKind.SCHEDULE: "schedule",
+    BadDataKind.TICK_DECISION: "ledger record",
 }
 
 

@@ -40,7 +40,8 @@ SHARED: dict[str, set[str]] = {
     "app.config": {"app.errors"},
     "app.core": {"app.errors"},
     "app.scheduling": {"app.core", "app.errors"},
-    "app.fleet": {"app.core", "app.errors", "app.pb"},
+    # fleet's schedule records are validated with the kernel's cron and triggers
+    "app.fleet": {"app.core", "app.errors", "app.pb", "app.scheduling"},
     "app.stores": {"app.core", "app.errors", "app.fleet", "app.config"},
     "app.grpc": {"app.core", "app.errors", "app.fleet", "app.pb"},
     "app.http": {"app.core", "app.errors"},
@@ -154,6 +155,11 @@ def test_every_package_is_placed() -> None:
         ("app.worker.main", "from app.orchestrator.dispatcher import Dispatcher", "no other role"),
         ("app.orchestrator.service", "from ..worker import service", "no other role"),
         ("app.worker.service", "from app.cli import clients", "does not import the CLI"),
+        ("app.trigger.runner", "from app.orchestrator import service", "no other role"),
+        ("app.orchestrator.main", "from app.trigger import replica", "no other role"),
+        ("app.trigger.service", "from app.cli import schedules", "does not import the CLI"),
+        ("app.fleet.schedules", "from app.trigger import ticks", "may import only"),
+        ("app.stores.redis.schedule_store", "from app.trigger import ticks", "may import only"),
     ],
 )
 def test_the_rules_catch_what_they_forbid(module: str, source: str, expected: str) -> None:
@@ -168,6 +174,10 @@ def test_the_rules_catch_what_they_forbid(module: str, source: str, expected: st
         ("app.stores.redis.job_store", "import redis.asyncio\nfrom app.fleet import batch_job"),
         ("app.worker.main", "from app.stores.redis.client import create_redis\nimport grpclib"),
         ("app.cli.launcher", "from app.worker.main import serve_worker"),
+        ("app.fleet.schedules", "from app.scheduling.cron import parse_cron"),
+        ("app.trigger.main", "from app.stores.redis.schedule_store import RedisScheduleStore"),
+        ("app.trigger.orchestrator_client", "from grpclib.client import Channel"),
+        ("app.cli.trigger", "from app.trigger.main import serve_trigger"),
     ],
 )
 def test_the_rules_allow_what_the_design_wants(module: str, source: str) -> None:

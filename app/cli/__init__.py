@@ -1,7 +1,8 @@
 """`jobworker`: the one console script, with a subcommand per role and per client task.
 
-`launcher` runs the roles, `clients` talks to running ones, `cron` previews expressions, `lost`
-lists the jobs Redis forgot.
+`launcher` runs the roles, `clients` talks to running ones, `cron` previews expressions;
+`trigger` runs the trigger tier and `schedules` manages its schedules (and answers `why`);
+`lost` lists the jobs Redis forgot.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from app import __version__
-from app.cli import clients, cron, launcher, lost
+from app.cli import clients, cron, launcher, lost, schedules, trigger
 from app.cli.runtime import EXIT_CONFIG
 from app.errors import ConfigError
 
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.add_parsers(sub)
     clients.add_parsers(sub)
     cron.add_parsers(sub)
+    trigger.add_parsers(sub)
+    schedules.add_parsers(sub)
     lost.add_parsers(sub)
     return parser
 

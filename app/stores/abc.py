@@ -7,6 +7,7 @@ Each has a Redis implementation in `app.stores.redis` and an in-memory twin in
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -16,6 +17,7 @@ import msgspec
 
 from app.errors import CorruptRecord
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
+from app.fleet.schedules import PendingTick, ScheduleCursor, ScheduleSpec, TickDecision
 
 
 class PodRegistry(Protocol):
@@ -218,4 +220,145 @@ class JobEvents(Protocol):
 
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next change."""
+        ...
+
+
+# --- the trigger tier -----------------------------------------------------------------------------
+
+
+class PutMode(enum.Enum):
+    """What `ScheduleStore.put` may do."""
+
+    CREATE = "CREATE"  # only a new name
+    UPDATE = "UPDATE"  # only a name there already
+    UPSERT = "UPSERT"
+
+
+class PutResult(enum.Enum):
+    """How `ScheduleStore.put` went."""
+
+    WRITTEN = "WRITTEN"
+    EXISTS = "EXISTS"  # CREATE of a name there already
+    MISSING = "MISSING"  # UPDATE of a name not there
+    CONFLICT = "CONFLICT"  # the stored version is not the one expected
+
+
+class DecideResult(enum.Enum):
+    """How `ScheduleStore.decide` went."""
+
+    DONE = "DONE"
+    LEASE_LOST = "LEASE_LOST"  # another replica holds the schedule's lease
+    CONFLICT = "CONFLICT"  # the cursor moved on: another replica decided these ticks
+
+
+class ScheduleStore(Protocol):
+    """The trigger tier's shared state: schedules, per-schedule leases and cursors, replicas, and
+    the decision ledger.
+
+    A schedule's lease says which replica works it (any replica may take a free one); its cursor
+    says up to which nominal tick decisions are made. `decide` advances the cursor and writes the
+    ledger records in one atomic step, only for the lease holder and only from the cursor it
+    read, so each tick is decided once however many replicas try. The ledger keeps at most
+    `ledger_size` records per schedule, none older than `ledger_retention_seconds` (by tick).
+    """
+
+    async def put(
+        self, spec: ScheduleSpec, *, mode: PutMode, expected_version: int = 0
+    ) -> tuple[PutResult, ScheduleSpec | None]:
+        """Store `spec` with the next version (ignoring its own), as `mode` allows, and when
+        `expected_version` (unless 0) is the stored one. Returns (result, the stored spec: the
+        one written, or the one there for EXISTS and CONFLICT)."""
+        ...
+
+    async def get(self, name: str) -> ScheduleSpec | None:
+        """The schedule, or None when there is none (or its record does not decode)."""
+        ...
+
+    async def all(self) -> list[ScheduleSpec]:
+        """Every schedule, by name (records that do not decode are left out)."""
+        ...
+
+    async def delete(self, name: str) -> bool:
+        """Drop the schedule, its cursor and its lease; its ledger expires after the retention.
+        True when it was there."""
+        ...
+
+    async def acquire(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        """Take the schedule's lease for `ttl_seconds` when it is free (or renew it when
+        `owner` holds it). True when `owner` holds it now."""
+        ...
+
+    async def renew(self, names: Sequence[str], owner: str, ttl_seconds: float) -> list[bool]:
+        """Extend `owner`'s leases; for each name, whether `owner` still held it."""
+        ...
+
+    async def release(self, name: str, owner: str) -> None:
+        """Give the lease up, if `owner` holds it."""
+        ...
+
+    async def owners(self, names: Sequence[str]) -> list[str | None]:
+        """Who holds each schedule's lease (None: nobody)."""
+        ...
+
+    async def heartbeat(self, replica: str, *, now: float, ttl_seconds: float) -> None:
+        """Say that `replica` is up until `now + ttl_seconds` (wall time)."""
+        ...
+
+    async def replicas(self, *, now: float) -> list[str]:
+        """The replicas up at `now` (wall time), sorted."""
+        ...
+
+    async def leave(self, replica: str) -> None:
+        """`replica` is going away."""
+        ...
+
+    async def cursor(self, name: str) -> ScheduleCursor:
+        """How far the schedule's ticks are decided (an empty cursor when none are)."""
+        ...
+
+    async def set_pending(self, name: str, owner: str, pending: PendingTick) -> bool:
+        """Note the tick `owner` is submitting, if it holds the lease (or the lease is free) and
+        the cursor is still just before that tick's decision. True when noted."""
+        ...
+
+    async def decide(
+        self,
+        name: str,
+        owner: str,
+        *,
+        expected: float | None,
+        decisions: Sequence[TickDecision],
+        last_job_id: str = "",
+        now: float,
+        ttl_seconds: float = 0.0,
+    ) -> DecideResult:
+        """Write `decisions` (oldest first) to the ledger and move the cursor to the last one's
+        tick, clearing the pending tick and setting `last_job_id` when given, in one atomic step:
+        only when nobody else holds the lease and the cursor is at `expected`. A free lease is
+        taken for `ttl_seconds` (unless 0). `now` (wall time) dates the retention."""
+        ...
+
+    async def set_last_job(self, name: str, job_id: str) -> None:
+        """Make `job_id` the schedule's last run (a run triggered by hand counts for overlap)."""
+        ...
+
+    async def add_decision(
+        self, decision: TickDecision, *, unless_ran: bool, now: float
+    ) -> TickDecision | None:
+        """Add a record outside the cursor (a run by hand, a backfill). With `unless_ran`, it
+        replaces the tick's record unless that one ran (fired, moved, backfilled): then nothing
+        is written and that record comes back. None when written."""
+        ...
+
+    async def decisions(
+        self,
+        name: str,
+        *,
+        start: float = -math.inf,
+        end: float = math.inf,
+        limit: int = 100,
+        newest_first: bool = True,
+    ) -> list[TickDecision]:
+        """Ledger records with `start <= tick <= end`, newest (or oldest) first, at most `limit`
+        (records that do not decode are left out)."""
         ...

@@ -7,6 +7,7 @@ trio's MockClock moves it; waits are Events, never polling.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,7 +29,25 @@ from app.fleet.batch_job import (
     encode_outcome,
 )
 from app.fleet.job_state import FINISHED, JobState
-from app.stores.abc import Quarantined, QueueEntry, SubmitResult, WriteResult
+from app.fleet.schedules import (
+    RAN,
+    PendingTick,
+    ScheduleCursor,
+    ScheduleSpec,
+    TickDecision,
+    decode_decision,
+    decode_spec,
+    encode_record,
+)
+from app.stores.abc import (
+    DecideResult,
+    PutMode,
+    PutResult,
+    Quarantined,
+    QueueEntry,
+    SubmitResult,
+    WriteResult,
+)
 from app.stores.bad_data import (
     FENCE_ACTION,
     OUTCOME_ACTION,
@@ -559,3 +578,204 @@ class MemoryJobEvents:
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next write or cancel request."""
         await self._waiters.wait(job_id)
+
+
+class MemoryScheduleStore:
+    """`ScheduleStore` in memory: `RedisScheduleStore`'s scripts, one synchronous step per call.
+
+    Leases and the ledger's expiry follow the loop clock (trio's MockClock moves them);
+    heartbeats and the retention use the wall times the callers pass, as on Redis.
+    """
+
+    def __init__(self, *, ledger_size: int = 1000, ledger_retention_seconds: float = 30 * 86_400):
+        self._ledger_size = ledger_size
+        self._retention = ledger_retention_seconds
+        self._specs: dict[str, bytes] = {}
+        self._leases: _Keys[str] = _Keys()
+        self._cursors: dict[str, ScheduleCursor] = {}
+        self._ledgers: _Keys[list[tuple[float, bytes]]] = _Keys()
+        self._replicas: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"<MemoryScheduleStore schedules={len(self._specs)} leases={self._leases.count()}>"
+
+    async def put(
+        self, spec: ScheduleSpec, *, mode: PutMode, expected_version: int = 0
+    ) -> tuple[PutResult, ScheduleSpec | None]:
+        """Store `spec` with the next version, as `mode` allows (see `ScheduleStore.put`)."""
+        await anyio.lowlevel.checkpoint()
+        raw = self._specs.get(spec.name)
+        current = None if raw is None else decode_spec(raw)
+        if current is not None and mode is PutMode.CREATE:
+            return PutResult.EXISTS, current
+        if current is None and mode is PutMode.UPDATE:
+            return PutResult.MISSING, None
+        version = 0 if current is None else current.version
+        if expected_version and expected_version != version:
+            return PutResult.CONFLICT, current
+        stored = msgspec.structs.replace(spec, version=version + 1)
+        self._specs[spec.name] = encode_record(stored)
+        return PutResult.WRITTEN, stored
+
+    async def get(self, name: str) -> ScheduleSpec | None:
+        """The schedule (a fresh copy), or None."""
+        await anyio.lowlevel.checkpoint()
+        raw = self._specs.get(name)
+        return None if raw is None else decode_spec(raw)
+
+    async def all(self) -> list[ScheduleSpec]:
+        """Every schedule, by name."""
+        await anyio.lowlevel.checkpoint()
+        return [decode_spec(self._specs[name]) for name in sorted(self._specs)]
+
+    async def delete(self, name: str) -> bool:
+        """Drop the schedule, its cursor and its lease (the ledger expires by itself)."""
+        await anyio.lowlevel.checkpoint()
+        self._leases.delete(name)
+        self._cursors.pop(name, None)
+        return self._specs.pop(name, None) is not None
+
+    async def acquire(self, name: str, owner: str, ttl_seconds: float) -> bool:
+        """Take the lease when free, renew it when `owner`'s."""
+        await anyio.lowlevel.checkpoint()
+        holder = self._leases.get(name)
+        if holder is not None and holder != owner:
+            return False
+        self._leases.set(name, owner, ttl_seconds)
+        return True
+
+    async def renew(self, names: Sequence[str], owner: str, ttl_seconds: float) -> list[bool]:
+        """Extend each of `owner`'s leases; whether each was still `owner`'s."""
+        await anyio.lowlevel.checkpoint()
+        held = []
+        for name in names:
+            mine = self._leases.get(name) == owner
+            if mine:
+                self._leases.set(name, owner, ttl_seconds)
+            held.append(mine)
+        return held
+
+    async def release(self, name: str, owner: str) -> None:
+        """Give the lease up if `owner` holds it."""
+        await anyio.lowlevel.checkpoint()
+        if self._leases.get(name) == owner:
+            self._leases.delete(name)
+
+    async def owners(self, names: Sequence[str]) -> list[str | None]:
+        """Each lease's holder."""
+        await anyio.lowlevel.checkpoint()
+        return [self._leases.get(name) for name in names]
+
+    async def heartbeat(self, replica: str, *, now: float, ttl_seconds: float) -> None:
+        """`replica` is up until `now + ttl_seconds`."""
+        await anyio.lowlevel.checkpoint()
+        self._replicas[replica] = now + ttl_seconds
+
+    async def replicas(self, *, now: float) -> list[str]:
+        """The replicas up at `now`."""
+        await anyio.lowlevel.checkpoint()
+        for replica, until in list(self._replicas.items()):
+            if until <= now:
+                del self._replicas[replica]
+        return sorted(self._replicas)
+
+    async def leave(self, replica: str) -> None:
+        """`replica` is going away."""
+        await anyio.lowlevel.checkpoint()
+        self._replicas.pop(replica, None)
+
+    async def cursor(self, name: str) -> ScheduleCursor:
+        """The schedule's cursor (empty when none)."""
+        await anyio.lowlevel.checkpoint()
+        return self._cursors.get(name) or ScheduleCursor()
+
+    def _may_write(self, name: str, owner: str) -> bool:
+        holder = self._leases.get(name)
+        return holder is None or holder == owner
+
+    async def set_pending(self, name: str, owner: str, pending: PendingTick) -> bool:
+        """Note the tick being submitted (lease and cursor permitting)."""
+        await anyio.lowlevel.checkpoint()
+        cursor = self._cursors.get(name) or ScheduleCursor()
+        if not self._may_write(name, owner) or (
+            cursor.tick is not None and cursor.tick >= pending.tick
+        ):
+            return False
+        self._cursors[name] = msgspec.structs.replace(cursor, pending=pending)
+        return True
+
+    async def decide(
+        self,
+        name: str,
+        owner: str,
+        *,
+        expected: float | None,
+        decisions: Sequence[TickDecision],
+        last_job_id: str = "",
+        now: float,
+        ttl_seconds: float = 0.0,
+    ) -> DecideResult:
+        """Write the records and move the cursor, atomically (see `ScheduleStore.decide`)."""
+        await anyio.lowlevel.checkpoint()
+        if not self._may_write(name, owner):
+            return DecideResult.LEASE_LOST
+        cursor = self._cursors.get(name) or ScheduleCursor()
+        if cursor.tick != expected:
+            return DecideResult.CONFLICT
+        for decision in decisions:
+            self._write_record(decision, replace=True, now=now)
+        self._cursors[name] = ScheduleCursor(
+            tick=decisions[-1].tick if decisions else cursor.tick,
+            last_job_id=last_job_id or cursor.last_job_id,
+        )
+        if self._leases.get(name) is None and ttl_seconds:
+            self._leases.set(name, owner, ttl_seconds)
+        return DecideResult.DONE
+
+    async def set_last_job(self, name: str, job_id: str) -> None:
+        """The schedule's last run is `job_id`."""
+        await anyio.lowlevel.checkpoint()
+        cursor = self._cursors.get(name) or ScheduleCursor()
+        self._cursors[name] = msgspec.structs.replace(cursor, last_job_id=job_id)
+
+    def _write_record(self, decision: TickDecision, *, replace: bool, now: float) -> None:
+        # kept sorted by tick (records of one tick in the order written), as a ZSET is
+        records = self._ledgers.get(decision.schedule) or []
+        tick = decision.tick
+        if replace:
+            lo = bisect.bisect_left(records, tick, key=lambda r: r[0])
+            hi = bisect.bisect_right(records, tick, key=lambda r: r[0])
+            del records[lo:hi]
+        at = bisect.bisect_right(records, tick, key=lambda r: r[0])
+        records.insert(at, (tick, encode_record(decision)))
+        del records[: bisect.bisect_left(records, now - self._retention, key=lambda r: r[0])]
+        del records[: max(0, len(records) - self._ledger_size)]
+        self._ledgers.set(decision.schedule, records, self._retention)
+
+    async def add_decision(
+        self, decision: TickDecision, *, unless_ran: bool, now: float
+    ) -> TickDecision | None:
+        """Add a record outside the cursor (see `ScheduleStore.add_decision`)."""
+        await anyio.lowlevel.checkpoint()
+        if unless_ran:
+            for tick, raw in self._ledgers.get(decision.schedule) or []:
+                if tick == decision.tick and (found := decode_decision(raw)).kind in RAN:
+                    return found
+        self._write_record(decision, replace=unless_ran, now=now)
+        return None
+
+    async def decisions(
+        self,
+        name: str,
+        *,
+        start: float = -math.inf,
+        end: float = math.inf,
+        limit: int = 100,
+        newest_first: bool = True,
+    ) -> list[TickDecision]:
+        """Ledger records with `start <= tick <= end`, newest or oldest first."""
+        await anyio.lowlevel.checkpoint()
+        chosen = [raw for tick, raw in self._ledgers.get(name) or [] if start <= tick <= end]
+        if newest_first:
+            chosen.reverse()
+        return [decode_decision(raw) for raw in chosen[:limit]]

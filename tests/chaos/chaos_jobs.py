@@ -27,8 +27,10 @@ def _note(kind: str, key: str) -> None:
 
 
 @job
-async def work(key: str, seconds: float = 0.5) -> dict[str, str]:
-    """Note the start, sleep `seconds`, note the end."""
+async def work(key: str = "", seconds: float = 0.5) -> dict[str, str]:
+    """Note the start, sleep `seconds`, note the end. `key` defaults to the job id (a trigger's
+    schedule submits the same parameters at every fire time)."""
+    key = key or current_run().job_id
     _note("start", key)
     await anyio.sleep(seconds)
     _note("done", key)

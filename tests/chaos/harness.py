@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import grpc
 import msgspec
@@ -43,6 +43,11 @@ TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
 #: How an attempt ends when the fleet took its worker for gone: its run may come back and end.
 LOST_OUTCOMES = {"LOST", "UNREACHABLE"}
 JOB_MODULE = "tests.chaos.chaos_jobs"
+PORT_KEYS = {
+    "worker": "JOBWORKER_GRPC__PORT",
+    "orchestrator": "JOBWORKER_ORCHESTRATOR__PORT",
+    "trigger": "JOBWORKER_TRIGGER__PORT",
+}
 
 
 @dataclass
@@ -119,6 +124,7 @@ class ChaosFleet:
         self.last_fault = time.monotonic()
         self._lock = threading.Lock()
         self._channels: dict[int, grpc.Channel] = {}
+        self.trigger_config = tmp / "trigger-config"
         self.extra_env: dict[str, str] = {}  # for every process started from now on
         self.redis_env: dict[str, str] | None = None  # how they find Redis (default: REDIS_URL)
         self.stopping = threading.Event()
@@ -215,9 +221,7 @@ class ChaosFleet:
         return {name: n for name, n in found.items() if n}
 
     def env(self, slot: Slot, **extra: str) -> dict[str, str]:
-        port_key = (
-            "JOBWORKER_GRPC__PORT" if slot.role == "worker" else "JOBWORKER_ORCHESTRATOR__PORT"
-        )
+        port_key = PORT_KEYS[slot.role]
         settings = dict(
             **(self.redis_env or {"REDIS_URL": self.redis.url}),
             CHAOS_LEDGER=str(self.ledger),
@@ -238,8 +242,39 @@ class ChaosFleet:
         # the scenario's settings, then the slot's proxies, then the call's win over defaults
         return base_env(
             self.tmp / f"{slot.role}-{slot.port}",
-            **(settings | self.extra_env | self._proxied(slot) | extra),
+            **(settings | self.extra_env | self._proxied(slot) | self._trigger(slot) | extra),
         )
+
+    def _trigger(self, slot: Slot) -> dict[str, str]:
+        """A trigger replica's settings: every orchestrator slot, fast take-overs, the schedules
+        of `declare_schedules`."""
+        if slot.role != "trigger":
+            return {}
+        ports = [s.port for s in self.slots if s.role == "orchestrator"]
+        return {
+            "JOBWORKER_TRIGGER__HOST": "127.0.0.1",
+            "JOBWORKER_TRIGGER__ORCHESTRATORS": json.dumps([f"127.0.0.1:{p}" for p in ports]),
+            "JOBWORKER_TRIGGER__LEASE_SECONDS": "1.5",
+            "JOBWORKER_TRIGGER__CALL_TIMEOUT_SECONDS": "1",
+            "JOBWORKER_CONFIG_DIR": str(self.trigger_config),
+        }
+
+    def trigger_owner(self, name: str, prefix: str = "wpm-trigger") -> Slot | None:
+        """The trigger slot working schedule `name` now (its lease holds `host:pid:...`)."""
+        client = self.redis.client()
+        try:
+            holder = client.get(f"{prefix}:{{{name}}}:lease")
+        finally:
+            client.close()
+        if holder is None:
+            return None
+        pid = int(cast(bytes, holder).decode().split(":")[1])
+        return next((s for s in self.live("trigger") if s.process and s.process.pid == pid), None)
+
+    def declare_schedules(self, toml: str) -> None:
+        """The `[[schedules]]` trigger replicas start with (a `work` job keys on its job id)."""
+        self.trigger_config.mkdir(exist_ok=True)
+        (self.trigger_config / "application.toml").write_text(toml)
 
     def _proxied(self, slot: Slot) -> dict[str, str]:
         env = {}
@@ -481,6 +516,60 @@ class ChaosFleet:
             faults=self.faults,
             settle_seconds=settle,
         )
+
+
+@dataclass
+class TriggerReport:
+    """What became of one schedule's fire times, from the trigger's ledger and the job records."""
+
+    schedule: str
+    fire_times: int
+    decisions: Counter[str]
+    # fire times up to the cursor with no decision, and with more than one
+    undecided: list[str]
+    decided_twice: list[str]
+    job_ids: list[str]
+    late_max: float
+    taken_over: int
+
+    def lines(self) -> list[str]:
+        """The figures, one a line."""
+        return [
+            f"schedule {self.schedule}: {self.fire_times} fire times, decisions"
+            f" {dict(self.decisions)}, taken over mid-tick {self.taken_over}, latest"
+            f" {self.late_max:.2f}s after its time",
+            f"  fire times without a decision {len(self.undecided)}: {self.undecided[:5]}",
+            f"  decided more than once {len(self.decided_twice)}: {self.decided_twice[:5]}",
+        ]
+
+
+def trigger_report(fleet: ChaosFleet, name: str, prefix: str = "wpm-trigger") -> TriggerReport:
+    """Read schedule `name`'s ledger and cursor from the fleet's Redis."""
+    from app.fleet.schedules import decode_decision, decode_spec, trigger_for
+    from app.trigger.ticks import ticks_between
+
+    client = fleet.redis.client()
+    try:
+        spec = decode_spec(client.hget(f"{prefix}:schedules", name))  # type: ignore[arg-type]
+        cursor = client.hget(f"{prefix}:{{{name}}}:cursor", "tick")
+        raw = client.zrange(f"{prefix}:{{{name}}}:ledger", 0, -1)
+    finally:
+        client.close()
+    records = [decode_decision(cast(bytes, r)) for r in raw]
+    upto = float(cursor) if cursor is not None else spec.since
+    ticks = [t.timestamp for t in ticks_between(trigger_for(spec), spec.since, upto,
+                                                 limit=1_000_000) if t.runs]  # fmt: skip
+    seen = Counter(r.tick for r in records)
+    return TriggerReport(
+        schedule=name,
+        fire_times=len(ticks),
+        decisions=Counter(r.kind.value for r in records),
+        undecided=[str(t) for t in ticks if seen[t] == 0],
+        decided_twice=[str(t) for t, n in seen.items() if n > 1],
+        job_ids=[r.job_id for r in records if r.job_id],
+        late_max=max((r.late_seconds for r in records), default=0.0),
+        taken_over=sum(r.existing for r in records),
+    )
 
 
 def print_report(name: str, report: Report, out: Callable[[str], None] = print) -> None:

@@ -1,0 +1,151 @@
+"""The composition root of `jobworker trigger` (the seed's server-batch scheduler).
+
+    root task group
+    ├── TriggerReplica      leases, heartbeats; a ScheduleRunner per schedule it works
+    ├── HttpServer          /metrics, /healthz, /readyz (Hypercorn) when `metrics.port` is set
+    └── GrpcServer          TriggerService, reflection, health
+
+Start: the `[[schedules]]` of the config are checked (a bad one exits 2 naming its key), Redis is
+waited for, the config's schedules are synced into the store, then the replica takes its share
+of the schedules and the gRPC server opens. Any number of replicas run against one Redis; none
+is configured as a leader.
+
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING and changes refused with UNAVAILABLE; runners stop
+between steps (one in the middle of a tick gets `trigger.drain_grace_seconds`), the leases are
+released so that another replica takes the schedules over at once, exit 0. A second signal
+stops at once; the leases then run out.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import socket
+
+import anyio
+import anyio.abc
+
+from app.config import Config
+from app.core.clock import SystemClock
+from app.errors import ConfigError
+from app.grpc.limits import limits_from
+from app.grpc.ports import candidate_ports
+from app.grpc.server import GrpcServer
+from app.stores.redis.client import create_redis, wait_for_redis
+from app.stores.redis.schedule_store import RedisScheduleStore
+from app.trigger.config_sync import config_specs, sync_config_schedules
+from app.trigger.orchestrator_client import GrpcOrchestratorClient
+from app.trigger.replica import TriggerReplica, default_replica_id
+from app.trigger.service import TriggerService
+
+log = logging.getLogger("app.trigger")
+
+
+async def serve_trigger(config: Config) -> None:
+    """Run a trigger replica until a signal drains it."""
+    t = config.trigger
+    if not config.redis.configured:
+        raise ConfigError(
+            "redis.url", "the trigger needs the Redis its replicas share; set REDIS_URL"
+        )
+    clock = SystemClock()
+    min_grace = 2 * t.lease_seconds
+    # a bad [[schedules]] entry stops the process here, before it touches anything
+    declared = config_specs(config.schedules, now=clock.timestamp(), min_grace=min_grace)
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+            redis = create_redis(config.redis)
+            store = RedisScheduleStore(
+                redis,
+                prefix=t.key_prefix,
+                ledger_size=t.ledger_size,
+                ledger_retention_seconds=t.ledger_retention_seconds,
+            )
+            client = GrpcOrchestratorClient(
+                t.orchestrators, call_timeout_seconds=t.call_timeout_seconds
+            )
+            replica = TriggerReplica(
+                store,
+                client,
+                replica_id=t.replica_id or default_replica_id(socket.gethostname(), os.getpid()),
+                clock=clock,
+                lease_seconds=t.lease_seconds,
+                ledger_limit=t.ledger_size,
+                drain_grace_seconds=t.drain_grace_seconds,
+            )
+            service = TriggerService(
+                store,
+                client,
+                replica,
+                clock=clock,
+                min_grace=min_grace,
+                ledger_size=t.ledger_size,
+                ledger_retention_seconds=t.ledger_retention_seconds,
+            )
+            server = GrpcServer(
+                [service],
+                host=t.host,
+                fast_path=config.grpc.fast_path,
+                close_grace_seconds=config.grpc.close_grace_seconds,
+                limits=limits_from(config.grpc),
+            )
+            try:
+                # nothing works without the shared Redis: wait for it (a signal still stops us)
+                async with anyio.create_task_group() as waiting:
+
+                    async def stop_on_signal() -> None:
+                        signum = await anext(signals)
+                        log.info("%s while waiting for Redis: stopping", signum.name)
+                        tg.cancel_scope.cancel()
+
+                    waiting.start_soon(stop_on_signal)
+                    await wait_for_redis(redis, what=f"Redis at {config.redis.effective_url()}")
+                    await sync_config_schedules(store, declared, now=clock.timestamp())
+                    waiting.cancel_scope.cancel()
+                await tg.start(replica.run)
+                if config.metrics.port is not None:
+                    # the HTTP edge is imported only by a role that serves it
+                    from app.http.edge import start_http_edge
+                    from app.trigger.metrics import trigger_metrics
+
+                    await start_http_edge(
+                        tg,
+                        host=config.metrics.host,
+                        port=config.metrics.port,
+                        collect=lambda: trigger_metrics(replica, server, store.bad_data),
+                        draining=lambda: service.draining,
+                        grpc_port=lambda: server.port,
+                    )
+                port = await tg.start(
+                    server.run, candidate_ports(t.port, t.port_search if t.port else 0)
+                )
+                gc.freeze()  # start-up's objects out of the collector's sight (see worker_main)
+                log.info(
+                    "trigger ready: replica %s, port %d, orchestrators %s, %r, %r",
+                    replica.replica_id, port, ",".join(t.orchestrators), replica, server,
+                )  # fmt: skip
+                signum = await anext(signals)
+                log.info("%s: draining, %r", signum.name, replica)
+                server.set_serving(False)
+                service.draining = True
+                replica.begin_drain()
+                with anyio.move_on_after(t.drain_grace_seconds + 3) as grace:
+
+                    async def second_signal() -> None:
+                        again = await anext(signals)
+                        log.warning("%s again: stopping now; the leases run out", again.name)
+                        grace.cancel()
+
+                    async with anyio.create_task_group() as drain:
+                        drain.start_soon(second_signal)
+                        await replica.wait_stopped()
+                        drain.cancel_scope.cancel()
+                log.info("drained: %r", replica)
+            finally:
+                client.close()
+                with anyio.move_on_after(1, shield=True):
+                    await redis.aclose()
+                tg.cancel_scope.cancel()
+    log.info("trigger stopped")
