@@ -127,10 +127,12 @@ class ScheduleConfig(_Section, frozen=True):
 
 
 class RedisConfig(_Section, frozen=True):
-    """Where PodInfo goes. No `url` and no `host`: an embedded redis-server is started.
+    """Where PodInfo goes. No `url`, `host` or `sentinels`: an embedded redis-server is started.
 
     `host`/`port`/`tls` mirror the seed's `aws.elasticache.valkey.endpoint.*` (TLS gives
-    `rediss://`); `url` wins when both are set.
+    `rediss://`); `url` wins when both are set. With `sentinels` (and `master_name`), Redis
+    Sentinel is asked for the master, and again after a fail-over (`tls`, `db`, `username`
+    and `password` apply to the master; the sentinels are asked without credentials).
     """
 
     url: str = ""
@@ -145,7 +147,12 @@ class RedisConfig(_Section, frozen=True):
     connect_timeout_seconds: float = 2.0
     # the report job backs off from report_interval up to this while Redis is down
     retry_max_seconds: float = 30.0
+    # how often each process checks that Redis answers (health) and still has its data
+    check_interval_seconds: float = 1.0
     embedded: bool = True
+    # Redis Sentinel: each sentinel's "host:port", and the name of the master they watch
+    sentinels: list[str] = msgspec.field(default_factory=list)
+    master_name: str = ""
 
     def __post_init__(self) -> None:
         _check(
@@ -158,18 +165,50 @@ class RedisConfig(_Section, frozen=True):
         _check(bool(self.key_prefix), "key_prefix", "must not be empty")
         _check(self.connect_timeout_seconds > 0, "connect_timeout_seconds", "must be above 0")
         _check(self.retry_max_seconds > 0, "retry_max_seconds", "must be above 0")
+        _check(self.check_interval_seconds > 0, "check_interval_seconds", "must be above 0")
+        for sentinel in self.sentinels:
+            host, _, port = sentinel.rpartition(":")
+            _check(bool(host) and port.isdigit() and 1 <= int(port) <= 65535, "sentinels",
+                   f'each must be "host:port", got {sentinel!r}')  # fmt: skip
+        _check(not self.sentinels or bool(self.master_name), "master_name",
+               "must be set with redis.sentinels (the name the sentinels monitor)")  # fmt: skip
+        _check(not self.master_name or bool(self.sentinels), "master_name",
+               "needs redis.sentinels")  # fmt: skip
+        _check(not self.sentinels or not (self.url or self.host), "sentinels",
+               "give either redis.sentinels or redis.url/redis.host, not both")  # fmt: skip
 
     @property
     def configured(self) -> bool:
-        """Whether `url` or `host` names a server (if not, a worker may start the embedded one)."""
-        return bool(self.url or self.host)
+        """Whether `url`, `host` or `sentinels` name a server (if not, a worker may start the
+        embedded one)."""
+        return bool(self.url or self.host or self.sentinels)
+
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        """The sentinels as (host, port), brackets off an IPv6 host."""
+        found = []
+        for sentinel in self.sentinels:
+            host, _, port = sentinel.rpartition(":")
+            found.append((host.strip("[]"), int(port)))
+        return found
 
     def effective_url(self) -> str:
-        """`url` when set, else `redis[s]://host:port/db` (no credentials: see `create_redis`)."""
+        """`url` when set, else `redis[s]://host:port/db` (no credentials: see `create_redis`);
+        with sentinels, `redis[s]+sentinel://host:port,.../master_name/db` (for logs)."""
         if self.url:
             return self.url
         scheme = "rediss" if self.tls else "redis"
+        if self.sentinels:
+            return f"{scheme}+sentinel://{','.join(self.sentinels)}/{self.master_name}/{self.db}"
         return f"{scheme}://{self.host}:{self.port}/{self.db}"
+
+    def display_url(self) -> str:
+        """`effective_url()` without a password, for logs."""
+        url = self.effective_url()
+        scheme, sep, rest = url.partition("://")
+        userinfo, at, hostpart = rest.rpartition("@")
+        if not at or ":" not in userinfo:
+            return url
+        return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{hostpart}"
 
 
 class OrchestratorConfig(_Section, frozen=True):
@@ -183,6 +222,8 @@ class OrchestratorConfig(_Section, frozen=True):
     consumer: str = ""
     stream_key: str = "wpm-jobs:stream"
     job_prefix: str = "wpm-job"
+    # jobs whose record vanished while in hand (Redis lost its data), for `jobworker lost`
+    lost_key: str = "wpm-jobs:lost"
     # jobs one orchestrator dispatches at once; the rest wait in the stream
     max_inflight: int = 256
     # queued (unfinished) jobs per job type; a submit past it gets RESOURCE_EXHAUSTED

@@ -101,3 +101,8 @@ _WHAT = {
 class StoreUnavailable(JobWorkerError):
     """The shared store (Redis) cannot be reached now: down, restarting, loading its data or
     failing over (UNAVAILABLE). The same call may work once it is back."""
+
+
+class QueueGone(JobWorkerError):
+    """The job queue's consumer group is not there: the store lost its data (restarted empty,
+    flushed) or someone deleted it. `JobStore.ensure_group` makes it again."""

@@ -77,6 +77,15 @@ def test_redis_url_overrides_the_profile() -> None:
         ({}, {"application-local.toml": "[worker\n"}, "application-local.toml: not valid TOML"),
         ({}, {"application-local.toml": "[worker]\nwatermark = 'high'\n"},
          "worker.watermark (from "),
+        ({"JOBWORKER_REDIS__SENTINELS": '["s1:26379", "s2"]', "JOBWORKER_REDIS__MASTER_NAME": "m"},
+         {}, 'redis.sentinels (from JOBWORKER_REDIS__SENTINELS): each must be "host:port", got'),
+        ({"JOBWORKER_REDIS__SENTINELS": '["s1:26379"]'}, {},
+         "redis.master_name: must be set with redis.sentinels"),
+        ({"JOBWORKER_REDIS__MASTER_NAME": "m"}, {},
+         "redis.master_name (from JOBWORKER_REDIS__MASTER_NAME): needs redis.sentinels"),
+        ({"JOBWORKER_REDIS__SENTINELS": '["s1:26379"]', "JOBWORKER_REDIS__MASTER_NAME": "m",
+          "REDIS_URL": "redis://r:6379/0"}, {},
+         "redis.sentinels (from JOBWORKER_REDIS__SENTINELS): give either redis.sentinels or"),
     ],
 )  # fmt: skip
 def test_errors_name_the_key_and_where_it_came_from(
@@ -88,3 +97,13 @@ def test_errors_name_the_key_and_where_it_came_from(
         load_config(env, config_dir=tmp_path)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_sentinels_name_the_master_and_logs_never_show_a_password() -> None:
+    config = load_config({"JOBWORKER_REDIS__SENTINELS": '["s1:26379", "[::1]:26380"]',
+                          "JOBWORKER_REDIS__MASTER_NAME": "jobs"})  # fmt: skip
+    assert config.redis.configured
+    assert config.redis.sentinel_addresses() == [("s1", 26379), ("::1", 26380)]
+    assert config.redis.display_url() == "redis+sentinel://s1:26379,[::1]:26380/jobs/0"
+    secret = load_config({"REDIS_URL": "rediss://app:s3cret@cache:6380/2"})
+    assert secret.redis.display_url() == "rediss://app:***@cache:6380/2"

@@ -21,8 +21,8 @@ import pytest
 import redis.asyncio as aioredis
 import trio.testing
 
-from app.errors import BadDataKind, CorruptRecord
-from app.fleet.batch_job import AttemptRecord, BatchJob, RunOutcome, encode_job
+from app.errors import BadDataKind, CorruptRecord, QueueGone
+from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob, RunOutcome, encode_job
 from app.fleet.job_state import JobState
 from app.stores.abc import JobEvents, JobStore, PodRegistry, QueueEntry, SubmitResult, WriteResult
 from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
@@ -49,6 +49,8 @@ class Stores:
     with_retention: Callable[[int], tuple[JobStore, JobEvents]]
     # junk, written behind a store's back: (store, job id, "" | "fence" | "run:<token>", value)
     plant: Callable[[JobStore, str, str, bytes], Awaitable[None]]
+    # lose every key, as a Redis that restarted empty (FLUSHDB)
+    forget: Callable[[], Awaitable[object]]
 
 
 @pytest.fixture(
@@ -86,8 +88,14 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
                 store._records.set(job_id, raw)
 
         store, events = memory(RETENTION)
+        assert isinstance(store, MemoryJobStore)
+        forget_memory = store.forget_everything
+
+        async def forget() -> None:
+            forget_memory()
+
         await store.ensure_group()
-        yield Stores(store, events, MemoryPodRegistry(), memory, plant_in_memory)
+        yield Stores(store, events, MemoryPodRegistry(), memory, plant_in_memory, forget)
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     client = aioredis.Redis.from_url(server.url)
@@ -101,7 +109,8 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
     store, events = on_redis(RETENTION)
     await store.ensure_group()
     try:
-        yield Stores(store, events, RedisPodRegistry(client), on_redis, plant_in_redis)
+        yield Stores(store, events, RedisPodRegistry(client), on_redis, plant_in_redis,
+                     client.flushdb)  # fmt: skip
     finally:
         await client.aclose()
 
@@ -331,7 +340,8 @@ async def test_a_write_to_an_unknown_record_is_missing(stores: Stores) -> None:
     token = await store.next_token("ghost")
     assert token == 1
     assert await store.write(job("ghost"), token) is WriteResult.MISSING
-    assert await store.write(job("ghost"), 0) is WriteResult.SUPERSEDED  # the fence comes first
+    # no record comes first, whatever the token: a store that lost it lost its fence too
+    assert await store.write(job("ghost"), 0) is WriteResult.MISSING
     assert await store.get("ghost") is None
     assert await store.queued_count("echo") == 0
 
@@ -500,6 +510,75 @@ async def test_ack_removes_the_entry(stores: Stores) -> None:
     assert await store.claim_idle("c2", min_idle_ms=0, count=10) == []
     assert await store.read_new("c2", count=10, block_ms=10) == []
     assert await store.get("a") is not None  # the record stays: an ack ends the entry only
+
+
+async def test_a_fence_that_went_back_in_time_is_restored_by_its_holder(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(job(), bound=10)
+    record, token = await start_attempt(store, "j1", JobState.DISPATCHED)
+    assert not await store.restore_fence("j1", token)  # not behind: nothing to do
+    assert not await store.restore_fence("j1", token - 1)
+    # Redis lost the writes since the submit: the fence is back before this attempt's INCR
+    await stores.forget()
+    await store.submit(job(), bound=10)
+    assert await store.fence("j1") == token - 1
+    record.state = JobState.SUCCEEDED
+    assert await store.write(record, token) is WriteResult.SUPERSEDED
+    assert await store.restore_fence("j1", token)
+    assert await store.fence("j1") == token
+    assert await store.write(record, token) is WriteResult.WRITTEN
+    assert await store.next_token("j1") == token + 1
+
+
+# --- the store lost its data ----------------------------------------------------------------------
+
+
+async def test_after_the_store_lost_its_data_the_queue_is_gone_until_remade(
+    stores: Stores,
+) -> None:
+    store = stores.store
+    assert not await store.ensure_group()  # made by the fixture: not again
+    await store.submit(job("old"), bound=10)
+    ((old_entry, _),) = await store.read_new("c1", count=10, block_ms=10)
+    await stores.forget()
+    with pytest.raises(QueueGone):
+        await store.read_new("c1", count=10, block_ms=10)
+    with pytest.raises(QueueGone):
+        await store.claim_idle("c1", min_idle_ms=0, count=10)
+    with pytest.raises(QueueGone):
+        await store.keep_alive("c1", [old_entry])
+    await store.ack(old_entry)  # nothing to ack: fine
+    # a submit to the empty store queues, and the group made again reads it from the start
+    assert (await store.submit(job("new"), bound=10))[0] is SubmitResult.CREATED
+    assert await store.ensure_group()
+    assert not await store.ensure_group()
+    assert [j for _, j in await store.read_new("c1", count=10, block_ms=10)] == ["new"]
+    assert await store.claim_idle("c2", min_idle_ms=0, count=10) != []
+    assert await store.get("old") is None
+
+
+async def test_a_job_whose_record_vanished_is_noted_lost(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(job("gone"), bound=10)
+    await store.submit(job("kept"), bound=10)
+    held, token = await start_attempt(store, "gone", JobState.RUNNING)
+    await stores.forget()
+    await store.ensure_group()
+    await store.submit(job("kept"), bound=10)
+    held.state = JobState.SUCCEEDED
+    assert await store.write(held, token) is WriteResult.MISSING
+    await store.next_token("gone")  # a dispatcher about to try again leaves a token behind
+    lost = LostJob(job_id="gone", reason="vanished", noticed_by="c1", noticed_at=time.time(),
+                   job_type="echo", state="SUCCEEDED", worker="w1:1", attempts=1)  # fmt: skip
+    assert await store.report_lost(lost)
+    assert await store.fence("gone") == 0  # what was left of it is dropped
+    assert not await store.report_lost(LostJob(job_id="kept", reason="?", noticed_by="c1",
+                                               noticed_at=time.time()))  # fmt: skip
+    assert await store.lost_jobs(count=10) == [lost]
+    later = msgspec.structs.replace(lost, job_id="gone-too", noticed_at=lost.noticed_at + 1)
+    assert await store.report_lost(later)
+    assert await store.lost_jobs(count=10) == [later, lost]  # newest first
+    assert await store.lost_jobs(count=1) == [later]
 
 
 # --- cancel requests ------------------------------------------------------------------------------

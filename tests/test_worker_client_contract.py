@@ -162,6 +162,19 @@ async def test_a_known_id_attaches_to_its_run_instead_of_starting_another(fleet:
     assert await fleet.accepted() == 1
 
 
+async def test_a_worker_says_whether_it_knows_a_job(fleet: Fleet) -> None:
+    j = job("c11", "sleep", seconds="0.2")
+    assert await fleet.client.knows(fleet.address, "c11") is False
+    await fleet.client.admit(fleet.address, j)
+    assert await fleet.client.knows(fleet.address, "c11") is True  # running
+    await fleet.client.wait(fleet.address, j)
+    assert await fleet.client.knows(fleet.address, "c11") is True  # and once it has finished
+    nowhere = f"127.0.0.1:{free_port()}"
+    with anyio.fail_after(10):
+        assert await fleet.client.knows(nowhere, "c11") is None
+    fleet.client.forget(nowhere)
+
+
 async def test_waiting_on_an_id_the_worker_does_not_know_runs_it(fleet: Fleet) -> None:
     completion = await fleet.client.wait(fleet.address, job("c3", b="2"))
     assert completion.outcome is not None

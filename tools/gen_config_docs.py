@@ -84,6 +84,11 @@ MEANINGS: dict[str, str] = {
     "redis.username": "ACL user, when the URL carries none",
     "redis.password": "password, when the URL carries none",
     "redis.db": "database number with `host` (a `url` names its own)",
+    "redis.check_interval_seconds": "how often each process checks Redis: health turns"
+    " NOT_SERVING while it is away, and a Redis that lost its data is noticed",
+    "redis.sentinels": "Redis Sentinel: each sentinel's `host:port`; the client asks them for"
+    " the master, and again after a fail-over (README: Redis faults)",
+    "redis.master_name": "with `sentinels`: the name of the master they watch",
     "redis.key_prefix": "prefix of the PodInfo keys, `<prefix>:<ip>:<pid>`",
     "redis.ttl_seconds": "expiry of a PodInfo key (refreshed every report)",
     "redis.connect_timeout_seconds": "connect and socket timeout of every Redis call",
@@ -121,6 +126,8 @@ MEANINGS: dict[str, str] = {
     "orchestrator.breaker_window_seconds": "the window of the breaker's failure rate",
     "orchestrator.breaker_open_seconds": "how long an open breaker sends nothing before it lets"
     " one probe through (half open)",
+    "orchestrator.lost_key": "where an orchestrator notes jobs in hand whose records Redis"
+    " forgot, for `jobworker lost`",
     "orchestrator.balancer": "`p2c` (the less loaded of two random picks) or `round_robin`",
     "orchestrator.discovery_interval_seconds": "how often the workers' PodInfo is read again",
     "orchestrator.worker_report_interval_seconds": "the workers' report interval: a PodInfo"

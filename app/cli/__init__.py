@@ -1,7 +1,8 @@
 """`jobworker`: the one console script, with a subcommand per role and per client task.
 
 `launcher` runs the roles, `clients` talks to running ones, `cron` previews expressions;
-`trigger` runs the trigger tier and `schedules` manages its schedules (and answers `why`).
+`trigger` runs the trigger tier and `schedules` manages its schedules (and answers `why`);
+`lost` lists the jobs Redis forgot.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from app import __version__
-from app.cli import clients, cron, dev, launcher, schedules, trigger
+from app.cli import clients, cron, dev, launcher, lost, schedules, trigger
 from app.cli.runtime import EXIT_CONFIG
 from app.errors import ConfigError
 
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     cron.add_parsers(sub)
     trigger.add_parsers(sub)
     schedules.add_parsers(sub)
+    lost.add_parsers(sub)
     return parser
 
 

@@ -17,6 +17,7 @@ import math
 import msgspec
 
 from app.core.clock import Clock
+from app.errors import JobWorkerError
 
 
 class OutageState(enum.Enum):
@@ -92,9 +93,11 @@ class Outage:
             self._outages += 1
             self._down_since = now
             meanwhile = f"; {self._meanwhile}" if self._meanwhile else ""
+            # our own errors carry a one-line reason already (StoreUnavailable names the cause)
+            why = str(exc) if isinstance(exc, JobWorkerError) else f"{type(exc).__name__}: {exc}"
             self._log.warning(
-                "%s unreachable (%s: %s)%s; retrying with backoff up to %gs",
-                self.what, type(exc).__name__, exc, meanwhile, self._max,
+                "%s unreachable (%s)%s; retrying with backoff up to %gs",
+                self.what, why, meanwhile, self._max,
             )  # fmt: skip
         return self._delay
 

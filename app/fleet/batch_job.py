@@ -62,9 +62,26 @@ class RunOutcome(msgspec.Struct, frozen=True, kw_only=True):
     error: str = ""
 
 
+class LostJob(msgspec.Struct, frozen=True, kw_only=True):
+    """A job the store forgot while a process held it (Redis restarted empty, or failed over to
+    a replica that lacked it): what that process knew of it, for `jobworker lost`."""
+
+    job_id: str
+    reason: str
+    noticed_by: str  # the process: an orchestrator's consumer name
+    noticed_at: float
+    job_type: str = ""
+    state: str = ""  # as last known in hand (the end it reached, when the run had ended)
+    worker: str = ""  # the worker of the last attempt
+    attempts: int = 0
+    result_json: str = ""
+    error: str = ""
+
+
 _encoder = msgspec.json.Encoder()
 _outcome_decoder = msgspec.json.Decoder(RunOutcome)
 _decoder = msgspec.json.Decoder(BatchJob)
+_lost_decoder = msgspec.json.Decoder(LostJob)
 
 
 def encode_job(job: BatchJob) -> bytes:
@@ -92,3 +109,13 @@ def decode_job(raw: bytes | str) -> BatchJob:
     if job.state not in FLEET_STATES:
         raise msgspec.ValidationError(f"state {job.state.value} is not a fleet job's state")
     return job
+
+
+def encode_lost(lost: LostJob) -> bytes:
+    """A lost-job report as stored: JSON."""
+    return _encoder.encode(lost)
+
+
+def decode_lost(raw: bytes | str) -> LostJob:
+    """A lost-job report from its JSON (msgspec.DecodeError when it is not one)."""
+    return _lost_decoder.decode(raw)

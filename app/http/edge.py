@@ -19,16 +19,20 @@ async def start_http_edge(
     collect: Callable[[], Iterable[Metric]],
     draining: Callable[[], bool],
     grpc_port: Callable[[], int],
+    unready: Callable[[], str | None] | None = None,
 ) -> HttpServer:
     """Serve /metrics (from `collect`), /healthz and /readyz in `tg`; the server, listening.
 
-    /readyz is ready while the role's gRPC server has a port and the role is not draining.
+    /readyz is ready while the role's gRPC server has a port, the role is not draining, and
+    `unready` (what the role needs, e.g. its Redis) gives no reason not to be.
     """
 
     def not_ready() -> str | None:
         if draining():
             return "draining"
-        return None if grpc_port() else "starting"
+        if not grpc_port():
+            return "starting"
+        return unready() if unready is not None else None
 
     server = HttpServer(build_application(collect, not_ready), host=host, port=port)
     await tg.start(server.run)

@@ -2,6 +2,13 @@
 
 Refreshed on an interval with SCAN (never KEYS) and MGET, and cached between refreshes. A worker
 whose `updateDatetime` is older than two report intervals is stale and gets no new work.
+
+A registry outage is not blamed on the workers: they could not report while it lasted, and
+they come back with a backoff of their own. While the registry is away, and for as long again
+plus two report intervals after it answers, a worker whose report was fresh when it went away
+is not taken for stale. A worker whose key vanished keeps its last report until that goes stale
+(a key is deleted only once its worker has drained, and Redis may have lost it with its data).
+A worker that really died meanwhile breaks its calls by itself.
 """
 
 from __future__ import annotations
@@ -78,6 +85,9 @@ class WorkerDirectory:
         self.errors = 0
         self._skipped: dict[str, str] = {}  # registry keys skipped, and why (said once each)
         self._state = Lifecycle.CREATED
+        # wall times: since when the registry does not answer, and the excuse after it did
+        self._away_since: float | None = None
+        self._excuse: tuple[float, float] | None = None  # (away since, until)
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -105,12 +115,27 @@ class WorkerDirectory:
         """The worker at `address` as of the last refresh, or None."""
         return self._entries.get(address)
 
+    def _excused_since(self, now: float) -> float | None:
+        """When the registry went away, while its outage excuses old reports; else None."""
+        if self._away_since is not None:
+            return self._away_since
+        if self._excuse is not None and now < self._excuse[1]:
+            return self._excuse[0]
+        return None
+
     def stale_reason(self, entry: WorkerEntry | None) -> str | None:
-        """Why a worker should be taken for gone, or None when its report is fresh."""
+        """Why a worker should be taken for gone, or None when its report is fresh (or was
+        fresh when the registry went away, during the excuse that follows: see above)."""
         if entry is None:
             return "its PodInfo key is gone"
-        age = entry.age_seconds(self._clock.timestamp())
-        return f"its last report is {age:.1f}s old" if age > self._stale_after else None
+        now = self._clock.timestamp()
+        age = entry.age_seconds(now)
+        if age <= self._stale_after:
+            return None
+        away = self._excused_since(now)
+        if away is not None and entry.age_seconds(away) <= self._stale_after:
+            return None
+        return f"its last report is {age:.1f}s old"
 
     async def refresh(self) -> None:
         """Read every worker's PodInfo now.
@@ -119,8 +144,18 @@ class WorkerDirectory:
         its TTL: per address the freshest report counts. A report that cannot be a worker's
         (not a PodInfo, or no port a worker could listen on) is skipped, and said once per key.
         """
-        keys = await self._registry.keys(f"{self._prefix}:")
-        values = await self._registry.get_many(keys)
+        try:
+            keys = await self._registry.keys(f"{self._prefix}:")
+            values = await self._registry.get_many(keys)
+        except Exception:
+            if self._away_since is None:
+                self._away_since = self._clock.timestamp()
+            raise
+        now = self._clock.timestamp()
+        if self._away_since is not None:
+            # the workers had no way to report meanwhile, and back off as long again at most
+            self._excuse = (self._away_since, now + (now - self._away_since) + self._stale_after)
+            self._away_since = None
         entries: dict[str, WorkerEntry] = {}
         for key, raw in zip(keys, values, strict=True):
             if raw is None:
@@ -136,6 +171,9 @@ class WorkerDirectory:
             known = entries.get(entry.address)
             if known is None or entry.info.update_epoch_ms > known.info.update_epoch_ms:
                 entries[entry.address] = entry
+        for address, old in self._entries.items():
+            if address not in entries and self.stale_reason(old) is None:
+                entries[address] = old  # its key vanished: its last report counts until stale
         live = set(keys)
         self._skipped = {k: why for k, why in self._skipped.items() if k in live}
         self._entries = entries

@@ -17,11 +17,20 @@ Recovery never waits on a timeout tied to job length:
 
 Cancel goes through `Dispatcher.cancel`: the store ends a PENDING job at once (fenced); a job on
 a worker is stopped there by whichever dispatcher holds it, woken by the job's events.
+
+Redis faults: a job in hand waits out an outage where it is (`PatientJobStore`), instead of being
+given up and run again by whoever claims it; claims pause until keep-alives have had a chance
+after an outage. When Redis lost its data (the consumer group is gone, NOGROUP), the group is
+made again, said once and counted; a job whose record vanished ends here, logged once and noted
+for `jobworker lost`, instead of looping. When Redis went back in time (lost its last
+writes), a holder whose fence fell below its token restores it, and for a while a job about to
+run with no attempt on record first asks the workers whether one of them has it already.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 from collections.abc import Callable
@@ -38,8 +47,8 @@ from app.core.lifecycle import Lifecycle
 from app.core.log_context import bind_log_fields, unbind_log_fields
 from app.core.outage import Outage
 from app.core.retry import RetryBudget, RetryPolicy
-from app.errors import BadDataKind, CorruptRecord
-from app.fleet.batch_job import AttemptRecord, BatchJob
+from app.errors import BadDataKind, CorruptRecord, QueueGone
+from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
 from app.orchestrator.decisions import (
@@ -58,6 +67,8 @@ from app.orchestrator.decisions import (
 from app.orchestrator.directory import WorkerDirectory, WorkerEntry
 from app.orchestrator.worker_client import Reply, WorkerClient
 from app.stores.abc import JobEvents, JobStore, WriteResult
+from app.stores.patient import MAX_DELAY as PATIENCE_MAX_DELAY
+from app.stores.patient import PatientJobStore
 from app.stores.waits import wait_finished
 
 log = logging.getLogger(__name__)
@@ -66,6 +77,8 @@ log = logging.getLogger(__name__)
 CANCEL_WAIT_SECONDS = 10.0
 #: While a call runs, a cancel request is looked for at least this often (events may be missed).
 CANCEL_CHECK_SECONDS = 2.0
+#: A lost consumer group noticed again within this many seconds is not said again.
+_QUEUE_GONE_QUIET_SECONDS = 10.0
 _CALL_KIND = {
     Reply.REFUSED: CallKind.REFUSED,
     Reply.REJECTED: CallKind.REJECTED,
@@ -89,6 +102,11 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     recovered: int
     superseded: int
     retry_budget_refused: int
+    queue_recreated: int
+    lost: int
+    fences_restored: int
+    found_on_worker: int
+    store_waits: int
 
 
 class Dispatcher:
@@ -107,7 +125,16 @@ class Dispatcher:
         rng: Callable[[], float] = random.random,
         clock: Clock | None = None,
     ) -> None:
-        self._store = store
+        self._clock: Clock = clock or SystemClock()
+        # calls that answer a client (cancel) fail fast; the jobs in hand wait out an outage
+        self._direct = store
+        self._store = PatientJobStore(
+            store,
+            outage=Outage(
+                "the job store", log=log, clock=self._clock, max_delay=PATIENCE_MAX_DELAY,
+                meanwhile="jobs in hand wait where they are, queued ones in the queue",
+            ),
+        )  # fmt: skip
         self._events = events
         self._directory = directory
         self._client = client
@@ -115,7 +142,6 @@ class Dispatcher:
         self._config = config
         self.consumer = consumer
         self._rng = rng
-        self._clock: Clock = clock or SystemClock()
         self._slots = anyio.CapacityLimiter(config.max_inflight)
         self._slot_freed = anyio.Event()
         self._entries: dict[str, str] = {}  # queue entry id -> job id, ours now
@@ -142,6 +168,11 @@ class Dispatcher:
         self._task_group: anyio.abc.TaskGroup | None = None
         self._state = Lifecycle.CREATED
         self._counts: Counter[str] = Counter()
+        self._queue_lock = anyio.Lock()
+        self._queue_said_at = -_QUEUE_GONE_QUIET_SECONDS
+        self._data_losses = 0  # the store lost its data this many times (jobs re-check records)
+        self._losses_at_take: dict[str, int] = {}  # job id -> data losses when it was taken
+        self._careful_until = -math.inf  # loop time: ask the workers before a first dispatch
         # the job queue's outages (reads, claims, keep-alives): one line when it goes, one back
         self._queue_outage = Outage(
             "the job queue", log=log, clock=self._clock, min_delay=0.5,
@@ -208,6 +239,11 @@ class Dispatcher:
             recovered=c["recovered_outcomes"],
             superseded=c["superseded"],
             retry_budget_refused=self._budget.refused,
+            queue_recreated=c["queue_recreated"],
+            lost=c["lost"],
+            fences_restored=c["fences_restored"],
+            found_on_worker=c["found_on_worker"],
+            store_waits=self._store.waits,
         )
 
     # --- cancel -----------------------------------------------------------------------------------
@@ -221,13 +257,59 @@ class Dispatcher:
         A PENDING job ends here (the store fences out its holder); a job on a worker is stopped
         there by the dispatcher that holds it, which records the end.
         """
-        after = await self._store.request_cancel(
+        after = await self._direct.request_cancel(
             job_id, error="cancelled by request", now=self._clock.timestamp()
         )
         if after is None or after.state.finished:
             return after
         deadline = anyio.current_time() + wait_seconds
-        return await wait_finished(self._store, self._events, job_id, deadline=deadline)
+        return await wait_finished(self._direct, self._events, job_id, deadline=deadline)
+
+    async def data_lost(self) -> None:
+        """The store lost its data (its epoch marker changed): make the queue's group again now,
+        and have the jobs waiting for a worker look whether their records are still there."""
+        await self._recreate_queue()
+
+    async def went_back_in_time(self) -> None:
+        """Redis lost its last writes: a job may have run, or still run, with no trace of it
+        in Redis. Until the entries its holders let go of have been claimed, a job about to run
+        with no attempt on record first asks the workers, and goes to one that has it."""
+        self._careful_until = anyio.current_time() + 2 * self._config.claim_idle_seconds + 5.0
+
+    async def _worker_with_run(self, job_id: str) -> str | None:
+        """A live worker that has a run of the job (asked all at once, each bounded), or None."""
+        found: list[str] = []
+
+        async def ask(address: str) -> None:
+            if await self._client.knows(address, job_id):
+                found.append(address)
+
+        async with anyio.create_task_group() as tg:
+            for entry in self._directory.entries():
+                if self._directory.stale_reason(entry) is None:
+                    tg.start_soon(ask, entry.address)
+        if not found:
+            return None
+        self._counts["found_on_worker"] += 1
+        log.info("job %s: Redis had no trace of it, but worker %s has it: going there",
+                 job_id, found[0])  # fmt: skip
+        return found[0]
+
+    async def _recreate_queue(self) -> None:
+        """The consumer group is gone (NOGROUP): make it again; said once, and counted."""
+        async with self._queue_lock:
+            created = await self._store.ensure_group()
+            self._data_losses += 1
+            now = self._clock.monotonic()
+            if now - self._queue_said_at < _QUEUE_GONE_QUIET_SECONDS:
+                return  # another of our loops found it gone a moment ago
+            self._queue_said_at = now
+            self._counts["queue_recreated"] += 1
+        log.warning(
+            "the job queue's consumer group was gone (Redis lost its data?): %s; jobs in hand"
+            " whose records are gone end here and are noted for `jobworker lost`",
+            "recreated it" if created else "another orchestrator has recreated it",
+        )
 
     # --- the loops --------------------------------------------------------------------------------
 
@@ -282,6 +364,9 @@ class Dispatcher:
                 entries = await self._store.read_new(
                     self.consumer, count=min(free, 64), block_ms=1000
                 )
+            except QueueGone:
+                await self._recreate_queue()
+                continue
             except Exception as exc:  # Redis away: the jobs wait in the queue meanwhile
                 await anyio.sleep(self._queue_outage.failed(exc))
                 continue
@@ -297,10 +382,17 @@ class Dispatcher:
             free = int(self._slots.available_tokens)
             if self._draining or free < 1:
                 continue
+            # after an outage every entry looks idle, live holders' too: give their keep-alives
+            # a claim period (and a retry) to refresh them first
+            if self._store.unavailable_within(self._config.claim_idle_seconds + 1.0):
+                continue
             try:
                 claimed = await self._store.claim_idle(
                     self.consumer, min_idle_ms=idle_ms, count=free
                 )
+            except QueueGone:
+                await self._recreate_queue()
+                continue
             except Exception as exc:
                 self._queue_outage.failed(exc)
                 continue
@@ -316,6 +408,8 @@ class Dispatcher:
             await anyio.sleep(self._config.claim_idle_seconds / 3)
             try:
                 await self._store.keep_alive(self.consumer, list(self._entries))
+            except QueueGone:
+                await self._recreate_queue()
             except Exception as exc:
                 self._queue_outage.failed(exc)
 
@@ -332,6 +426,8 @@ class Dispatcher:
 
     def _take(self, entry_id: str, job_id: str) -> None:
         assert self._task_group is not None
+        if entry_id in self._entries:
+            return  # ours already: Redis went back in time and delivered it again
         self._slots.acquire_on_behalf_of_nowait(entry_id)
         self._entries[entry_id] = job_id
         self._task_group.start_soon(self._handle, entry_id, job_id, name=f"job {job_id}")
@@ -339,19 +435,23 @@ class Dispatcher:
     async def _handle(self, entry_id: str, job_id: str) -> None:
         # this task's own context: every line it logs is the job's
         bind_log_fields(job_id=job_id)
+        self._losses_at_take[job_id] = self._data_losses
         try:
-            job = await self._store.get(job_id)
-            if job is None:
+            held = await self._store.get(job_id)
+            if held is None:
                 # never a job's, or kept past its record's retention: nothing to drive
                 where, why = f"queue entry {entry_id}", f"no record of job {job_id!r}"
                 no_record = CorruptRecord(BadDataKind.STREAM_ENTRY, job_id, where, why)
                 await self._set_aside(entry_id, no_record)
                 return
-            if not job.state.finished:
-                await self._drive(job)
+            job: BatchJob | None = held
+            if not held.state.finished:
+                await self._drive(held)
                 job = await self._store.get(job_id)
-            # ended here or elsewhere (or its record expired): the entry is done with; a job
-            # taken over by another orchestrator is acked there
+            if job is None:  # the record vanished: Redis lost it (an entry outlives no record)
+                await self._lost(job_id, held)
+            # ended here or elsewhere (or lost): the entry is done with; a job taken over by
+            # another orchestrator is acked there
             if job is None or job.state.finished:
                 await self._store.ack(entry_id)
         except Exception as exc:
@@ -361,9 +461,33 @@ class Dispatcher:
                 # the entry stays pending; once its idle time passes, some orchestrator claims it
                 log.exception("dispatching job %s failed; it will be claimed again", job_id)
         finally:
+            self._losses_at_take.pop(job_id, None)
             self._slots.release_on_behalf_of(entry_id)
             del self._entries[entry_id]
             self._slot_freed.set()
+
+    async def _lost(self, job_id: str, held: BatchJob) -> None:
+        """End a job whose record vanished in hand: said once, noted for the operators' check."""
+        last = held.attempts[-1] if held.attempts else None
+        lost = LostJob(
+            job_id=job_id,
+            reason="its record vanished while this orchestrator held it (Redis lost its data?)",
+            noticed_by=self.consumer,
+            noticed_at=self._clock.timestamp(),
+            job_type=held.job_type,
+            state=held.state.value,
+            worker=last.worker if last is not None else "",
+            attempts=len(held.attempts),
+            result_json=held.result_json,
+            error=held.error,
+        )
+        if not await self._store.report_lost(lost):
+            return  # it is there after all (a write raced the read): nothing was lost
+        self._counts["lost"] += 1
+        log.warning(
+            "job %s lost: %s; last known %s%s; noted for `jobworker lost`",
+            job_id, lost.reason, lost.state, f" on {lost.worker}" if lost.worker else "",
+        )  # fmt: skip
 
     async def _set_aside(self, entry_id: str, problem: CorruptRecord) -> None:
         """Quarantine the entry of a job that cannot be driven (the store says it once)."""
@@ -388,6 +512,7 @@ class Dispatcher:
                 _note(job.attempts[-1], call, self._clock.timestamp())
         else:
             self._budget.record_call()  # a first attempt (an adopted run is not a new call)
+        asked = False
         while True:
             cancel = await self._store.cancel_requested(job.job_id)
             step = decide(job, call, now=self._clock.timestamp(), cancel_requested=cancel)
@@ -401,15 +526,21 @@ class Dispatcher:
                 return
             if isinstance(step, Requeue):
                 job.state = JobState.PENDING
-                if (written := await self._store.write(job, token)) is not WriteResult.WRITTEN:
+                if (written := await self._write(job, token)) is not WriteResult.WRITTEN:
                     log.info("job %s: not retried, the record is %s", job.job_id, written.name)
                     return
                 log.info("job %s: attempt %d %s; retrying", job.job_id, len(job.attempts),
                          step.reason, extra=_worker_of(job))  # fmt: skip
                 self._counts["retries"] += 1
                 continue
+            if step.prefer is None and not asked and anyio.current_time() < self._careful_until:
+                asked = True  # Redis went back in time: a worker may have run it unrecorded
+                if (known := await self._worker_with_run(job.job_id)) is not None:
+                    step = msgspec.structs.replace(step, prefer=known)
             address = await self._before_attempt(job, step)
             if address is None:
+                if await self._store.get(job.job_id) is None:
+                    return  # its record is gone (Redis lost its data): the caller ends it
                 continue  # deadline or cancel while waiting: decide() ends it
             token = await self._store.next_token(job.job_id)
             attempt = AttemptRecord(
@@ -420,7 +551,7 @@ class Dispatcher:
             )
             job.attempts.append(attempt)
             job.state = JobState.DISPATCHED
-            if (written := await self._store.write(job, token)) is not WriteResult.WRITTEN:
+            if (written := await self._write(job, token)) is not WriteResult.WRITTEN:
                 log.info("job %s: not dispatched, the record is %s", job.job_id, written.name)
                 self.breaker(address).release()
                 return
@@ -430,6 +561,26 @@ class Dispatcher:
                 # the worker went away with the answer; if the run had ended, it said how
                 call = await self._recorded_outcome(job) or call
             _note(attempt, call, self._clock.timestamp())
+
+    async def _write(self, job: BatchJob, token: int) -> WriteResult:
+        """The store's fenced write; when it was refused because Redis went back in time (the
+        fence below our token, which only this holder took), the fence is restored, said once
+        per job, and the write made again."""
+        written = await self._store.write(job, token)
+        # not after a data loss: the record may be a new job under the same id, its own tokens
+        same_data = self._losses_at_take.get(job.job_id) == self._data_losses
+        if (
+            written is WriteResult.SUPERSEDED
+            and same_data
+            and await self._store.restore_fence(job.job_id, token)
+        ):
+            self._counts["fences_restored"] += 1
+            log.warning(
+                "job %s: Redis lost its last writes (the job's fence went back below token %d,"
+                " which this orchestrator holds): restored it", job.job_id, token,
+            )  # fmt: skip
+            written = await self._store.write(job, token)
+        return written
 
     async def _recorded_outcome(self, job: BatchJob) -> CallResult | None:
         """The outcome the worker recorded for the run of the last attempt (which, when it
@@ -478,6 +629,7 @@ class Dispatcher:
     async def _pick(self, job: BatchJob, step: Dispatch) -> str | None:
         """A worker for the job, waiting for one (backpressure); None on deadline or cancel."""
         prefer = step.prefer
+        losses = self._data_losses
         self._waiting[job.priority] += 1
         try:
             while self._time_left(job) > 0:
@@ -497,6 +649,10 @@ class Dispatcher:
                         return address
                 if await self._store.cancel_requested(job.job_id):
                     return None
+                if losses != self._data_losses:  # Redis lost its data: is the record still there?
+                    losses = self._data_losses
+                    if await self._store.get(job.job_id) is None:
+                        return None
                 with anyio.move_on_after(
                     min(1.0, max(0.0, job.deadline_at - self._clock.timestamp()))
                 ):
@@ -579,7 +735,7 @@ class Dispatcher:
             )
         if admission.running:
             job.state = JobState.RUNNING
-            if await self._store.write(job, token) is not WriteResult.WRITTEN:
+            if await self._write(job, token) is not WriteResult.WRITTEN:
                 return CallResult(kind=CallKind.SUPERSEDED, error="superseded")
         completion = await self._client.wait(address, job)
         if completion.reply is not Reply.OK:
@@ -678,7 +834,7 @@ class Dispatcher:
     async def _finish(self, job: BatchJob, token: int, step: Finish) -> None:
         job.state, job.result_json, job.error = step.state, step.result_json, step.error
         job.finished_at = self._clock.timestamp()
-        written = await self._store.write(job, token)
+        written = await self._write(job, token)
         if written is WriteResult.WRITTEN:
             self._counts[step.state.value] += 1
             log.info("job %s (%s) %s after %d attempt(s)%s", job.job_id, job.job_type,

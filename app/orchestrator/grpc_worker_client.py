@@ -33,6 +33,7 @@ CALL_ERRORS: tuple[type[Exception], ...] = (
 _REFUSED = {Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED}
 _REJECTED = {Status.INVALID_ARGUMENT, Status.NOT_FOUND, Status.ALREADY_EXISTS}
 CANCEL_TIMEOUT_SECONDS = 5.0
+LOOKUP_TIMEOUT_SECONDS = 2.0
 
 
 def _reply_for(status: Status) -> Reply:
@@ -147,6 +148,20 @@ class GrpcWorkerClient:
         except Exception:
             return False
         return True
+
+    async def knows(self, address: str, job_id: str) -> bool | None:
+        """GetJob, bounded by LOOKUP_TIMEOUT_SECONDS: True when the worker has the id, False on
+        NOT_FOUND, None when it did not answer."""
+        stub = self._stub(address)
+        with anyio.move_on_after(LOOKUP_TIMEOUT_SECONDS):
+            try:
+                await _isolated(stub.get_job, wpb.JobRef(id=job_id))
+            except GRPCError as exc:
+                return False if exc.status is Status.NOT_FOUND else None
+            except Exception:
+                return None
+            return True
+        return None
 
     def forget(self, address: str) -> None:
         """Close the channel to a worker that is gone (the next call reconnects)."""

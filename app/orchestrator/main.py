@@ -1,6 +1,7 @@
 """The composition root of `jobworker orchestrator` (the seed's server-cloud gateway).
 
     root task group
+    ├── RedisMonitor       Redis up or down (health, UNAVAILABLE), and whether it lost its data
     ├── JobEvents          one pub/sub connection: wakes Execute, WatchJob and CancelJob
     ├── WorkerDirectory    the workers' PodInfo, refreshed every discovery interval
     ├── Dispatcher         the job queue → workers, with retry, breaker and fencing
@@ -10,6 +11,9 @@
 Shutdown (SIGTERM/SIGINT): health NOT_SERVING, submissions refused with UNAVAILABLE, no new
 stream entries taken; jobs in hand get `drain_grace_seconds` to end, and those still going
 after it stay pending in the stream, where another orchestrator claims them.
+
+While Redis is unreachable: health NOT_SERVING and /readyz 503, calls that need Redis answered
+UNAVAILABLE with a retry-after, jobs in hand wait where they are; all back once it answers.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from app.stores.bad_data import BadData
 from app.stores.redis.client import create_redis, wait_for_redis
 from app.stores.redis.job_events import RedisJobEvents
 from app.stores.redis.job_store import RedisJobStore
+from app.stores.redis.monitor import RedisMonitor
 from app.stores.redis.pod_registry import RedisPodRegistry
 
 log = logging.getLogger("app.orchestrator")
@@ -61,6 +66,7 @@ async def serve_orchestrator(config: Config) -> None:
                 group=o.group,
                 retention_seconds=o.retention_seconds,
                 bad_data=bad_data,
+                lost_key=o.lost_key,
             )
             events: JobEvents = RedisJobEvents(redis, job_prefix=o.job_prefix, bad_data=bad_data)
             directory = WorkerDirectory(
@@ -84,6 +90,30 @@ async def serve_orchestrator(config: Config) -> None:
                 fast_path=config.grpc.fast_path,
                 limits=limits_from(config.grpc),
             )
+
+            def serving(redis_up: bool) -> None:
+                server.set_serving(redis_up and not service.draining)
+
+            monitor = RedisMonitor(
+                redis,
+                what=f"Redis at {config.redis.display_url()}",
+                consequence="health NOT_SERVING, calls that need it answered UNAVAILABLE,"
+                " jobs in hand wait where they are",
+                on_change=serving,
+                on_data_lost=dispatcher.data_lost,
+                data_loss_action="recreating the job queue's consumer group; jobs in hand whose"
+                " records are gone end as lost (`jobworker lost` lists them)",
+                on_went_back=dispatcher.went_back_in_time,
+                went_back_action="for a while, a job to run with no attempt on record first"
+                " asks the workers whether one of them has it",
+                interval=config.redis.check_interval_seconds,
+            )  # fmt: skip
+
+            def store_down() -> tuple[str, int] | None:
+                reason = monitor.down_reason()
+                return None if reason is None else (reason, monitor.retry_after())
+
+            service.store_down = store_down
             try:
                 # nothing works without the shared Redis: wait for it (a signal still stops us)
                 async with anyio.create_task_group() as waiting:
@@ -94,8 +124,9 @@ async def serve_orchestrator(config: Config) -> None:
                         tg.cancel_scope.cancel()
 
                     waiting.start_soon(stop_on_signal)
-                    await wait_for_redis(redis, what=f"Redis at {config.redis.effective_url()}")
+                    await wait_for_redis(redis, what=f"Redis at {config.redis.display_url()}")
                     waiting.cancel_scope.cancel()
+                await tg.start(monitor.run)
                 await tg.start(events.run)
                 await tg.start(directory.run)
                 dispatcher_scope = anyio.CancelScope()
@@ -120,18 +151,20 @@ async def serve_orchestrator(config: Config) -> None:
                         host=config.metrics.host,
                         port=config.metrics.port,
                         collect=lambda: orchestrator_metrics(
-                            dispatcher, directory, server, bad_data
+                            dispatcher, directory, server, bad_data, monitor
                         ),
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,
+                        unready=monitor.down_reason,
                     )
                 port = await tg.start(
                     server.run, candidate_ports(o.port, o.port_search if o.port else 0)
                 )
+                serving(monitor.up)  # the server starts SERVING; Redis may have gone meanwhile
                 gc.freeze()  # start-up's objects out of the collector's sight (see worker_main)
                 log.info(
-                    "orchestrator ready: consumer %s, port %d, %r, %r",
-                    consumer, port, directory, server,
+                    "orchestrator ready: consumer %s, port %d, %r, %r, %r",
+                    consumer, port, directory, server, monitor,
                 )  # fmt: skip
                 signum = await anext(signals)
                 log.info(

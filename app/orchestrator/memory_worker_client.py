@@ -16,6 +16,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 
 from app.fleet.batch_job import BatchJob, RunOutcome
@@ -218,6 +219,16 @@ class MemoryWorkerClient:
         """Whether the worker answers (hangs while it is silent or cut off)."""
         self.calls["probe"] += 1
         return await self._reach(address) is not None
+
+    async def knows(self, address: str, job_id: str) -> bool | None:
+        """GetJob's semantics: whether the worker has a run of the id (None: no answer, at once
+        for a silent or cut-off worker where a real call would time out)."""
+        self.calls["knows"] += 1
+        await anyio.lowlevel.checkpoint()
+        worker = self.workers.get(address)
+        if worker is None or not worker.reachable or worker.silent or worker.cut_off:
+            return None
+        return job_id in worker.runs
 
     def forget(self, address: str) -> None:
         """Counted, so that tests can see the dispatcher let go of a worker."""

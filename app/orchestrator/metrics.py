@@ -15,6 +15,8 @@ from app.grpc.server import GrpcServer
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.stores.bad_data import BadData
+from app.stores.redis.metrics import redis_metrics
+from app.stores.redis.monitor import RedisMonitor
 
 
 def orchestrator_metrics(
@@ -22,9 +24,10 @@ def orchestrator_metrics(
     directory: WorkerDirectory,
     server: GrpcServer | None = None,
     bad_data: BadData | None = None,
+    monitor: RedisMonitor | None = None,
 ) -> list[Metric]:
     """The dispatcher's counters, each known worker's eligibility and breaker, gRPC's counters,
-    and the junk found in the store."""
+    the junk found in the store, and Redis as the monitor sees it."""
     s = dispatcher.statistics()
     jobs = CounterMetricFamily(
         "jobworker_orchestrator_jobs", "Jobs this orchestrator ended", labels=["state"]
@@ -57,7 +60,17 @@ def orchestrator_metrics(
         ("recovered", "Run outcomes read back from the store (the answer was lost)", s.recovered),
         ("superseded", "Results refused for a superseded fencing token", s.superseded),
         ("retry_budget_refused", "Retries the budget held back", s.retry_budget_refused),
-    ):
+        ("queue_recreated", "Times the queue's consumer group was gone and made again",
+         s.queue_recreated),
+        ("lost", "Jobs whose record vanished in hand (Redis lost them), noted for the check",
+         s.lost),
+        ("fences_restored", "Fences restored by their holder after Redis went back in time",
+         s.fences_restored),
+        ("found_on_worker", "Jobs Redis had no run of that a worker had: sent there",
+         s.found_on_worker),
+        ("store_waits", "Store calls of jobs in hand that waited out a Redis outage",
+         s.store_waits),
+    ):  # fmt: skip
         out.append(CounterMetricFamily(f"jobworker_orchestrator_{name}", help_, value=value))
     breaker = StateSetMetricFamily(
         "jobworker_orchestrator_breaker_state", "Circuit breaker per worker", labels=["worker"]
@@ -91,4 +104,5 @@ def orchestrator_metrics(
             quarantined.add_metric([kind], value)
         out += [found, quarantined]
     grpc = grpc_metrics(server.statistics()) if server is not None else []
-    return [*out, breaker, opened, eligible, *grpc]
+    redis = redis_metrics(monitor.statistics()) if monitor is not None else []
+    return [*out, breaker, opened, eligible, *grpc, *redis]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import anyio
 from grpclib.const import Status
@@ -15,7 +17,7 @@ from grpclib.exceptions import GRPCError
 
 from app.config import OrchestratorConfig
 from app.core.clock import utc_iso
-from app.errors import CorruptRecord
+from app.errors import CorruptRecord, StoreUnavailable
 from app.fleet.batch_job import BatchJob, encode_job
 from app.fleet.job_state import to_orchestrator_wire
 from app.fleet.limits import MAX_ID_LENGTH, MAX_NAME_LENGTH, params_problem
@@ -31,6 +33,14 @@ MAX_PRIORITY = 9
 MAX_ATTEMPTS = 20
 # a year: past it, deadlines overflow what records and the wire can hold (1e308 did)
 MAX_SECONDS = 366 * 86_400
+#: The retry-after a refusal names when nothing better is known.
+RETRY_AFTER_SECONDS = 1
+
+#: What the role says about its store while it is away: (one-line reason, retry after seconds).
+StoreDown = Callable[[], "tuple[str, int] | None"]
+
+M = TypeVar("M")
+R = TypeVar("R")
 
 
 #: When a full queue tells the client to come back (RetryInfo, `retry-after-ms`).
@@ -55,6 +65,30 @@ def _data_loss() -> Iterator[None]:
         yield
     except CorruptRecord as exc:
         raise GRPCError(Status.DATA_LOSS, str(exc)) from None
+
+
+def unavailable(reason: str, retry_after: int, hint: str = "") -> GRPCError:
+    """UNAVAILABLE with a one-line reason that names when to try again, and the same as a
+    RetryInfo detail and `retry-after-ms` trailer for clients that read those."""
+    message = f"{reason}; retry after {retry_after}s{hint}"
+    return retry_later(Status.UNAVAILABLE, message, retry_after)
+
+
+def _store_guarded(
+    method: Callable[[OrchestratorService, M], Awaitable[R]],
+) -> Callable[[OrchestratorService, M], Coroutine[Any, Any, R]]:
+    """Refuse at once while the store is known to be away, and answer a call that meets an
+    outage with UNAVAILABLE, never a traceback."""
+
+    @functools.wraps(method)
+    async def call(self: OrchestratorService, message: M) -> R:
+        self.refuse_while_store_down()
+        try:
+            return await method(self, message)
+        except StoreUnavailable as exc:
+            raise self.store_error(exc) from None
+
+    return call
 
 
 def job_message(job: BatchJob) -> pb.Job:
@@ -104,6 +138,19 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         self._dispatcher = dispatcher
         self._config = config
         self.draining = False
+        # set by the composition root: the store's state as its monitor sees it
+        self.store_down: StoreDown = lambda: None
+
+    def refuse_while_store_down(self) -> None:
+        """UNAVAILABLE with a retry-after while the store is known to be away."""
+        down = self.store_down()
+        if down is not None:
+            raise unavailable(*down)
+
+    def store_error(self, exc: StoreUnavailable, hint: str = "") -> GRPCError:
+        """The UNAVAILABLE answer to a call that met a store outage."""
+        down = self.store_down()
+        return unavailable(str(exc), down[1] if down else RETRY_AFTER_SECONDS, hint)
 
     # --- validation -------------------------------------------------------------------------------
 
@@ -176,12 +223,13 @@ class OrchestratorService(pb.OrchestratorServiceBase):
 
     # --- RPCs -------------------------------------------------------------------------------------
 
+    @_store_guarded
     async def submit(self, message: pb.BatchExecutionRequest) -> pb.SubmitResponse:
         """Queue a job and answer at once: its id, its state, and whether the id existed already.
 
-        UNAVAILABLE while draining, INVALID_ARGUMENT or NOT_FOUND for a bad request,
-        RESOURCE_EXHAUSTED when the job type's queue is full, and DATA_LOSS when the id's
-        existing record does not read.
+        UNAVAILABLE while draining or while Redis is away (with a retry-after), INVALID_ARGUMENT
+        or NOT_FOUND for a bad request, RESOURCE_EXHAUSTED when the job type's queue is full, and
+        DATA_LOSS when the id's existing record does not read.
         """
         with _data_loss():
             job, existing = await self._submit(message)
@@ -189,19 +237,28 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             job_id=job.job_id, state=to_orchestrator_wire(job.state), existing=existing
         )
 
+    @_store_guarded
     async def execute(self, message: pb.BatchExecutionRequest) -> pb.BatchExecutionResponse:
         """Queue a job as `submit` does, then answer with its record once it has ended.
 
         For an id that exists already, it waits for that job. Past the job's deadline plus 5 s the
-        record comes back as it is then.
+        record comes back as it is then. A Redis outage while waiting answers UNAVAILABLE: the
+        job goes on, and an Execute with its id waits for it again.
         """
         with _data_loss():
             job, _ = await self._submit(message)
             # the dispatcher ends the job at its deadline; wait a little past it for that write
             deadline = anyio.current_time() + max(0.0, job.deadline_at - time.time()) + 5.0
-            final = await wait_finished(self._store, self._events, job.job_id, deadline=deadline)
+            try:
+                final = await wait_finished(
+                    self._store, self._events, job.job_id, deadline=deadline
+                )
+            except StoreUnavailable as exc:
+                hint = f" (job {job.job_id} goes on: Execute it again to wait for it)"
+                raise self.store_error(exc, hint) from None
         return pb.BatchExecutionResponse(job=job_message(final or job))
 
+    @_store_guarded
     async def get_job(self, message: pb.JobRequest) -> pb.Job:
         """The job's record; INVALID_ARGUMENT for an empty id, NOT_FOUND when there is none,
         DATA_LOSS when it does not read."""
@@ -217,6 +274,7 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             raise GRPCError(Status.NOT_FOUND, f"no job with id {job_id!r}")
         return job
 
+    @_store_guarded
     async def cancel_job(self, message: pb.JobRequest) -> pb.Job:
         """Cancel the job and answer with its record; a finished one comes back as is.
 
@@ -267,15 +325,19 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         """Stream the job's record now and after each change, until the job has ended.
 
         The record is read again on each event and at least every 2 s; an unchanged one is not sent
-        again.
+        again. A Redis outage ends the stream with UNAVAILABLE (watch again to go on).
         """
-        job = await self._get(message.job_id)
-        last = encode_job(job)
-        yield job_message(job)
-        while not job.state.finished:
-            with anyio.move_on_after(2.0):
-                await self._events.wait_changed(job.job_id)
-            job = await self._get(job.job_id)
-            if (now := encode_job(job)) != last:
-                last = now
-                yield job_message(job)
+        self.refuse_while_store_down()
+        try:
+            job = await self._get(message.job_id)
+            last = encode_job(job)
+            yield job_message(job)
+            while not job.state.finished:
+                with anyio.move_on_after(2.0):
+                    await self._events.wait_changed(job.job_id)
+                job = await self._get(job.job_id)
+                if (now := encode_job(job)) != last:
+                    last = now
+                    yield job_message(job)
+        except StoreUnavailable as exc:
+            raise self.store_error(exc) from None

@@ -73,6 +73,11 @@ class WorkerClient(Protocol):
         """Whether the worker answers at all now (its status); the caller bounds the wait."""
         ...
 
+    async def knows(self, address: str, job_id: str) -> bool | None:
+        """Whether the worker has a run of `job_id` (queued, running or recently finished);
+        None when it did not answer in time."""
+        ...
+
     def forget(self, address: str) -> None:
         """Drop what is kept for that worker (its connection): it is gone or unreachable."""
         ...

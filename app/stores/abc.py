@@ -16,7 +16,7 @@ import anyio.abc
 import msgspec
 
 from app.errors import CorruptRecord
-from app.fleet.batch_job import BatchJob, RunOutcome
+from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
 from app.fleet.schedules import PendingTick, ScheduleCursor, ScheduleSpec, TickDecision
 
 
@@ -82,10 +82,14 @@ class JobStore(Protocol):
     an entry whose consumer stopped refreshing it for `min_idle_ms` can be claimed by another.
     A record is written only by the holder of the job's newest fencing token, and never after
     the job has finished; a finished record is kept for the retention, then expires.
+
+    Every method raises `app.errors.StoreUnavailable` while the store cannot serve (the call may
+    work later), and the queue's methods `app.errors.QueueGone` when the consumer group is gone
+    (the store lost its data: `ensure_group` makes it again).
     """
 
-    async def ensure_group(self) -> None:
-        """Create the queue and its consumer group if they are not there yet."""
+    async def ensure_group(self) -> bool:
+        """Create the queue and its consumer group if they are not there yet; True if it did."""
         ...
 
     async def submit(
@@ -118,6 +122,15 @@ class JobStore(Protocol):
         counts against its type's bound. Wakes `JobEvents` waiters."""
         ...
 
+    async def restore_fence(self, job_id: str, token: int) -> bool:
+        """Raise the job's fence back to `token` if it is below it; True if it was.
+
+        Tokens only grow, so a fence below a token its holder took means the store went back in
+        time (Redis restarted without its last second of writes). The holder, the only one with
+        a token that high, takes its place back instead of being refused as superseded.
+        """
+        ...
+
     async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
         """Ask for the job to be cancelled; the record as it is after, or None when there is none.
 
@@ -145,6 +158,17 @@ class JobStore(Protocol):
 
     async def queued_count(self, job_type: str) -> int:
         """Unfinished jobs of `job_type` (what the per-type bound counts)."""
+        ...
+
+    async def report_lost(self, lost: LostJob) -> bool:
+        """Note a job whose record vanished while it was in hand (the store lost it), for the
+        operators' check, and drop what is left of it (its fencing token). Nothing is noted
+        when the record is there after all; True when it was noted. The newest 10,000 are kept.
+        """
+        ...
+
+    async def lost_jobs(self, *, count: int) -> list[LostJob]:
+        """The `count` newest lost-job reports, newest first."""
         ...
 
     async def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[QueueEntry]:

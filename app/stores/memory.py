@@ -18,9 +18,10 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
-from app.errors import BadDataKind, CorruptRecord
+from app.errors import BadDataKind, CorruptRecord, QueueGone
 from app.fleet.batch_job import (
     BatchJob,
+    LostJob,
     RunOutcome,
     decode_job,
     decode_outcome,
@@ -186,6 +187,20 @@ class MemoryJobStore:
         self._listeners: list[Callable[[str], None]] = []  # MemoryJobEvents' wake-ups
         self._quarantine: deque[Quarantined] = deque(maxlen=quarantine_maxlen)
         self._quarantined = 0
+        self._lost: deque[LostJob] = deque(maxlen=10_000)
+
+    def forget_everything(self) -> None:
+        """Lose every record, token, outcome and the queue with its group, as a Redis that
+        restarted empty (for tests). Entry ids go on growing, as a new stream's would."""
+        self._records, self._fences = _Keys(), _Keys()
+        self._cancels, self._outcomes = _Keys(), _Keys()
+        self._queued.clear()
+        self._group = False
+        self._entries.clear()
+        self._unread.clear()
+        self._pending.clear()
+        self._quarantine.clear()
+        self._lost.clear()
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -240,10 +255,11 @@ class MemoryJobStore:
 
     # --- records ----------------------------------------------------------------------------------
 
-    async def ensure_group(self) -> None:
+    async def ensure_group(self) -> bool:
         """Create the consumer group (it reads the queue from its start) unless it is there."""
         await anyio.lowlevel.checkpoint()
-        self._group = True
+        created, self._group = not self._group, True
+        return created
 
     async def submit(
         self, job: BatchJob, *, bound: int
@@ -288,11 +304,11 @@ class MemoryJobStore:
         """Store `job` if `token` is the newest and the stored job has not finished."""
         job.fencing_token = token  # as RedisJobStore does: the caller's record carries it
         await anyio.lowlevel.checkpoint()
+        current = self._records.get(job.job_id)
+        if current is None:  # first: a record Redis lost has lost its fence too
+            return WriteResult.MISSING
         if token != self._fence(job.job_id):
             return WriteResult.SUPERSEDED
-        current = self._records.get(job.job_id)
-        if current is None:
-            return WriteResult.MISSING
         state = _stored_state(current)
         if state is None:
             raise self._bad_record(job.job_id, current)
@@ -305,6 +321,14 @@ class MemoryJobStore:
                 keys.expire(job.job_id, self._retention)
         self._publish(job.job_id)
         return WriteResult.WRITTEN
+
+    async def restore_fence(self, job_id: str, token: int) -> bool:
+        """Raise the fence back to `token` if it is below it."""
+        await anyio.lowlevel.checkpoint()
+        if self._fence(job_id) >= token:
+            return False
+        self._set_fence(job_id, token)
+        return True
 
     async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
         """Ask for the job to be cancelled; a PENDING one ends CANCELLED here under a new token.
@@ -366,11 +390,26 @@ class MemoryJobStore:
         await anyio.lowlevel.checkpoint()
         return self._queued.get(job_type, 0)
 
+    async def report_lost(self, lost: LostJob) -> bool:
+        """Note the lost job (the newest 10,000 kept) and drop its token, unless its record is
+        there after all."""
+        await anyio.lowlevel.checkpoint()
+        if self._records.get(lost.job_id) is not None:
+            return False
+        self._fences.delete(lost.job_id)
+        self._lost.append(lost)
+        return True
+
+    async def lost_jobs(self, *, count: int) -> list[LostJob]:
+        """The `count` newest lost-job reports, newest first."""
+        await anyio.lowlevel.checkpoint()
+        return list(reversed(self._lost))[:count]
+
     # --- the queue --------------------------------------------------------------------------------
 
     def _check_group(self) -> None:
         if not self._group:  # Redis answers NOGROUP
-            raise RuntimeError("no consumer group: call ensure_group() first")
+            raise QueueGone("the job queue's consumer group is gone")
 
     def _deliver_new(self, consumer: str, count: int) -> list[QueueEntry]:
         taken: list[QueueEntry] = []

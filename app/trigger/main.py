@@ -34,6 +34,7 @@ from app.grpc.limits import limits_from
 from app.grpc.ports import candidate_ports
 from app.grpc.server import GrpcServer
 from app.stores.redis.client import create_redis, wait_for_redis
+from app.stores.redis.monitor import RedisMonitor
 from app.stores.redis.schedule_store import RedisScheduleStore
 from app.trigger.config_sync import config_specs, sync_config_schedules
 from app.trigger.orchestrator_client import GrpcOrchestratorClient
@@ -91,6 +92,26 @@ async def serve_trigger(config: Config) -> None:
                 close_grace_seconds=config.grpc.close_grace_seconds,
                 limits=limits_from(config.grpc),
             )
+
+            def serving(redis_up: bool) -> None:
+                server.set_serving(redis_up and not service.draining)
+
+            async def resync() -> None:
+                await sync_config_schedules(store, declared, now=clock.timestamp())
+
+            # says once when Redis goes, comes back without its data (the declared schedules
+            # are synced again then; those made through the API are gone) or without its last
+            # writes; health NOT_SERVING meanwhile
+            monitor = RedisMonitor(
+                redis,
+                what=f"Redis at {config.redis.display_url()}",
+                consequence="health NOT_SERVING, runners wait for it",
+                on_change=serving,
+                on_data_lost=resync,
+                data_loss_action="syncing the declared schedules again (those made through the"
+                " API are gone with it)",
+                interval=config.redis.check_interval_seconds,
+            )  # fmt: skip
             try:
                 # nothing works without the shared Redis: wait for it (a signal still stops us)
                 async with anyio.create_task_group() as waiting:
@@ -101,26 +122,33 @@ async def serve_trigger(config: Config) -> None:
                         tg.cancel_scope.cancel()
 
                     waiting.start_soon(stop_on_signal)
-                    await wait_for_redis(redis, what=f"Redis at {config.redis.effective_url()}")
+                    await wait_for_redis(redis, what=f"Redis at {config.redis.display_url()}")
                     await sync_config_schedules(store, declared, now=clock.timestamp())
                     waiting.cancel_scope.cancel()
+                await tg.start(monitor.run)
                 await tg.start(replica.run)
                 if config.metrics.port is not None:
                     # the HTTP edge is imported only by a role that serves it
                     from app.http.edge import start_http_edge
+                    from app.stores.redis.metrics import redis_metrics
                     from app.trigger.metrics import trigger_metrics
 
                     await start_http_edge(
                         tg,
                         host=config.metrics.host,
                         port=config.metrics.port,
-                        collect=lambda: trigger_metrics(replica, server, store.bad_data),
+                        collect=lambda: [
+                            *trigger_metrics(replica, server, store.bad_data),
+                            *redis_metrics(monitor.statistics()),
+                        ],
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,
+                        unready=monitor.down_reason,
                     )
                 port = await tg.start(
                     server.run, candidate_ports(t.port, t.port_search if t.port else 0)
                 )
+                serving(monitor.up)  # the server starts SERVING; Redis may have gone meanwhile
                 gc.freeze()  # start-up's objects out of the collector's sight (see worker_main)
                 log.info(
                     "trigger ready: replica %s, port %d, orchestrators %s, %r, %r",

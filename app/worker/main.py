@@ -5,6 +5,7 @@
     ├── JobMaster                    CapacityLimiter + bounded queue; a task per running job
     ├── GrpcServer (grpclib)         WorkerService, reflection, health
     ├── HttpServer (Hypercorn)       /metrics, /healthz, /readyz when `metrics.port` is set
+    ├── RedisMonitor                 Redis up or down; re-registers at once if it lost its data
     └── ScheduleManager              ApplicationInfoReportJob every report interval
 
 Shutdown (SIGTERM/SIGINT): PodInfo DRAINING and health NOT_SERVING at once, new work refused
@@ -40,6 +41,7 @@ from app.scheduling.triggers import IntervalTrigger
 from app.stores.redis.client import create_redis
 from app.stores.redis.embedded import EmbeddedRedis
 from app.stores.redis.job_store import RedisJobStore
+from app.stores.redis.monitor import RedisMonitor
 from app.stores.redis.pod_registry import RedisPodRegistry
 from app.worker.builtin_jobs import builtin_specs
 from app.worker.job_master import JobMaster
@@ -87,8 +89,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
     w = config.worker
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
+            redis_url: str | None = None  # configured: the config's endpoint (or its sentinels)
             if config.redis.configured:
-                redis_url = config.redis.effective_url()
+                pass
             elif config.redis.embedded:
                 redis_url = await tg.start(EmbeddedRedis().run)
             else:
@@ -154,6 +157,23 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             )
             service.identity = identity
             service.report_job = report
+
+            async def re_register() -> None:
+                await report.report(force=True)
+
+            # the worker serves without Redis: the monitor only says so, and notices a data loss
+            where = config.redis.display_url() if config.redis.configured else "embedded"
+            monitor = RedisMonitor(
+                redis,
+                what=f"Redis at {where}",
+                consequence="still serving; PodInfo and run outcomes wait for it",
+                on_data_lost=re_register,
+                data_loss_action="re-registering PodInfo now",
+                on_went_back=re_register,
+                went_back_action="re-registering PodInfo now",
+                interval=config.redis.check_interval_seconds,
+            )  # fmt: skip
+            await tg.start(monitor.run)
             if config.metrics.port is not None:
                 # the HTTP edge (Starlette, Hypercorn, prometheus_client: ~120 modules, ~4 MiB)
                 # is imported only by a role that serves it
@@ -164,7 +184,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                     tg,
                     host=config.metrics.host,
                     port=config.metrics.port,
-                    collect=lambda: worker_metrics(job_master, report, server),
+                    collect=lambda: worker_metrics(job_master, report, server, monitor),
                     draining=lambda: job_master.draining,
                     grpc_port=lambda: server.port,
                 )

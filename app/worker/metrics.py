@@ -13,6 +13,8 @@ from prometheus_client.core import (
 from app.fleet.pod_info import PodStatus
 from app.grpc.metrics import grpc_metrics
 from app.grpc.server import GrpcServer
+from app.stores.redis.metrics import redis_metrics
+from app.stores.redis.monitor import RedisMonitor
 from app.worker.job_master import JobMaster
 from app.worker.reporter import ApplicationInfoReportJob
 
@@ -21,8 +23,10 @@ def worker_metrics(
     job_master: JobMaster,
     report: ApplicationInfoReportJob | None,
     server: GrpcServer | None = None,
+    monitor: RedisMonitor | None = None,
 ) -> list[Metric]:
-    """The job master's load and counters, the registry's health, the gRPC server's counters."""
+    """The job master's load and counters, the registry's health, the gRPC server's counters,
+    Redis as the monitor sees it."""
     s = job_master.statistics()
     load = s.load
     out: list[Metric] = [
@@ -52,4 +56,6 @@ def worker_metrics(
         )
     if server is not None:
         out += grpc_metrics(server.statistics())
+    if monitor is not None:
+        out += redis_metrics(monitor.statistics())
     return out

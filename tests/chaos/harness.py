@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
+import shutil
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -24,9 +27,17 @@ from typing import Any, NamedTuple, cast
 
 import grpc
 import msgspec
+import redis
 
 from tests.chaos.proxy import FaultProxy
-from tests.helpers import RedisServer, WorkerProcess, base_env, free_port, wait_for
+from tests.helpers import (
+    RedisServer,
+    WorkerProcess,
+    base_env,
+    free_port,
+    redis_server_binary,
+    wait_for,
+)
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED", "TIMED_OUT"}
 #: How an attempt ends when the fleet took its worker for gone: its run may come back and end.
@@ -114,16 +125,105 @@ class ChaosFleet:
         self._lock = threading.Lock()
         self._channels: dict[int, grpc.Channel] = {}
         self.trigger_config = tmp / "trigger-config"
+        self.extra_env: dict[str, str] = {}  # for every process started from now on
+        self.redis_env: dict[str, str] | None = None  # how they find Redis (default: REDIS_URL)
+        self.stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
 
     # --- processes ------------------------------------------------------------------------------
 
-    def start_redis(self) -> None:
+    def start_redis(self, *extra: str) -> None:
+        """Start the fleet's redis-server (again, on the same port and folder), with `extra`
+        arguments (`--appendonly yes`) when given."""
+        if extra:
+            self.redis.extra = list(extra)
         self.redis.start()
+
+    def redis_down(self, signum: int = signal.SIGTERM) -> None:
+        """A fault: `signum` to redis-server, and wait for it to exit (a SIGTERM with AOF on
+        writes and syncs the file first)."""
+        process = self.redis.process
+        assert process is not None
+        process.send_signal(signum)
+        process.wait(10)
+        self.redis.process = None
+        self.note_fault()
+
+    def note_fault(self) -> None:
+        """Count a fault made from outside the harness (a fail-over), now."""
+        with self._lock:
+            self.faults += 1
+            self.last_fault = time.monotonic()
+
+    def redis_up(self, *, empty: bool = False) -> None:
+        """Start redis-server again where it was; `empty`: without its files (all data lost)."""
+        if empty:
+            for path in (self.tmp / "redis").iterdir():
+                if path.suffix != ".log":
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        self.redis.start()
+        with self._lock:
+            self.last_fault = time.monotonic()
+
+    def cut_aof(self, *, seconds: float, before: float) -> int:
+        """Drop the AOF's writes of at least the last `seconds` before `before` (Unix time; up
+        to a second more, the marks being whole seconds), as a machine that lost power would with
+        `appendfsync everysec`: redis-server must run with `--aof-timestamp-enabled yes` (a `#TS:`
+        line before each second's first write) and be stopped. The bytes cut."""
+        aof_dir = self.tmp / "redis" / "appendonlydir"
+        incr = sorted(aof_dir.glob("*.incr.aof"), key=lambda p: int(p.name.split(".")[-3]))[-1]
+        data = incr.read_bytes()
+        cutoff, position, cut_at = before - seconds, 0, len(data)
+        while (found := data.find(b"#TS:", position)) != -1:
+            end = data.index(b"\r\n", found)
+            if int(data[found + 4 : end]) >= math.floor(cutoff):
+                cut_at = found
+                break
+            position = end
+        incr.write_bytes(data[:cut_at])
+        return len(data) - cut_at
+
+    def logs(self, role: str | None = None) -> dict[str, str]:
+        """Every process log of `role` (all roles when None) so far, by file name."""
+        return {
+            p.name: p.read_text(errors="replace")
+            for p in sorted(self.tmp.glob(f"{role or '*'}-*.log"))
+        }
+
+    def http_port(self, slot: Slot) -> int:
+        """The slot's /metrics, /healthz, /readyz port (`extra_env` sets metrics.port to 0)."""
+        assert slot.process is not None
+        return int(slot.process.wait_log(r"http on http://[^:]+:(\d+)")[1])
+
+    def health(self, slot: Slot) -> str:
+        """What the slot's gRPC health service answers: SERVING, NOT_SERVING, or the error."""
+        # grpclib's generated messages: grpcio-health-checking's would register the same proto
+        # names a second time in the process's descriptor pool (an error)
+        from grpclib.health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+
+        channel = self._channels.get(slot.port)
+        if channel is None:
+            channel = self._channels[slot.port] = grpc.insecure_channel(f"127.0.0.1:{slot.port}")
+        check = channel.unary_unary(
+            "/grpc.health.v1.Health/Check",
+            request_serializer=HealthCheckRequest.SerializeToString,
+            response_deserializer=HealthCheckResponse.FromString,
+        )
+        try:
+            reply = check(HealthCheckRequest(), timeout=2)
+        except grpc.RpcError as exc:
+            return f"error {exc.code().name}"
+        return str(HealthCheckResponse.ServingStatus.Name(reply.status))
+
+    def tracebacks(self) -> dict[str, int]:
+        """Log files with a traceback in them, and how many."""
+        found = {name: text.count("Traceback") for name, text in self.logs().items()}
+        return {name: n for name, n in found.items() if n}
 
     def env(self, slot: Slot, **extra: str) -> dict[str, str]:
         port_key = PORT_KEYS[slot.role]
         settings = dict(
-            REDIS_URL=self.redis.url,
+            **(self.redis_env or {"REDIS_URL": self.redis.url}),
             CHAOS_LEDGER=str(self.ledger),
             JOBWORKER_SCHEDULE__REPORT_INTERVAL_SECONDS="0.5",
             JOBWORKER_ORCHESTRATOR__WORKER_REPORT_INTERVAL_SECONDS="0.5",
@@ -139,9 +239,10 @@ class ChaosFleet:
             JOBWORKER_LOG__LEVEL="INFO",
             **{port_key: str(slot.port), "JOBWORKER_ORCHESTRATOR__HOST": "127.0.0.1"},
         )
+        # the scenario's settings, then the slot's proxies, then the call's win over defaults
         return base_env(
             self.tmp / f"{slot.role}-{slot.port}",
-            **(settings | self._proxied(slot) | self._trigger(slot) | extra),
+            **(settings | self.extra_env | self._proxied(slot) | self._trigger(slot) | extra),
         )
 
     def _trigger(self, slot: Slot) -> dict[str, str]:
@@ -281,7 +382,18 @@ class ChaosFleet:
         thread.start()
         return thread
 
+    def in_background(self, fn: Callable[[], None], name: str) -> threading.Thread:
+        """Run `fn` in a thread that `close` stops (`stopping` is set) and joins first, so that a
+        failed scenario's thread does not go on against closed channels."""
+        thread = threading.Thread(target=fn, name=name, daemon=True)
+        self._threads.append(thread)
+        thread.start()
+        return thread
+
     def close(self) -> None:
+        self.stopping.set()
+        for thread in self._threads:
+            thread.join(10)
         for channel in self._channels.values():
             channel.close()
         for slot in self.slots:
@@ -309,7 +421,7 @@ class ChaosFleet:
             params={"key": job_id, "seconds": f"{seconds:.3f}"}, deadline_seconds=600,
         )  # fmt: skip
         deadline = time.monotonic() + within
-        while True:
+        while not self.stopping.is_set():
             orchestrators = [s for s in self.slots if s.role == "orchestrator"]
             slot = self.rng.choice(orchestrators)
             try:
@@ -375,6 +487,10 @@ class ChaosFleet:
             LedgerLine(kind, key, int(pid), int(token))
             for kind, key, pid, token in (ln.split() for ln in self.ledger.read_text().splitlines())
         ]
+
+    def ledger_done(self) -> set[str]:
+        """The keys of the runs that have ended so far (a `done` line in the ledger)."""
+        return {line.key for line in self.ledger_lines() if line.kind == "done"}
 
     def report(self, job_ids: list[str], settle: float) -> Report:
         records = self.records(job_ids)
@@ -460,3 +576,106 @@ def print_report(name: str, report: Report, out: Callable[[str], None] = print) 
     out(f"\n== chaos: {name}")
     for line in report.lines():
         out(f"   {line}")
+
+
+class SentinelRedis(RedisServer):
+    """A master, one replica and three sentinels (`redis-server <conf> --sentinel`), all real
+    processes on 127.0.0.1. `client()` reaches whichever is master now; `env()` is what a role
+    needs to find it through the sentinels."""
+
+    NAME = "chaos"
+
+    def __init__(self, tmp: Path, *, down_after_ms: int = 1000) -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        (tmp / "master").mkdir(exist_ok=True)
+        (tmp / "replica").mkdir(exist_ok=True)
+        super().__init__(tmp / "master")
+        self.replica = RedisServer(
+            tmp / "replica", extra=["--replicaof", "127.0.0.1", str(self.port)]
+        )
+        self.sentinel_dir = tmp
+        self.sentinel_ports = [free_port() for _ in range(3)]
+        self.sentinels: list[subprocess.Popen[bytes]] = []
+        self.down_after_ms = down_after_ms
+
+    def env(self) -> dict[str, str]:
+        addresses = [f"127.0.0.1:{port}" for port in self.sentinel_ports]
+        return {
+            "JOBWORKER_REDIS__SENTINELS": json.dumps(addresses),
+            "JOBWORKER_REDIS__MASTER_NAME": self.NAME,
+        }
+
+    def start(self) -> None:
+        super().start()
+        self.replica.start()
+        wait_for(self._replica_in_sync, timeout=20, what="the replica in sync")
+        for port in self.sentinel_ports:
+            conf = self.sentinel_dir / f"sentinel-{port}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {self.sentinel_dir}\n"
+                f"logfile {self.sentinel_dir}/sentinel-{port}.log\n"
+                f"sentinel monitor {self.NAME} 127.0.0.1 {self.port} 2\n"
+                f"sentinel down-after-milliseconds {self.NAME} {self.down_after_ms}\n"
+                f"sentinel failover-timeout {self.NAME} 10000\n"
+            )
+            self.sentinels.append(subprocess.Popen(
+                [redis_server_binary(), str(conf), "--sentinel"], stdin=subprocess.DEVNULL
+            ))  # fmt: skip
+        wait_for(self._sentinels_ready, timeout=30, what="3 sentinels that know each other")
+
+    def _replica_in_sync(self) -> bool:
+        client = self.replica.client()
+        try:
+            return client.info("replication").get("master_link_status") == "up"
+        except redis.RedisError:
+            return False
+        finally:
+            client.close()
+
+    def _sentinel_state(self, port: int) -> dict[str, Any] | None:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+        try:
+            masters: Any = client.sentinel_masters()
+            state: dict[str, Any] | None = masters.get(self.NAME)
+            return state
+        except redis.RedisError:
+            return None
+        finally:
+            client.close()
+
+    def _sentinels_ready(self) -> bool:
+        states = [self._sentinel_state(port) for port in self.sentinel_ports]
+        return all(
+            s is not None and s["num-other-sentinels"] == 2 and s["num-slaves"] == 1 for s in states
+        )
+
+    def master_port(self) -> int | None:
+        """The master's port as a sentinel reports it (None: none answers)."""
+        for port in self.sentinel_ports:
+            state = self._sentinel_state(port)
+            if state is not None:
+                return int(state["port"])
+        return None
+
+    def kill_master(self) -> RedisServer:
+        """SIGKILL the master now (the first, or the replica once promoted); the one killed."""
+        master = self if self.master_port() == self.port else self.replica
+        assert master.process is not None
+        master.process.kill()
+        master.process.wait(10)
+        master.process = None
+        return master
+
+    def client(self) -> redis.Redis:
+        port = self.master_port() if self.sentinels else self.port  # before: the first master
+        assert port is not None, "no sentinel answers"
+        return redis.Redis(host="127.0.0.1", port=port, socket_timeout=2)
+
+    def stop(self) -> None:
+        for sentinel in self.sentinels:
+            if sentinel.poll() is None:
+                sentinel.terminate()
+                sentinel.wait(10)
+        self.sentinels = []
+        self.replica.stop()
+        super().stop()

@@ -7,9 +7,10 @@ import logging
 import anyio
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import ReadOnlyError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from app.config import RedisConfig
@@ -19,15 +20,48 @@ from app.core.outage import Outage
 log = logging.getLogger(__name__)
 
 #: What "Redis is unreachable" looks like to callers (redis-py raises these, or OSError).
-REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+#: ConnectionError covers LOADING (restarting with its AOF) and Sentinel's "no master found".
+REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (
+    RedisConnectionError, RedisTimeoutError, OSError, ReadOnlyError,
+)  # fmt: skip
+# replies that mean "not now" rather than "wrong": a replica not yet in sync, a fail-over
+_NOT_NOW = ("MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY")
+
+
+def is_unavailable(exc: BaseException) -> bool:
+    """Whether `exc` means Redis cannot serve right now (down, loading, failing over), so that
+    the same call may work later; as opposed to a wrong call or bad data."""
+    if isinstance(exc, REDIS_DOWN_ERRORS):
+        return True
+    return isinstance(exc, ResponseError) and str(exc).startswith(_NOT_NOW)
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """Whether `exc` is Redis's NOGROUP: the stream or its consumer group is not there."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+
+
+class SentinelRedis(aioredis.Redis):
+    """The master's client from Redis Sentinel; closing it closes the sentinels' clients too."""
+
+    # not `sentinel`: Redis has a SENTINEL command method of that name
+    sentinel_manager: Sentinel | None = None
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Close the master's pool, then the connections to the sentinels."""
+        try:
+            await super().aclose(close_connection_pool)
+        finally:
+            if self.sentinel_manager is not None:
+                await self.sentinel_manager.aclose()
 
 
 def create_redis(config: RedisConfig, url: str | None = None) -> aioredis.Redis:
-    """A client for `url` (default: the config's endpoint). Every call has a socket timeout.
+    """A client for `url`, else the config's endpoint: its URL or host, or the master its
+    sentinels name (found again after a fail-over). Every call has a socket timeout.
 
     `redis.username`/`redis.password` apply when the URL carries none.
     """
-    url = url or config.effective_url()
     kwargs: dict[str, object] = {
         "socket_timeout": config.connect_timeout_seconds,
         "socket_connect_timeout": config.connect_timeout_seconds,
@@ -39,7 +73,18 @@ def create_redis(config: RedisConfig, url: str | None = None) -> aioredis.Redis:
         kwargs["username"] = config.username
     if config.password:
         kwargs["password"] = config.password
-    return aioredis.Redis.from_url(url, **kwargs)  # type: ignore[arg-type]
+    if url is None and config.sentinels:
+        timeouts = {k: v for k, v in kwargs.items() if k.startswith("socket_")}
+        tls = {"ssl": True} if config.tls else {}
+        sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            config.sentinel_addresses(), sentinel_kwargs={**timeouts, **tls}, **kwargs, **tls
+        )
+        master: SentinelRedis = sentinel.master_for(
+            config.master_name, redis_class=SentinelRedis, db=config.db
+        )
+        master.sentinel_manager = sentinel
+        return master
+    return aioredis.Redis.from_url(url or config.effective_url(), **kwargs)  # type: ignore[arg-type]
 
 
 async def wait_for_redis(client: aioredis.Redis, *, what: str = "Redis", cap: float = 5.0) -> None:

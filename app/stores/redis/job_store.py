@@ -10,6 +10,7 @@ Keys (prefixes configurable):
 | `wpm-job-queued:<type>` | unfinished jobs of that type (the per-type bound) |
 | `wpm-jobs:stream` | job ids, consumer group `orchestrators`; acked and deleted at the end |
 | `wpm-jobs:stream:quarantine` | entries set aside as unusable, with the reason (MAXLEN ~) |
+| `wpm-jobs:lost` | jobs whose record vanished while in hand (Redis lost them), the newest 10,000 |
 | `wpm-job-events:<id>` | pub/sub channel: the record after each change |
 
 Every write goes through a Lua script that checks the fencing token, so a late result from a
@@ -19,25 +20,33 @@ Junk in any of these keys (written by hand, by a bug, by another program) is met
 read: the item is said once and counted (`BadData`), then skipped or set aside, so that one bad
 item never stops the others. A script never raises on junk: it reads with `redis.pcall` and
 `pcall(cjson.decode)`, and answers with a code instead.
+
+Every method raises `StoreUnavailable` while Redis cannot serve (down, loading, failing over) and
+`QueueGone` when the consumer group is not there (Redis lost its data), instead of redis-py's
+errors, so that callers outside this package can tell an outage from a bug.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from app.errors import BadDataKind, CorruptRecord
+from app.errors import BadDataKind, CorruptRecord, QueueGone, StoreUnavailable
 from app.fleet.batch_job import (
     BatchJob,
+    LostJob,
     RunOutcome,
     decode_job,
+    decode_lost,
     decode_outcome,
     encode_job,
+    encode_lost,
     encode_outcome,
 )
 from app.fleet.job_state import FINISHED, JobState
@@ -53,8 +62,31 @@ from app.stores.bad_data import (
     record_problem,
     show,
 )
+from app.stores.redis.client import is_nogroup, is_unavailable
 
 log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """`method` with redis-py's "not now" errors raised as `StoreUnavailable`, and NOGROUP as
+    `QueueGone` (the one-line reason kept; the original chained)."""
+
+    @functools.wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except Exception as exc:
+            if is_nogroup(exc):
+                raise QueueGone(f"the job queue's consumer group is gone ({exc})") from exc
+            if is_unavailable(exc):
+                raise StoreUnavailable(f"Redis unreachable ({type(exc).__name__}: {exc})") from exc
+            raise
+
+    return call
+
 
 _FINISHED_NAMES = "{" + ",".join(f"'{s.value}'" for s in FINISHED) + "}"
 
@@ -114,13 +146,13 @@ return {{1, id, junk, raw}}
 """
 
 # KEYS: record, fence, counter, channel, cancel   ARGV: json, token, final (0/1), retention
-# {code} as WriteResult; {-3, fence} or {-4, record} when that does not read
+# (a missing record first: when Redis lost it, it lost its fence too, and that is no takeover)
 _WRITE = f"""{_READ}
+local state, current = state_at(KEYS[1])
+if state == nil then return {{-1}} end
 local fence, fence_raw = int_at(KEYS[2])
 if not fence then return {{-3, fence_raw}} end
 if tonumber(ARGV[2]) ~= fence then return {{0}} end
-local state, current = state_at(KEYS[1])
-if state == nil then return {{-1}} end
 if not state then return {{-4, current}} end
 if finished[state] then return {{-2}} end
 redis.call('SET', KEYS[1], ARGV[1])
@@ -163,6 +195,26 @@ return {{1, ARGV[3]}}
 """
 # a PENDING job changing under a cancel is retried this often before the cancel gives up on it
 _CANCEL_TRIES = 10
+
+# KEYS: fence   ARGV: token   -> {1} raised, {0} not below, {-3, fence} when that does not read
+_RESTORE_FENCE = f"""{_READ}
+local fence, raw = int_at(KEYS[1])
+if not fence then return {{-3, raw}} end
+if fence >= tonumber(ARGV[1]) then return {{0}} end
+redis.call('SET', KEYS[1], ARGV[1])
+return {{1}}
+"""
+
+# KEYS: record, fence, lost stream   ARGV: job id, report JSON, max length
+# (junk in the lost stream's key must not fail the caller: the note is dropped then)
+_REPORT_LOST = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('DEL', KEYS[2])
+redis.pcall('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', 'job_id', ARGV[1], 'lost', ARGV[2])
+return 1
+"""
+#: Lost-job reports kept (about: the stream is trimmed approximately).
+LOST_KEPT = 10_000
 
 # KEYS: stream, quarantine, record, fence, counter, channel, cancel
 # ARGV: group, entry id, job id, kind, reason, maxlen, record as read, failed record, retention
@@ -210,18 +262,22 @@ class RedisJobStore:
         retention_seconds: int = 86_400,
         bad_data: BadData | None = None,
         quarantine_maxlen: int = QUARANTINE_MAXLEN,
+        lost_key: str = "wpm-jobs:lost",
     ) -> None:
         self._redis = client
         self._prefix = job_prefix
         self.stream_key = stream_key
         self.quarantine_key = f"{stream_key}:quarantine"
         self.group = group
+        self.lost_key = lost_key
         self._retention = retention_seconds
         self.bad_data = bad_data or BadData()
         self._quarantine_maxlen = quarantine_maxlen
         self._submit = client.register_script(_SUBMIT)
         self._write = client.register_script(_WRITE)
         self._cancel = client.register_script(_CANCEL)
+        self._report_lost = client.register_script(_REPORT_LOST)
+        self._restore_fence = client.register_script(_RESTORE_FENCE)
         self._quarantine = client.register_script(_QUARANTINE)
 
     def __repr__(self) -> str:
@@ -275,14 +331,21 @@ class RedisJobStore:
 
     # --- records ----------------------------------------------------------------------------------
 
-    async def ensure_group(self) -> None:
-        """Create the stream and the consumer group if they are not there yet."""
+    @translated
+    async def ensure_group(self) -> bool:
+        """Create the stream and the consumer group if they are not there yet; True if it did.
+
+        The group reads the stream from its start, so entries added before it (submits after
+        Redis came back empty) are delivered."""
         try:
             await self._redis.xgroup_create(self.stream_key, self.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+            return False
+        return True
 
+    @translated
     async def submit(
         self, job: BatchJob, *, bound: int
     ) -> tuple[SubmitResult, BatchJob | None, int]:
@@ -309,6 +372,7 @@ class RedisJobStore:
             )
         return SubmitResult.CREATED, None, 0
 
+    @translated
     async def get(self, job_id: str) -> BatchJob | None:
         """The record, or None when there is none (never submitted, or expired); CorruptRecord
         when it does not read."""
@@ -320,6 +384,7 @@ class RedisJobStore:
             raise self._bad_record(job_id, None) from None
         return None if raw is None else self._decode(job_id, raw)
 
+    @translated
     async def fence(self, job_id: str) -> int:
         """The job's newest fencing token (0 before the first); CorruptRecord when it is junk."""
         try:
@@ -334,6 +399,7 @@ class RedisJobStore:
             raise self._bad_fence(job_id, raw)
         return int(raw)
 
+    @translated
     async def next_token(self, job_id: str) -> int:
         """A new fencing token: from now on, holders of older ones are refused."""
         try:
@@ -342,6 +408,7 @@ class RedisJobStore:
             await self.fence(job_id)  # junk: raises CorruptRecord saying what is there
             raise
 
+    @translated
     async def write(self, job: BatchJob, token: int) -> WriteResult:
         """Store `job` if `token` is still the job's fencing token and the job has not ended;
         CorruptRecord when the stored record or fencing token does not read."""
@@ -356,6 +423,17 @@ class RedisJobStore:
             raise self._bad_record(job.job_id, reply[1])
         return WriteResult(int(reply[0]))
 
+    @translated
+    async def restore_fence(self, job_id: str, token: int) -> bool:
+        """See `JobStore.restore_fence`: one script compares and sets `<record>:fence`;
+        CorruptRecord when the fence is junk."""
+        key = f"{self.record_key(job_id)}:fence"
+        reply = await self._restore_fence(keys=[key], args=[token])
+        if reply[0] == -3:
+            raise self._bad_fence(job_id, reply[1])
+        return bool(reply[0] == 1)
+
+    @translated
     async def request_cancel(self, job_id: str, *, error: str, now: float) -> BatchJob | None:
         """See `JobStore.request_cancel`: one script marks the request and, for a PENDING job,
         ends it under a new token if neither the record nor the fence changed since read."""
@@ -394,6 +472,7 @@ class RedisJobStore:
                 return self._decode(job_id, reply[1])
         return job
 
+    @translated
     async def record_outcome(self, job_id: str, token: int, outcome: RunOutcome) -> bool:
         """`SET <record>:run:<token> <outcome> NX EX <retention>`."""
         key = f"{self.record_key(job_id)}:run:{token}"
@@ -401,6 +480,7 @@ class RedisJobStore:
             await self._redis.set(key, encode_outcome(outcome), nx=True, ex=self._retention)
         )
 
+    @translated
     async def outcomes(self, job_id: str, tokens: Sequence[int]) -> dict[int, RunOutcome]:
         """One MGET of the tokens' outcome keys; one that does not decode is said once and left
         out (the run's worker is asked again)."""
@@ -421,10 +501,12 @@ class RedisJobStore:
                 )  # fmt: skip
         return found
 
+    @translated
     async def cancel_requested(self, job_id: str) -> bool:
         """Whether a cancel was asked for (the `:cancel` key, kept for the retention)."""
         return bool(await self._redis.exists(f"{self.record_key(job_id)}:cancel"))
 
+    @translated
     async def queued_count(self, job_type: str) -> int:
         """Unfinished jobs of `job_type`: the `<prefix>-queued:<type>` counter (junk reads as 0,
         what the next submit starts it again from)."""
@@ -443,8 +525,34 @@ class RedisJobStore:
             return 0
         return int(raw or 0)
 
+    @translated
+    async def report_lost(self, lost: LostJob) -> bool:
+        """XADD to the lost-job stream (trimmed to about `LOST_KEPT`) and DEL the job's fence,
+        in one script, unless its record is there after all."""
+        key = self.record_key(lost.job_id)
+        noted = await self._report_lost(
+            keys=[key, f"{key}:fence", self.lost_key],
+            args=[lost.job_id, encode_lost(lost), LOST_KEPT],
+        )
+        return bool(noted)
+
+    @translated
+    async def lost_jobs(self, *, count: int) -> list[LostJob]:
+        """XREVRANGE of the lost-job stream; a report that does not decode is logged and skipped."""
+        reply: Any = await self._redis.xrevrange(self.lost_key, count=count)
+        found: list[LostJob] = []
+        for entry_id, fields in reply:
+            raw = fields.get(b"lost", fields.get("lost", b""))
+            try:
+                found.append(decode_lost(raw))
+            except msgspec.DecodeError as exc:
+                log.warning("ignoring %s %s: not a lost-job report (%s)", self.lost_key,
+                            text(entry_id), exc)  # fmt: skip
+        return found
+
     # --- the stream -------------------------------------------------------------------------------
 
+    @translated
     async def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[QueueEntry]:
         """New entries for this consumer: (entry id, job id). One that names no job (no job_id
         field, or not UTF-8) goes to quarantine instead."""
@@ -453,6 +561,7 @@ class RedisJobStore:
         )
         return await self._usable(e for _, entries in reply or [] for e in entries)
 
+    @translated
     async def claim_idle(self, consumer: str, *, min_idle_ms: int, count: int) -> list[QueueEntry]:
         """Entries another consumer has held idle for `min_idle_ms` (it died): now ours. One
         that names no job goes to quarantine instead."""
@@ -503,6 +612,7 @@ class RedisJobStore:
                 return
         self.bad_data.quarantined(kind)
 
+    @translated
     async def quarantine(self, entry_id: str, problem: CorruptRecord, *, now: float) -> bool:
         """See `JobStore.quarantine`: one script moves the entry, acks it, and (a junk fencing
         token, a record that reads) ends the job FAILED, if the record did not change since."""
@@ -552,6 +662,7 @@ class RedisJobStore:
         self.bad_data.found(BadDataKind.STREAM_ENTRY, self.quarantine_key, "not a stream",
                             "entries set aside are acked and dropped, not kept")  # fmt: skip
 
+    @translated
     async def quarantined(self, *, count: int = 100) -> list[Quarantined]:
         """The last `count` entries set aside, oldest first."""
         reply: Any = await self._redis.xrevrange(self.quarantine_key, count=count)
@@ -567,6 +678,7 @@ class RedisJobStore:
             )  # fmt: skip
         return found
 
+    @translated
     async def keep_alive(self, consumer: str, entry_ids: Sequence[str]) -> None:
         """Reset the idle time of entries we are working on, so that nobody claims them."""
         if entry_ids:
@@ -575,6 +687,7 @@ class RedisJobStore:
                 message_ids=list(entry_ids), justid=True,
             )  # fmt: skip
 
+    @translated
     async def ack(self, entry_id: str) -> None:
         """The job has ended: acknowledge and drop its entry (the stream holds open work only)."""
         async with self._redis.pipeline(transaction=True) as pipe:
