@@ -158,7 +158,7 @@ def test_redis_restarted_with_aof(chaos: ChaosFleet, signum: int, fsync: str) ->
 
 def lost_check(chaos: ChaosFleet) -> tuple[int, list[dict[str, Any]]]:
     """`jobworker lost --json` against the fleet's Redis: its exit status and its lines."""
-    env = chaos.env(Slot(role="check", port=0))
+    env = chaos.env(Slot(role="orchestrator", port=0))  # its config: the same Redis and keys
     done = subprocess.run(
         [sys.executable, "-m", "app", "lost", "--json"],
         env=env, cwd=ROOT, capture_output=True, text=True, timeout=30, check=False,
