@@ -487,6 +487,31 @@ async def test_idle_entries_are_claimed_and_kept_alive_ones_are_not(stores: Stor
     assert await store.read_new("other", count=10, block_ms=10) == []  # claimed is not new
 
 
+async def test_stopped_consumers_are_removed_once_they_hold_nothing(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(job("done"), bound=10)
+    ((done, _),) = await store.read_new("idle", count=10, block_ms=10)
+    await store.ack(done)  # "idle" holds nothing now
+    await store.submit(job("x"), bound=10)
+    ((entry, _),) = await store.read_new("dead", count=10, block_ms=10)
+
+    async def removed_once_idle(name: str, keep: str) -> list[str]:
+        with anyio.fail_after(5):
+            while True:
+                removed = await store.remove_idle_consumers(min_idle_ms=100, keep=keep)
+                if name in removed:
+                    return removed
+                await anyio.sleep(0.02)  # idle time only passes
+
+    # "dead" holds an entry: it stays, or its job could never be claimed
+    assert await removed_once_idle("idle", keep="me") == ["idle"]
+    assert await store.claim_idle("rescuer", min_idle_ms=0, count=10) == [(entry, "x")]
+    assert await removed_once_idle("dead", keep="rescuer") == ["dead"]
+    # the rescuer holds the entry now, and is kept besides; nobody else is left
+    assert await store.remove_idle_consumers(min_idle_ms=0, keep="me") == []
+    assert await store.claim_idle("other", min_idle_ms=0, count=10) == [(entry, "x")]
+
+
 async def test_keep_alive_moves_only_pending_entries(stores: Stores) -> None:
     store = stores.store
     for job_id in ("a", "b"):

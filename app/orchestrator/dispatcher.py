@@ -75,6 +75,9 @@ log = logging.getLogger(__name__)
 
 #: How long `cancel` waits for the job's end before it answers with the record as it is.
 CANCEL_WAIT_SECONDS = 10.0
+#: How often an orchestrator sweeps stopped consumers out of the group (and the least idle
+#: time, with six claim periods, that one must have been silent).
+CONSUMER_SWEEP_SECONDS = 60.0
 #: While a call runs, a cancel request is looked for at least this often (events may be missed).
 CANCEL_CHECK_SECONDS = 2.0
 #: A lost consumer group noticed again within this many seconds is not said again.
@@ -101,6 +104,7 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     claimed: int
     recovered: int
     superseded: int
+    consumers_removed: int
     retry_budget_refused: int
     queue_recreated: int
     lost: int
@@ -150,6 +154,7 @@ class Dispatcher:
         self._breakers: dict[str, CircuitBreaker] = {}
         # per worker: when it was last probed directly, and whether it answered
         self._probes: dict[str, tuple[float, bool]] = {}
+        self._next_consumer_sweep = 0.0  # monotonic
         self._cut_off: set[str] = set()  # stale workers that answer: said once each
         # SendWork answers at once; one that does not within a keepalive's time is unreachable
         self._admit_timeout = config.keepalive_seconds + config.keepalive_timeout_seconds
@@ -238,6 +243,7 @@ class Dispatcher:
             claimed=c["claimed"],
             recovered=c["recovered_outcomes"],
             superseded=c["superseded"],
+            consumers_removed=c["consumers_removed"],
             retry_budget_refused=self._budget.refused,
             queue_recreated=c["queue_recreated"],
             lost=c["lost"],
@@ -402,6 +408,28 @@ class Dispatcher:
                              extra={"job_id": job_id})  # fmt: skip
                     self._counts["claimed"] += 1
                     self._take(entry_id, job_id)
+            await self._remove_stopped_consumers()
+
+    async def _remove_stopped_consumers(self) -> None:
+        """Now and then: drop the group's consumers that stopped (their entries claimed, idle
+        for long), so that orchestrators coming and going do not grow the group for good."""
+        now = self._clock.monotonic()
+        if now < self._next_consumer_sweep:
+            return
+        self._next_consumer_sweep = now + CONSUMER_SWEEP_SECONDS
+        idle_ms = int(max(CONSUMER_SWEEP_SECONDS, 6 * self._config.claim_idle_seconds) * 1000)
+        try:
+            removed = await self._store.remove_idle_consumers(
+                min_idle_ms=idle_ms, keep=self.consumer
+            )
+        except Exception as exc:
+            self._queue_outage.failed(exc)
+            return
+        if removed:
+            self._counts["consumers_removed"] += len(removed)
+            names = ", ".join(removed[:5]) + (" ..." if len(removed) > 5 else "")
+            log.info("removed %d stopped orchestrator(s) from the job queue's group: %s",
+                     len(removed), names)  # fmt: skip
 
     async def _keep_alive_loop(self) -> None:
         while True:

@@ -59,6 +59,8 @@ def orchestrator_metrics(
         ("claimed", "Jobs claimed from an orchestrator that stopped", s.claimed),
         ("recovered", "Run outcomes read back from the store (the answer was lost)", s.recovered),
         ("superseded", "Results refused for a superseded fencing token", s.superseded),
+        ("consumers_removed", "Stopped orchestrators removed from the queue's consumer group",
+         s.consumers_removed),
         ("retry_budget_refused", "Retries the budget held back", s.retry_budget_refused),
         ("queue_recreated", "Times the queue's consumer group was gone and made again",
          s.queue_recreated),

@@ -207,6 +207,13 @@ class JobStore(Protocol):
         """The entry's job has ended: acknowledge and drop the entry."""
         ...
 
+    async def remove_idle_consumers(self, *, min_idle_ms: int, keep: str) -> list[str]:
+        """Remove from the group the consumers other than `keep` that hold no entry and have not
+        read, claimed or refreshed for `min_idle_ms` (orchestrators that stopped: each leaves
+        its name behind for good otherwise); their names. A live one that is removed comes
+        back with its next read."""
+        ...
+
 
 class JobEvents(Protocol):
     """Wakes waiters when a job's record changes (or a cancel is asked for). May miss a change

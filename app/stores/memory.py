@@ -183,6 +183,7 @@ class MemoryJobStore:
         self._last_entry = 0
         # the group's pending entries; inserted in delivery order, which is id order
         self._pending: dict[int, _Pending] = {}
+        self._consumers: dict[str, float] = {}  # the group's consumers: when each last came
         self._arrived: anyio.Event | None = None  # made by a blocked reader, set by submit
         self._listeners: list[Callable[[str], None]] = []  # MemoryJobEvents' wake-ups
         self._quarantine: deque[Quarantined] = deque(maxlen=quarantine_maxlen)
@@ -199,6 +200,7 @@ class MemoryJobStore:
         self._entries.clear()
         self._unread.clear()
         self._pending.clear()
+        self._consumers.clear()
         self._quarantine.clear()
         self._lost.clear()
 
@@ -430,6 +432,7 @@ class MemoryJobStore:
         """
         await anyio.lowlevel.checkpoint()
         self._check_group()
+        self._consumers[consumer] = anyio.current_time()
         deadline = anyio.current_time() + block_ms / 1000 if block_ms else math.inf
         while not (taken := self._deliver_new(consumer, count)):
             if anyio.current_time() >= deadline:
@@ -451,6 +454,7 @@ class MemoryJobStore:
         await anyio.lowlevel.checkpoint()
         self._check_group()
         now = anyio.current_time()
+        self._consumers[consumer] = now
         claimed: list[QueueEntry] = []
         for number, pending in list(self._pending.items())[: count * 10]:
             if len(claimed) == count:
@@ -512,10 +516,25 @@ class MemoryJobStore:
         await anyio.lowlevel.checkpoint()
         self._check_group()
         now = anyio.current_time()
+        self._consumers[consumer] = now
         for entry_id in entry_ids:
             number = _entry_number(entry_id)
             if number in self._pending:
                 self._pending[number] = _Pending(consumer, now)
+
+    async def remove_idle_consumers(self, *, min_idle_ms: int, keep: str) -> list[str]:
+        """XINFO CONSUMERS + XGROUP DELCONSUMER of those holding nothing, idle that long."""
+        await anyio.lowlevel.checkpoint()
+        self._check_group()
+        now = anyio.current_time()
+        holding = {pending.consumer for pending in self._pending.values()}
+        removed = [
+            name for name, seen in self._consumers.items()
+            if name != keep and name not in holding and (now - seen) * 1000 >= min_idle_ms
+        ]  # fmt: skip
+        for name in removed:
+            del self._consumers[name]
+        return removed
 
     async def ack(self, entry_id: str) -> None:
         """Acknowledge and drop the entry (XACK and XDEL): nobody reads or claims it again."""

@@ -279,6 +279,7 @@ class RedisJobStore:
         self._report_lost = client.register_script(_REPORT_LOST)
         self._restore_fence = client.register_script(_RESTORE_FENCE)
         self._quarantine = client.register_script(_QUARANTINE)
+        self._remove_consumers = client.register_script(_REMOVE_IDLE_CONSUMERS)
 
     def __repr__(self) -> str:
         return f"<RedisJobStore {self.stream_key} group={self.group}>"
@@ -688,12 +689,37 @@ class RedisJobStore:
             )  # fmt: skip
 
     @translated
+    async def remove_idle_consumers(self, *, min_idle_ms: int, keep: str) -> list[str]:
+        """Drop the consumers (but `keep`) that hold no entry and were idle `min_idle_ms`."""
+        removed: Any = await self._remove_consumers(
+            keys=[self.stream_key], args=[self.group, min_idle_ms, keep]
+        )
+        return [name.decode(errors="replace") for name in removed]
+
+    @translated
     async def ack(self, entry_id: str) -> None:
         """The job has ended: acknowledge and drop its entry (the stream holds open work only)."""
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.xack(self.stream_key, self.group, entry_id)
             pipe.xdel(self.stream_key, entry_id)
             await pipe.execute()
+
+
+# KEYS: stream   ARGV: group, min idle ms, the consumer to keep
+# In one script: a consumer is removed only while it holds no entry (DELCONSUMER would drop its
+# pending ones, whose jobs nobody could then claim).
+_REMOVE_IDLE_CONSUMERS = """
+local removed = {}
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['name'] ~= ARGV[3] and info['pending'] == 0 and info['idle'] >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    table.insert(removed, info['name'])
+  end
+end
+return removed
+"""
 
 
 def _job_id_of(fields: dict[Any, Any]) -> tuple[str, str]:
