@@ -156,6 +156,11 @@ def _double_field(number: int, value: float) -> bytes:
     return _varint(number << 3 | 1) + struct.pack("<d", value)
 
 
+TOO_MANY_FIELDS = (
+    "more than 1088 fields, more than a request may hold (1024 entries in its lists and maps)"
+)
+
+
 def _map_field(number: int, entries: list[tuple[bytes, bytes]]) -> bytes:
     return b"".join(_len_field(number, _len_field(1, k) + _len_field(2, v)) for k, v in entries)
 
@@ -433,6 +438,21 @@ def _rss(proc: WorkerProcess) -> int:
             "RESOURCE_EXHAUSTED",
             "received message larger than max ({size} vs. 4194304 bytes)",
         ),
+        # under the size limit, but 400k tiny entries: refused before any parser sees them
+        (
+            "worker",
+            "/worker.WorkerService/SendWork",
+            _len_field(1, b"j") + _len_field(2, b"echo") + _map_field(3, [(b"k", b"v")] * 400_000),
+            "INVALID_ARGUMENT",
+            TOO_MANY_FIELDS,
+        ),
+        (
+            "orch",
+            "/orchestrator.OrchestratorService/Submit",
+            _len_field(2, b"echo") + _map_field(3, [(b"k", b"v")] * 400_000),
+            "INVALID_ARGUMENT",
+            TOO_MANY_FIELDS,
+        ),
     ],
     ids=[
         "worker-getjob-1mb-id",
@@ -440,6 +460,8 @@ def _rss(proc: WorkerProcess) -> int:
         "worker-8mb-sendwork",
         "orch-getjob-1mb-id",
         "orch-64mb-submit",
+        "worker-400k-params",
+        "orch-400k-params",
     ],
 )
 def test_large_requests_are_answered_at_once_and_others_are_served(

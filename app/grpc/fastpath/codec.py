@@ -31,7 +31,12 @@ import betterproto2
 from google.protobuf import message_factory  # type: ignore[import-untyped]
 from grpclib.exceptions import GRPCError
 
-from app.grpc.codec import DEFAULT_MAX_MESSAGE_BYTES, CheckedProtoCodec, check_elements
+from app.grpc.codec import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    CheckedProtoCodec,
+    check_elements,
+    check_field_count,
+)
 from app.grpc.statistics import CodecCounters
 
 _SCALARS = frozenset(
@@ -250,6 +255,7 @@ class UpbProtoCodec(CheckedProtoCodec):
         if plan is None:
             return super().decode(data, message_type)
         self.check_size(data)
+        check_field_count(data)
         try:
             message, normalised = plan.decode(data)
         except GRPCError:
