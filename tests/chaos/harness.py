@@ -126,6 +126,7 @@ class ChaosFleet:
         self._channels: dict[int, grpc.Channel] = {}
         self.trigger_config = tmp / "trigger-config"
         self.extra_env: dict[str, str] = {}  # for every process started from now on
+        self.defaults = False  # True: every process on the shipped settings, none tuned
         self.redis_env: dict[str, str] | None = None  # how they find Redis (default: REDIS_URL)
         self.stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -222,9 +223,13 @@ class ChaosFleet:
 
     def env(self, slot: Slot, **extra: str) -> dict[str, str]:
         port_key = PORT_KEYS[slot.role]
-        settings = dict(
+        essentials = dict(
             **(self.redis_env or {"REDIS_URL": self.redis.url}),
             CHAOS_LEDGER=str(self.ledger),
+            JOBWORKER_LOG__LEVEL="INFO",
+            **{port_key: str(slot.port), "JOBWORKER_ORCHESTRATOR__HOST": "127.0.0.1"},
+        )
+        tuned = dict(
             JOBWORKER_SCHEDULE__REPORT_INTERVAL_SECONDS="0.5",
             JOBWORKER_ORCHESTRATOR__WORKER_REPORT_INTERVAL_SECONDS="0.5",
             JOBWORKER_ORCHESTRATOR__DISCOVERY_INTERVAL_SECONDS="0.2",
@@ -236,9 +241,9 @@ class ChaosFleet:
             JOBWORKER_ORCHESTRATOR__KEEPALIVE_TIMEOUT_SECONDS="1",
             JOBWORKER_WORKER__CORE_SIZE="8",
             JOBWORKER_WORKER__MAX_SIZE="16",
-            JOBWORKER_LOG__LEVEL="INFO",
-            **{port_key: str(slot.port), "JOBWORKER_ORCHESTRATOR__HOST": "127.0.0.1"},
         )
+        # the chaos scenarios detect and retry fast; `defaults` runs the fleet as shipped
+        settings = essentials if self.defaults else essentials | tuned
         # the scenario's settings, then the slot's proxies, then the call's win over defaults
         return base_env(
             self.tmp / f"{slot.role}-{slot.port}",
