@@ -12,9 +12,10 @@ import pytest
 from app import current_run
 from app.core.clock import ManualClock
 from app.errors import JobAlreadyExists
-from app.fleet.batch_job import BatchJob
+from app.fleet.batch_job import AttemptRecord, BatchJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import decode_pod_info
+from app.stores.abc import WriteResult
 from app.stores.memory import MemoryJobStore, MemoryPodRegistry
 from app.worker.job_master import JobMaster
 from app.worker.job_registry import JobRegistry
@@ -82,27 +83,40 @@ async def test_an_attaching_newer_attempt_takes_the_run_over(master: JobMaster) 
     assert master.live() == []
 
 
-async def _job_with_fence(store: MemoryJobStore, job_id: str, advances: int) -> int:
-    await store.submit(BatchJob(job_id=job_id, job_type="hold"), bound=100)
+HERE = "10.0.0.7:9091"
+
+
+async def _job_with_attempts(store: MemoryJobStore, job_id: str, *workers: str) -> int:
+    """A job whose attempts went to `workers` in turn, each under a new token; the last token."""
+    job = BatchJob(job_id=job_id, job_type="hold")
+    await store.submit(job, bound=100)
     token = 0
-    for _ in range(advances):
+    for number, worker in enumerate(workers, 1):
         token = await store.next_token(job_id)
+        job.attempts.append(
+            AttemptRecord(number=number, worker=worker, fencing_token=token, started_at=0.0)
+        )
+        job.state = JobState.RUNNING
+        assert await store.write(job, token) is WriteResult.WRITTEN
     return token
 
 
 async def test_back_from_an_absence_a_worker_stops_the_runs_taken_over(master: JobMaster) -> None:
     store = MemoryJobStore()
-    kept_token = await _job_with_fence(store, "kept", 1)
-    await _job_with_fence(store, "taken", 2)  # a second attempt started elsewhere
-    master.submit_nowait("hold", job_id="kept", fencing_token=kept_token)
+    kept = await _job_with_attempts(store, "kept", HERE)
+    await _job_with_attempts(store, "taken", HERE, "10.0.0.8:9091")  # started again elsewhere
+    # taken over by another orchestrator that is about to attach to this very run
+    await _job_with_attempts(store, "adopted", HERE, HERE)
+    master.submit_nowait("hold", job_id="kept", fencing_token=kept)
     master.submit_nowait("hold", job_id="taken", fencing_token=1)
+    master.submit_nowait("hold", job_id="adopted", fencing_token=1)
     master.submit_nowait("hold", job_id="direct")  # no token: not the fleet's to judge
-    check = SupersededRuns(store, master)
+    check = SupersededRuns(store, master, address=HERE)
     await check(30.0)
     taken = await master.wait_finished("taken")
     assert taken.state is JobState.CANCELLED
-    assert taken.error.startswith("superseded: another attempt (fencing token 2)")
-    assert sorted(r.id for r in master.live()) == ["direct", "kept"]
+    assert taken.error.startswith("superseded: another attempt (fencing token 2, on 10.0.0.8:9091)")
+    assert sorted(r.id for r in master.live()) == ["adopted", "direct", "kept"]
     assert (check.checks, check.stopped) == (1, 1)
 
 

@@ -152,7 +152,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 retry_max_seconds=config.redis.retry_max_seconds,
                 clock=clock,
                 # back from an absence: stop the runs the fleet started again elsewhere
-                on_return=SupersededRuns(job_store, job_master),
+                on_return=SupersededRuns(
+                    job_store, job_master, address=f"{identity.ip}:{identity.grpc_port}"
+                ),
                 unrecorded_ids=outcomes.unwritten_ids,
             )
             service.identity = identity
