@@ -232,6 +232,7 @@ async def test_a_black_holed_worker_s_run_is_followed_not_run_again(fleet: Fleet
     assert job.result_json == '{"slept":0.5}'
     assert sum(w.started["b1"] for w in fleet.workers.values()) == 1
     assert d.statistics().recovered == 1  # the outcome came from the store
+    assert d.statistics().followed == 1
 
 
 async def test_a_reset_call_attaches_to_its_run_again(fleet: Fleet) -> None:

@@ -104,6 +104,7 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     claimed: int
     recovered: int
     superseded: int
+    followed: int
     consumers_removed: int
     retry_budget_refused: int
     queue_recreated: int
@@ -243,6 +244,7 @@ class Dispatcher:
             claimed=c["claimed"],
             recovered=c["recovered_outcomes"],
             superseded=c["superseded"],
+            followed=c["followed"],
             consumers_removed=c["consumers_removed"],
             retry_budget_refused=self._budget.refused,
             queue_recreated=c["queue_recreated"],

@@ -59,6 +59,7 @@ def orchestrator_metrics(
         ("claimed", "Jobs claimed from an orchestrator that stopped", s.claimed),
         ("recovered", "Run outcomes read back from the store (the answer was lost)", s.recovered),
         ("superseded", "Results refused for a superseded fencing token", s.superseded),
+        ("followed", "Broken calls followed to a run the worker still listed", s.followed),
         ("consumers_removed", "Stopped orchestrators removed from the queue's consumer group",
          s.consumers_removed),
         ("retry_budget_refused", "Retries the budget held back", s.retry_budget_refused),
