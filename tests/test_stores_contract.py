@@ -284,9 +284,6 @@ def orchestrator_on(stores: Stores) -> OrchestratorService:
     return OrchestratorService(stores.store, stores.events, directory, dispatcher, config)
 
 
-AGAIN = "; reuse an id only to repeat its request"
-
-
 async def test_a_reused_id_is_answered_only_for_the_same_request(stores: Stores) -> None:
     """Submit and Execute: the same id with the same job type and params answers the existing
     job; with another type or other params, ALREADY_EXISTS naming what differs. The store
@@ -303,13 +300,13 @@ async def test_a_reused_id_is_answered_only_for_the_same_request(stores: Stores)
     again = await service.submit(request(priority=5, timeout_seconds=9))
     assert (again.job_id, again.existing) == ("r1", True)
     refusals = [
-        (request(job_type="sleep"), f"job 'r1' exists with job type 'echo', not 'sleep'{AGAIN}"),
+        (request(job_type="sleep"), "job 'r1' exists with job type 'echo', not 'sleep'"),
         (request(params={"n": "2"}),
-         f"job 'r1' exists with other params: params.n was '1', now '2'{AGAIN}"),
+         "job 'r1' exists with other params: params.n was '1', now '2'"),
         (request(params={}),
-         f"job 'r1' exists with other params: params.n was '1', now not given{AGAIN}"),
+         "job 'r1' exists with other params: params.n was '1', now not given"),
         (request(params={"n": "1", "b": "x", "a": "y"}),
-         f"job 'r1' exists with other params: params.a was not given, now 'y' (and 1 more){AGAIN}"),
+         "job 'r1' exists with other params: params.a was not given, now 'y' (and 1 more)"),
     ]  # fmt: skip
     for call in (service.submit, service.execute):
         for changed, message in refusals:

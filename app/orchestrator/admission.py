@@ -105,8 +105,7 @@ def reuse_problem(job: BatchJob, existing: BatchJob) -> str | None:
     name = shown(existing.job_id)
     if job.job_type != existing.job_type:
         return (
-            f"job {name} exists with job type {shown(existing.job_type)}, not"
-            f" {shown(job.job_type)}; reuse an id only to repeat its request"
+            f"job {name} exists with job type {shown(existing.job_type)}, not {shown(job.job_type)}"
         )
     if job.params == existing.params:
         return None
@@ -116,7 +115,7 @@ def reuse_problem(job: BatchJob, existing: BatchJob) -> str | None:
     more = f" (and {len(differ) - 1} more)" if len(differ) > 1 else ""
     return (
         f"job {name} exists with other params: params.{key} was {_value(before.get(key))},"
-        f" now {_value(now.get(key))}{more}; reuse an id only to repeat its request"
+        f" now {_value(now.get(key))}{more}"
     )
 
 
