@@ -81,6 +81,7 @@ EXACT: list[Any] = [
     Annotated[str, msgspec.Meta(pattern="^a")], Annotated[bytes, msgspec.Meta(max_length=2)],
     Annotated[datetime.datetime, msgspec.Meta(tz=True)],
     Annotated[datetime.datetime, msgspec.Meta(tz=False)],
+    Annotated[datetime.time, msgspec.Meta(tz=True)], bytearray,
     Annotated[int, msgspec.Meta(ge=0, description="extra metadata is not a constraint")] | None,
     list[int], set[str], tuple[int, ...], tuple[int, str], dict[str, int], Point, Box,
     Point | None, list[int] | int,
