@@ -209,3 +209,24 @@ async def test_workers_of_one_version_share_one_compiled_shape() -> None:
     assert first is not None
     await directory.refresh()  # the next refresh compiles nothing again
     assert directory.shape(directory.entries()[0], "sleep") is first
+
+
+@pytest.mark.anyio
+async def test_a_repeat_of_a_request_accepted_unchecked_still_answers_its_job() -> None:
+    """Accepted with no live worker (unchecked), then a worker that refuses the params comes:
+    the same request with the same id is still answered with its job; any other is refused."""
+    registry = MemoryPodRegistry()
+    service = await service_on(registry)
+    bad = pb.BatchExecutionRequest(job_id="early", job_type="sleep", params={"seconds": "abc"})
+    assert (await service.submit(bad)).existing is False
+    await registry.put("wpm-apps:10.0.0.1:1", pod(9091, {"sleep": sleep}), 60)
+    await service._directory.refresh()
+    assert (await service.submit(bad)).existing is True
+    for request in (
+        pb.BatchExecutionRequest(job_id="other", job_type="sleep", params={"seconds": "abc"}),
+        pb.BatchExecutionRequest(job_id="early", job_type="sleep", params={"seconds": "xyz"}),
+    ):
+        with pytest.raises(GRPCError) as refused:
+            await service.submit(request)
+        assert refused.value.status is Status.INVALID_ARGUMENT
+        assert (refused.value.message or "").startswith("params.seconds: expected a number")

@@ -11,7 +11,9 @@
 - **A reused job id** (`reuse_problem`): the same id with the same job type and params answers
   the existing job (idempotent); with another type or other params it is refused
   (ALREADY_EXISTS: the job the request would create exists, and another one cannot take its id).
-  The other options (priority, timeouts, deadline, attempts) of the first submission stand.
+  The other options (priority, timeouts, deadline, attempts) of the first submission stand. A
+  repeat is answered with its job even when the fleet would refuse its params now (they were
+  accepted unchecked, or by workers since gone): the service looks the id up on a refusal.
 """
 
 from __future__ import annotations

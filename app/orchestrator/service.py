@@ -183,7 +183,6 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             raise _invalid("priority", f"must be 0..{MAX_PRIORITY}")
         if req.max_attempts > MAX_ATTEMPTS:
             raise _invalid("max_attempts", f"must be 0..{MAX_ATTEMPTS}")
-        self._admit(req.job_type, req.params)
         now = time.time()
         timeout = req.timeout_seconds or c.default_timeout_seconds
         deadline = req.deadline_seconds or max(c.default_deadline_seconds, timeout)
@@ -199,7 +198,7 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             submitted_at=now,
         )
 
-    def _admit(self, job_type: str, params: dict[str, str]) -> None:
+    def _refusal(self, job_type: str, params: dict[str, str]) -> GRPCError | None:
         """NOT_FOUND when live workers are known and none runs this job type; INVALID_ARGUMENT
         naming the field when every live worker that runs it would refuse the params.
 
@@ -210,13 +209,21 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         live = [e for e in directory.entries() if directory.stale_reason(e) is None]
         runners = [directory.shape(e, job_type) for e in live if directory.runs(e, job_type)]
         refusal = admit(job_type, params, live=len(live), runners=runners)
-        if refusal is not None:
-            raise GRPCError(_STATUS[refusal.kind], refusal.message)
+        return None if refusal is None else GRPCError(_STATUS[refusal.kind], refusal.message)
 
     async def _submit(self, req: pb.BatchExecutionRequest) -> tuple[BatchJob, bool]:
         if self.draining:
             raise GRPCError(Status.UNAVAILABLE, "orchestrator is draining; send to another")
         job = self._new_job(req)
+        refusal = self._refusal(job.job_type, job.params)
+        if refusal is not None:
+            if req.job_id:
+                # the repeat of a request accepted before (unchecked, or by workers since gone)
+                # answers its job as any repeat does: one lookup, on refusals only
+                existing = await self._store.get(job.job_id)
+                if existing is not None and reuse_problem(job, existing) is None:
+                    return existing, True
+            raise refusal
         bound = self._config.queue_bound_per_type
         result, existing, queued = await self._store.submit(job, bound=bound)
         if result is SubmitResult.QUEUE_FULL:
