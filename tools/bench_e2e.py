@@ -815,6 +815,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "(.venv/bin/python tools/bench_e2e.py; tools/test makes it)"
         ) from None
     signal.signal(signal.SIGTERM, _terminate)
+    # also when started where SIGINT is ignored (a background job of a script)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = benchmark(plan, args.venv_dir)
     except BenchError as exc:
