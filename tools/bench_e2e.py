@@ -566,7 +566,7 @@ def system_round(system: str, ctx: Context, round_: int) -> Iterator[SystemRun]:
 # --- the run ------------------------------------------------------------------------------------
 
 
-def benchmark(plan: Plan, venvs: Path | None) -> dict[str, Any]:
+def benchmark(plan: Plan, venvs: Path | None, keep: Path | None = None) -> dict[str, Any]:
     started = datetime.now(UTC)
     result: dict[str, Any] = {
         "date": started.isoformat(timespec="seconds"),
@@ -580,7 +580,12 @@ def benchmark(plan: Plan, venvs: Path | None) -> dict[str, Any]:
     }
     bins = {name: peer_bin(name, venv_root(venvs)) for name in plan.systems if name != "ours"}
     with ExitStack() as stack:
-        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-e2e-")))
+        if keep is None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-e2e-")))
+        else:
+            keep.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix="bench-e2e-", dir=keep))
+            log(f"logs in {tmp}")
         redis = RedisServer(tmp)
         stack.callback(redis.child.stop)
         result["redis_version"] = redis.version
@@ -764,6 +769,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--ours-env", action="append", default=[], metavar="JOBWORKER_X__Y=VALUE",
         help="a config override for our orchestrator and worker (repeatable; default: none)",
     )  # fmt: skip
+    parser.add_argument("--keep-logs", type=Path, metavar="DIR",
+                        help="keep every process's log in a new folder under DIR")  # fmt: skip
     parser.add_argument("--venv-dir", type=Path, help="where the peers' venvs are built")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
     return parser.parse_args(argv)
@@ -818,7 +825,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # also when started where SIGINT is ignored (a background job of a script)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        result = benchmark(plan, args.venv_dir)
+        result = benchmark(plan, args.venv_dir, args.keep_logs)
     except BenchError as exc:
         print(f"bench_e2e: {exc}", file=sys.stderr)
         return 2
