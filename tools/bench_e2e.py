@@ -381,7 +381,7 @@ class SystemRun:
         mine = ("JOBWORKER_", "BENCH_E2E_", "REDIS_URL", "PROFILE")
         env = {k: v for k, v in os.environ.items() if not k.startswith(mine)}
         env.update(
-            PYTHONPATH=os.pathsep.join([str(PEERS_DIR), str(ROOT)]),
+            PYTHONPATH=str(PEERS_DIR),
             PYTHONUNBUFFERED="1",
             BENCH_E2E_REDIS=self.ctx.redis.url,
             BENCH_E2E_STAMPS=str(stamps),
@@ -400,6 +400,7 @@ class SystemRun:
             ours = dict(env, REDIS_URL=self.ctx.redis.url, JOBWORKER_GRPC__HOST="127.0.0.1",
                         JOBWORKER_ORCHESTRATOR__HOST="127.0.0.1",
                         XDG_STATE_HOME=str(self.ctx.tmp / f"state-{tag}"))  # fmt: skip
+            ours["PYTHONPATH"] = os.pathsep.join([str(PEERS_DIR), str(ROOT)])  # this tree's app
             ours.update(self.ctx.plan.ours_env)
             argv = [*jobworker, "worker", "--port", "0", "--jobs", "peer_ours"]
             worker = self.spawn("worker", argv, ours, logs / f"{tag}-worker.log")
@@ -409,6 +410,7 @@ class SystemRun:
             ready = orch.wait_log(r"orchestrator ready: consumer \S+, port (\d+)")
             target = f"127.0.0.1:{ready[1]}"
             python = sys.executable
+            env["PYTHONPATH"] = ours["PYTHONPATH"]  # the client imports app too
         else:
             bin_ = self.ctx.bins[self.system]
             argv = {
@@ -735,6 +737,10 @@ def report(result: dict[str, Any]) -> None:
                 "–".join(f"{x:.1f}" for x in s["load1"]),
                 str(s["failed"]) + (f" ({s['repeats']} ran twice)" if s["repeats"] else ""),
             ])  # fmt: skip
+        if "ours" not in rows:  # only ours has an orchestrator
+            head.pop(3)
+            for row in cells:
+                row.pop(3)
         print_table(head, cells)
     print()
     print("CPU and Redis CPU in ms per job; load: the 1-minute load average at the windows' ends.")
