@@ -159,6 +159,7 @@ class TestVirtualTime:
         (info,) = manager.schedules()
         assert info.run_count == len(fired)
         assert info.last_outcome == "ok"
+        assert info.last_run_at == T0 + timedelta(days=1)
         assert info.next_fire_at == T0 + timedelta(days=1, minutes=1)
 
     async def test_a_year_of_nightly_runs_in_new_york(self) -> None:

@@ -160,7 +160,7 @@ class _Runner:
 class _Schedule:
     __slots__ = (
         "after_next", "after_next_planned", "begin", "coalesced", "decisions", "failures",
-        "finished", "fn", "jump_from", "last_outcome", "last_run_at", "missed", "name", "next",
+        "finished", "fn", "jump_from", "last_outcome", "last_run_ts", "missed", "name", "next",
         "paused_since", "planned", "policy", "runs", "shift", "skipped", "started", "trigger",
         "version",
     )  # fmt: skip
@@ -181,7 +181,7 @@ class _Schedule:
         self.paused_since: datetime | None = None
         self.version = 0
         self.runs: list[_Run] = []
-        self.last_run_at: datetime | None = None
+        self.last_run_ts: float | None = None  # a datetime only when status asks
         self.last_outcome = "never run"
         self.started = self.finished = self.failures = 0
         self.skipped = self.missed = self.coalesced = 0
@@ -193,11 +193,12 @@ class _Schedule:
 
     def info(self) -> ScheduleInfo:
         paused = self.paused_since is not None
+        ran = self.last_run_ts
         return ScheduleInfo(
             name=self.name,
             trigger=self.trigger.describe(),
             next_fire_at=None if paused or self.next is None else self.next.at,
-            last_run_at=self.last_run_at,
+            last_run_at=None if ran is None else datetime.fromtimestamp(ran, UTC),
             last_outcome=self.last_outcome,
             run_count=self.finished,
             failure_count=self.failures,
@@ -750,7 +751,7 @@ class ScheduleManager:
             run.scope = scope
             for old in run.previous:  # REPLACE: the new run starts once the old one has ended
                 await old.wait_ended()
-            schedule.last_run_at = self._clock.now()
+            schedule.last_run_ts = self._clock.timestamp()
             try:
                 await schedule.fn()
             except Exception as exc:
