@@ -14,9 +14,11 @@ coalescing, one instance at a time, no misfire limit, no jitter (the worst case:
 the same instant). The job only records `time.time()`; its lateness is how far that is past its
 grid second. Printed per run and pooled over the rounds: fires, lateness p50/p99/max, the
 process's CPU share (user+system CPU time over wall time) and CPU per fire, the ratios
-ours/APScheduler, and the load average around each run. `--baseline DIR` adds a third
-contestant, the ScheduleManager of another checkout of this repository (say, the main branch:
-`git worktree add /tmp/main main`), to measure a change against what it replaces in one run.
+ours/APScheduler, the load average around each run, and how late the last fire of each second
+was (a burst's length: its median shows the scheduler, its tail the machine's other work).
+`--baseline DIR` adds a third contestant, the ScheduleManager of another checkout of this
+repository (say, the main branch: `git worktree add /tmp/main main`), to measure a change
+against what it replaces in one run.
 """
 
 from __future__ import annotations
@@ -57,7 +59,18 @@ def _measure(run: Callable[[float, list[float]], None]) -> dict[str, Any]:
     cpu0, wall0 = time.process_time(), time.perf_counter()
     run(start, fired)
     cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    return {"late": sorted(_lateness(fired, start)), "cpu": cpu, "wall": wall}
+    # the latest fire of each grid second: how long a burst takes, second by second
+    worst: dict[int, float] = {}
+    for t in fired:
+        if t >= start:
+            second = math.floor(t - start)
+            worst[second] = max(worst.get(second, 0.0), t - start - second)
+    return {
+        "late": sorted(_lateness(fired, start)),
+        "worst": [worst[k] for k in sorted(worst)],
+        "cpu": cpu,
+        "wall": wall,
+    }
 
 
 def run_ours(n: int, seconds: float, uvloop: bool, trigger: str) -> dict[str, Any]:
@@ -252,6 +265,15 @@ def main() -> int:
     print(HEADER)
     for which, s in pooled.items():
         print(_row(names[which], s))
+    print("the last fire of each second, ms (how long each burst took; noise hits a few):")
+    for which, rs in runs.items():
+        worst = sorted(x for res in rs for x in res["worst"])
+        if worst:
+            q = {p: worst[min(len(worst) - 1, int(len(worst) * p / 100))] * 1e3 for p in (50, 90)}
+            print(
+                f"  {names[which]:<34} median {q[50]:.2f}, 90% {q[90]:.2f}, "
+                f"max {worst[-1] * 1e3:.2f} ({len(worst)} seconds)"
+            )
     if "apscheduler" in pooled:
         for which in [w for w in names if w != "apscheduler"]:
             _ratios(which, "apscheduler", pooled, runs)
