@@ -662,6 +662,7 @@ class TestVirtualTime:
         async with running(manager):
             await anyio.sleep(1.5)
             assert manager.statistics().runners == 1  # quick runs: one runner took them all
+            assert "runners=1 RUNNING" in repr(manager)
         assert seen == [(n, n) for n in ("a", "b", "c")] * 2
         assert log_fields().get("schedule") is None
 

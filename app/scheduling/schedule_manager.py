@@ -260,7 +260,7 @@ class ScheduleManager:
         s = self.statistics()
         return (
             f"<ScheduleManager schedules={s.schedules} running={s.running} started={s.started} "
-            f"failed={s.failed} {s.state.value}>"
+            f"failed={s.failed} runners={s.runners} {s.state.value}>"
         )
 
     @property
