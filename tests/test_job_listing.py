@@ -1,12 +1,19 @@
-"""ListJobs' core: the page token, the walk's position, matching, and the bounded walk itself
-(on the in-memory store, asyncio and trio; the store's own contract runs on Redis too)."""
+"""ListJobs' core: the page token, the walk's position, matching, the bounded walk itself and the
+index's trimming (on the in-memory store, asyncio and trio; the store's own contract runs on
+Redis too)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Awaitable, Callable
+from typing import Any
 
+import anyio
 import pytest
+import trio.testing
 
+from app.core.clock import LoopClock
+from app.core.lifecycle import Lifecycle
 from app.fleet.batch_job import BatchJob, encode_job
 from app.fleet.job_index import (
     IndexPosition,
@@ -18,9 +25,20 @@ from app.fleet.job_index import (
     range_start,
 )
 from app.fleet.job_state import JobState
+from app.orchestrator.index_trimmer import IndexTrimmer
 from app.orchestrator.job_listing import JobPage, list_jobs
-from app.stores.abc import SubmitResult
+from app.stores.abc import SubmitResult, WriteResult
 from app.stores.memory import MemoryJobStore
+from tests.helpers import eventually
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> Any:
+    """asyncio, and trio on MockClock: the trimmer's periods and the records' retention pass
+    in no real time there."""
+    if request.param == "trio":
+        return ("trio", {"clock": trio.testing.MockClock(autojump_threshold=0)})
+    return request.param
 
 
 def job(job_id: str, submitted_at: float, **fields: object) -> BatchJob:
@@ -171,3 +189,37 @@ async def test_a_page_ends_before_its_records_grow_past_the_byte_budget() -> Non
     # a single record larger than the budget still comes, alone
     page = await list_jobs(store, JobQuery(limit=10), max_bytes=10)
     assert ids(page) == ["j9"]
+
+
+@pytest.mark.anyio
+async def test_the_trimmer_drops_entries_whose_record_expired_and_keeps_the_rest() -> None:
+    clock = LoopClock()
+    store = MemoryJobStore(retention_seconds=1)
+    now = clock.timestamp()
+    for i in range(5):  # ended: their records expire a retention after
+        await store.submit(job(f"done{i}", now + i / 100), bound=100)
+        token = await store.next_token(f"done{i}")
+        ended = await store.get(f"done{i}")
+        assert ended is not None
+        ended.state = JobState.SUCCEEDED
+        assert await store.write(ended, token) is WriteResult.WRITTEN
+    await store.submit(job("open", now + 0.5), bound=100)  # never ends: kept, however old
+    trimmer = IndexTrimmer(store, retention_seconds=1, period=0.25, batch=2, clock=clock)
+
+    async def entries() -> list[str | None]:
+        page = await store.index_page(after=None, since=-math.inf, until=math.inf, count=100)
+        return [e.job.job_id if e.job else None for e in page]
+
+    async with anyio.create_task_group() as tg:
+        await tg.start(trimmer.run)
+        assert "RUNNING" in repr(trimmer)
+        await eventually(lambda: _only_open(entries), within=10)
+        tg.cancel_scope.cancel()
+    stats = trimmer.statistics()
+    assert stats.trimmed == 5
+    assert stats.turns >= 1
+    assert stats.state is Lifecycle.STOPPED
+
+
+async def _only_open(entries: Callable[[], Awaitable[list[str | None]]]) -> bool:
+    return await entries() == ["open"]
