@@ -53,9 +53,9 @@ class Stores:
     plant: Callable[[JobStore, str, str, bytes], Awaitable[None]]
     # lose every key, as a Redis that restarted empty (FLUSHDB)
     forget: Callable[[], Awaitable[object]]
-    # junk in the job index, behind the store's back: a member (any bytes) with a score; and
-    # the index's key made to hold a string instead of a sorted set
-    plant_index: Callable[[bytes, float], Awaitable[None]]
+    # entries in the job index, behind a store's back: (store, a member (any bytes), a score);
+    # and the index's key made to hold a string instead of a sorted set
+    plant_index: Callable[[JobStore, bytes, float], Awaitable[None]]
     spoil_index: Callable[[], Awaitable[None]]
 
 
@@ -100,9 +100,9 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
         async def forget() -> None:
             forget_memory()
 
-        async def plant_index_in_memory(member: bytes, score: float) -> None:
-            assert isinstance(store, MemoryJobStore)
-            store._index[member] = score
+        async def plant_index_in_memory(into: JobStore, member: bytes, score: float) -> None:
+            assert isinstance(into, MemoryJobStore)
+            into._index[member] = score
 
         async def spoil_memory_index() -> None:
             assert isinstance(store, MemoryJobStore)
@@ -121,7 +121,7 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
     async def plant_in_redis(store: JobStore, job_id: str, part: str, raw: bytes) -> None:
         await client.set(":".join(p for p in ("wpm-job", job_id, part) if p), raw)
 
-    async def plant_index_in_redis(member: bytes, score: float) -> None:
+    async def plant_index_in_redis(_: JobStore, member: bytes, score: float) -> None:
         await client.zadd("wpm-jobs:index", {member: score})
 
     async def spoil_redis_index() -> None:
@@ -1021,7 +1021,7 @@ async def test_an_expired_record_leaves_its_entry_until_the_trim(stores: Stores)
     assert await store.trim_index(before=now - 1, count=10) == (1, 0)
     # bounded: at most `count` entries looked at per call
     for i in range(5):
-        await stores.plant_index(f"gone-{i}".encode(), now - 100 + i)
+        await stores.plant_index(store, f"gone-{i}".encode(), now - 100 + i)
     assert await store.trim_index(before=now - 1, count=3) == (3, 3)
     assert await store.trim_index(before=now - 1, count=3) == (3, 2)
     assert await walk(store, count=10) == [(now, "new"), (now - 9, "open")]
@@ -1034,11 +1034,11 @@ async def _gone(store: JobStore, job_id: str) -> bool:
 async def test_junk_in_the_index_is_skipped_and_said_once(stores: Stores) -> None:
     store = stores.store
     await store.submit(at("ok", 10.0), bound=10)
-    await stores.plant_index(b"\xff\xfe", 9.0)  # not UTF-8
-    await stores.plant_index(b"x" * 300, 8.0)  # longer than an id may be
-    await stores.plant_index(b"j1", 7.0)  # its record is junk
+    await stores.plant_index(store, b"\xff\xfe", 9.0)  # not UTF-8
+    await stores.plant_index(store, b"x" * 300, 8.0)  # longer than an id may be
+    await stores.plant_index(store, b"j1", 7.0)  # its record is junk
     await stores.plant(store, "j1", "", b"not json {")
-    await stores.plant_index(b"never-submitted", 6.0)  # no record: gone, not junk
+    await stores.plant_index(store, b"never-submitted", 6.0)  # no record: gone, not junk
     for _ in range(2):  # said once, however often it is read
         assert await walk(store, count=2) == [
             (10.0, "ok"), (9.0, None), (8.0, None), (7.0, None), (6.0, None),
