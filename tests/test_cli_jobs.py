@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -68,7 +69,7 @@ def fields(block: str) -> dict[str, str]:
 def test_submit_follow_and_exit_per_outcome(
     up: tuple[Fleet, WorkerProcess, WorkerProcess, dict[str, str]],
 ) -> None:
-    _, worker, _, env = up
+    _, worker, orchestrator, env = up
     ok = cli(env, "submit", "echo", "-p", "a=1", "--id", "ok", "--wait")
     assert (ok.returncode, ok.stderr) == (SUCCEEDED, ""), ok.stderr
     out = lines(ok.stdout)
@@ -125,6 +126,17 @@ def test_submit_follow_and_exit_per_outcome(
     execute = cli(env, "submit", "echo", "-p", "b=2", "--wait", "--json")
     assert execute.returncode == SUCCEEDED
     assert json.loads(execute.stdout)["job"]["resultJson"] == '{"b":"2"}'
+
+    # an orchestrator that does not even answer the submit: the call failed (1), not the wait
+    orchestrator.signal(signal.SIGSTOP)
+    try:
+        frozen = cli(env, "submit", "echo", "--wait", "--timeout", "0.5")
+    finally:
+        orchestrator.signal(signal.SIGCONT)
+    assert (frozen.returncode, frozen.stderr) == (
+        CALL_FAILED,
+        f"jobworker: TimeoutError: no answer from {orchestrator.target} within 0.5s (--timeout)\n",
+    )  # fmt: skip
 
 
 def test_a_job_cancelled_while_waited_for(
@@ -274,6 +286,16 @@ def test_one_worker_directly(
     cancelled = cli(env, "cancel", "d3", *direct)
     assert fields(cancelled.stdout)["state"] == "CANCELLED"
     assert cli(env, "job", "d3", "--wait", *direct).returncode == CANCELLED
+    expired = cli(env, "submit", "sleep", "-p", "seconds=3", "--id", "d4", "--wait",
+                  "--timeout", "0.5", *direct)  # fmt: skip
+    assert expired.returncode == WAIT_EXPIRED
+    assert re.fullmatch(
+        r"jobworker: stopped waiting after 0\.5s \(--timeout\): job d4 is (QUEUED|RUNNING) and"
+        rf" goes on; `jobworker job d4 --wait --worker {re.escape(worker.target)}` follows it"
+        r" again\n",
+        expired.stderr,
+    ), expired.stderr
+    assert cli(env, "job", "d4", "--wait", *direct).returncode == SUCCEEDED
     # the orchestrator's options do not go to a worker
     wrong = cli(env, "submit", "echo", "--priority", "3", *direct)
     assert (wrong.returncode, wrong.stderr) == (

@@ -226,12 +226,14 @@ def outcome_lines(p: Progress) -> list[str]:
     return lines
 
 
-def expired_line(p: Progress | None, job_id: str, seconds: float) -> str:
-    """What a wait that --timeout ended says: the job goes on."""
-    state = f" is {p.state}" if p is not None else ""
+def expired_line(p: Progress | None, job_id: str, seconds: float, worker: str = "") -> str:
+    """What a wait that --timeout ended says: the job goes on (on `worker`, when called
+    directly)."""
+    state = f"is {p.state} and goes on" if p is not None else "was not seen yet (it may go on)"
+    again = f"jobworker job {job_id} --wait" + (f" --worker {worker}" if worker else "")
     return (
-        f"jobworker: stopped waiting after {seconds:g}s (--timeout): job {job_id}{state} and goes"
-        f" on; `jobworker job {job_id} --wait` follows it again"
+        f"jobworker: stopped waiting after {seconds:g}s (--timeout): job {job_id} {state};"
+        f" `{again}` follows it again"
     )
 
 

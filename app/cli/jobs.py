@@ -175,7 +175,8 @@ def _ended(
     if display is not None and (followed.expired or last is None or not last.finished):
         display.close()
     if followed.expired:
-        print(views.expired_line(last, job_id, args.timeout), file=sys.stderr)
+        worker = getattr(args, "worker", None) or ""
+        print(views.expired_line(last, job_id, args.timeout, worker), file=sys.stderr)
         return views.EXIT_WAIT_EXPIRED
     if last is None or not last.finished:
         state = f" ({last.state})" if last is not None else ""
@@ -257,9 +258,14 @@ def _submit(args: argparse.Namespace) -> int:
 
         return await _follow(display, Followed(), args.timeout, changes)
 
+    target = _orchestrator(args)
     with _closed_on_error(display):
-        followed = _client_call(_orchestrator(args), call, None)
-    job_id = submitted[0] if submitted else (args.id or "?")
+        followed = _client_call(target, call, None)
+    if not submitted:  # --timeout ran out before the orchestrator answered the submit
+        print(f"jobworker: TimeoutError: no answer from {target} within {args.timeout:g}s"
+              " (--timeout)", file=sys.stderr)  # fmt: skip
+        return views.EXIT_CALL_FAILED
+    job_id = submitted[0]
     if args.json and followed.message is not None and not followed.expired:
         _print_json(pb.BatchExecutionResponse(job=followed.message))
     return _ended(args, display, followed, job_id)
