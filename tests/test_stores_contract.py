@@ -1025,6 +1025,11 @@ async def test_an_expired_record_leaves_its_entry_until_the_trim(stores: Stores)
     assert await store.trim_index(before=now - 1, count=3) == (3, 3)
     assert await store.trim_index(before=now - 1, count=3) == (3, 2)
     assert await walk(store, count=10) == [(now, "new"), (now - 9, "open")]
+    # past the entries kept: an old job still recorded does not hide the expired ones behind it
+    await stores.plant_index(store, b"gone-behind", now - 5)
+    assert await store.trim_index(before=now - 1, count=1) == (1, 0)  # "open"'s, kept
+    assert await store.trim_index(before=now - 1, count=1, skip=1) == (1, 1)
+    assert await walk(store, count=10) == [(now, "new"), (now - 9, "open")]
 
 
 async def _gone(store: JobStore, job_id: str) -> bool:

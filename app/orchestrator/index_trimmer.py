@@ -1,7 +1,8 @@
 """Keeps the job index to the jobs that still have a record: off the submit path, now and then.
 
 Every `period` seconds it drops the index entries submitted more than the record retention ago
-whose record is gone, in batches of `batch` entries, until a batch drops nothing or is not full.
+whose record is gone, looking at `batch` entries per call (past those it kept), until it has
+looked at all of them.
 A job still recorded (running past the retention, or ended less than a retention ago) stays
 listed. Every orchestrator runs one; the work is idempotent, so two at once only repeat reads.
 A store outage (or any other failure, logged) skips the turn: the next one catches up.
@@ -71,11 +72,16 @@ class IndexTrimmer:
     async def trim(self) -> int:
         """One turn: drop what is due now; how many entries went."""
         before = self._clock.timestamp() - self._retention
-        dropped = 0
+        dropped = kept = 0
         while True:
-            examined, removed = await self._store.trim_index(before=before, count=self._batch)
+            # past the entries kept so far this turn: jobs still recorded at the old end of the
+            # index must not hide the expired ones behind them
+            examined, removed = await self._store.trim_index(
+                before=before, count=self._batch, skip=kept
+            )
             dropped += removed
-            if examined < self._batch or removed == 0:
+            kept += examined - removed
+            if examined < self._batch:
                 break
             await anyio.lowlevel.checkpoint()
         self._turns += 1

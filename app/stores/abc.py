@@ -228,10 +228,11 @@ class JobStore(Protocol):
         """
         ...
 
-    async def trim_index(self, *, before: float, count: int) -> tuple[int, int]:
-        """Look at up to `count` of the oldest index entries submitted before `before`, and
-        drop those whose record is gone (a job still recorded stays listed, however old).
-        Returns (entries looked at, entries dropped); (0, 0) when the index is junk."""
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
+        """Look at up to `count` of the oldest index entries submitted before `before`, past the
+        first `skip` of them, and drop those whose record is gone (a job still recorded stays
+        listed, however old). Returns (entries looked at, entries dropped); (0, 0) when the
+        index is junk."""
         ...
 
 

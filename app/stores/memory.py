@@ -589,15 +589,15 @@ class MemoryJobStore:
             page.append(IndexedJob(score=score, job=job))
         return page
 
-    async def trim_index(self, *, before: float, count: int) -> tuple[int, int]:
-        """Drop the oldest entries (up to `count` looked at) before `before` whose record is
-        gone."""
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
+        """Drop the oldest entries (up to `count` looked at, past `skip`) before `before` whose
+        record is gone."""
         await anyio.lowlevel.checkpoint()
         if self._index_junk:
             self._index_is_junk()
             return 0, 0
         oldest = sorted((score, member) for member, score in self._index.items()
-                        if score < before)[:count]  # fmt: skip
+                        if score < before)[skip : skip + count]  # fmt: skip
         removed = 0
         for _, member in oldest:
             job_id = index_member_id(member)

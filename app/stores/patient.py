@@ -160,6 +160,6 @@ class PatientJobStore:
         """See `JobStore.index_page`; not waited for: it answers a client."""
         return await self._store.index_page(after=after, since=since, until=until, count=count)
 
-    async def trim_index(self, *, before: float, count: int) -> tuple[int, int]:
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
         """See `JobStore.trim_index`; not waited for: a trim missed is done later."""
-        return await self._store.trim_index(before=before, count=count)
+        return await self._store.trim_index(before=before, count=count, skip=skip)

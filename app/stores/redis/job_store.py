@@ -766,13 +766,13 @@ class RedisJobStore:
         return page
 
     @translated
-    async def trim_index(self, *, before: float, count: int) -> tuple[int, int]:
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
         """See `JobStore.trim_index`: ZRANGEBYSCORE of the oldest, then one script that drops
         those whose record is gone and whose score did not change since (a job id submitted
         again meanwhile has a new record and a new score)."""
         try:
             reply: Any = await self._redis.zrangebyscore(
-                self.index_key, "-inf", _score(before, False), start=0, num=count,
+                self.index_key, "-inf", _score(before, False), start=skip, num=count,
                 withscores=True,
             )  # fmt: skip
         except ResponseError as exc:
