@@ -21,11 +21,20 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 import trio.testing
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
+from app.config import OrchestratorConfig
+from app.core.balancer import PowerOfTwoChoices
 from app.errors import BadDataKind, CorruptIndex, CorruptRecord, QueueGone
 from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob, RunOutcome, encode_job
 from app.fleet.job_index import IndexPosition, advance
 from app.fleet.job_state import JobState
+from app.orchestrator.directory import WorkerDirectory
+from app.orchestrator.dispatcher import Dispatcher
+from app.orchestrator.memory_worker_client import MemoryWorkerClient
+from app.orchestrator.service import OrchestratorService
+from app.pb import orchestrator as pb
 from app.stores.abc import JobEvents, JobStore, PodRegistry, QueueEntry, SubmitResult, WriteResult
 from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
 from app.stores.redis.job_events import RedisJobEvents
@@ -286,6 +295,60 @@ async def test_submit_is_idempotent(stores: Stores) -> None:
     assert await store.queued_count("echo") == 1  # counted once
     entries = await store.read_new("c1", count=10, block_ms=10)
     assert [job_id for _, job_id in entries] == ["a"]  # queued once
+
+
+def orchestrator_on(stores: Stores) -> OrchestratorService:
+    """The orchestrator's service on these stores (its dispatcher built, not running)."""
+    directory = WorkerDirectory(stores.registry)
+    config = OrchestratorConfig()
+    dispatcher = Dispatcher(stores.store, stores.events, directory, MemoryWorkerClient({}),
+                            PowerOfTwoChoices(), config, consumer="o1")  # fmt: skip
+    return OrchestratorService(stores.store, stores.events, directory, dispatcher, config)
+
+
+async def test_a_reused_id_is_answered_only_for_the_same_request(stores: Stores) -> None:
+    """Submit and Execute: the same id with the same job type and params answers the existing
+    job; with another type or other params, ALREADY_EXISTS naming what differs. The store
+    returns the existing record from the submit's one round trip; nothing is queued again."""
+    store, service = stores.store, orchestrator_on(stores)
+
+    def request(**fields: Any) -> pb.BatchExecutionRequest:
+        return pb.BatchExecutionRequest(**{"job_id": "r1", "job_type": "echo",
+                                           "params": {"n": "1"}, **fields})  # fmt: skip
+
+    first = await service.submit(request())
+    assert (first.job_id, first.existing) == ("r1", False)
+    # the other options of the first submission stand: the same job
+    again = await service.submit(request(priority=5, timeout_seconds=9))
+    assert (again.job_id, again.existing) == ("r1", True)
+    refusals = [
+        (request(job_type="sleep"), "job 'r1' exists with job type 'echo', not 'sleep'"),
+        (request(params={"n": "2"}),
+         "job 'r1' exists with other params: params.n was '1', now '2'"),
+        (request(params={}),
+         "job 'r1' exists with other params: params.n was '1', now not given"),
+        (request(params={"n": "1", "b": "x", "a": "y"}),
+         "job 'r1' exists with other params: params.a was not given, now 'y' (and 1 more)"),
+    ]  # fmt: skip
+    for call in (service.submit, service.execute):
+        for changed, message in refusals:
+            with pytest.raises(GRPCError) as refused:
+                await call(changed)
+            assert (refused.value.status, refused.value.message) == (
+                Status.ALREADY_EXISTS, message
+            )  # fmt: skip
+    assert (await get(store, "r1")).params == {"n": "1"}
+    assert (await store.queued_count("echo"), await store.queued_count("sleep")) == (1, 0)
+    entries = await store.read_new("c1", count=10, block_ms=10)
+    assert [job_id for _, job_id in entries] == ["r1"]  # queued once
+    # Execute of the same request waits for the existing job: here it has ended already
+    record, token = await start_attempt(store, "r1", JobState.RUNNING)
+    record.state, record.result_json = JobState.SUCCEEDED, '{"n": "1"}'
+    assert await store.write(record, token) is WriteResult.WRITTEN
+    done = await service.execute(request())
+    assert done.job is not None
+    assert (done.job.job_id, done.job.result_json) == ("r1", '{"n": "1"}')
+    assert done.job.state == pb.JobState.SUCCEEDED
 
 
 async def test_submit_is_bounded_per_type_and_a_finished_job_frees_its_slot(

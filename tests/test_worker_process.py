@@ -252,7 +252,7 @@ def test_bad_input_gets_a_status_with_a_reason(
          "name: must not be empty"),
         (lambda: client.send("nope", "x"), grpc.StatusCode.NOT_FOUND, "no job named 'nope'"),
         (lambda: client.send("sleep", "x", seconds="soon"), grpc.StatusCode.INVALID_ARGUMENT,
-         "params.seconds: Expected `float`, got `str`"),
+         "params.seconds: expected a number, got 'soon'"),
         (lambda: client.send("echo", "x", timeout=-1), grpc.StatusCode.INVALID_ARGUMENT,
          "timeout_seconds: must be a finite number, 0 or more"),
         (lambda: client.get("missing"), grpc.StatusCode.NOT_FOUND, "no job with id 'missing'"),
@@ -627,7 +627,7 @@ def test_user_jobs_from_a_module(
     assert json.loads(client.run("shout", "s", text="hi").result_json) == "HI"
     assert {"double", "shout", "echo"} <= set(client.status().job_names)
     err = rpc_error(lambda: client.send("double", "bad", n="x"))
-    assert err.details() == "params.n: Expected `int`, got `str`"
+    assert err.details() == "params.n: expected an integer, got 'x'"
 
 
 def test_job_modules_are_found_in_the_current_directory(

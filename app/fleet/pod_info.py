@@ -58,6 +58,10 @@ class PodInfo(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     # worker (a partition, a reset) sees from it that the run goes on, and does not start a
     # second copy elsewhere
     live_job_ids: list[str] = msgspec.field(default_factory=list)
+    # per job name, its parameters (`app.fleet.job_signature.JobSignature` as JSON, kept raw:
+    # an orchestrator reads one only when it changed): what a submission is checked against.
+    # A job named in jobNames but not here is not checked before it reaches a worker.
+    job_signatures: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict)
 
 
 _encoder = msgspec.json.Encoder()

@@ -31,6 +31,7 @@ from app.fleet.job_state import JobState, from_orchestrator_wire, to_orchestrato
 from app.fleet.limits import MAX_ID_LENGTH, MAX_NAME_LENGTH, params_problem
 from app.fleet.schedules import MAX_SCHEDULE_NAME, SCHEDULE_NAME
 from app.grpc.status import retry_later
+from app.orchestrator.admission import RefusalKind, admit, reuse_problem
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.job_listing import list_jobs
@@ -55,6 +56,10 @@ R = TypeVar("R")
 
 #: When a full queue tells the client to come back (RetryInfo, `retry-after-ms`).
 QUEUE_FULL_RETRY_SECONDS = 5.0
+_STATUS = {
+    RefusalKind.NOT_FOUND: Status.NOT_FOUND,
+    RefusalKind.INVALID_ARGUMENT: Status.INVALID_ARGUMENT,
+}
 
 
 def _invalid(field: str, problem: str) -> GRPCError:
@@ -242,7 +247,6 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             raise _invalid("priority", f"must be 0..{MAX_PRIORITY}")
         if req.max_attempts > MAX_ATTEMPTS:
             raise _invalid("max_attempts", f"must be 0..{MAX_ATTEMPTS}")
-        self._check_job_type(req.job_type)
         now = time.time()
         timeout = req.timeout_seconds or c.default_timeout_seconds
         deadline = req.deadline_seconds or max(c.default_deadline_seconds, timeout)
@@ -259,19 +263,32 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             schedule=req.schedule,
         )
 
-    def _check_job_type(self, job_type: str) -> None:
-        """NOT_FOUND when live workers are known and none runs this job type.
+    def _refusal(self, job_type: str, params: dict[str, str]) -> GRPCError | None:
+        """NOT_FOUND when live workers are known and none runs this job type; INVALID_ARGUMENT
+        naming the field when every live worker that runs it would refuse the params.
 
-        With no live worker at all the job is accepted and waits (backpressure).
+        With no live worker at all the job is accepted and waits (backpressure), unchecked. See
+        `app.orchestrator.admission` for workers that disagree or do not advertise signatures.
         """
-        live = [e for e in self._directory.entries() if self._directory.stale_reason(e) is None]
-        if live and all(e.info.job_names and job_type not in e.info.job_names for e in live):
-            raise GRPCError(Status.NOT_FOUND, f"no worker runs job type {job_type!r}")
+        directory = self._directory
+        live = [e for e in directory.entries() if directory.stale_reason(e) is None]
+        runners = [directory.shape(e, job_type) for e in live if directory.runs(e, job_type)]
+        refusal = admit(job_type, params, live=len(live), runners=runners)
+        return None if refusal is None else GRPCError(_STATUS[refusal.kind], refusal.message)
 
     async def _submit(self, req: pb.BatchExecutionRequest) -> tuple[BatchJob, bool]:
         if self.draining:
             raise GRPCError(Status.UNAVAILABLE, "orchestrator is draining; send to another")
         job = self._new_job(req)
+        refusal = self._refusal(job.job_type, job.params)
+        if refusal is not None:
+            if req.job_id:
+                # the repeat of a request accepted before (unchecked, or by workers since gone)
+                # answers its job as any repeat does: one lookup, on refusals only
+                existing = await self._store.get(job.job_id)
+                if existing is not None and reuse_problem(job, existing) is None:
+                    return existing, True
+            raise refusal
         bound = self._config.queue_bound_per_type
         result, existing, queued = await self._store.submit(job, bound=bound)
         if result is SubmitResult.QUEUE_FULL:
@@ -283,6 +300,9 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             )
         if result is SubmitResult.EXISTS:
             assert existing is not None
+            problem = reuse_problem(job, existing)
+            if problem is not None:
+                raise GRPCError(Status.ALREADY_EXISTS, problem)
             return existing, True
         return job, False
 
@@ -293,8 +313,10 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         """Queue a job and answer at once: its id, its state, and whether the id existed already.
 
         UNAVAILABLE while draining or while Redis is away (with a retry-after), INVALID_ARGUMENT
-        or NOT_FOUND for a bad request, RESOURCE_EXHAUSTED when the job type's queue is full, and
-        DATA_LOSS when the id's existing record does not read.
+        or NOT_FOUND for a bad request (params are checked against the signatures the live
+        workers advertise), ALREADY_EXISTS for a known id with another job type or other params,
+        RESOURCE_EXHAUSTED when the job type's queue is full, and DATA_LOSS when the id's
+        existing record does not read.
         """
         with _data_loss():
             job, existing = await self._submit(message)
@@ -306,9 +328,10 @@ class OrchestratorService(pb.OrchestratorServiceBase):
     async def execute(self, message: pb.BatchExecutionRequest) -> pb.BatchExecutionResponse:
         """Queue a job as `submit` does, then answer with its record once it has ended.
 
-        For an id that exists already, it waits for that job. Past the job's deadline plus 5 s the
-        record comes back as it is then. A Redis outage while waiting answers UNAVAILABLE: the
-        job goes on, and an Execute with its id waits for it again.
+        For an id that exists already (with the same job type and params), it waits for that
+        job. Past the job's deadline plus 5 s the record comes back as it is then. A Redis outage
+        while waiting answers UNAVAILABLE: the job goes on, and an Execute with its id waits for
+        it again.
         """
         with _data_loss():
             job, _ = await self._submit(message)

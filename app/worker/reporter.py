@@ -152,6 +152,7 @@ class ApplicationInfoReportJob:
             start_datetime=ident.start_datetime,
             version=ident.version,
             job_names=self._job_master.job_names(),
+            job_signatures=self._job_master.job_signatures(),
             live_job_ids=self._live_job_ids(),
         )
 

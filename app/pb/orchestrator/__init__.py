@@ -105,7 +105,8 @@ class BatchExecutionRequest(betterproto2.Message):
 
     job_id: "str" = betterproto2.field(1, betterproto2.TYPE_STRING)
     """
-    Generated when empty; an id already known makes the call idempotent.
+    Generated when empty; an id already known makes the call idempotent when job_type and
+    params are the same (the other fields of the first call stand), and ALREADY_EXISTS if not.
     """
 
     job_type: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
@@ -118,6 +119,11 @@ class BatchExecutionRequest(betterproto2.Message):
         betterproto2.TYPE_MAP,
         map_meta=betterproto2.map_meta(betterproto2.TYPE_STRING, betterproto2.TYPE_STRING),
     )
+    """
+    Checked at submit against the job's signature as the live workers advertise it: a name it
+    does not take, a required one missing or a value that does not convert is INVALID_ARGUMENT
+    naming it (params.<name>). What no live worker describes is left to the worker.
+    """
 
     timeout_seconds: "float" = betterproto2.field(4, betterproto2.TYPE_DOUBLE)
     """
@@ -414,7 +420,8 @@ class OrchestratorServiceStub(betterproto2_grpclib.ServiceStub):
     ) -> "BatchExecutionResponse":
         """
         Run a job somewhere healthy and wait for its outcome (the seed's BatchExecutionRequest →
-        BatchExecutionResponse). A job_id already known returns that job's outcome: never a second run.
+        BatchExecutionResponse). A job_id already known returns that job's outcome: never a second run
+        (with another job_type or other params: ALREADY_EXISTS, naming what differs).
         """
 
         return await self._unary_unary(
@@ -435,7 +442,8 @@ class OrchestratorServiceStub(betterproto2_grpclib.ServiceStub):
         metadata: "MetadataLike | None" = None,
     ) -> "SubmitResponse":
         """
-        Queue a job and answer at once with its id.
+        Queue a job and answer at once with its id. INVALID_ARGUMENT names a bad field, params
+        included; ALREADY_EXISTS for a known job_id with another job_type or other params.
         """
 
         return await self._unary_unary(
@@ -565,14 +573,16 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
     async def execute(self, message: "BatchExecutionRequest") -> "BatchExecutionResponse":
         """
         Run a job somewhere healthy and wait for its outcome (the seed's BatchExecutionRequest →
-        BatchExecutionResponse). A job_id already known returns that job's outcome: never a second run.
+        BatchExecutionResponse). A job_id already known returns that job's outcome: never a second run
+        (with another job_type or other params: ALREADY_EXISTS, naming what differs).
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
 
     async def submit(self, message: "BatchExecutionRequest") -> "SubmitResponse":
         """
-        Queue a job and answer at once with its id.
+        Queue a job and answer at once with its id. INVALID_ARGUMENT names a bad field, params
+        included; ALREADY_EXISTS for a known job_id with another job_type or other params.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
