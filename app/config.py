@@ -224,6 +224,8 @@ class OrchestratorConfig(_Section, frozen=True):
     job_prefix: str = "wpm-job"
     # jobs whose record vanished while in hand (Redis lost its data), for `jobworker lost`
     lost_key: str = "wpm-jobs:lost"
+    # every job by submit time, for listing recent jobs (`jobworker jobs`, ListJobs)
+    index_key: str = "wpm-jobs:index"
     # jobs one orchestrator dispatches at once; the rest wait in the stream
     max_inflight: int = 256
     # queued (unfinished) jobs per job type; a submit past it gets RESOURCE_EXHAUSTED
@@ -268,6 +270,7 @@ class OrchestratorConfig(_Section, frozen=True):
         _check(self.discovery_interval_seconds > 0, "discovery_interval_seconds", "must be > 0")
         _check(self.claim_idle_seconds > 0, "claim_idle_seconds", "must be above 0")
         _check(bool(self.stream_key) and bool(self.job_prefix), "stream_key", "must not be empty")
+        _check(bool(self.index_key), "index_key", "must not be empty")
 
 
 class TriggerConfig(_Section, frozen=True):

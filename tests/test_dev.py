@@ -168,7 +168,7 @@ def test_the_fleet_from_one_command(start_dev: Callable[..., Dev]) -> None:
     assert sent["message"] == "job job-1 accepted: RUNNING"
 
     # the client commands, in another terminal, with no flags
-    submitted = dev.cli("jobs", "submit", "echo", "-p", "a=1", "--wait")
+    submitted = dev.cli("submit", "echo", "-p", "a=1", "--wait", "--json")
     assert submitted.returncode == 0, submitted.stderr
     job = json.loads(submitted.stdout)["job"]
     assert job["state"] == "SUCCEEDED"
@@ -228,7 +228,8 @@ def test_a_second_ctrl_c_stops_at_once(start_dev: Callable[..., Dev]) -> None:
     dev = start_dev()
     processes = roles_of(dev.descendants())
     # a job that would hold worker-1's drain for its whole 30 s grace
-    sent = dev.cli("submit", "sleep", "-p", "seconds=120", "--id", "long")
+    sent = dev.cli("submit", "sleep", "-p", "seconds=120", "--id", "long", "--worker",
+                   "127.0.0.1:9091")  # fmt: skip
     assert sent.returncode == 0, sent.stderr
     dev.ctrl_c()
     dev.wait_output("stopping worker-1, worker-2")

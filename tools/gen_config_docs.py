@@ -128,6 +128,8 @@ MEANINGS: dict[str, str] = {
     " one probe through (half open)",
     "orchestrator.lost_key": "where an orchestrator notes jobs in hand whose records Redis"
     " forgot, for `jobworker lost`",
+    "orchestrator.index_key": "every job by submit time (a sorted set, one entry per job), for"
+    " `jobworker jobs` and ListJobs; entries go once their record has expired",
     "orchestrator.balancer": "`p2c` (the less loaded of two random picks) or `round_robin`",
     "orchestrator.discovery_interval_seconds": "how often the workers' PodInfo is read again",
     "orchestrator.worker_report_interval_seconds": "the workers' report interval: a PodInfo"

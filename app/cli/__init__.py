@@ -1,6 +1,7 @@
 """`jobworker`: the one console script, with a subcommand per role and per client task.
 
-`launcher` runs the roles, `clients` talks to running ones, `cron` previews expressions;
+`launcher` runs the roles, `clients` talks to running ones (`jobs`: submits, shows, follows and
+lists jobs), `cron` previews expressions;
 `trigger` runs the trigger tier and `schedules` manages its schedules (and answers `why`);
 `lost` lists the jobs Redis forgot.
 """
@@ -12,13 +13,13 @@ import sys
 from collections.abc import Sequence
 
 from app import __version__
-from app.cli import clients, cron, dev, launcher, lost, schedules, trigger
+from app.cli import clients, cron, dev, jobs, launcher, lost, schedules, trigger
 from app.cli.runtime import EXIT_CONFIG
 from app.errors import ConfigError
 
 WRONG_TIER_HINT = (
-    "is --target the right tier? status, submit, job, cancel and health ask a worker;"
-    " jobs and workers ask an orchestrator"
+    "is --target the right tier? status and health ask a worker; submit, job, cancel, jobs"
+    " and workers ask an orchestrator (--worker ADDR: a worker)"
 )
 
 
@@ -32,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.add_parsers(sub)
     dev.add_parsers(sub)
     clients.add_parsers(sub)
+    jobs.add_parsers(sub)
     cron.add_parsers(sub)
     trigger.add_parsers(sub)
     schedules.add_parsers(sub)

@@ -17,7 +17,7 @@ is left at once. The children die with this process even when it is SIGKILLed: e
 through the parent-death shim the embedded Redis uses (Linux), and gets SIGTERM.
 
 Once the fleet is ready its addresses are written to a record (`dev_record`), which the client
-commands read: `jobworker jobs submit echo --wait` in another terminal needs no flags. The
+commands read: `jobworker submit echo --wait` in another terminal needs no flags. The
 record is removed on the way out.
 """
 
@@ -415,7 +415,8 @@ class DevFleet:
             + (f", trigger {record.trigger}" if record.trigger else ""),
             f"redis {record.redis_url}; the clients find this fleet in {path}",
             "try, in another terminal:",
-            "  jobworker jobs submit echo -p a=1 --wait",
+            "  jobworker submit echo -p a=1 --wait",
+            "  jobworker jobs",
             "  jobworker workers",
             '  grpcurl -plaintext -d \'{"id":"job-1","name":"demo"}\' localhost:9091'
             " worker.WorkerService/SendWork",

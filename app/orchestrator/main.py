@@ -5,6 +5,7 @@
     ├── JobEvents          one pub/sub connection: wakes Execute, WatchJob and CancelJob
     ├── WorkerDirectory    the workers' PodInfo, refreshed every discovery interval
     ├── Dispatcher         the job queue → workers, with retry, breaker and fencing
+    ├── IndexTrimmer       drops the job index's entries of expired records, once a minute
     ├── HttpServer         /metrics, /healthz, /readyz (Hypercorn) when `metrics.port` is set
     └── GrpcServer         OrchestratorService, reflection, health
 
@@ -36,6 +37,7 @@ from app.grpc.server import GrpcServer
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.grpc_worker_client import GrpcWorkerClient
+from app.orchestrator.index_trimmer import IndexTrimmer
 from app.orchestrator.service import OrchestratorService
 from app.stores.abc import JobEvents, JobStore
 from app.stores.bad_data import BadData
@@ -67,6 +69,7 @@ async def serve_orchestrator(config: Config) -> None:
                 retention_seconds=o.retention_seconds,
                 bad_data=bad_data,
                 lost_key=o.lost_key,
+                index_key=o.index_key,
             )
             events: JobEvents = RedisJobEvents(redis, job_prefix=o.job_prefix, bad_data=bad_data)
             directory = WorkerDirectory(
@@ -84,6 +87,7 @@ async def serve_orchestrator(config: Config) -> None:
                 store, events, directory, client, make_balancer(o.balancer), o, consumer=consumer
             )
             service = OrchestratorService(store, events, directory, dispatcher, o)
+            trimmer = IndexTrimmer(store, retention_seconds=o.retention_seconds)
             server = GrpcServer(
                 [service],
                 host=o.host,
@@ -140,6 +144,7 @@ async def serve_orchestrator(config: Config) -> None:
                     dispatcher_done.set()
 
                 await tg.start(run_dispatcher)
+                await tg.start(trimmer.run)
                 if config.metrics.port is not None:
                     # the HTTP edge (Starlette, Hypercorn, prometheus_client: ~120 modules, ~4 MiB)
                     # is imported only by a role that serves it
@@ -151,7 +156,7 @@ async def serve_orchestrator(config: Config) -> None:
                         host=config.metrics.host,
                         port=config.metrics.port,
                         collect=lambda: orchestrator_metrics(
-                            dispatcher, directory, server, bad_data, monitor
+                            dispatcher, directory, server, bad_data, monitor, trimmer
                         ),
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,

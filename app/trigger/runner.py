@@ -312,7 +312,7 @@ class ScheduleRunner:
             job_id=job_id, job_type=spec.job_type, params=dict(spec.params),
             timeout_seconds=spec.timeout_seconds, deadline_seconds=spec.deadline_seconds,
             priority=spec.priority, retry_on_failure=spec.retry_on_failure,
-            max_attempts=spec.max_attempts,
+            max_attempts=spec.max_attempts, schedule=spec.name,
         )  # fmt: skip
         c.counters.submits += 1
         answer = await self._until(lambda: c.client.submit(job), step, attempts)
