@@ -622,6 +622,31 @@ async def test_ack_removes_the_entry(stores: Stores) -> None:
     assert await store.get("a") is not None  # the record stays: an ack ends the entry only
 
 
+async def test_a_final_write_acks_its_entry_only_when_it_is_made(stores: Stores) -> None:
+    store = stores.store
+    for job_id in ("a", "b", "c"):
+        await store.submit(job(job_id), bound=10)
+    entries = dict((j, e) for e, j in await store.read_new("c1", count=10, block_ms=10))
+    record, token = await start_attempt(store, "a", JobState.DISPATCHED)
+    record.state = JobState.RUNNING  # not final: the entry stays
+    assert await store.write(record, token, ack=entries["a"]) is WriteResult.WRITTEN
+    stale, old = await start_attempt(store, "b", JobState.DISPATCHED)
+    await store.next_token("b")  # taken over: the old holder's end is refused, entry kept
+    stale.state = JobState.SUCCEEDED
+    assert await store.write(stale, old, ack=entries["b"]) is WriteResult.SUPERSEDED
+    done, token_c = await start_attempt(store, "c", JobState.RUNNING)
+    done.state = JobState.SUCCEEDED
+    assert await store.write(done, token_c, ack=entries["c"]) is WriteResult.WRITTEN
+    assert (await get(store, "c")).state is JobState.SUCCEEDED
+    assert await store.queued_count("echo") == 2
+    # only c's entry is gone: a and b are still pending, and are claimed
+    claimed = await store.claim_idle("c2", min_idle_ms=0, count=10)
+    assert sorted(job_id for _, job_id in claimed) == ["a", "b"]
+    # made again (a broken connection's retry): refused as finished, nothing else changes
+    assert await store.write(done, token_c, ack=entries["c"]) is WriteResult.ALREADY_FINISHED
+    assert await store.queued_count("echo") == 2
+
+
 async def test_a_fence_that_went_back_in_time_is_restored_by_its_holder(stores: Stores) -> None:
     store = stores.store
     await store.submit(job(), bound=10)

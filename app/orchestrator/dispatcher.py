@@ -477,7 +477,8 @@ class Dispatcher:
                 return
             job: BatchJob | None = held
             if not held.state.finished:
-                await self._drive(held)
+                if await self._drive(held, entry_id):
+                    return  # ended here, and its entry acked by the same write
                 job = await self._store.get(job_id)
             if job is None:  # the record vanished: Redis lost it (an entry outlives no record)
                 await self._lost(job_id, held)
@@ -531,8 +532,9 @@ class Dispatcher:
 
     # --- one job: decide, then do -----------------------------------------------------------------
 
-    async def _drive(self, job: BatchJob) -> None:
-        """Steps until the job ends, or until another holder has a newer token."""
+    async def _drive(self, job: BatchJob, entry_id: str) -> bool:
+        """Steps until the job ends, or until another holder has a newer token. True when it
+        ended here and the final write acked its queue entry `entry_id`."""
         token = await self._store.fence(job.job_id)
         call: CallResult | None = None
         if adopt(job):
@@ -551,15 +553,14 @@ class Dispatcher:
             if isinstance(step, Stop):
                 self._counts["superseded"] += 1
                 log.info("job %s: %s", job.job_id, step.reason)
-                return
+                return False
             if isinstance(step, Finish):
-                await self._finish(job, token, step)
-                return
+                return await self._finish(job, token, step, entry_id)
             if isinstance(step, Requeue):
                 job.state = JobState.PENDING
                 if (written := await self._write(job, token)) is not WriteResult.WRITTEN:
                     log.info("job %s: not retried, the record is %s", job.job_id, written.name)
-                    return
+                    return False
                 log.info("job %s: attempt %d %s; retrying", job.job_id, len(job.attempts),
                          step.reason, extra=_worker_of(job))  # fmt: skip
                 self._counts["retries"] += 1
@@ -571,7 +572,7 @@ class Dispatcher:
             address = await self._before_attempt(job, step)
             if address is None:
                 if await self._store.get(job.job_id) is None:
-                    return  # its record is gone (Redis lost its data): the caller ends it
+                    return False  # its record is gone (Redis lost its data): the caller ends it
                 continue  # deadline or cancel while waiting: decide() ends it
             token = await self._store.next_token(job.job_id)
             attempt = AttemptRecord(
@@ -585,7 +586,7 @@ class Dispatcher:
             if (written := await self._write(job, token)) is not WriteResult.WRITTEN:
                 log.info("job %s: not dispatched, the record is %s", job.job_id, written.name)
                 self.breaker(address).release()
-                return
+                return False
             self._counts["dispatched"] += 1
             call = await self._call(job, address, token)
             if call.kind in (CallKind.UNREACHABLE, CallKind.LOST):
@@ -593,11 +594,11 @@ class Dispatcher:
                 call = await self._recorded_outcome(job) or call
             _note(attempt, call, self._clock.timestamp())
 
-    async def _write(self, job: BatchJob, token: int) -> WriteResult:
+    async def _write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """The store's fenced write; when it was refused because Redis went back in time (the
         fence below our token, which only this holder took), the fence is restored, said once
         per job, and the write made again."""
-        written = await self._store.write(job, token)
+        written = await self._store.write(job, token, ack=ack)
         # not after a data loss: the record may be a new job under the same id, its own tokens
         same_data = self._losses_at_take.get(job.job_id) == self._data_losses
         if (
@@ -610,7 +611,7 @@ class Dispatcher:
                 "job %s: Redis lost its last writes (the job's fence went back below token %d,"
                 " which this orchestrator holds): restored it", job.job_id, token,
             )  # fmt: skip
-            written = await self._store.write(job, token)
+            written = await self._store.write(job, token, ack=ack)
         return written
 
     async def _recorded_outcome(self, job: BatchJob) -> CallResult | None:
@@ -872,10 +873,11 @@ class Dispatcher:
         if self._task_group is not None:
             self._task_group.start_soon(self._client.cancel, address, job_id)
 
-    async def _finish(self, job: BatchJob, token: int, step: Finish) -> None:
+    async def _finish(self, job: BatchJob, token: int, step: Finish, entry_id: str) -> bool:
+        """Write the job's end (acking its entry in the same step); True when it was written."""
         job.state, job.result_json, job.error = step.state, step.result_json, step.error
         job.finished_at = self._clock.timestamp()
-        written = await self._write(job, token)
+        written = await self._write(job, token, ack=entry_id)
         if written is WriteResult.WRITTEN:
             self._counts[step.state.value] += 1
             log.info("job %s (%s) %s after %d attempt(s)%s", job.job_id, job.job_type,
@@ -889,6 +891,7 @@ class Dispatcher:
             log.warning(
                 "job %s: result of superseded attempt (token %d) refused", job.job_id, token
             )
+        return written is WriteResult.WRITTEN
 
 
 def _corrupt(exc: Exception) -> CorruptRecord | None:

@@ -117,10 +117,14 @@ class JobStore(Protocol):
         """A new fencing token: from now on, holders of older ones are refused."""
         ...
 
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """Store `job` (its `fencing_token` set to `token`) if `token` is the newest and the
         stored job has not finished; a finished job's record starts its retention and no longer
-        counts against its type's bound. Wakes `JobEvents` waiters."""
+        counts against its type's bound. Wakes `JobEvents` waiters.
+
+        `ack`: the job's queue entry, acknowledged and dropped (as `ack` does) in the same step
+        when this write, a final one, is made; a write that is not made, or not final, leaves
+        it."""
         ...
 
     async def restore_fence(self, job_id: str, token: int) -> bool:

@@ -314,8 +314,9 @@ class MemoryJobStore:
         self._fences.keep_ttl(job_id, str(token).encode())
         return token
 
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
-        """Store `job` if `token` is the newest and the stored job has not finished."""
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
+        """Store `job` if `token` is the newest and the stored job has not finished; a final
+        write acks the entry `ack` too."""
         job.fencing_token = token  # as RedisJobStore does: the caller's record carries it
         await anyio.lowlevel.checkpoint()
         current = self._records.get(job.job_id)
@@ -333,6 +334,8 @@ class MemoryJobStore:
             self._queued[job.job_type] = max(0, self._queued.get(job.job_type, 0) - 1)
             for keys in (self._records, self._fences, self._cancels):
                 keys.expire(job.job_id, self._retention)
+            if ack:
+                self._ack_now(ack)
         self._publish(job.job_id)
         return WriteResult.WRITTEN
 
@@ -551,6 +554,9 @@ class MemoryJobStore:
     async def ack(self, entry_id: str) -> None:
         """Acknowledge and drop the entry (XACK and XDEL): nobody reads or claims it again."""
         await anyio.lowlevel.checkpoint()
+        self._ack_now(entry_id)
+
+    def _ack_now(self, entry_id: str) -> None:
         number = _entry_number(entry_id)
         self._pending.pop(number, None)
         self._entries.pop(number, None)

@@ -88,9 +88,9 @@ class PatientJobStore:
         """See `JobStore.next_token`."""
         return await self._call(self._store.next_token, job_id)
 
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """See `JobStore.write`."""
-        return await self._call(self._store.write, job, token)
+        return await self._call(self._store.write, job, token, ack=ack)
 
     async def restore_fence(self, job_id: str, token: int) -> bool:
         """See `JobStore.restore_fence`."""

@@ -122,10 +122,11 @@ local function state_at(key)
   if type(state) ~= 'string' then return false, raw end
   return state, raw
 end
--- the bound counts unfinished jobs: one ended. A junk counter is left for the next submit.
+-- the bound counts unfinished jobs: one ended. One DECR (no read first): on a junk counter it
+-- fails, and the junk is left for the next submit; one below zero (started again) goes.
 local function count_down(key)
-  local queued = int_at(key)
-  if queued and queued > 0 then redis.call('DECR', key) end
+  local queued = redis.pcall('DECR', key)
+  if type(queued) == 'number' and queued < 0 then redis.call('DEL', key) end
 end
 """
 
@@ -154,8 +155,11 @@ if type(indexed) == 'table' and indexed['err'] then index_junk = 1 end
 return {{1, id, junk, raw, index_junk}}
 """
 
-# KEYS: record, fence, counter, channel, cancel   ARGV: json, token, final (0/1), retention
+# KEYS: record, fence, counter, channel, cancel, stream
+# ARGV: json, token, final (0/1), retention, entry id to ack with a final write ('': none), group
 # (a missing record first: when Redis lost it, it lost its fence too, and that is no takeover)
+# A final write acks and drops the job's queue entry in the same step (no GET, MULTI, EXEC
+# after it).
 _WRITE = f"""{_READ}
 local state, current = state_at(KEYS[1])
 if state == nil then return {{-1}} end
@@ -164,17 +168,21 @@ if not fence then return {{-3, fence_raw}} end
 if tonumber(ARGV[2]) ~= fence then return {{0}} end
 if not state then return {{-4, current}} end
 if finished[state] then return {{-2}} end
-redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] == '1' then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
   count_down(KEYS[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[5], ARGV[4])
+  if ARGV[5] ~= '' then
+    redis.call('XACK', KEYS[6], ARGV[6], ARGV[5])
+    redis.call('XDEL', KEYS[6], ARGV[5])
+  end
+else
+  redis.call('SET', KEYS[1], ARGV[1])
 end
 redis.call('PUBLISH', KEYS[4], ARGV[1])
 return {{1}}
 """
-
 
 # KEYS: record, fence, counter, channel, cancel
 # ARGV: the record as read, the fence as read, the cancelled record, retention
@@ -425,14 +433,17 @@ class RedisJobStore:
             raise
 
     @translated
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """Store `job` if `token` is still the job's fencing token and the job has not ended;
+        a final write that is made also acks and drops the queue entry `ack` (one script).
         CorruptRecord when the stored record or fencing token does not read."""
         job.fencing_token = token
         final = "1" if job.state.finished else "0"
         reply = await self._write(
-            keys=self._keys(job), args=[encode_job(job), token, final, self._retention]
-        )
+            keys=[*self._keys(job), self.stream_key],
+            args=[encode_job(job), token, final, self._retention, ack if final == "1" else "",
+                  self.group],
+        )  # fmt: skip
         if reply[0] == -3:
             raise self._bad_fence(job.job_id, reply[1])
         if reply[0] == -4:
