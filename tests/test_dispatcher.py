@@ -510,11 +510,11 @@ class _Gate:
         return gated
 
 
-# A job's awaits on its way through one dispatcher, in order: its record read, its fence,
-# the cancel check, a new token, DISPATCHED, the worker's admission, RUNNING, the wait for the
+# A job's awaits on its way through one dispatcher, in order: its record, fence and cancel
+# flag read at once, a new token, DISPATCHED, the worker's admission, RUNNING, the wait for the
 # end, the final write (which acks the queue entry in the same step).
 AWAIT_POINTS = [
-    ("store", "get", 1), ("store", "fence", 1), ("store", "cancel_requested", 1),
+    ("store", "take", 1),
     ("store", "next_token", 1), ("store", "write", 1), ("client", "admit", 1),
     ("store", "write", 2), ("client", "wait", 1), ("store", "write", 3),
 ]  # fmt: skip

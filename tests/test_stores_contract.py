@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +193,11 @@ class SpyEvents:
     async def wait_changed(self, job_id: str) -> None:
         self.waiting.set()  # the real wait registers before its first await: no gap
         await self.events.wait_changed(job_id)
+
+    def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        watched = self.events.watching(job_id)  # registered from here on: no gap either
+        self.waiting.set()
+        return watched
 
 
 def job(job_id: str = "j1", job_type: str = "echo", **fields: Any) -> BatchJob:
@@ -622,6 +627,28 @@ async def test_ack_removes_the_entry(stores: Stores) -> None:
     assert await store.get("a") is not None  # the record stays: an ack ends the entry only
 
 
+async def test_take_reads_the_record_its_fence_and_its_cancel_flag(stores: Stores) -> None:
+    store = stores.store
+    assert await store.take("none") is None
+    await store.submit(job("t"), bound=10)
+    taken = await store.take("t")
+    assert taken is not None
+    assert (taken.job.job_id, taken.fence, taken.cancel_requested) == ("t", 0, False)
+    _, token = await start_attempt(store, "t", JobState.RUNNING)
+    await store.request_cancel("t", error="stop", now=time.time())
+    taken = await store.take("t")
+    assert taken is not None
+    assert (taken.job.state, taken.fence, taken.cancel_requested) == (JobState.RUNNING, token, True)
+    await stores.plant(store, "t", "fence", b"junk")
+    with pytest.raises(CorruptRecord) as caught:
+        await store.take("t")
+    assert caught.value.kind is BadDataKind.FENCING_TOKEN
+    await stores.plant(store, "t", "", b"{junk")  # the record is said first
+    with pytest.raises(CorruptRecord) as caught:
+        await store.take("t")
+    assert caught.value.kind is BadDataKind.JOB_RECORD
+
+
 async def test_a_final_write_acks_its_entry_only_when_it_is_made(stores: Stores) -> None:
     store = stores.store
     for job_id in ("a", "b", "c"):
@@ -827,6 +854,22 @@ async def test_a_refused_write_wakes_nobody(stores: Stores) -> None:
         await witness.wait_woken()  # changes arrive in order: a change of "a" would be in
         await anyio.wait_all_tasks_blocked()
         assert not waiter.woken.is_set()
+
+
+async def test_a_change_between_watching_and_waiting_wakes_the_wait(stores: Stores) -> None:
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=10)
+    record, token = await start_attempt(store, "a", JobState.DISPATCHED)
+    async with listening(events):
+        with events.watching("a") as changed:
+            assert (await get(store, "a")).state is JobState.DISPATCHED  # the read, then ...
+            record.state = JobState.RUNNING  # ... a change before the wait begins
+            assert await store.write(record, token) is WriteResult.WRITTEN
+            with anyio.fail_after(1):  # not the 2 s re-read: the change itself wakes it
+                await changed.wait()
+        with events.watching("a") as unchanged:
+            await anyio.wait_all_tasks_blocked()
+            assert not unchanged.is_set()  # a watch sees changes from its start only
 
 
 async def test_wait_finished_returns_the_final_record(stores: Stores) -> None:

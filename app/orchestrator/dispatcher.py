@@ -62,6 +62,7 @@ from app.orchestrator.decisions import (
     RunSighting,
     Stop,
     adopt,
+    cancel_matters,
     decide,
     sight_run,
 )
@@ -468,16 +469,17 @@ class Dispatcher:
         bind_log_fields(job_id=job_id)
         self._losses_at_take[job_id] = self._data_losses
         try:
-            held = await self._store.get(job_id)
-            if held is None:
+            taken = await self._store.take(job_id)
+            if taken is None:
                 # never a job's, or kept past its record's retention: nothing to drive
                 where, why = f"queue entry {entry_id}", f"no record of job {job_id!r}"
                 no_record = CorruptRecord(BadDataKind.STREAM_ENTRY, job_id, where, why)
                 await self._set_aside(entry_id, no_record)
                 return
+            held = taken.job
             job: BatchJob | None = held
             if not held.state.finished:
-                if await self._drive(held, entry_id):
+                if await self._drive(held, entry_id, taken.fence, taken.cancel_requested):
                     return  # ended here, and its entry acked by the same write
                 job = await self._store.get(job_id)
             if job is None:  # the record vanished: Redis lost it (an entry outlives no record)
@@ -532,10 +534,11 @@ class Dispatcher:
 
     # --- one job: decide, then do -----------------------------------------------------------------
 
-    async def _drive(self, job: BatchJob, entry_id: str) -> bool:
+    async def _drive(self, job: BatchJob, entry_id: str, token: int, cancel: bool) -> bool:
         """Steps until the job ends, or until another holder has a newer token. True when it
-        ended here and the final write acked its queue entry `entry_id`."""
-        token = await self._store.fence(job.job_id)
+        ended here and the final write acked its queue entry `entry_id`.
+
+        `token` and `cancel`: the job's fence and cancel flag, read as it was taken."""
         call: CallResult | None = None
         if adopt(job):
             # its holder stopped during the attempt: the run may have ended meanwhile, and its
@@ -546,8 +549,11 @@ class Dispatcher:
         else:
             self._budget.record_call()  # a first attempt (an adopted run is not a new call)
         asked = False
+        fresh = True  # `cancel` was read just now
         while True:
-            cancel = await self._store.cancel_requested(job.job_id)
+            if not fresh and cancel_matters(call):
+                cancel = await self._store.cancel_requested(job.job_id)
+            fresh = False
             step = decide(job, call, now=self._clock.timestamp(), cancel_requested=cancel)
             call = None
             if isinstance(step, Stop):

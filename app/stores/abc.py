@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import anyio
@@ -60,6 +61,14 @@ class WriteResult(enum.IntEnum):
     SUPERSEDED = 0  # another attempt holds a newer token
     MISSING = -1
     ALREADY_FINISHED = -2
+
+
+class Taken(msgspec.Struct, frozen=True, kw_only=True):
+    """A job as a dispatcher takes it (`JobStore.take`)."""
+
+    job: BatchJob
+    fence: int
+    cancel_requested: bool
 
 
 #: A queue entry: (entry id, job id). Entry ids order the queue; a job id may be queued once.
@@ -115,6 +124,12 @@ class JobStore(Protocol):
 
     async def next_token(self, job_id: str) -> int:
         """A new fencing token: from now on, holders of older ones are refused."""
+        ...
+
+    async def take(self, job_id: str) -> Taken | None:
+        """What a dispatcher reads as it takes a job, at once (one round trip on Redis): the
+        record, its fencing token and whether a cancel was asked for; None when there is no
+        record. CorruptRecord as `get`, then `fence`, raise it."""
         ...
 
     async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
@@ -252,6 +267,11 @@ class JobEvents(Protocol):
 
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next change."""
+        ...
+
+    def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """An event set on the job's next change from now on (enter it, read the record, then
+        wait on it: a change made meanwhile is not missed, as it is with `wait_changed`)."""
         ...
 
 

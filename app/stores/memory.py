@@ -12,6 +12,7 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Generic, TypeVar
 
 import anyio
@@ -48,6 +49,7 @@ from app.stores.abc import (
     Quarantined,
     QueueEntry,
     SubmitResult,
+    Taken,
     WriteResult,
 )
 from app.stores.bad_data import (
@@ -301,6 +303,16 @@ class MemoryJobStore:
         await anyio.lowlevel.checkpoint()
         raw = self._records.get(job_id)
         return None if raw is None else self._decode(job_id, raw)
+
+    async def take(self, job_id: str) -> Taken | None:
+        """The record, its fencing token and whether a cancel was asked for, at once."""
+        await anyio.lowlevel.checkpoint()
+        raw = self._records.get(job_id)
+        if raw is None:
+            return None
+        job = self._decode(job_id, raw)
+        return Taken(job=job, fence=self._fence(job_id),
+                     cancel_requested=self._cancels.get(job_id) is not None)  # fmt: skip
 
     async def fence(self, job_id: str) -> int:
         """The job's newest fencing token (0 before the first)."""
@@ -666,6 +678,10 @@ class MemoryJobEvents:
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next write or cancel request."""
         await self._waiters.wait(job_id)
+
+    def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """See `JobEvents.watching`."""
+        return self._waiters.watching(job_id)
 
 
 class MemoryScheduleStore:

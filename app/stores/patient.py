@@ -25,7 +25,7 @@ from app.core.outage import Outage
 from app.errors import CorruptRecord, StoreUnavailable
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
 from app.fleet.job_index import IndexedJob, IndexPosition
-from app.stores.abc import JobStore, Quarantined, QueueEntry, SubmitResult, WriteResult
+from app.stores.abc import JobStore, Quarantined, QueueEntry, SubmitResult, Taken, WriteResult
 
 T = TypeVar("T")
 
@@ -87,6 +87,10 @@ class PatientJobStore:
     async def next_token(self, job_id: str) -> int:
         """See `JobStore.next_token`."""
         return await self._call(self._store.next_token, job_id)
+
+    async def take(self, job_id: str) -> Taken | None:
+        """See `JobStore.take`."""
+        return await self._call(self._store.take, job_id)
 
     async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """See `JobStore.write`."""

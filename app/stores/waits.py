@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import anyio
 
 from app.fleet.batch_job import BatchJob
@@ -32,10 +35,17 @@ class JobWaiters:
 
     async def wait(self, job_id: str) -> None:
         """Return after the next `wake(job_id)`."""
+        with self.watching(job_id) as changed:
+            await changed.wait()
+
+    @contextlib.contextmanager
+    def watching(self, job_id: str) -> Iterator[anyio.Event]:
+        """An event set by the next `wake(job_id)` from now on: enter it before reading the
+        record, so that a change between the read and the wait is not missed."""
         event = anyio.Event()
         self._waiters.setdefault(job_id, set()).add(event)
         try:
-            await event.wait()
+            yield event
         finally:
             waiters = self._waiters.get(job_id)
             if waiters is not None:
@@ -49,8 +59,10 @@ async def wait_finished(
 ) -> BatchJob | None:
     """The record once the job has ended, or the latest when `deadline` (loop time) passes."""
     while True:
-        job = await store.get(job_id)
-        if job is None or job.state.finished or anyio.current_time() >= deadline:
-            return job
-        with anyio.move_on_after(min(REREAD_SECONDS, deadline - anyio.current_time())):
-            await events.wait_changed(job_id)
+        # watched before the read: an end written between the read and the wait still wakes it
+        with events.watching(job_id) as changed:
+            job = await store.get(job_id)
+            if job is None or job.state.finished or anyio.current_time() >= deadline:
+                return job
+            with anyio.move_on_after(min(REREAD_SECONDS, deadline - anyio.current_time())):
+                await changed.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from typing import Any
 
 import anyio
@@ -121,3 +122,7 @@ class RedisJobEvents:
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next change (callers bound it and re-read the record)."""
         await self._waiters.wait(job_id)
+
+    def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """See `JobEvents.watching`."""
+        return self._waiters.watching(job_id)

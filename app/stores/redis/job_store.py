@@ -54,7 +54,7 @@ from app.fleet.batch_job import (
 )
 from app.fleet.job_index import IndexedJob, IndexPosition, range_start
 from app.fleet.job_state import FINISHED, JobState
-from app.stores.abc import Quarantined, QueueEntry, SubmitResult, WriteResult
+from app.stores.abc import Quarantined, QueueEntry, SubmitResult, Taken, WriteResult
 from app.stores.bad_data import (
     FENCE_ACTION,
     OUTCOME_ACTION,
@@ -407,6 +407,30 @@ class RedisJobStore:
                 raise
             raise self._bad_record(job_id, None) from None
         return None if raw is None else self._decode(job_id, raw)
+
+    @translated
+    async def take(self, job_id: str) -> Taken | None:
+        """See `JobStore.take`: GET of the record and its fence and EXISTS of its cancel key,
+        in one pipeline (one round trip; not a transaction: each is read as `get`, `fence` and
+        `cancel_requested` would)."""
+        key = self.record_key(job_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            pipe.get(f"{key}:fence")
+            pipe.exists(f"{key}:cancel")
+            raw, fence_raw, cancel = await pipe.execute(raise_on_error=False)
+        if isinstance(raw, ResponseError):
+            raise self._bad_record(job_id, None) if _wrong_type(raw) else raw
+        if raw is None:
+            return None
+        job = self._decode(job_id, raw)
+        if isinstance(fence_raw, ResponseError):
+            raise self._bad_fence(job_id, None) if _wrong_type(fence_raw) else fence_raw
+        if fence_raw is not None and not is_int(fence_raw):
+            raise self._bad_fence(job_id, fence_raw)
+        if isinstance(cancel, Exception):
+            raise cancel
+        return Taken(job=job, fence=int(fence_raw or 0), cancel_requested=bool(cancel))
 
     @translated
     async def fence(self, job_id: str) -> int:
