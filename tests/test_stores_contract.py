@@ -199,6 +199,9 @@ class SpyEvents:
         self.waiting.set()
         return watched
 
+    def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        return self.events.watching_cancel(job_id)
+
 
 def job(job_id: str = "j1", job_type: str = "echo", **fields: Any) -> BatchJob:
     now = time.time()
@@ -870,6 +873,22 @@ async def test_a_change_between_watching_and_waiting_wakes_the_wait(stores: Stor
         with events.watching("a") as unchanged:
             await anyio.wait_all_tasks_blocked()
             assert not unchanged.is_set()  # a watch sees changes from its start only
+
+
+async def test_a_cancel_watch_is_woken_by_a_cancel_request_not_by_writes(stores: Stores) -> None:
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=10)
+    record, token = await start_attempt(store, "a", JobState.DISPATCHED)
+    async with listening(events):
+        with events.watching_cancel("a") as asked, events.watching("a") as changed:
+            record.state = JobState.RUNNING
+            assert await store.write(record, token) is WriteResult.WRITTEN
+            with anyio.fail_after(1):
+                await changed.wait()  # the write arrived ...
+            assert not asked.is_set()  # ... and left the cancel watch be
+            await store.request_cancel("a", error="stop", now=time.time())
+            with anyio.fail_after(1):
+                await asked.wait()
 
 
 async def test_wait_finished_returns_the_final_record(stores: Stores) -> None:

@@ -867,10 +867,13 @@ class Dispatcher:
 
     async def _watch_cancel(self, job_id: str, address: str) -> None:
         """While the call runs: on a cancel request, ask the worker to stop the run (again on
-        each check until the call ends: the run then ends CANCELLED)."""
+        each check until the call ends: the run then ends CANCELLED). Woken by cancel requests
+        only (not by the job's own writes), and reads the flag at least every
+        CANCEL_CHECK_SECONDS, in case an event was missed."""
         while True:
-            with anyio.move_on_after(CANCEL_CHECK_SECONDS):
-                await self._events.wait_changed(job_id)
+            with self._events.watching_cancel(job_id) as asked:
+                with anyio.move_on_after(CANCEL_CHECK_SECONDS):
+                    await asked.wait()
             if await self._store.cancel_requested(job_id):
                 await self._client.cancel(address, job_id)
 

@@ -274,6 +274,11 @@ class JobEvents(Protocol):
         wait on it: a change made meanwhile is not missed, as it is with `wait_changed`)."""
         ...
 
+    def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """An event set when a cancel of the job is asked for from now on (its other changes
+        leave it be). May miss one, as any event: bound the wait and read the flag."""
+        ...
+
 
 # --- the trigger tier -----------------------------------------------------------------------------
 

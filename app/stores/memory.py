@@ -190,7 +190,7 @@ class MemoryJobStore:
         self._pending: dict[int, _Pending] = {}
         self._consumers: dict[str, float] = {}  # the group's consumers: when each last came
         self._arrived: anyio.Event | None = None  # made by a blocked reader, set by submit
-        self._listeners: list[Callable[[str], None]] = []  # MemoryJobEvents' wake-ups
+        self._listeners: list[Callable[..., None]] = []  # MemoryJobEvents' wake-ups
         self._quarantine: deque[Quarantined] = deque(maxlen=quarantine_maxlen)
         self._quarantined = 0
         self._lost: deque[LostJob] = deque(maxlen=10_000)
@@ -230,9 +230,9 @@ class MemoryJobStore:
             pending=len(self._pending),
         )
 
-    def _publish(self, job_id: str) -> None:
+    def _publish(self, job_id: str, *, cancel: bool = False) -> None:
         for wake in self._listeners:
-            wake(job_id)
+            wake(job_id, cancel=cancel)
 
     # --- junk (as RedisJobStore meets it) ---------------------------------------------------------
 
@@ -374,7 +374,7 @@ class MemoryJobStore:
         token = self._fence(job_id) + 1  # junk raises before anything changes, as in Redis
         self._cancels.set(job_id, True, self._retention)
         if job.state is not JobState.PENDING:
-            self._publish(job_id)  # its holder stops it; waiters re-read meanwhile
+            self._publish(job_id, cancel=True)  # its holder stops it; waiters re-read meanwhile
             return job
         cancelled = msgspec.structs.replace(
             job, state=JobState.CANCELLED, error=error, finished_at=now, fencing_token=token
@@ -682,6 +682,10 @@ class MemoryJobEvents:
     def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
         """See `JobEvents.watching`."""
         return self._waiters.watching(job_id)
+
+    def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """See `JobEvents.watching_cancel`."""
+        return self._waiters.watching_cancel(job_id)
 
 
 class MemoryScheduleStore:

@@ -12,7 +12,7 @@ Keys (prefixes configurable):
 | `wpm-jobs:stream:quarantine` | entries set aside as unusable, with the reason (MAXLEN ~) |
 | `wpm-jobs:lost` | jobs whose record vanished while in hand (Redis lost them), the newest 10,000 |
 | `wpm-jobs:index` | every job by submit time (ZSET of job ids), trimmed once their record is gone |
-| `wpm-job-events:<id>` | pub/sub channel: the record after each change |
+| `wpm-job-events:<id>` | pub/sub: the new state's name after each write; `cancel` on a request |
 
 Every write goes through a Lua script that checks the fencing token, so a late result from a
 superseded attempt is refused and never overwrites the job's outcome.
@@ -156,7 +156,8 @@ return {{1, id, junk, raw, index_junk}}
 """
 
 # KEYS: record, fence, counter, channel, cancel, stream
-# ARGV: json, token, final (0/1), retention, entry id to ack with a final write ('': none), group
+# ARGV: json, token, final (0/1), retention, entry id to ack with a final write ('': none), group,
+#       the new state (published)
 # (a missing record first: when Redis lost it, it lost its fence too, and that is no takeover)
 # A final write acks and drops the job's queue entry in the same step (no GET, MULTI, EXEC
 # after it).
@@ -180,7 +181,7 @@ if ARGV[3] == '1' then
 else
   redis.call('SET', KEYS[1], ARGV[1])
 end
-redis.call('PUBLISH', KEYS[4], ARGV[1])
+redis.call('PUBLISH', KEYS[4], ARGV[7])
 return {{1}}
 """
 
@@ -194,7 +195,7 @@ if not state then return {{-4, current}} end
 if finished[state] then return {{-2, current}} end
 redis.call('SET', KEYS[5], 1, 'EX', ARGV[4])
 if state ~= 'PENDING' then
-  redis.call('PUBLISH', KEYS[4], current)
+  redis.call('PUBLISH', KEYS[4], 'cancel')  -- CANCEL_EVENT: its holder stops it
   return {{0, current}}
 end
 local fence, fence_raw = int_at(KEYS[2])
@@ -207,7 +208,7 @@ redis.call('SET', KEYS[1], ARGV[3])
 count_down(KEYS[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', KEYS[4], ARGV[3])
+redis.call('PUBLISH', KEYS[4], 'CANCELLED')
 return {{1, ARGV[3]}}
 """
 # a PENDING job changing under a cancel is retried this often before the cancel gives up on it
@@ -244,7 +245,7 @@ if ARGV[8] ~= '' then
   -- the fence is junk but the record reads: the job ends here (no holder can write it now)
   redis.call('SET', KEYS[3], ARGV[8])
   count_down(KEYS[5])
-  redis.call('PUBLISH', KEYS[6], ARGV[8])
+  redis.call('PUBLISH', KEYS[6], 'FAILED')
 end
 -- junk in the quarantine key itself must not keep the entry in the queue: it is dropped then
 local kept = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
@@ -259,6 +260,11 @@ return 1
 """
 #: The quarantine stream keeps about this many entries (MAXLEN ~).
 QUARANTINE_MAXLEN = 10_000
+
+
+#: What a cancel request publishes on the job's channel (a write publishes the new state's name:
+#: the listeners only need to know whom to wake, not the ~700-byte record).
+CANCEL_EVENT = b"cancel"
 
 
 def events_channel(job_prefix: str, job_id: str) -> str:
@@ -466,7 +472,7 @@ class RedisJobStore:
         reply = await self._write(
             keys=[*self._keys(job), self.stream_key],
             args=[encode_job(job), token, final, self._retention, ack if final == "1" else "",
-                  self.group],
+                  self.group, job.state.value],
         )  # fmt: skip
         if reply[0] == -3:
             raise self._bad_fence(job.job_id, reply[1])
