@@ -2,7 +2,8 @@
 
 `launcher` runs the roles, `clients` talks to running ones, `cron` previews expressions;
 `trigger` runs the trigger tier and `schedules` manages its schedules (and answers `why`);
-`lost` lists the jobs Redis forgot.
+`lost` lists the jobs Redis forgot; `status` shows the fleet from Redis. `targets` finds where
+each client command calls (and says what went wrong there).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import sys
 from collections.abc import Sequence
 
 from app import __version__
-from app.cli import clients, cron, dev, launcher, lost, schedules, trigger
+from app.cli import clients, cron, dev, launcher, lost, schedules, status, trigger
 from app.cli.runtime import EXIT_CONFIG
+from app.cli.targets import ClientFailure
 from app.errors import ConfigError
 
 WRONG_TIER_HINT = (
-    "is --target the right tier? status, submit, job, cancel and health ask a worker;"
-    " jobs and workers ask an orchestrator"
+    "is --target the right tier? status --worker, submit, job, cancel and health ask a"
+    " worker; jobs and workers an orchestrator; schedules and why a trigger"
 )
 
 
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     launcher.add_parsers(sub)
     dev.add_parsers(sub)
+    status.add_parsers(sub)
     clients.add_parsers(sub)
     cron.add_parsers(sub)
     trigger.add_parsers(sub)
@@ -49,6 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except ClientFailure as exc:
+        print(f"jobworker: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         return _client_failure(exc)
 
