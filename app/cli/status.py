@@ -192,7 +192,7 @@ def _status(args: argparse.Namespace) -> int:
                 except StoreUnavailable as exc:
                     print(f"jobworker: {reader.unreachable(exc)}", file=sys.stderr)
                     return 1
-                out.write(_render(snapshot, args, compact=False) + "\n")
+                _write(out, _render(snapshot, args, compact=False) + "\n")
                 return 0
             return await _watch(reader, args, out)
         finally:
@@ -225,33 +225,43 @@ async def _watch(reader: _Reader, args: argparse.Namespace, out: TextIO) -> int:
             tg.start_soon(stop_on_signal)
             snapshot: FleetSnapshot | None = first
             problem = ""
-            while True:
-                _show(out, snapshot, problem, args, in_place=in_place)
+            while _show(out, snapshot, problem, args, in_place=in_place):
                 await anyio.sleep(args.watch)
                 try:
                     snapshot, problem = await reader.read(), ""
                 except StoreUnavailable as exc:
                     snapshot, problem = None, reader.unreachable(exc)
+            tg.cancel_scope.cancel()  # the reader of the pipe went away
     if in_place:
-        out.write("\n")
+        _write(out, "\n")
     return 0
 
 
 def _show(out: TextIO, snapshot: FleetSnapshot | None, problem: str, args: argparse.Namespace,
-          *, in_place: bool) -> None:  # fmt: skip
+          *, in_place: bool) -> bool:  # fmt: skip
+    """Write one refresh; False when nobody reads any more."""
     if snapshot is None:
         text = json.dumps({"error": problem}) if args.json else f"jobworker: {problem}"
     else:
         text = _render(snapshot, args, compact=True)
+    if in_place:
+        return _write(out, f"{CLEAR}{text}\nevery {args.watch:g}s; Ctrl-C to stop\n")
+    return _write(out, text + ("\n" if args.json else "\n\n"))
+
+
+def _write(out: TextIO, text: str) -> bool:
+    """Write and flush; False (and stdout quietly on /dev/null) when the reader went away
+    (`jobworker status --watch | head`)."""
     try:
-        if in_place:
-            note = f"every {args.watch:g}s; Ctrl-C to stop"
-            out.write(f"{CLEAR}{text}\n{note}\n")
-        else:
-            out.write(text + ("\n" if args.json else "\n\n"))
+        out.write(text)
         out.flush()
     except BrokenPipeError:
-        raise anyio.get_cancelled_exc_class() from None  # the reader went away: stop
+        # what is still buffered would fail again at exit, with a message: drop it
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+        return False
+    return True
 
 
 def add_parsers(sub: Any) -> None:

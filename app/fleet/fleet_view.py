@@ -54,7 +54,8 @@ def stale_reason(age: float | None, interval: float, ttl_left: float | None) -> 
 
 
 def _age(update_epoch_ms: int, now: float) -> float | None:
-    return max(0.0, now - update_epoch_ms / 1000) if update_epoch_ms > 0 else None
+    # milliseconds are what the record carries
+    return round(max(0.0, now - update_epoch_ms / 1000), 3) if update_epoch_ms > 0 else None
 
 
 def _member(
