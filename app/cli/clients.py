@@ -95,7 +95,7 @@ def _client_call(
     from app.grpc.status import StatusDetailsCodec
 
     if not isinstance(target, Target):
-        target = Target(kind="", address=target, source="--target")
+        target = Target(kind="", address=target, source="")  # where it came from: unknown
     host, port = _split_target(target.address)
     config = Configuration(
         _keepalive_time=KEEPALIVE_SECONDS,

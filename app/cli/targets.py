@@ -203,11 +203,15 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _from(target: Target) -> str:
+    return f" (from {target.source})" if target.source else ""
+
+
 def unreachable(target: Target, exc: BaseException) -> ClientFailure:
     """Nobody answered at the target (refused, unresolvable, not gRPC)."""
     what = f"the {target.kind}" if target.kind else "the server"
     return ClientFailure(
-        f"cannot reach {what} at {target.address} (from {target.source}): {_one_line(exc)}"
+        f"cannot reach {what} at {target.address}{_from(target)}: {_one_line(exc)}"
     )
 
 
@@ -264,11 +268,11 @@ async def wrong_tier(target: Target, channel: Any, exc: Exception) -> ClientFail
     if tier is None:
         return ClientFailure(
             f"{target.address} is not a jobworker server (it serves"
-            f" {', '.join(services) or 'nothing listed'}), not {wanted} (from {target.source})"
+            f" {', '.join(services) or 'nothing listed'}), not {wanted}{_from(target)}"
         )
     if tier == target.kind:
         return None  # the right tier, lacking a method: another version; the status says it
-    return ClientFailure(f"{target.address} is {_a(tier)}, not {wanted} (from {target.source})")
+    return ClientFailure(f"{target.address} is {_a(tier)}, not {wanted}{_from(target)}")
 
 
 async def call_explained(target: Target, channel: Any, call: Callable[[Any], Awaitable[T]]) -> T:
