@@ -362,6 +362,9 @@ def dev_process() -> Iterator[subprocess.Popen[bytes]]:
     """A live process whose command line says `dev`, as a running `jobworker dev`'s does."""
     process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "dev"])
     try:
+        # just after exec, /proc/<pid>/cmdline reads empty for a moment
+        cmdline = Path(f"/proc/{process.pid}/cmdline")
+        wait_for(lambda: b"dev" in cmdline.read_bytes().split(b"\0"), timeout=10)
         yield process
     finally:
         process.kill()
