@@ -304,8 +304,8 @@ def test_one_worker_directly(
     # nor does a worker answer for the orchestrator
     at_worker = cli(env, "jobs", "--target", worker.target)
     assert at_worker.returncode == CALL_FAILED
-    assert "this server serves worker.WorkerService; is --target the right tier?" in (
-        at_worker.stderr
+    assert at_worker.stderr == (
+        f"jobworker: {worker.target} is a worker, not an orchestrator (from --target)\n"
     )
 
 

@@ -175,8 +175,16 @@ def test_the_fleet_from_one_command(start_dev: Callable[..., Dev]) -> None:
     assert job["attempts"][0]["worker"] in record.workers
     workers = json.loads(dev.cli("workers").stdout)["workers"]
     assert sorted(w["address"] for w in workers) == record.workers
-    status = dev.cli("status")
+    status = dev.cli("status", "--worker")
     assert json.loads(status.stdout)["grpcPort"] == 9091, status.stderr
+    # the whole fleet from its private Redis, found through the dev record
+    fleet = json.loads(dev.cli("status", "--json").stdout)
+    assert fleet["redis"] == record.redis_url
+    assert fleet["redisSource"] == f"the running `jobworker dev` (pid {record.pid})"
+    assert sorted((m["role"], m["address"]) for m in fleet["members"]) == sorted(
+        [("orchestrator", record.orchestrator), ("trigger", record.trigger)]
+        + [("worker", w) for w in record.workers]
+    )
     # the trigger's demo schedule: listed from here, and its first tick runs on the fleet
     listed = dev.cli("schedules", "list")
     assert listed.returncode == 0, listed.stderr

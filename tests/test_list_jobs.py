@@ -162,7 +162,8 @@ def test_each_job_submitted_adds_one_index_entry_with_one_zadd(
     fleet: Fleet, redis_client: redis.Redis
 ) -> None:
     fleet.worker()
-    orchestrator = fleet.orchestrator()
+    # its registration (a ZADD into the role index) at start only, not every 5 s meanwhile
+    orchestrator = fleet.orchestrator(JOBWORKER_SCHEDULE__REPORT_INTERVAL_SECONDS="3600")
     stub = fleet.stub(orchestrator)
     redis_client.config_resetstat()
     jobs = 300
@@ -172,7 +173,9 @@ def test_each_job_submitted_adds_one_index_entry_with_one_zadd(
         assert stub.Submit(fleet.request("echo", f"j{i}"), timeout=10).existing
     assert redis_client.zcard(INDEX) == jobs
     stats = redis_client.info("commandstats")
-    assert stats["cmdstat_zadd"]["calls"] == jobs  # counted inside the submit script too
+    # counted inside the submit script too; the one more is the orchestrator's registration,
+    # when it comes after the reset
+    assert jobs <= stats["cmdstat_zadd"]["calls"] <= jobs + 1
     assert "cmdstat_zrem" not in stats  # the trim is off the submit path
     fleet.wait_job(stub, f"j{jobs - 1}", TERMINAL)
     page = listed(fleet, stub, limit=1000)

@@ -674,7 +674,7 @@ def test_cli_clients(worker_env: dict[str, str], start_worker: StartWorker) -> N
     )
     assert submitted.returncode == 0, submitted.stderr
     assert json.loads(submitted.stdout)["state"] == "SUCCEEDED"
-    status = _run_cli(env, "status", *target)
+    status = _run_cli(env, "status", "--worker", worker.target)
     assert json.loads(status.stdout)["grpcPort"] == worker.port
     assert _run_cli(env, "health", *target).stdout.strip() == "SERVING"
     missing = _run_cli(env, "job", *direct, "nope")

@@ -2,9 +2,12 @@
 workers; and the plumbing every client command shares (targets, the call, its bounds).
 
 Each opens one grpclib channel to its target, makes its call under `--timeout`, prints the answer
-as JSON and exits 0 (1 when the call failed). The target is `--target`, else `$JOBWORKER_TARGET`
-(a worker) or `$JOBWORKER_ORCHESTRATOR_TARGET`, else the fleet of a running `jobworker dev` (its
-record), else localhost:9091 or localhost:9090. The job commands are in `app.cli.jobs`.
+as JSON and exits 0 (1 when the call failed). The target is
+`--target`, else `$JOBWORKER_TARGET` (a worker) or `$JOBWORKER_ORCHESTRATOR_TARGET`, else the
+config key `client.worker` / `client.orchestrator`, else the fleet of a running `jobworker dev`
+(its record), else localhost:9091 or localhost:9090 (see `app.cli.targets`). A target that does
+not answer, or is another tier, is said in one line naming it and where it came from. The job
+commands are in `app.cli.jobs`, the fleet's status in `app.cli.status`.
 
 Waiting for a job (`_client_call` with no timeout) has no time limit: the connection is bounded
 instead, and keepalive pings notice a server that goes silent.
@@ -16,12 +19,15 @@ import argparse
 import json
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import msgspec
 
-from app.cli.dev_record import read_dev_record
+from app.cli import targets
 from app.cli.runtime import run_async
+from app.cli.targets import TARGET_ENV, Target
 from app.errors import ConfigError
 
 T = TypeVar("T")
@@ -34,11 +40,6 @@ DEFAULTS = {
     "orchestrator": DEFAULT_ORCHESTRATOR,
     "trigger": "localhost:9089",
 }
-TARGET_ENV = {
-    "worker": "JOBWORKER_TARGET",
-    "orchestrator": "JOBWORKER_ORCHESTRATOR_TARGET",
-    "trigger": "JOBWORKER_TRIGGER_TARGET",
-}
 #: an answer that is not a job's outcome, unless --timeout says otherwise
 DEFAULT_TIMEOUT_SECONDS = 10.0
 #: waiting for a job without a time limit: the connection to the server still has one
@@ -48,28 +49,24 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 KEEPALIVE_SECONDS = 10.0
 
 
-def resolve_target(kind: str, flag: str | None, env: Mapping[str, str] = os.environ) -> str:
+def resolve_target(
+    kind: str,
+    flag: str | None,
+    env: Mapping[str, str] = os.environ,
+    *,
+    profile: str | None = None,
+    config_dir: Path | None = None,
+) -> str:
     """Where a `kind` command ("worker", "orchestrator", "trigger") goes: `flag` (--target),
-    else its environment variable, else the running `jobworker dev` fleet, else the default."""
-    if flag:
-        return flag
-    named = env.get(TARGET_ENV.get(kind, ""), "")
-    if named:
-        return named
-    record = read_dev_record(env)
-    if record is not None:
-        fleet = {
-            "worker": record.workers[0] if record.workers else "",
-            "orchestrator": record.orchestrator,
-            "trigger": record.trigger,
-        }
-        if fleet.get(kind):
-            return fleet[kind]
-    return DEFAULTS[kind]
+    else its environment variable, else the config key `client.<kind>`, else the running
+    `jobworker dev` fleet, else localhost on the tier's port (`targets.resolve`, which also
+    says where the address came from)."""
+    return targets.resolve(kind, flag, env, profile=profile, config_dir=config_dir).address
 
 
-def _target(args: argparse.Namespace) -> str:
-    return resolve_target(args.target_kind, args.target)
+def _target(args: argparse.Namespace) -> Target:
+    """The target of a parsed command, with where it came from (`str()` of it: HOST:PORT)."""
+    return targets.resolve(args.target_kind, args.target, **targets.config_args(args))
 
 
 def _split_target(target: str) -> tuple[str, int]:
@@ -88,15 +85,20 @@ def _timeout(args: argparse.Namespace) -> float | None:
     return DEFAULT_TIMEOUT_SECONDS
 
 
-def _client_call(target: str, call: Callable[[Any], Awaitable[T]], timeout: float | None) -> T:
+def _client_call(
+    target: str | Target, call: Callable[[Any], Awaitable[T]], timeout: float | None
+) -> T:
     """Open a channel to `target`, run `call(channel)` under `timeout` (None: connecting is
-    bounded, the answer is not), close the channel."""
+    bounded, the answer is not), close the channel. A target that does not answer, or is not
+    the tier asked for, raises `targets.ClientFailure` saying so in one line."""
     from grpclib.client import Channel
     from grpclib.config import Configuration
 
     from app.grpc.status import StatusDetailsCodec
 
-    host, port = _split_target(target)
+    if not isinstance(target, Target):
+        target = Target(kind="", address=target, source="")  # where it came from: unknown
+    host, port = _split_target(target.address)
     config = Configuration(
         _keepalive_time=KEEPALIVE_SECONDS,
         _keepalive_timeout=KEEPALIVE_SECONDS,
@@ -110,35 +112,27 @@ def _client_call(target: str, call: Callable[[Any], Awaitable[T]], timeout: floa
         try:
             if timeout is not None:
                 with anyio.move_on_after(timeout):
-                    return await call(channel)
+                    return await targets.call_explained(target, channel, call)
                 raise TimeoutError(f"no answer from {target} within {timeout:g}s (--timeout)")
             with anyio.move_on_after(CONNECT_TIMEOUT_SECONDS) as connecting:
-                await channel.__connect__()
+                await targets.call_explained(target, channel, _connect)
             if connecting.cancelled_caught:
                 raise TimeoutError(
                     f"cannot connect to {target} within {CONNECT_TIMEOUT_SECONDS:g}s"
                 )
-            return await call(channel)
+            return await targets.call_explained(target, channel, call)
         finally:
             channel.close()
 
     return run_async(main)
 
 
+async def _connect(channel: Any) -> None:
+    await channel.__connect__()
+
+
 def _print_message(message: Any) -> None:
     print(json.dumps(message.to_dict(), indent=2, sort_keys=False))
-
-
-def _status(args: argparse.Namespace) -> int:
-    from app.pb import worker as pb
-
-    res = _client_call(
-        _target(args),
-        lambda ch: pb.WorkerServiceStub(ch).get_status(pb.StatusReq()),
-        _timeout(args),
-    )
-    _print_message(res)
-    return 0
 
 
 def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
@@ -159,7 +153,9 @@ def _health(args: argparse.Namespace) -> int:
     async def call(ch: Any) -> Any:
         return await HealthStub(ch).Check(HealthCheckRequest(service=args.service))
 
-    res = _client_call(_target(args), call, _timeout(args))
+    # any tier answers health: a failure names the server, not a tier
+    target = msgspec.structs.replace(_target(args), kind="")
+    res = _client_call(target, call, _timeout(args))
     status = HealthCheckResponse.ServingStatus.Name(res.status)
     print(status)
     return 0 if res.status == HealthCheckResponse.SERVING else 1
@@ -187,12 +183,16 @@ def add_parsers(sub: Any) -> None:
         kind: str = "worker",
         parent: Any = sub,
     ) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=help_)
+        p: argparse.ArgumentParser = parent.add_parser(
+            name, help=help_, description=help_[0].upper() + help_[1:] + ".",
+            epilog=targets.env_help(kind), formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
         p.add_argument(
             "--target",
-            help=f"HOST:PORT (default ${TARGET_ENV[kind]}, else the running `jobworker dev`"
-            f" fleet's, else {DEFAULTS[kind]})",
+            help=f"the {kind}'s HOST:PORT (default ${TARGET_ENV[kind]}, else client.{kind},"
+            f" else the running `jobworker dev` fleet's, else {DEFAULTS[kind]})",
         )
+        targets.add_config_options(p)
         p.add_argument(
             "--timeout",
             type=float,
@@ -202,7 +202,6 @@ def add_parsers(sub: Any) -> None:
         p.set_defaults(func=func, target_kind=kind)
         return p
 
-    client("status", "print a worker's status", _status)
     health = client("health", "exit 0 when the server reports SERVING", _health)
     health.add_argument("--service", default="", help="service name (default: the whole server)")
     # submit, job, cancel and jobs: app.cli.jobs

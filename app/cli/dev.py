@@ -516,6 +516,18 @@ def _log_to(console: Console, config: Config) -> None:
     logging.getLogger("app.stores.redis.embedded").setLevel(logging.WARNING)
 
 
+DEV_EPILOG = """\
+environment:
+  PROFILE                        the config profile of every role (as --profile)
+  JOBWORKER_CONFIG_DIR           a folder of application*.toml (as --config-dir)
+  JOBWORKER_<SECTION>__<KEY>     any config key, handed to every role
+  XDG_STATE_HOME                 where the fleet's record goes
+                                 ($XDG_STATE_HOME/jobworker/dev.json), which the client
+                                 commands read to find it
+REDIS_URL is not used: the fleet runs on a private redis-server of its own.
+"""
+
+
 def add_parsers(sub: Any) -> None:
     """`dev`, on the `jobworker` subparsers `sub`."""
     dev = sub.add_parser(
@@ -527,6 +539,8 @@ def add_parsers(sub: Any) -> None:
             " output is prefixed by its name. Ctrl-C drains and stops them in order; a second"
             " Ctrl-C stops them at once. The client commands find the fleet with no flags."
         ),
+        epilog=DEV_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dev.add_argument(
         "--profile", help="config profile of every role (default: $PROFILE, else local)"

@@ -30,15 +30,15 @@ import anyio
 import msgspec
 
 from app.cli import job_views as views
+from app.cli import targets
 from app.cli.clients import (
     DEFAULT_TIMEOUT_SECONDS,
     DEFAULTS,
-    TARGET_ENV,
     _client_call,
     _parse_params,
-    resolve_target,
 )
 from app.cli.job_views import Progress
+from app.cli.targets import TARGET_ENV, Target
 from app.core.clock import utc_iso
 from app.errors import ConfigError
 
@@ -52,12 +52,7 @@ WORKER_POLL_SECONDS = 0.5
 #: How often the live line's elapsed time is redrawn.
 REDRAW_SECONDS = 1.0
 
-ENV_HELP = f"""\
-environment:
-  {TARGET_ENV["orchestrator"]}  the orchestrator when --target is not given
-                                 (else the running `jobworker dev` fleet's, else
-                                 {DEFAULTS["orchestrator"]})
-"""
+ENV_HELP = targets.env_help("orchestrator")
 
 
 # --- following a job as it changes ----------------------------------------------------------------
@@ -191,8 +186,14 @@ def _ended(
 # --- the orchestrator -----------------------------------------------------------------------------
 
 
-def _orchestrator(args: argparse.Namespace) -> str:
-    return resolve_target("orchestrator", args.target)
+def _orchestrator(args: argparse.Namespace) -> Target:
+    """The orchestrator to call, and where that came from (for the one-line failures)."""
+    return targets.resolve("orchestrator", args.target, **targets.config_args(args))
+
+
+def _worker(args: argparse.Namespace) -> Target:
+    """The worker `--worker` names."""
+    return Target(kind="worker", address=args.worker, source="--worker")
 
 
 def _answer_timeout(args: argparse.Namespace) -> float:
@@ -387,7 +388,7 @@ def _submit_to_worker(args: argparse.Namespace) -> int:
     )
     if not args.wait:
         res = _client_call(
-            args.worker, lambda ch: pb.WorkerServiceStub(ch).send_work(req), _answer_timeout(args)
+            _worker(args), lambda ch: pb.WorkerServiceStub(ch).send_work(req), _answer_timeout(args)
         )
         if args.json:
             _print_json(res)
@@ -420,7 +421,7 @@ def _submit_to_worker(args: argparse.Namespace) -> int:
         return await _follow(display, Followed(), args.timeout, changes)
 
     with _closed_on_error(display):
-        followed = _client_call(args.worker, call, None)
+        followed = _client_call(_worker(args), call, None)
     if args.json and followed.message is not None and not followed.expired:
         _print_json(followed.message)
     return _ended(args, display, followed, req.id)
@@ -450,7 +451,7 @@ def _worker_job(args: argparse.Namespace) -> int:
             stub = pb.WorkerServiceStub(ch)
             return stub.cancel_job(ref) if cancel else stub.get_job(ref)
 
-        info = _client_call(args.worker, call, _answer_timeout(args))
+        info = _client_call(_worker(args), call, _answer_timeout(args))
         if args.json:
             _print_json(info)
         else:
@@ -470,7 +471,7 @@ def _worker_job(args: argparse.Namespace) -> int:
         return await _follow(display, Followed(), args.timeout, changes)
 
     with _closed_on_error(display):
-        followed = _client_call(args.worker, follow, None)
+        followed = _client_call(_worker(args), follow, None)
     return _ended(args, display, followed, args.id)
 
 
@@ -480,9 +481,11 @@ def _worker_job(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, *, worker: bool = True, waits: bool = False) -> None:
     p.add_argument(
         "--target", metavar="HOST:PORT",
-        help=f"the orchestrator (default ${TARGET_ENV['orchestrator']}, else the running"
-        f" `jobworker dev` fleet's, else {DEFAULTS['orchestrator']})",
+        help=f"the orchestrator (default ${TARGET_ENV['orchestrator']}, else"
+        f" client.orchestrator, else the running `jobworker dev` fleet's, else"
+        f" {DEFAULTS['orchestrator']})",
     )  # fmt: skip
+    targets.add_config_options(p)
     if worker:
         p.add_argument(
             "--worker", metavar="HOST:PORT",
@@ -495,6 +498,7 @@ def _common(p: argparse.ArgumentParser, *, worker: bool = True, waits: bool = Fa
            f" {views.EXIT_WAIT_EXPIRED})" if waits else ""),
     )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print the answer as JSON (the messages)")
+    p.set_defaults(target_kind="orchestrator")
 
 
 def _submit_options(p: argparse.ArgumentParser) -> None:
@@ -591,7 +595,8 @@ def add_parsers(sub: Any) -> None:
     actions = jobs.add_subparsers(
         dest="action", metavar="[list]", help="the default (and only) listing: as no action"
     )
-    _list_options(actions.add_parser("list", description=list_about, epilog=list_epilog,
+    _list_options(actions.add_parser("list", help="the same: list recent jobs",
+                                     description=list_about, epilog=list_epilog,
                                      formatter_class=fmt))  # fmt: skip
     # the older spellings, for scripts: not listed in --help
     _submit_options(command(actions, "submit", None, "As `jobworker submit`."))

@@ -19,6 +19,7 @@ import msgspec
 from app.errors import CorruptRecord
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
 from app.fleet.job_index import IndexedJob, IndexPosition
+from app.fleet.role_info import Registration
 from app.fleet.schedules import PendingTick, ScheduleCursor, ScheduleSpec, TickDecision
 
 
@@ -43,6 +44,30 @@ class PodRegistry(Protocol):
 
     async def keys(self, prefix: str) -> list[str]:
         """Every live key that starts with `prefix` (unordered)."""
+        ...
+
+
+class RoleRegistry(Protocol):
+    """Records with expiry, listed per role through a small index (never a scan of the store):
+    where orchestrators and trigger replicas say they are up (`app.fleet.role_info`).
+
+    Each member's record expires `ttl_seconds` after its last `put`; `members` lists the ones
+    still there. An index entry whose record expired is left out, and dropped by a later `put`.
+    """
+
+    async def put(
+        self, role: str, member: str, value: bytes, *, ttl_seconds: float, now: float
+    ) -> None:
+        """Write `member`'s record of `role` for `ttl_seconds` (each put renews it); `now` is
+        the wall time, which dates the index entry."""
+        ...
+
+    async def remove(self, role: str, member: str) -> None:
+        """Drop `member`'s record and index entry (fine when they are not there)."""
+        ...
+
+    async def members(self, role: str) -> list[Registration]:
+        """The live members of `role`, by member name."""
         ...
 
 

@@ -32,6 +32,7 @@ from app.fleet.batch_job import (
 )
 from app.fleet.job_index import IndexedJob, IndexPosition, range_start
 from app.fleet.job_state import FINISHED, JobState
+from app.fleet.role_info import Registration
 from app.fleet.schedules import (
     RAN,
     PendingTick,
@@ -114,6 +115,13 @@ class _Keys(Generic[V]):
         if self.get(key) is not None:
             self._data[key] = (self._data[key][0], anyio.current_time() + ttl)
 
+    def ttl(self, key: str) -> float | None:
+        """Seconds a live key has left (None: no expiry, or no key), as PTTL tells."""
+        if self.get(key) is None:
+            return None
+        left = self._data[key][1] - anyio.current_time()
+        return None if math.isinf(left) else left
+
 
 class MemoryPodRegistry:
     """The same contract in one process's memory, on the loop clock (for core tests on trio)."""
@@ -143,6 +151,52 @@ class MemoryPodRegistry:
     async def keys(self, prefix: str) -> list[str]:
         """Every live key that starts with `prefix`."""
         return sorted(k for k in self._data.live_keys() if k.startswith(prefix))
+
+
+class MemoryRoleRegistry:
+    """`RoleRegistry` in memory, on the loop clock (expiry) like MemoryPodRegistry."""
+
+    def __init__(self, *, prefix: str = "wpm-roles") -> None:
+        self._prefix = prefix
+        self._data: _Keys[bytes] = _Keys()
+        self._index: dict[str, dict[str, float]] = {}  # role -> member -> until (wall time)
+
+    def __repr__(self) -> str:
+        return f"<MemoryRoleRegistry {self._prefix} records={self._data.count()}>"
+
+    def key(self, role: str, member: str) -> str:
+        """The record's key, as Redis names it."""
+        return f"{self._prefix}:{role}:{member}"
+
+    async def put(
+        self, role: str, member: str, value: bytes, *, ttl_seconds: float, now: float
+    ) -> None:
+        """Write the record for `ttl_seconds`; drop index entries expired a TTL ago."""
+        await anyio.lowlevel.checkpoint()
+        self._data.set(self.key(role, member), bytes(value), ttl_seconds)
+        index = self._index.setdefault(role, {})
+        index[member] = now + ttl_seconds
+        for gone in [m for m, until in index.items() if until < now - ttl_seconds]:
+            del index[gone]
+
+    async def remove(self, role: str, member: str) -> None:
+        """Drop the record and its index entry."""
+        await anyio.lowlevel.checkpoint()
+        self._data.delete(self.key(role, member))
+        self._index.get(role, {}).pop(member, None)
+
+    async def members(self, role: str) -> list[Registration]:
+        """The members whose record is still there, by name."""
+        await anyio.lowlevel.checkpoint()
+        found = []
+        for member in sorted(self._index.get(role, {})):
+            key = self.key(role, member)
+            value = self._data.get(key)
+            if value is not None:
+                found.append(Registration(
+                    key=key, member=member, value=value, ttl_left_seconds=self._data.ttl(key),
+                ))  # fmt: skip
+        return found
 
 
 class _Pending(msgspec.Struct):
