@@ -381,6 +381,18 @@ async def test_submit_is_bounded_per_type_and_a_finished_job_frees_its_slot(
     assert await store.submit(job("d"), bound=2) == (SubmitResult.QUEUE_FULL, None, 2)
 
 
+async def test_a_known_id_answers_its_job_even_when_its_type_is_full(stores: Stores) -> None:
+    store = stores.store
+    first = job("a")
+    assert (await store.submit(first, bound=1))[0] is SubmitResult.CREATED
+    assert await store.submit(job("a"), bound=1) == (SubmitResult.EXISTS, first, 0)
+    assert await store.submit(job("b"), bound=1) == (SubmitResult.QUEUE_FULL, None, 1)
+    assert await store.queued_count("echo") == 1  # neither the repeat nor the refusal counted
+    assert await store.submit(job("a"), bound=2) == (SubmitResult.EXISTS, first, 0)
+    assert await store.queued_count("echo") == 1
+    assert [j for _, j in await store.read_new("c1", count=10, block_ms=10)] == ["a"]
+
+
 async def test_the_store_keeps_copies(stores: Stores) -> None:
     store = stores.store
     submitted = job("a", params={"n": "1"})

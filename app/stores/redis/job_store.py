@@ -134,20 +134,36 @@ end
 # {0, record} exists; {2, count} full; {3} its record is not a string value;
 # {1, entry id, 1 when the counter was junk, the junk (nil: not a string value),
 #  1 when the index is junk (the job goes on, unindexed)}
+# The common case costs no read: the count goes up (INCR answers it) and the record is made
+# with SET NX; a full type or a known id undoes the count (DECR) and then reads what is there.
+# A junk counter (INCR refuses it, leaving it as it is) takes the careful path.
 _SUBMIT = f"""{_READ}
-local existing = redis.pcall('GET', KEYS[1])
-if type(existing) == 'table' then return {{3}} end
-if existing then return {{0, existing}} end
-local queued, raw = int_at(KEYS[2])
-local junk = 0
-if not queued then
-  -- the counter is junk: start it again (the bound is a safety valve, not a ledger)
-  redis.call('DEL', KEYS[2])
-  queued, junk = 0, 1
+local function known()
+  local existing = redis.pcall('GET', KEYS[1])
+  if type(existing) == 'table' then return {{3}} end
+  if existing then return {{0, existing}} end
+  return nil
 end
-if queued >= tonumber(ARGV[2]) then return {{2, tostring(queued)}} end
-redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1])
+local bound = tonumber(ARGV[2])
+local junk, raw = 0, nil
+local queued = redis.pcall('INCR', KEYS[2])
+if type(queued) ~= 'number' then
+  local there = known()
+  if there then return there end
+  -- the counter is junk: start it again (the bound is a safety valve, not a ledger)
+  local _, junk_raw = int_at(KEYS[2])
+  raw, junk = junk_raw, 1
+  redis.call('DEL', KEYS[2])
+  if bound <= 0 then return {{2, '0'}} end
+  redis.call('INCR', KEYS[2])
+elseif queued > bound then
+  redis.call('DECR', KEYS[2])
+  return known() or {{2, tostring(queued - 1)}}
+end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('DECR', KEYS[2])  -- the id is known: not one more unfinished job
+  return known() or {{3}}
+end
 local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[3])
 local indexed = redis.pcall('ZADD', KEYS[4], ARGV[4], ARGV[3])
 local index_junk = 0
