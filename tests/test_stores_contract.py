@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,6 +194,14 @@ class SpyEvents:
         self.waiting.set()  # the real wait registers before its first await: no gap
         await self.events.wait_changed(job_id)
 
+    def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        watched = self.events.watching(job_id)  # registered from here on: no gap either
+        self.waiting.set()
+        return watched
+
+    def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        return self.events.watching_cancel(job_id)
+
 
 def job(job_id: str = "j1", job_type: str = "echo", **fields: Any) -> BatchJob:
     now = time.time()
@@ -371,6 +379,18 @@ async def test_submit_is_bounded_per_type_and_a_finished_job_frees_its_slot(
     assert await store.queued_count("echo") == 1
     assert (await store.submit(job("c"), bound=2))[0] is SubmitResult.CREATED
     assert await store.submit(job("d"), bound=2) == (SubmitResult.QUEUE_FULL, None, 2)
+
+
+async def test_a_known_id_answers_its_job_even_when_its_type_is_full(stores: Stores) -> None:
+    store = stores.store
+    first = job("a")
+    assert (await store.submit(first, bound=1))[0] is SubmitResult.CREATED
+    assert await store.submit(job("a"), bound=1) == (SubmitResult.EXISTS, first, 0)
+    assert await store.submit(job("b"), bound=1) == (SubmitResult.QUEUE_FULL, None, 1)
+    assert await store.queued_count("echo") == 1  # neither the repeat nor the refusal counted
+    assert await store.submit(job("a"), bound=2) == (SubmitResult.EXISTS, first, 0)
+    assert await store.queued_count("echo") == 1
+    assert [j for _, j in await store.read_new("c1", count=10, block_ms=10)] == ["a"]
 
 
 async def test_the_store_keeps_copies(stores: Stores) -> None:
@@ -622,6 +642,53 @@ async def test_ack_removes_the_entry(stores: Stores) -> None:
     assert await store.get("a") is not None  # the record stays: an ack ends the entry only
 
 
+async def test_take_reads_the_record_its_fence_and_its_cancel_flag(stores: Stores) -> None:
+    store = stores.store
+    assert await store.take("none") is None
+    await store.submit(job("t"), bound=10)
+    taken = await store.take("t")
+    assert taken is not None
+    assert (taken.job.job_id, taken.fence, taken.cancel_requested) == ("t", 0, False)
+    _, token = await start_attempt(store, "t", JobState.RUNNING)
+    await store.request_cancel("t", error="stop", now=time.time())
+    taken = await store.take("t")
+    assert taken is not None
+    assert (taken.job.state, taken.fence, taken.cancel_requested) == (JobState.RUNNING, token, True)
+    await stores.plant(store, "t", "fence", b"junk")
+    with pytest.raises(CorruptRecord) as caught:
+        await store.take("t")
+    assert caught.value.kind is BadDataKind.FENCING_TOKEN
+    await stores.plant(store, "t", "", b"{junk")  # the record is said first
+    with pytest.raises(CorruptRecord) as caught:
+        await store.take("t")
+    assert caught.value.kind is BadDataKind.JOB_RECORD
+
+
+async def test_a_final_write_acks_its_entry_only_when_it_is_made(stores: Stores) -> None:
+    store = stores.store
+    for job_id in ("a", "b", "c"):
+        await store.submit(job(job_id), bound=10)
+    entries = dict((j, e) for e, j in await store.read_new("c1", count=10, block_ms=10))
+    record, token = await start_attempt(store, "a", JobState.DISPATCHED)
+    record.state = JobState.RUNNING  # not final: the entry stays
+    assert await store.write(record, token, ack=entries["a"]) is WriteResult.WRITTEN
+    stale, old = await start_attempt(store, "b", JobState.DISPATCHED)
+    await store.next_token("b")  # taken over: the old holder's end is refused, entry kept
+    stale.state = JobState.SUCCEEDED
+    assert await store.write(stale, old, ack=entries["b"]) is WriteResult.SUPERSEDED
+    done, token_c = await start_attempt(store, "c", JobState.RUNNING)
+    done.state = JobState.SUCCEEDED
+    assert await store.write(done, token_c, ack=entries["c"]) is WriteResult.WRITTEN
+    assert (await get(store, "c")).state is JobState.SUCCEEDED
+    assert await store.queued_count("echo") == 2
+    # only c's entry is gone: a and b are still pending, and are claimed
+    claimed = await store.claim_idle("c2", min_idle_ms=0, count=10)
+    assert sorted(job_id for _, job_id in claimed) == ["a", "b"]
+    # made again (a broken connection's retry): refused as finished, nothing else changes
+    assert await store.write(done, token_c, ack=entries["c"]) is WriteResult.ALREADY_FINISHED
+    assert await store.queued_count("echo") == 2
+
+
 async def test_a_fence_that_went_back_in_time_is_restored_by_its_holder(stores: Stores) -> None:
     store = stores.store
     await store.submit(job(), bound=10)
@@ -802,6 +869,38 @@ async def test_a_refused_write_wakes_nobody(stores: Stores) -> None:
         await witness.wait_woken()  # changes arrive in order: a change of "a" would be in
         await anyio.wait_all_tasks_blocked()
         assert not waiter.woken.is_set()
+
+
+async def test_a_change_between_watching_and_waiting_wakes_the_wait(stores: Stores) -> None:
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=10)
+    record, token = await start_attempt(store, "a", JobState.DISPATCHED)
+    async with listening(events):
+        with events.watching("a") as changed:
+            assert (await get(store, "a")).state is JobState.DISPATCHED  # the read, then ...
+            record.state = JobState.RUNNING  # ... a change before the wait begins
+            assert await store.write(record, token) is WriteResult.WRITTEN
+            with anyio.fail_after(1):  # not the 2 s re-read: the change itself wakes it
+                await changed.wait()
+        with events.watching("a") as unchanged:
+            await anyio.wait_all_tasks_blocked()
+            assert not unchanged.is_set()  # a watch sees changes from its start only
+
+
+async def test_a_cancel_watch_is_woken_by_a_cancel_request_not_by_writes(stores: Stores) -> None:
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=10)
+    record, token = await start_attempt(store, "a", JobState.DISPATCHED)
+    async with listening(events):
+        with events.watching_cancel("a") as asked, events.watching("a") as changed:
+            record.state = JobState.RUNNING
+            assert await store.write(record, token) is WriteResult.WRITTEN
+            with anyio.fail_after(1):
+                await changed.wait()  # the write arrived ...
+            assert not asked.is_set()  # ... and left the cancel watch be
+            await store.request_cancel("a", error="stop", now=time.time())
+            with anyio.fail_after(1):
+                await asked.wait()
 
 
 async def test_wait_finished_returns_the_final_record(stores: Stores) -> None:

@@ -434,15 +434,17 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         """
         self.refuse_while_store_down()
         try:
-            job = await self._get(message.job_id)
-            last = encode_job(job)
-            yield job_message(job)
-            while not job.state.finished:
-                with anyio.move_on_after(2.0):
-                    await self._events.wait_changed(job.job_id)
-                job = await self._get(job.job_id)
-                if (now := encode_job(job)) != last:
-                    last = now
-                    yield job_message(job)
+            last = b""
+            while True:
+                # watched from before the read: a change made meanwhile is not missed
+                with self._events.watching(message.job_id) as changed:
+                    job = await self._get(message.job_id)
+                    if (now := encode_job(job)) != last:
+                        last = now
+                        yield job_message(job)
+                    if job.state.finished:
+                        return
+                    with anyio.move_on_after(2.0):
+                        await changed.wait()
         except StoreUnavailable as exc:
             raise self.store_error(exc) from None

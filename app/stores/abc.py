@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import anyio
@@ -87,6 +88,14 @@ class WriteResult(enum.IntEnum):
     ALREADY_FINISHED = -2
 
 
+class Taken(msgspec.Struct, frozen=True, kw_only=True):
+    """A job as a dispatcher takes it (`JobStore.take`)."""
+
+    job: BatchJob
+    fence: int
+    cancel_requested: bool
+
+
 #: A queue entry: (entry id, job id). Entry ids order the queue; a job id may be queued once.
 QueueEntry = tuple[str, str]
 
@@ -142,10 +151,20 @@ class JobStore(Protocol):
         """A new fencing token: from now on, holders of older ones are refused."""
         ...
 
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
+    async def take(self, job_id: str) -> Taken | None:
+        """What a dispatcher reads as it takes a job, at once (one round trip on Redis): the
+        record, its fencing token and whether a cancel was asked for; None when there is no
+        record. CorruptRecord as `get`, then `fence`, raise it."""
+        ...
+
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """Store `job` (its `fencing_token` set to `token`) if `token` is the newest and the
         stored job has not finished; a finished job's record starts its retention and no longer
-        counts against its type's bound. Wakes `JobEvents` waiters."""
+        counts against its type's bound. Wakes `JobEvents` waiters.
+
+        `ack`: the job's queue entry, acknowledged and dropped (as `ack` does) in the same step
+        when this write, a final one, is made; a write that is not made, or not final, leaves
+        it."""
         ...
 
     async def restore_fence(self, job_id: str, token: int) -> bool:
@@ -273,6 +292,16 @@ class JobEvents(Protocol):
 
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next change."""
+        ...
+
+    def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """An event set on the job's next change from now on (enter it, read the record, then
+        wait on it: a change made meanwhile is not missed, as it is with `wait_changed`)."""
+        ...
+
+    def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """An event set when a cancel of the job is asked for from now on (its other changes
+        leave it be). May miss one, as any event: bound the wait and read the flag."""
         ...
 
 

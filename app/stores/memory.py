@@ -12,6 +12,7 @@ import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Generic, TypeVar
 
 import anyio
@@ -49,6 +50,7 @@ from app.stores.abc import (
     Quarantined,
     QueueEntry,
     SubmitResult,
+    Taken,
     WriteResult,
 )
 from app.stores.bad_data import (
@@ -242,7 +244,7 @@ class MemoryJobStore:
         self._pending: dict[int, _Pending] = {}
         self._consumers: dict[str, float] = {}  # the group's consumers: when each last came
         self._arrived: anyio.Event | None = None  # made by a blocked reader, set by submit
-        self._listeners: list[Callable[[str], None]] = []  # MemoryJobEvents' wake-ups
+        self._listeners: list[Callable[..., None]] = []  # MemoryJobEvents' wake-ups
         self._quarantine: deque[Quarantined] = deque(maxlen=quarantine_maxlen)
         self._quarantined = 0
         self._lost: deque[LostJob] = deque(maxlen=10_000)
@@ -282,9 +284,9 @@ class MemoryJobStore:
             pending=len(self._pending),
         )
 
-    def _publish(self, job_id: str) -> None:
+    def _publish(self, job_id: str, *, cancel: bool = False) -> None:
         for wake in self._listeners:
-            wake(job_id)
+            wake(job_id, cancel=cancel)
 
     # --- junk (as RedisJobStore meets it) ---------------------------------------------------------
 
@@ -356,6 +358,16 @@ class MemoryJobStore:
         raw = self._records.get(job_id)
         return None if raw is None else self._decode(job_id, raw)
 
+    async def take(self, job_id: str) -> Taken | None:
+        """The record, its fencing token and whether a cancel was asked for, at once."""
+        await anyio.lowlevel.checkpoint()
+        raw = self._records.get(job_id)
+        if raw is None:
+            return None
+        job = self._decode(job_id, raw)
+        return Taken(job=job, fence=self._fence(job_id),
+                     cancel_requested=self._cancels.get(job_id) is not None)  # fmt: skip
+
     async def fence(self, job_id: str) -> int:
         """The job's newest fencing token (0 before the first)."""
         await anyio.lowlevel.checkpoint()
@@ -368,8 +380,9 @@ class MemoryJobStore:
         self._fences.keep_ttl(job_id, str(token).encode())
         return token
 
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
-        """Store `job` if `token` is the newest and the stored job has not finished."""
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
+        """Store `job` if `token` is the newest and the stored job has not finished; a final
+        write acks the entry `ack` too."""
         job.fencing_token = token  # as RedisJobStore does: the caller's record carries it
         await anyio.lowlevel.checkpoint()
         current = self._records.get(job.job_id)
@@ -387,6 +400,8 @@ class MemoryJobStore:
             self._queued[job.job_type] = max(0, self._queued.get(job.job_type, 0) - 1)
             for keys in (self._records, self._fences, self._cancels):
                 keys.expire(job.job_id, self._retention)
+            if ack:
+                self._ack_now(ack)
         self._publish(job.job_id)
         return WriteResult.WRITTEN
 
@@ -413,7 +428,7 @@ class MemoryJobStore:
         token = self._fence(job_id) + 1  # junk raises before anything changes, as in Redis
         self._cancels.set(job_id, True, self._retention)
         if job.state is not JobState.PENDING:
-            self._publish(job_id)  # its holder stops it; waiters re-read meanwhile
+            self._publish(job_id, cancel=True)  # its holder stops it; waiters re-read meanwhile
             return job
         cancelled = msgspec.structs.replace(
             job, state=JobState.CANCELLED, error=error, finished_at=now, fencing_token=token
@@ -605,6 +620,9 @@ class MemoryJobStore:
     async def ack(self, entry_id: str) -> None:
         """Acknowledge and drop the entry (XACK and XDEL): nobody reads or claims it again."""
         await anyio.lowlevel.checkpoint()
+        self._ack_now(entry_id)
+
+    def _ack_now(self, entry_id: str) -> None:
         number = _entry_number(entry_id)
         self._pending.pop(number, None)
         self._entries.pop(number, None)
@@ -714,6 +732,14 @@ class MemoryJobEvents:
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next write or cancel request."""
         await self._waiters.wait(job_id)
+
+    def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """See `JobEvents.watching`."""
+        return self._waiters.watching(job_id)
+
+    def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """See `JobEvents.watching_cancel`."""
+        return self._waiters.watching_cancel(job_id)
 
 
 class MemoryScheduleStore:

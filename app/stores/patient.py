@@ -25,7 +25,7 @@ from app.core.outage import Outage
 from app.errors import CorruptRecord, StoreUnavailable
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
 from app.fleet.job_index import IndexedJob, IndexPosition
-from app.stores.abc import JobStore, Quarantined, QueueEntry, SubmitResult, WriteResult
+from app.stores.abc import JobStore, Quarantined, QueueEntry, SubmitResult, Taken, WriteResult
 
 T = TypeVar("T")
 
@@ -88,9 +88,13 @@ class PatientJobStore:
         """See `JobStore.next_token`."""
         return await self._call(self._store.next_token, job_id)
 
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
+    async def take(self, job_id: str) -> Taken | None:
+        """See `JobStore.take`."""
+        return await self._call(self._store.take, job_id)
+
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """See `JobStore.write`."""
-        return await self._call(self._store.write, job, token)
+        return await self._call(self._store.write, job, token, ack=ack)
 
     async def restore_fence(self, job_id: str, token: int) -> bool:
         """See `JobStore.restore_fence`."""

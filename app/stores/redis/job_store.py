@@ -12,7 +12,7 @@ Keys (prefixes configurable):
 | `wpm-jobs:stream:quarantine` | entries set aside as unusable, with the reason (MAXLEN ~) |
 | `wpm-jobs:lost` | jobs whose record vanished while in hand (Redis lost them), the newest 10,000 |
 | `wpm-jobs:index` | every job by submit time (ZSET of job ids), trimmed once their record is gone |
-| `wpm-job-events:<id>` | pub/sub channel: the record after each change |
+| `wpm-job-events:<id>` | pub/sub: the new state's name after each write; `cancel` on a request |
 
 Every write goes through a Lua script that checks the fencing token, so a late result from a
 superseded attempt is refused and never overwrites the job's outcome.
@@ -54,7 +54,7 @@ from app.fleet.batch_job import (
 )
 from app.fleet.job_index import IndexedJob, IndexPosition, range_start
 from app.fleet.job_state import FINISHED, JobState
-from app.stores.abc import Quarantined, QueueEntry, SubmitResult, WriteResult
+from app.stores.abc import Quarantined, QueueEntry, SubmitResult, Taken, WriteResult
 from app.stores.bad_data import (
     FENCE_ACTION,
     OUTCOME_ACTION,
@@ -122,10 +122,11 @@ local function state_at(key)
   if type(state) ~= 'string' then return false, raw end
   return state, raw
 end
--- the bound counts unfinished jobs: one ended. A junk counter is left for the next submit.
+-- the bound counts unfinished jobs: one ended. One DECR (no read first): on a junk counter it
+-- fails, and the junk is left for the next submit; one below zero (started again) goes.
 local function count_down(key)
-  local queued = int_at(key)
-  if queued and queued > 0 then redis.call('DECR', key) end
+  local queued = redis.pcall('DECR', key)
+  if type(queued) == 'number' and queued < 0 then redis.call('DEL', key) end
 end
 """
 
@@ -133,20 +134,36 @@ end
 # {0, record} exists; {2, count} full; {3} its record is not a string value;
 # {1, entry id, 1 when the counter was junk, the junk (nil: not a string value),
 #  1 when the index is junk (the job goes on, unindexed)}
+# The common case costs no read: the count goes up (INCR answers it) and the record is made
+# with SET NX; a full type or a known id undoes the count (DECR) and then reads what is there.
+# A junk counter (INCR refuses it, leaving it as it is) takes the careful path.
 _SUBMIT = f"""{_READ}
-local existing = redis.pcall('GET', KEYS[1])
-if type(existing) == 'table' then return {{3}} end
-if existing then return {{0, existing}} end
-local queued, raw = int_at(KEYS[2])
-local junk = 0
-if not queued then
-  -- the counter is junk: start it again (the bound is a safety valve, not a ledger)
-  redis.call('DEL', KEYS[2])
-  queued, junk = 0, 1
+local function known()
+  local existing = redis.pcall('GET', KEYS[1])
+  if type(existing) == 'table' then return {{3}} end
+  if existing then return {{0, existing}} end
+  return nil
 end
-if queued >= tonumber(ARGV[2]) then return {{2, tostring(queued)}} end
-redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1])
+local bound = tonumber(ARGV[2])
+local junk, raw = 0, nil
+local queued = redis.pcall('INCR', KEYS[2])
+if type(queued) ~= 'number' then
+  local there = known()
+  if there then return there end
+  -- the counter is junk: start it again (the bound is a safety valve, not a ledger)
+  local _, junk_raw = int_at(KEYS[2])
+  raw, junk = junk_raw, 1
+  redis.call('DEL', KEYS[2])
+  if bound <= 0 then return {{2, '0'}} end
+  redis.call('INCR', KEYS[2])
+elseif queued > bound then
+  redis.call('DECR', KEYS[2])
+  return known() or {{2, tostring(queued - 1)}}
+end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('DECR', KEYS[2])  -- the id is known: not one more unfinished job
+  return known() or {{3}}
+end
 local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[3])
 local indexed = redis.pcall('ZADD', KEYS[4], ARGV[4], ARGV[3])
 local index_junk = 0
@@ -154,8 +171,12 @@ if type(indexed) == 'table' and indexed['err'] then index_junk = 1 end
 return {{1, id, junk, raw, index_junk}}
 """
 
-# KEYS: record, fence, counter, channel, cancel   ARGV: json, token, final (0/1), retention
+# KEYS: record, fence, counter, channel, cancel, stream
+# ARGV: json, token, final (0/1), retention, entry id to ack with a final write ('': none), group,
+#       the new state (published)
 # (a missing record first: when Redis lost it, it lost its fence too, and that is no takeover)
+# A final write acks and drops the job's queue entry in the same step (no GET, MULTI, EXEC
+# after it).
 _WRITE = f"""{_READ}
 local state, current = state_at(KEYS[1])
 if state == nil then return {{-1}} end
@@ -164,17 +185,21 @@ if not fence then return {{-3, fence_raw}} end
 if tonumber(ARGV[2]) ~= fence then return {{0}} end
 if not state then return {{-4, current}} end
 if finished[state] then return {{-2}} end
-redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] == '1' then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
   count_down(KEYS[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[5], ARGV[4])
+  if ARGV[5] ~= '' then
+    redis.call('XACK', KEYS[6], ARGV[6], ARGV[5])
+    redis.call('XDEL', KEYS[6], ARGV[5])
+  end
+else
+  redis.call('SET', KEYS[1], ARGV[1])
 end
-redis.call('PUBLISH', KEYS[4], ARGV[1])
+redis.call('PUBLISH', KEYS[4], ARGV[7])
 return {{1}}
 """
-
 
 # KEYS: record, fence, counter, channel, cancel
 # ARGV: the record as read, the fence as read, the cancelled record, retention
@@ -186,7 +211,7 @@ if not state then return {{-4, current}} end
 if finished[state] then return {{-2, current}} end
 redis.call('SET', KEYS[5], 1, 'EX', ARGV[4])
 if state ~= 'PENDING' then
-  redis.call('PUBLISH', KEYS[4], current)
+  redis.call('PUBLISH', KEYS[4], 'cancel')  -- CANCEL_EVENT: its holder stops it
   return {{0, current}}
 end
 local fence, fence_raw = int_at(KEYS[2])
@@ -199,7 +224,7 @@ redis.call('SET', KEYS[1], ARGV[3])
 count_down(KEYS[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', KEYS[4], ARGV[3])
+redis.call('PUBLISH', KEYS[4], 'CANCELLED')
 return {{1, ARGV[3]}}
 """
 # a PENDING job changing under a cancel is retried this often before the cancel gives up on it
@@ -236,7 +261,7 @@ if ARGV[8] ~= '' then
   -- the fence is junk but the record reads: the job ends here (no holder can write it now)
   redis.call('SET', KEYS[3], ARGV[8])
   count_down(KEYS[5])
-  redis.call('PUBLISH', KEYS[6], ARGV[8])
+  redis.call('PUBLISH', KEYS[6], 'FAILED')
 end
 -- junk in the quarantine key itself must not keep the entry in the queue: it is dropped then
 local kept = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
@@ -251,6 +276,11 @@ return 1
 """
 #: The quarantine stream keeps about this many entries (MAXLEN ~).
 QUARANTINE_MAXLEN = 10_000
+
+
+#: What a cancel request publishes on the job's channel (a write publishes the new state's name:
+#: the listeners only need to know whom to wake, not the ~700-byte record).
+CANCEL_EVENT = b"cancel"
 
 
 def events_channel(job_prefix: str, job_id: str) -> str:
@@ -401,6 +431,30 @@ class RedisJobStore:
         return None if raw is None else self._decode(job_id, raw)
 
     @translated
+    async def take(self, job_id: str) -> Taken | None:
+        """See `JobStore.take`: GET of the record and its fence and EXISTS of its cancel key,
+        in one pipeline (one round trip; not a transaction: each is read as `get`, `fence` and
+        `cancel_requested` would)."""
+        key = self.record_key(job_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            pipe.get(f"{key}:fence")
+            pipe.exists(f"{key}:cancel")
+            raw, fence_raw, cancel = await pipe.execute(raise_on_error=False)
+        if isinstance(raw, ResponseError):
+            raise self._bad_record(job_id, None) if _wrong_type(raw) else raw
+        if raw is None:
+            return None
+        job = self._decode(job_id, raw)
+        if isinstance(fence_raw, ResponseError):
+            raise self._bad_fence(job_id, None) if _wrong_type(fence_raw) else fence_raw
+        if fence_raw is not None and not is_int(fence_raw):
+            raise self._bad_fence(job_id, fence_raw)
+        if isinstance(cancel, Exception):
+            raise cancel
+        return Taken(job=job, fence=int(fence_raw or 0), cancel_requested=bool(cancel))
+
+    @translated
     async def fence(self, job_id: str) -> int:
         """The job's newest fencing token (0 before the first); CorruptRecord when it is junk."""
         try:
@@ -425,14 +479,17 @@ class RedisJobStore:
             raise
 
     @translated
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """Store `job` if `token` is still the job's fencing token and the job has not ended;
+        a final write that is made also acks and drops the queue entry `ack` (one script).
         CorruptRecord when the stored record or fencing token does not read."""
         job.fencing_token = token
         final = "1" if job.state.finished else "0"
         reply = await self._write(
-            keys=self._keys(job), args=[encode_job(job), token, final, self._retention]
-        )
+            keys=[*self._keys(job), self.stream_key],
+            args=[encode_job(job), token, final, self._retention, ack if final == "1" else "",
+                  self.group, job.state.value],
+        )  # fmt: skip
         if reply[0] == -3:
             raise self._bad_fence(job.job_id, reply[1])
         if reply[0] == -4:
