@@ -4,6 +4,7 @@
     ├── RedisMonitor       Redis up or down (health, UNAVAILABLE), and whether it lost its data
     ├── JobEvents          one pub/sub connection: wakes Execute, WatchJob and CancelJob
     ├── WorkerDirectory    the workers' PodInfo, refreshed every discovery interval
+    │                      (these three on a small pool of their own, the rest on the main one)
     ├── Dispatcher         the job queue → workers, with retry, breaker and fencing
     ├── HttpServer         /metrics, /healthz, /readyz (Hypercorn) when `metrics.port` is set
     └── GrpcServer         OrchestratorService, reflection, health
@@ -58,6 +59,9 @@ async def serve_orchestrator(config: Config) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             redis = create_redis(config.redis)
+            # health, the job events' subscription and the workers' reports on connections of
+            # their own: a pool busy with the load must not read as Redis or a worker being away
+            liveness = create_redis(config.redis, liveness=True)
             bad_data = BadData()  # junk met in the store: said once, counted in /metrics
             store: JobStore = RedisJobStore(
                 redis,
@@ -68,9 +72,9 @@ async def serve_orchestrator(config: Config) -> None:
                 bad_data=bad_data,
                 lost_key=o.lost_key,
             )
-            events: JobEvents = RedisJobEvents(redis, job_prefix=o.job_prefix, bad_data=bad_data)
+            events: JobEvents = RedisJobEvents(liveness, job_prefix=o.job_prefix, bad_data=bad_data)
             directory = WorkerDirectory(
-                RedisPodRegistry(redis),
+                RedisPodRegistry(liveness),
                 prefix=config.redis.key_prefix,
                 report_interval_seconds=o.worker_report_interval_seconds,
                 refresh_seconds=o.discovery_interval_seconds,
@@ -95,7 +99,7 @@ async def serve_orchestrator(config: Config) -> None:
                 server.set_serving(redis_up and not service.draining)
 
             monitor = RedisMonitor(
-                redis,
+                liveness,
                 what=f"Redis at {config.redis.display_url()}",
                 consequence="health NOT_SERVING, calls that need it answered UNAVAILABLE,"
                 " jobs in hand wait where they are",
@@ -191,5 +195,6 @@ async def serve_orchestrator(config: Config) -> None:
                 client.close()
                 with anyio.move_on_after(1, shield=True):
                     await redis.aclose()
+                    await liveness.aclose()
                 tg.cancel_scope.cancel()
     log.info("orchestrator stopped")

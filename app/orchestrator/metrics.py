@@ -73,6 +73,8 @@ def orchestrator_metrics(
          s.found_on_worker),
         ("store_waits", "Store calls of jobs in hand that waited out a Redis outage",
          s.store_waits),
+        ("store_busy", "Store calls of jobs in hand made again after every Redis connection"
+         " stayed in use for the pool's wait (load)", s.store_busy),
     ):  # fmt: skip
         out.append(CounterMetricFamily(f"jobworker_orchestrator_{name}", help_, value=value))
     breaker = StateSetMetricFamily(

@@ -58,6 +58,8 @@ async def serve_trigger(config: Config) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             redis = create_redis(config.redis)
+            # health on a connection of its own: a pool busy with the load is not an outage
+            liveness = create_redis(config.redis, liveness=True)
             store = RedisScheduleStore(
                 redis,
                 prefix=t.key_prefix,
@@ -103,7 +105,7 @@ async def serve_trigger(config: Config) -> None:
             # are synced again then; those made through the API are gone) or without its last
             # writes; health NOT_SERVING meanwhile
             monitor = RedisMonitor(
-                redis,
+                liveness,
                 what=f"Redis at {config.redis.display_url()}",
                 consequence="health NOT_SERVING, runners wait for it",
                 on_change=serving,
@@ -175,5 +177,6 @@ async def serve_trigger(config: Config) -> None:
                 client.close()
                 with anyio.move_on_after(1, shield=True):
                     await redis.aclose()
+                    await liveness.aclose()
                 tg.cancel_scope.cancel()
     log.info("trigger stopped")

@@ -97,6 +97,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             else:
                 raise ConfigError("redis.url", "no Redis configured and redis.embedded is false")
             redis = create_redis(config.redis, redis_url)
+            # health and PodInfo reports on connections of their own: a busy pool must not make
+            # this worker look gone to the fleet
+            liveness = create_redis(config.redis, redis_url, liveness=True)
             # the system's clock, steps included: the scheduler notices an NTP step or a resumed
             # VM, and PodInfo.updateDatetime is what other hosts compare with their own clocks
             clock = SystemClock()
@@ -143,7 +146,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 advertise_ip=config.grpc.advertise_ip,
             )
             report = ApplicationInfoReportJob(
-                RedisPodRegistry(redis),
+                RedisPodRegistry(liveness),
                 job_master,
                 identity,
                 key_prefix=config.redis.key_prefix,
@@ -166,7 +169,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             # the worker serves without Redis: the monitor only says so, and notices a data loss
             where = config.redis.display_url() if config.redis.configured else "embedded"
             monitor = RedisMonitor(
-                redis,
+                liveness,
                 what=f"Redis at {where}",
                 consequence="still serving; PodInfo and run outcomes wait for it",
                 on_data_lost=re_register,
@@ -218,6 +221,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                     await report.unregister()
                 with anyio.move_on_after(1, shield=True):
                     await redis.aclose()
+                    await liveness.aclose()
                 tg.cancel_scope.cancel()
     log.info("worker stopped")
 
