@@ -19,7 +19,12 @@ from app.fleet.batch_job import BatchJob
 from app.stores.redis.client import LIVENESS_CONNECTIONS, create_redis, is_busy, is_unavailable
 from app.stores.redis.job_store import RedisJobStore
 from app.stores.redis.monitor import RedisMonitor
-from app.stores.redis.pool import PoolExhausted, WaitingConnectionPool, WaitingSentinelPool
+from app.stores.redis.pool import (
+    PoolExhausted,
+    WaitingConnectionPool,
+    WaitingSentinelPool,
+    pool_statistics,
+)
 from tests.helpers import RedisServer, free_port
 
 pytestmark = pytest.mark.anyio
@@ -67,6 +72,13 @@ async def test_a_full_pool_waits_for_a_connection_instead_of_raising(
             for i in range(300):
                 tg.start_soon(submit, i)
         assert await store.queued_count("echo") == 300
+        stats = pool_statistics(client)
+        assert stats is not None
+        assert stats.max_connections == 2
+        assert stats.open <= 2
+        assert stats.in_use == 0
+        assert stats.waits > 0  # calls did wait for a connection
+        assert stats.exhausted == 0
     finally:
         await client.aclose()
     assert 1 <= peak <= 2  # (the sync client's own connection not counted)
@@ -107,6 +119,9 @@ async def test_a_pool_wait_that_times_out_is_busy_not_an_outage(
             "all 2 Redis connections of this process stayed in use for 0.05s"
         )
         assert await client.get("x") is None  # the connections came back: calls work again
+        stats = pool_statistics(client)
+        assert stats is not None
+        assert stats.exhausted == 2
     finally:
         await client.aclose()
 

@@ -45,6 +45,7 @@ from app.stores.redis.job_events import RedisJobEvents
 from app.stores.redis.job_store import RedisJobStore
 from app.stores.redis.monitor import RedisMonitor
 from app.stores.redis.pod_registry import RedisPodRegistry
+from app.stores.redis.pool import pool_statistics
 
 log = logging.getLogger("app.orchestrator")
 
@@ -155,7 +156,12 @@ async def serve_orchestrator(config: Config) -> None:
                         host=config.metrics.host,
                         port=config.metrics.port,
                         collect=lambda: orchestrator_metrics(
-                            dispatcher, directory, server, bad_data, monitor
+                            dispatcher,
+                            directory,
+                            server,
+                            bad_data,
+                            monitor,
+                            pool_statistics(redis),
                         ),
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,

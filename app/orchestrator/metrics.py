@@ -17,6 +17,7 @@ from app.orchestrator.dispatcher import Dispatcher
 from app.stores.bad_data import BadData
 from app.stores.redis.metrics import redis_metrics
 from app.stores.redis.monitor import RedisMonitor
+from app.stores.redis.pool import PoolStatistics
 
 
 def orchestrator_metrics(
@@ -25,9 +26,10 @@ def orchestrator_metrics(
     server: GrpcServer | None = None,
     bad_data: BadData | None = None,
     monitor: RedisMonitor | None = None,
+    pool: PoolStatistics | None = None,
 ) -> list[Metric]:
     """The dispatcher's counters, each known worker's eligibility and breaker, gRPC's counters,
-    the junk found in the store, and Redis as the monitor sees it."""
+    the junk found in the store, Redis as the monitor sees it, and the pool of connections."""
     s = dispatcher.statistics()
     jobs = CounterMetricFamily(
         "jobworker_orchestrator_jobs", "Jobs this orchestrator ended", labels=["state"]
@@ -109,5 +111,5 @@ def orchestrator_metrics(
             quarantined.add_metric([kind], value)
         out += [found, quarantined]
     grpc = grpc_metrics(server.statistics()) if server is not None else []
-    redis = redis_metrics(monitor.statistics()) if monitor is not None else []
+    redis = redis_metrics(monitor.statistics(), pool) if monitor is not None else []
     return [*out, breaker, opened, eligible, *grpc, *redis]

@@ -35,6 +35,7 @@ from app.grpc.ports import candidate_ports
 from app.grpc.server import GrpcServer
 from app.stores.redis.client import create_redis, wait_for_redis
 from app.stores.redis.monitor import RedisMonitor
+from app.stores.redis.pool import pool_statistics
 from app.stores.redis.schedule_store import RedisScheduleStore
 from app.trigger.config_sync import config_specs, sync_config_schedules
 from app.trigger.orchestrator_client import GrpcOrchestratorClient
@@ -141,7 +142,7 @@ async def serve_trigger(config: Config) -> None:
                         port=config.metrics.port,
                         collect=lambda: [
                             *trigger_metrics(replica, server, store.bad_data),
-                            *redis_metrics(monitor.statistics()),
+                            *redis_metrics(monitor.statistics(), pool_statistics(redis)),
                         ],
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,

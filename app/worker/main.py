@@ -43,6 +43,7 @@ from app.stores.redis.embedded import EmbeddedRedis
 from app.stores.redis.job_store import RedisJobStore
 from app.stores.redis.monitor import RedisMonitor
 from app.stores.redis.pod_registry import RedisPodRegistry
+from app.stores.redis.pool import pool_statistics
 from app.worker.builtin_jobs import builtin_specs
 from app.worker.job_master import JobMaster
 from app.worker.job_registry import JobRegistry, default_registry, load_job_modules
@@ -189,7 +190,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                     tg,
                     host=config.metrics.host,
                     port=config.metrics.port,
-                    collect=lambda: worker_metrics(job_master, report, server, monitor),
+                    collect=lambda: worker_metrics(
+                        job_master, report, server, monitor, pool_statistics(redis)
+                    ),
                     draining=lambda: job_master.draining,
                     grpc_port=lambda: server.port,
                 )

@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import msgspec
+import redis.asyncio as aioredis
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -43,11 +45,37 @@ def _exhausted(pool: BlockingConnectionPool, exc: RedisConnectionError) -> PoolE
     )
 
 
+class PoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    """A pool's connections (at most, in use, open) and its waits (all, and timed out)."""
+
+    max_connections: int
+    in_use: int
+    open: int
+    waits: int
+    exhausted: int
+
+
 class WaitingConnectionPool(BlockingConnectionPool):
     """A `BlockingConnectionPool` whose timed-out wait raises `PoolExhausted`."""
 
+    waits = 0  # calls that found every connection in use (and waited)
+    exhausted = 0  # of those, the ones whose wait timed out
+
+    def statistics(self) -> PoolStatistics:
+        """A snapshot (redis-py's own lists of connections, read as they are)."""
+        in_use = len(self._in_use_connections)
+        return PoolStatistics(
+            max_connections=self.max_connections,
+            in_use=in_use,
+            open=in_use + len(self._available_connections),
+            waits=self.waits,
+            exhausted=self.exhausted,
+        )
+
     async def get_connection(self, *args: Any, **kwargs: Any) -> AbstractConnection:
         """A connection, waiting up to `timeout` seconds for one to be free."""
+        if not self.can_get_connection():
+            self.waits += 1
         try:
             connection: AbstractConnection = await super().get_connection(  # type: ignore[no-untyped-call]
                 *args, **kwargs
@@ -55,6 +83,7 @@ class WaitingConnectionPool(BlockingConnectionPool):
             return connection
         except RedisConnectionError as exc:
             if (exhausted := _exhausted(self, exc)) is not None:
+                self.exhausted += 1
                 raise exhausted from exc
             raise
 
@@ -64,3 +93,9 @@ class WaitingSentinelPool(SentinelConnectionPool, WaitingConnectionPool):
 
     # SentinelConnectionPool adds no get_connection of its own: WaitingConnectionPool's runs,
     # and its __init__ hands `max_connections` and `timeout` on to BlockingConnectionPool's
+
+
+def pool_statistics(client: aioredis.Redis) -> PoolStatistics | None:
+    """The statistics of `client`'s pool, when it is one of ours."""
+    pool = client.connection_pool
+    return pool.statistics() if isinstance(pool, WaitingConnectionPool) else None
