@@ -68,6 +68,7 @@ class BadDataKind(enum.Enum):
     JOB_EVENT = "job_event"  # a pub/sub message on a channel that is not UTF-8
     SCHEDULE = "schedule"  # a field of `<trigger prefix>:schedules`: not a schedule
     TICK_DECISION = "tick_decision"  # a member of `<trigger prefix>:{<name>}:ledger`
+    JOB_INDEX = "job_index"  # `wpm-jobs:index`: not a sorted set, or a member that is no job id
 
 
 class CorruptRecord(JobWorkerError):
@@ -95,7 +96,13 @@ _WHAT = {
     BadDataKind.JOB_EVENT: "event",
     BadDataKind.SCHEDULE: "schedule",
     BadDataKind.TICK_DECISION: "ledger record",
+    BadDataKind.JOB_INDEX: "index entry",
 }
+
+
+class CorruptIndex(JobWorkerError):
+    """The job index as a whole does not read (its key holds another type): listing jobs
+    answers DATA_LOSS until it is deleted; submits go on, unindexed."""
 
 
 class StoreUnavailable(JobWorkerError):

@@ -24,6 +24,7 @@ from app.core.breaker import BreakerState
 from app.core.clock import LoopClock
 from app.core.lifecycle import Lifecycle
 from app.fleet.batch_job import BatchJob
+from app.fleet.job_signature import advertised, signature_of
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodInfo, PodStatus, encode_pod_info
 from app.orchestrator.directory import WorkerDirectory
@@ -88,6 +89,9 @@ class Fleet:
                 grpc_port=int(port), status=status, ip=ip, max_size=8, capacity=4,
                 update_datetime=now.isoformat(), update_epoch_ms=int(now.timestamp() * 1000),
                 job_names=sorted(worker.jobs), live_job_ids=worker.live_ids(),
+                job_signatures=advertised(
+                    (name, signature_of(fn)) for name, fn in sorted(worker.jobs.items())
+                ).signatures,
             )  # fmt: skip
             await self.registry.put(f"wpm-apps:{ip}:{port}", encode_pod_info(info), 60)
 
@@ -191,6 +195,35 @@ async def test_a_refusing_worker_is_passed_over(fleet: Fleet) -> None:
         assert all(a.outcome == "REFUSED" for a in job.attempts[:-1])
     assert sum(first.started.values()) == 0
     assert d.statistics().failed == 0
+
+
+async def test_two_versions_of_a_job_each_get_only_the_params_they_take(fleet: Fleet) -> None:
+    """A rolling upgrade: the second worker's `sleep` takes a `unit` the first's does not. A job
+    with it goes to the second only; one that neither takes goes to either, which refuses it."""
+    newer = fleet.workers["10.0.0.2:9091"]
+
+    async def sleep(seconds: str = "1", unit: str = "s") -> dict[str, str]:
+        return {"seconds": seconds, "unit": unit}
+
+    newer.jobs["sleep"] = sleep
+    await fleet._report()  # now, not at the next interval
+    await fleet.dispatcher("o1")
+    for i in range(6):
+        await fleet.submit(f"u{i}", "sleep", seconds=0, unit="ms")
+    for i in range(6):
+        job = await fleet.wait_state(f"u{i}", JobState.SUCCEEDED)
+        assert [a.worker for a in job.attempts] == ["10.0.0.2:9091"]
+    assert sum(n for k, n in fleet.workers["10.0.0.1:9091"].started.items() if k[0] == "u") == 0
+    # jobs both versions take go to both, as before
+    for i in range(8):
+        await fleet.submit(f"b{i}", "sleep", seconds=0)
+    for i in range(8):
+        await fleet.wait_state(f"b{i}", JobState.SUCCEEDED)
+    assert all(sum(w.started.values()) for w in fleet.workers.values())
+    # params no version takes: not held back; the worker's refusal ends the job
+    await fleet.submit("neither", "sleep", colour="red")
+    job = await fleet.wait_state("neither", JobState.FAILED)
+    assert "colour" in job.error
 
 
 async def test_a_killed_worker_s_job_finishes_elsewhere_once(fleet: Fleet) -> None:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -20,10 +21,20 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 import trio.testing
+from grpclib.const import Status
+from grpclib.exceptions import GRPCError
 
-from app.errors import BadDataKind, CorruptRecord, QueueGone
+from app.config import OrchestratorConfig
+from app.core.balancer import PowerOfTwoChoices
+from app.errors import BadDataKind, CorruptIndex, CorruptRecord, QueueGone
 from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob, RunOutcome, encode_job
+from app.fleet.job_index import IndexPosition, advance
 from app.fleet.job_state import JobState
+from app.orchestrator.directory import WorkerDirectory
+from app.orchestrator.dispatcher import Dispatcher
+from app.orchestrator.memory_worker_client import MemoryWorkerClient
+from app.orchestrator.service import OrchestratorService
+from app.pb import orchestrator as pb
 from app.stores.abc import JobEvents, JobStore, PodRegistry, QueueEntry, SubmitResult, WriteResult
 from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
 from app.stores.redis.job_events import RedisJobEvents
@@ -51,6 +62,10 @@ class Stores:
     plant: Callable[[JobStore, str, str, bytes], Awaitable[None]]
     # lose every key, as a Redis that restarted empty (FLUSHDB)
     forget: Callable[[], Awaitable[object]]
+    # entries in the job index, behind a store's back: (store, a member (any bytes), a score);
+    # and the index's key made to hold a string instead of a sorted set
+    plant_index: Callable[[JobStore, bytes, float], Awaitable[None]]
+    spoil_index: Callable[[], Awaitable[None]]
 
 
 @pytest.fixture(
@@ -94,8 +109,17 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
         async def forget() -> None:
             forget_memory()
 
+        async def plant_index_in_memory(into: JobStore, member: bytes, score: float) -> None:
+            assert isinstance(into, MemoryJobStore)
+            into._index[member] = score
+
+        async def spoil_memory_index() -> None:
+            assert isinstance(store, MemoryJobStore)
+            store._index_junk = True
+
         await store.ensure_group()
-        yield Stores(store, events, MemoryPodRegistry(), memory, plant_in_memory, forget)
+        yield Stores(store, events, MemoryPodRegistry(), memory, plant_in_memory, forget,
+                     plant_index_in_memory, spoil_memory_index)  # fmt: skip
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     client = aioredis.Redis.from_url(server.url)
@@ -106,11 +130,18 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
     async def plant_in_redis(store: JobStore, job_id: str, part: str, raw: bytes) -> None:
         await client.set(":".join(p for p in ("wpm-job", job_id, part) if p), raw)
 
+    async def plant_index_in_redis(_: JobStore, member: bytes, score: float) -> None:
+        await client.zadd("wpm-jobs:index", {member: score})
+
+    async def spoil_redis_index() -> None:
+        await client.delete("wpm-jobs:index")
+        await client.set("wpm-jobs:index", b"junk")
+
     store, events = on_redis(RETENTION)
     await store.ensure_group()
     try:
         yield Stores(store, events, RedisPodRegistry(client), on_redis, plant_in_redis,
-                     client.flushdb)  # fmt: skip
+                     client.flushdb, plant_index_in_redis, spoil_redis_index)  # fmt: skip
     finally:
         await client.aclose()
 
@@ -264,6 +295,60 @@ async def test_submit_is_idempotent(stores: Stores) -> None:
     assert await store.queued_count("echo") == 1  # counted once
     entries = await store.read_new("c1", count=10, block_ms=10)
     assert [job_id for _, job_id in entries] == ["a"]  # queued once
+
+
+def orchestrator_on(stores: Stores) -> OrchestratorService:
+    """The orchestrator's service on these stores (its dispatcher built, not running)."""
+    directory = WorkerDirectory(stores.registry)
+    config = OrchestratorConfig()
+    dispatcher = Dispatcher(stores.store, stores.events, directory, MemoryWorkerClient({}),
+                            PowerOfTwoChoices(), config, consumer="o1")  # fmt: skip
+    return OrchestratorService(stores.store, stores.events, directory, dispatcher, config)
+
+
+async def test_a_reused_id_is_answered_only_for_the_same_request(stores: Stores) -> None:
+    """Submit and Execute: the same id with the same job type and params answers the existing
+    job; with another type or other params, ALREADY_EXISTS naming what differs. The store
+    returns the existing record from the submit's one round trip; nothing is queued again."""
+    store, service = stores.store, orchestrator_on(stores)
+
+    def request(**fields: Any) -> pb.BatchExecutionRequest:
+        return pb.BatchExecutionRequest(**{"job_id": "r1", "job_type": "echo",
+                                           "params": {"n": "1"}, **fields})  # fmt: skip
+
+    first = await service.submit(request())
+    assert (first.job_id, first.existing) == ("r1", False)
+    # the other options of the first submission stand: the same job
+    again = await service.submit(request(priority=5, timeout_seconds=9))
+    assert (again.job_id, again.existing) == ("r1", True)
+    refusals = [
+        (request(job_type="sleep"), "job 'r1' exists with job type 'echo', not 'sleep'"),
+        (request(params={"n": "2"}),
+         "job 'r1' exists with other params: params.n was '1', now '2'"),
+        (request(params={}),
+         "job 'r1' exists with other params: params.n was '1', now not given"),
+        (request(params={"n": "1", "b": "x", "a": "y"}),
+         "job 'r1' exists with other params: params.a was not given, now 'y' (and 1 more)"),
+    ]  # fmt: skip
+    for call in (service.submit, service.execute):
+        for changed, message in refusals:
+            with pytest.raises(GRPCError) as refused:
+                await call(changed)
+            assert (refused.value.status, refused.value.message) == (
+                Status.ALREADY_EXISTS, message
+            )  # fmt: skip
+    assert (await get(store, "r1")).params == {"n": "1"}
+    assert (await store.queued_count("echo"), await store.queued_count("sleep")) == (1, 0)
+    entries = await store.read_new("c1", count=10, block_ms=10)
+    assert [job_id for _, job_id in entries] == ["r1"]  # queued once
+    # Execute of the same request waits for the existing job: here it has ended already
+    record, token = await start_attempt(store, "r1", JobState.RUNNING)
+    record.state, record.result_json = JobState.SUCCEEDED, '{"n": "1"}'
+    assert await store.write(record, token) is WriteResult.WRITTEN
+    done = await service.execute(request())
+    assert done.job is not None
+    assert (done.job.job_id, done.job.result_json) == ("r1", '{"n": "1"}')
+    assert done.job.state == pb.JobState.SUCCEEDED
 
 
 async def test_submit_is_bounded_per_type_and_a_finished_job_frees_its_slot(
@@ -922,3 +1007,127 @@ async def test_a_run_outcome_that_does_not_read_is_left_out_and_said_once(stores
     for _ in range(3):
         assert await store.outcomes("j1", [3, 4, 5]) == {3: done}
     assert found(store, BadDataKind.RUN_OUTCOME) == 2
+
+
+# --- the job index --------------------------------------------------------------------------------
+
+
+async def walk(
+    store: JobStore, *, count: int, since: float = -math.inf, until: float = math.inf
+) -> list[tuple[float, str | None]]:
+    """Every entry of the index, newest first, read `count` at a time as ListJobs walks it:
+    (score, job id or None)."""
+    seen: list[tuple[float, str | None]] = []
+    position = None
+    while True:
+        page = await store.index_page(after=position, since=since, until=until, count=count)
+        for entry in page:
+            seen.append((entry.score, entry.job.job_id if entry.job else None))
+            position = advance(position, entry.score)
+        if len(page) < count:
+            return seen
+
+
+def at(job_id: str, submitted_at: float, **fields: Any) -> BatchJob:
+    return BatchJob(job_id=job_id, job_type="echo", submitted_at=submitted_at,
+                    deadline_at=submitted_at + 60, **fields)  # fmt: skip
+
+
+async def test_each_job_created_is_indexed_once_by_its_submit_time(stores: Stores) -> None:
+    store = stores.store
+    for job_id, submitted_at in (("a", 1000.5), ("b", 1002.25), ("c", 1001.0)):
+        assert (await store.submit(at(job_id, submitted_at), bound=3))[0] is SubmitResult.CREATED
+    # a known id and a refused job add nothing
+    assert (await store.submit(at("a", 2000.0), bound=3))[0] is SubmitResult.EXISTS
+    assert (await store.submit(at("d", 3000.0), bound=3))[0] is SubmitResult.QUEUE_FULL
+    page = await store.index_page(after=None, since=-math.inf, until=math.inf, count=10)
+    assert [(e.score, e.job.job_id if e.job else None) for e in page] == [
+        (1002.25, "b"), (1001.0, "c"), (1000.5, "a"),
+    ]  # fmt: skip
+    assert page[0].job == await get(store, "b")  # the record itself
+
+
+async def test_the_index_is_walked_newest_first_in_pages_ties_included(stores: Stores) -> None:
+    store = stores.store
+    scores = {"t1": 5.0, "t2": 5.0, "t3": 5.0, "u": 6.0, "v": 4.0, "w": 5.5, "x": 3.0}
+    for job_id, score in scores.items():
+        await store.submit(at(job_id, score), bound=100)
+    # ties come by id, descending, as Redis orders them; the same whatever the page size
+    expected = [(6.0, "u"), (5.5, "w"), (5.0, "t3"), (5.0, "t2"), (5.0, "t1"), (4.0, "v"),
+                (3.0, "x")]  # fmt: skip
+    for count in (1, 2, 3, 10):
+        assert await walk(store, count=count) == expected, count
+    # since is included, until is not
+    assert await walk(store, count=2, since=4.0, until=5.5) == expected[2:6]
+    # a page that starts past a position at or above `until` starts at `until`
+    past = IndexPosition(score=7.0, skip=1)
+    page = await store.index_page(after=past, since=-math.inf, until=5.0, count=10)
+    assert [e.score for e in page] == [4.0, 3.0]
+
+
+async def test_an_expired_record_leaves_its_entry_until_the_trim(stores: Stores) -> None:
+    store, _ = stores.with_retention(1)
+    now = time.time()
+    await store.submit(at("done", now - 10), bound=10)
+    await store.submit(at("open", now - 9), bound=10)
+    await store.submit(at("new", now), bound=10)
+    record, token = await start_attempt(store, "done", JobState.RUNNING)
+    await start_attempt(store, "open", JobState.RUNNING)
+    record.state = JobState.SUCCEEDED
+    assert await store.write(record, token) is WriteResult.WRITTEN
+    await eventually(lambda: _gone(store, "done"))
+    assert await walk(store, count=10) == [(now, "new"), (now - 9, "open"), (now - 10, None)]
+    # the trim looks only before `before`, and drops only entries without a record: a job that
+    # is still recorded stays listed, however old
+    assert await store.trim_index(before=now - 1, count=10) == (2, 1)
+    assert await walk(store, count=10) == [(now, "new"), (now - 9, "open")]
+    assert await store.trim_index(before=now - 1, count=10) == (1, 0)
+    # bounded: at most `count` entries looked at per call
+    for i in range(5):
+        await stores.plant_index(store, f"gone-{i}".encode(), now - 100 + i)
+    assert await store.trim_index(before=now - 1, count=3) == (3, 3)
+    assert await store.trim_index(before=now - 1, count=3) == (3, 2)
+    assert await walk(store, count=10) == [(now, "new"), (now - 9, "open")]
+    # past the entries kept: an old job still recorded does not hide the expired ones behind it
+    await stores.plant_index(store, b"gone-behind", now - 5)
+    assert await store.trim_index(before=now - 1, count=1) == (1, 0)  # "open"'s, kept
+    assert await store.trim_index(before=now - 1, count=1, skip=1) == (1, 1)
+    assert await walk(store, count=10) == [(now, "new"), (now - 9, "open")]
+
+
+async def _gone(store: JobStore, job_id: str) -> bool:
+    return await store.get(job_id) is None
+
+
+async def test_junk_in_the_index_is_skipped_and_said_once(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(at("ok", 10.0), bound=10)
+    await stores.plant_index(store, b"\xff\xfe", 9.0)  # not UTF-8
+    await stores.plant_index(store, b"x" * 300, 8.0)  # longer than an id may be
+    await stores.plant_index(store, b"j1", 7.0)  # its record is junk
+    await stores.plant(store, "j1", "", b"not json {")
+    await stores.plant_index(store, b"never-submitted", 6.0)  # no record: gone, not junk
+    for _ in range(2):  # said once, however often it is read
+        assert await walk(store, count=2) == [
+            (10.0, "ok"), (9.0, None), (8.0, None), (7.0, None), (6.0, None),
+        ]  # fmt: skip
+    assert found(store, BadDataKind.JOB_INDEX) == 2
+    assert found(store, BadDataKind.JOB_RECORD) == 1
+    # the trim drops junk members (they have no record) once they are old enough
+    assert await store.trim_index(before=9.5, count=10) == (4, 3)
+    assert await walk(store, count=10) == [(10.0, "ok"), (7.0, None)]
+
+
+async def test_an_index_that_is_not_a_sorted_set_stops_listing_not_submits(
+    stores: Stores,
+) -> None:
+    store = stores.store
+    await store.submit(at("before", 1.0), bound=10)
+    await stores.spoil_index()
+    with pytest.raises(CorruptIndex) as caught:
+        await store.index_page(after=None, since=-math.inf, until=math.inf, count=10)
+    assert "not a sorted set" in str(caught.value)
+    assert (await store.submit(at("after", 2.0), bound=10))[0] is SubmitResult.CREATED
+    assert (await get(store, "after")).job_type == "echo"
+    assert await store.trim_index(before=100.0, count=10) == (0, 0)
+    assert found(store, BadDataKind.JOB_INDEX) == 1  # said once, met three times

@@ -9,12 +9,13 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.abc
+import msgspec
 import pytest
 import trio.testing
 from grpclib.const import Status
@@ -39,6 +40,7 @@ from app.trigger.ticks import ticks_between
 from tests.helpers import eventually
 from tests.trigger_twins import (
     T0,
+    FakeJob,
     FakeOrchestrator,
     Gate,
     GatedClient,
@@ -48,6 +50,7 @@ from tests.trigger_twins import (
 )
 
 pytestmark = pytest.mark.anyio
+T = TypeVar("T")
 
 START = T0.timestamp()
 
@@ -142,6 +145,10 @@ async def test_a_day_of_ticks_each_submitted_once(world: World) -> None:
     stats = world.replicas.handles[0].replica.statistics()
     assert stats.decided["fired"] == len(await decided(world, fast)) + 1440
     assert stats.owned == 2
+    # each job names its schedule, for the orchestrator to record (ListJobs filters on it)
+    named = world.orchestrator.schedules
+    assert {named[tick_job_id(minute.name, r.tick)] for r in records} == {"minutely"}
+    assert set(named.values()) == {"minutely", "fast"}
 
 
 async def test_the_orchestrator_down_longer_than_the_grace_gives_missed_with_the_reason(
@@ -202,14 +209,77 @@ async def test_a_hint_past_the_grace_is_not_waited_out_beyond_it(world: World) -
 async def test_a_refusal_is_final_and_recorded(world: World) -> None:
     await world.replicas.start()
     spec = await world.add(interval_seconds=60.0)
-    world.orchestrator.refuse = "INVALID_ARGUMENT: params.n: Expected int, got str"
+    world.orchestrator.refuse = "INVALID_ARGUMENT: params.n: expected an integer, got 'x'"
     await world.run_until(START + 61)
     (record,) = await decided(world, spec)
     assert (record.kind, record.cause) == (TickKind.MISSED, TickCause.REFUSED)
     assert record.reason == (
-        "the orchestrator refused it: INVALID_ARGUMENT: params.n: Expected int, got str"
+        "the orchestrator refused it: INVALID_ARGUMENT: params.n: expected an integer, got 'x'"
     )
     assert len(world.orchestrator.submit_times) == 1
+
+
+async def test_a_tick_whose_job_exists_with_other_params_counts_as_run(world: World) -> None:
+    """The schedule's params changed after its tick's job was first submitted: the orchestrator
+    refuses the resubmit (ALREADY_EXISTS), and the trigger takes that job as the tick's run,
+    says so, and neither misses the tick nor submits it again."""
+    await world.replicas.start()
+    spec = await world.add(params={"n": "2"}, interval_seconds=60.0)
+    first = tick_job_id(spec.name, START + 60)
+    world.orchestrator.jobs[first] = FakeJob(first, 0.0, 0.0, params={"n": "1"})
+    await world.run_until(START + 121)
+    records = await decided(world, spec)
+    assert [(r.kind, r.job_id, r.existing) for r in records] == [
+        (TickKind.FIRED, first, True),
+        (TickKind.FIRED, tick_job_id(spec.name, START + 120), False),
+    ]
+    earlier = (f"its job was submitted earlier with other params (job {first!r} exists with"
+               " other params: params.n was '1', now '2')")  # fmt: skip
+    assert records[0].reason == earlier
+    assert world.orchestrator.submits[first] == 1
+    assert world.orchestrator.jobs[records[1].job_id].params == {"n": "2"}
+    why = await world.service().explain(pb.ExplainRequest(name="s", at="2026-03-01T00:01:00Z"))
+    assert why.sentence.startswith(f"s ran for 2026-03-01T00:01:00+00:00: job {first}")
+    assert earlier in why.sentence
+
+
+async def test_params_changed_between_a_tick_s_submit_and_its_retry_lose_no_tick(
+    world: World,
+) -> None:
+    """Replica A submits tick 10 and is killed before the answer reaches it; the schedule's
+    params change; replica B takes the tick over, finds its job (the first submission's), and
+    records it as run. The next tick runs with the new params."""
+
+    class KilledAfterSubmit(Gate):
+        async def through(self, name: str, call: Callable[[], Awaitable[T]]) -> T:
+            result = await call()
+            if name == "submit":
+                await self._die(name)
+            return result
+
+    gate = KilledAfterSubmit()
+    gate.victim = anyio.CancelScope()
+    spec = await world.add(params={"n": "1"})
+    await world.replicas.start(
+        store=GatedStore(world.store, gate), client=GatedClient(world.orchestrator, gate),
+        name="a", scope=gate.victim,
+    )  # fmt: skip
+    await world.run_until(START + 11)
+    assert gate.killed_in == "submit"
+    ten = tick_job_id(spec.name, START + 10)
+    assert world.orchestrator.jobs[ten].params == {"n": "1"}
+    await world.store.put(
+        msgspec.structs.replace(spec, params={"n": "2"}), mode=PutMode.UPDATE,
+        expected_version=spec.version,
+    )  # fmt: skip
+    await world.replicas.start(name="b")
+    await world.run_until(START + 25)
+    records = await decided(world, spec)
+    assert [(r.tick - START, r.kind, r.existing) for r in records] == [
+        (10.0, TickKind.FIRED, True), (20.0, TickKind.FIRED, False),
+    ]  # fmt: skip
+    assert world.orchestrator.submits[ten] == 1
+    assert world.orchestrator.jobs[records[1].job_id].params == {"n": "2"}
 
 
 # --- overlap, judged on the orchestrator ----------------------------------------------------------
@@ -511,6 +581,7 @@ async def test_trigger_now_runs_at_once_and_counts_for_overlap(world: World) -> 
     await world.run_until(START + 5)
     answer = await service.trigger_schedule(pb.ScheduleRequest(name="api"))
     assert answer.job_id == "api@manual-2026-03-01T00:00:05Z"
+    assert world.orchestrator.schedules[answer.job_id] == "api"  # a run by hand is its run too
     assert answer.decision is not None
     assert answer.decision.kind == "triggered"
     await world.run_until(START + 11)
@@ -566,6 +637,33 @@ async def test_backfill_submits_each_missed_fire_time_once_oldest_first(world: W
         await service.backfill_schedule(pb.BackfillRequest(name="api", start="yesterday"))
     assert caught.value.status is Status.INVALID_ARGUMENT
     assert (caught.value.message or "").startswith("start: expected an ISO 8601 time")
+
+
+async def test_a_backfill_takes_a_job_submitted_with_other_params_as_the_run(
+    world: World,
+) -> None:
+    await world.replicas.start()
+    service = world.service()
+    await service.create_schedule(schedule(params={"n": "1"}))
+    world.orchestrator.down = True
+    await world.run_until(START + 35)  # 10 and 20 missed past their grace
+    world.orchestrator.down = False
+    # the tick at 10 did reach the orchestrator (its answer was lost), before a change
+    ten = tick_job_id("api", START + 10)
+    world.orchestrator.jobs[ten] = FakeJob(ten, 0.0, 0.0, params={"n": "0"})
+    await service.update_schedule(schedule(params={"n": "2"}))
+    done = await service.backfill_schedule(
+        pb.BackfillRequest(name="api", start="2026-03-01T00:00:00Z", end="2026-03-01T00:00:20Z")
+    )
+    assert done.error == ""
+    assert [(d.job_id, d.existing) for d in done.submitted] == [
+        (ten, True), (tick_job_id("api", START + 20), False),
+    ]  # fmt: skip
+    assert done.submitted[0].reason == (
+        f"its job was submitted earlier with other params (job {ten!r} exists with other"
+        " params: params.n was '0', now '2')"
+    )
+    assert world.orchestrator.jobs[done.submitted[1].job_id].params == {"n": "2"}
 
 
 async def test_list_shows_next_fire_times_owner_and_last_decision(world: World) -> None:

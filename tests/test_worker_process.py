@@ -252,7 +252,7 @@ def test_bad_input_gets_a_status_with_a_reason(
          "name: must not be empty"),
         (lambda: client.send("nope", "x"), grpc.StatusCode.NOT_FOUND, "no job named 'nope'"),
         (lambda: client.send("sleep", "x", seconds="soon"), grpc.StatusCode.INVALID_ARGUMENT,
-         "params.seconds: Expected `float`, got `str`"),
+         "params.seconds: expected a number, got 'soon'"),
         (lambda: client.send("echo", "x", timeout=-1), grpc.StatusCode.INVALID_ARGUMENT,
          "timeout_seconds: must be a finite number, 0 or more"),
         (lambda: client.get("missing"), grpc.StatusCode.NOT_FOUND, "no job with id 'missing'"),
@@ -627,7 +627,7 @@ def test_user_jobs_from_a_module(
     assert json.loads(client.run("shout", "s", text="hi").result_json) == "HI"
     assert {"double", "shout", "echo"} <= set(client.status().job_names)
     err = rpc_error(lambda: client.send("double", "bad", n="x"))
-    assert err.details() == "params.n: Expected `int`, got `str`"
+    assert err.details() == "params.n: expected an integer, got 'x'"
 
 
 def test_job_modules_are_found_in_the_current_directory(
@@ -668,13 +668,16 @@ def test_cli_clients(worker_env: dict[str, str], start_worker: StartWorker) -> N
     worker = start_worker(worker_env)
     env = {**worker_env}
     target = ["--target", worker.target]
-    submitted = _run_cli(env, "submit", *target, "echo", "-p", "a=1", "--id", "c1", "--wait")
+    direct = ["--worker", worker.target]  # the job commands go to an orchestrator otherwise
+    submitted = _run_cli(
+        env, "submit", *direct, "echo", "-p", "a=1", "--id", "c1", "--wait", "--json"
+    )
     assert submitted.returncode == 0, submitted.stderr
     assert json.loads(submitted.stdout)["state"] == "SUCCEEDED"
-    status = _run_cli(env, "status", *target)
+    status = _run_cli(env, "status", "--worker", worker.target)
     assert json.loads(status.stdout)["grpcPort"] == worker.port
     assert _run_cli(env, "health", *target).stdout.strip() == "SERVING"
-    missing = _run_cli(env, "job", *target, "nope")
+    missing = _run_cli(env, "job", *direct, "nope")
     assert (missing.returncode, missing.stderr.strip()) == (
         1,
         "jobworker: NOT_FOUND: no job with id 'nope'",

@@ -1,7 +1,8 @@
 """In-memory stand-ins for the trigger's tests: an orchestrator, and replicas that can be killed.
 
 `FakeOrchestrator` keeps the `OrchestratorClient` contract on the loop clock (trio's MockClock
-makes it virtual): ids are idempotent, a job runs for `job_seconds` (or its `seconds`
+makes it virtual): ids are idempotent (a known id with other params answers as the real
+client does, with `differs`), a job runs for `job_seconds` (or its `seconds`
 parameter), and it can be down, full (RESOURCE_EXHAUSTED with a retry-after) or refusing.
 `ReplicaSet` starts `TriggerReplica`s on a shared `MemoryScheduleStore` and kills them as
 SIGKILL would: the replica's scope is cancelled and nothing of it runs again (no drain, no
@@ -22,7 +23,9 @@ import anyio.abc
 import anyio.lowlevel
 
 from app.core.clock import LoopClock
+from app.fleet.batch_job import BatchJob
 from app.fleet.schedules import TickDecision
+from app.orchestrator.admission import reuse_problem
 from app.stores.abc import ScheduleStore
 from app.stores.memory import MemoryScheduleStore
 from app.trigger.orchestrator_client import CallFailed, JobView, Submitted, TickJob
@@ -38,6 +41,8 @@ class FakeJob:
     submitted_at: float
     seconds: float
     cancelled: bool = False
+    job_type: str = "echo"
+    params: dict[str, str] = field(default_factory=dict)
 
     def state(self) -> str:
         if self.cancelled:
@@ -55,6 +60,7 @@ class FakeOrchestrator:
     jobs: dict[str, FakeJob] = field(default_factory=dict)
     submits: Counter[str] = field(default_factory=Counter)
     submit_times: list[float] = field(default_factory=list)
+    schedules: dict[str, str] = field(default_factory=dict)  # job id -> the schedule it named
     cancelled: list[str] = field(default_factory=list)
     down: bool = False
     retry_after: float | None = None  # set: RESOURCE_EXHAUSTED with this hint
@@ -76,6 +82,7 @@ class FakeOrchestrator:
     async def submit(self, job: TickJob) -> Submitted:
         await self._half()  # the request on its way: a kill here leaves no job
         self.submits[job.job_id] += 1
+        self.schedules[job.job_id] = job.schedule
         self.submit_times.append(anyio.current_time())
         self._check()
         if self.refuse:
@@ -86,12 +93,25 @@ class FakeOrchestrator:
                 retryable=True,
                 retry_after=self.retry_after,
             )
-        existing = job.job_id in self.jobs
-        if not existing:
+        known = self.jobs.get(job.job_id)
+        differs = ""
+        if known is None:
             seconds = float(job.params.get("seconds", self.job_seconds))
-            self.jobs[job.job_id] = FakeJob(job.job_id, anyio.current_time(), seconds)
+            self.jobs[job.job_id] = FakeJob(
+                job.job_id, anyio.current_time(), seconds,
+                job_type=job.job_type, params=dict(job.params),
+            )  # fmt: skip
+        else:  # the orchestrator's ALREADY_EXISTS, as the real client answers it
+            differs = (
+                reuse_problem(
+                    BatchJob(job_id=job.job_id, job_type=job.job_type, params=dict(job.params)),
+                    BatchJob(job_id=known.job_id, job_type=known.job_type, params=known.params),
+                )
+                or ""
+            )
         await self._half()  # the answer on its way back: a kill here loses only the answer
-        return Submitted(job_id=job.job_id, state="PENDING", existing=existing)
+        return Submitted(job_id=job.job_id, state="" if differs else "PENDING",
+                         existing=known is not None, differs=differs)  # fmt: skip
 
     async def get_job(self, job_id: str) -> JobView | None:
         await self._half()

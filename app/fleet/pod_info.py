@@ -52,12 +52,19 @@ class PodInfo(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     queue_capacity: int = 0
     watermark: int = 0
     version: str = ""
+    # how often this worker reports: `jobworker status` takes a report older than two of them
+    # for stale (0: from a writer that did not say; the reader's own config decides)
+    report_interval_seconds: float = 0.0
     # the job names this worker runs, so that an orchestrator sends it only those
     job_names: list[str] = msgspec.field(default_factory=list)
     # the ids of the jobs queued or running here: an orchestrator that lost its call to this
     # worker (a partition, a reset) sees from it that the run goes on, and does not start a
     # second copy elsewhere
     live_job_ids: list[str] = msgspec.field(default_factory=list)
+    # per job name, its parameters (`app.fleet.job_signature.JobSignature` as JSON, kept raw:
+    # an orchestrator reads one only when it changed): what a submission is checked against.
+    # A job named in jobNames but not here is not checked before it reaches a worker.
+    job_signatures: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict)
 
 
 _encoder = msgspec.json.Encoder()

@@ -9,6 +9,10 @@ plus two report intervals after it answers, a worker whose report was fresh when
 is not taken for stale. A worker whose key vanished keeps its last report until that goes stale
 (a key is deleted only once its worker has drained, and Redis may have lost it with its data).
 A worker that really died meanwhile breaks its calls by itself.
+
+Each worker's advertised job signatures are compiled into call shapes at refresh, once per
+distinct signature (workers of one version share them; a signature is compiled again only when
+its JSON changes), so that checking a submission's params costs no parsing.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import msgspec
 from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage, OutageState
+from app.fleet.job_signature import CallShape, shape_from_json
 from app.fleet.pod_info import PodInfo, decode_pod_info
 from app.stores.abc import PodRegistry
 
@@ -76,6 +81,9 @@ class WorkerDirectory:
         self._refresh = refresh_seconds
         self._clock: Clock = clock or SystemClock()
         self._entries: dict[str, WorkerEntry] = {}
+        # by address, then job name: how the worker takes that job's params (None: unreadable)
+        self._shapes: dict[str, dict[str, CallShape | None]] = {}
+        self._compiled: dict[bytes, CallShape | None] = {}  # by a signature's JSON
         self._changed = anyio.Event()
         self.refreshes = 0
         self._outage = Outage(
@@ -114,6 +122,16 @@ class WorkerDirectory:
     def get(self, address: str) -> WorkerEntry | None:
         """The worker at `address` as of the last refresh, or None."""
         return self._entries.get(address)
+
+    def shape(self, entry: WorkerEntry, job_type: str) -> CallShape | None:
+        """How the worker of `entry` takes the params of `job_type`, as it advertises them;
+        None when it does not say (then they are not checked before they reach it)."""
+        return self._shapes.get(entry.address, {}).get(job_type)
+
+    def runs(self, entry: WorkerEntry, job_type: str) -> bool:
+        """Whether the worker runs `job_type` (one that names no job runs anything)."""
+        names = entry.info.job_names
+        return not names or job_type in names
 
     def _excused_since(self, now: float) -> float | None:
         """When the registry went away, while its outage excuses old reports; else None."""
@@ -176,10 +194,31 @@ class WorkerDirectory:
                 entries[address] = old  # its key vanished: its last report counts until stale
         live = set(keys)
         self._skipped = {k: why for k, why in self._skipped.items() if k in live}
+        self._shapes = self._compile(entries)
         self._entries = entries
         self.refreshes += 1
         self._changed.set()
         self._changed = anyio.Event()
+
+    def _compile(self, entries: dict[str, WorkerEntry]) -> dict[str, dict[str, CallShape | None]]:
+        """Each worker's call shapes, from the cache or compiled; the cache keeps those in use."""
+        compiled: dict[bytes, CallShape | None] = {}
+        shapes: dict[str, dict[str, CallShape | None]] = {}
+        for address, entry in entries.items():
+            mine = shapes[address] = {}
+            for job, raw in entry.info.job_signatures.items():
+                text = bytes(raw)
+                if text not in compiled:
+                    if text in self._compiled:
+                        compiled[text] = self._compiled[text]
+                    else:
+                        compiled[text] = shape = shape_from_json(text)
+                        if shape is None:
+                            log.warning("ignoring the signature of job %r on %s: it does not"
+                                        " read (%.80r)", job, address, text)  # fmt: skip
+                mine[job] = compiled[text]
+        self._compiled = compiled
+        return shapes
 
     def _skip(self, key: str, why: str) -> None:
         if key not in self._skipped:

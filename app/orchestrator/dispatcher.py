@@ -53,6 +53,7 @@ from app.errors import BadDataKind, CorruptRecord, QueueGone, StoreBusy
 from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
+from app.orchestrator.admission import willing
 from app.orchestrator.decisions import (
     ORPHANED,
     CallKind,
@@ -681,7 +682,7 @@ class Dispatcher:
                     prefer = None
                 ahead = max((p for p, n in self._waiting.items() if n), default=job.priority)
                 if ahead <= job.priority:
-                    address = self._choose(job.job_type, step.avoid)
+                    address = self._choose(job, step.avoid)
                     if address is not None:
                         return address
                 if await self._store.cancel_requested(job.job_id):
@@ -702,8 +703,18 @@ class Dispatcher:
         """Seconds until the job's deadline (wall time: the deadline is in its record), 0 past."""
         return max(0.0, job.deadline_at - self._clock.timestamp())
 
-    def _choose(self, job_type: str, avoid: frozenset[str]) -> str | None:
-        eligible = [e for e in self._directory.entries() if self.eligibility(e, job_type) is None]
+    def _choose(self, job: BatchJob, avoid: frozenset[str]) -> str | None:
+        directory, job_type = self._directory, job.job_type
+        entries = directory.entries()
+        eligible = [e for e in entries if self.eligibility(e, job_type) is None]
+        # two versions of a job in the fleet (a rolling upgrade): only to one that takes its
+        # params, waiting for one if need be; when none does, its refusal ends the job
+        takers = willing(job_type, job.params, {
+            e.address: directory.shape(e, job_type) for e in entries
+            if directory.stale_reason(e) is None and directory.runs(e, job_type)
+        })  # fmt: skip
+        if takers is not None:
+            eligible = [e for e in eligible if e.address in takers]
         others = [e for e in eligible if e.address not in avoid]
         candidates = [
             Candidate(

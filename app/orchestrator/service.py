@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
@@ -17,13 +18,23 @@ from grpclib.exceptions import GRPCError
 
 from app.config import OrchestratorConfig
 from app.core.clock import utc_iso
-from app.errors import CorruptRecord, StoreBusy, StoreUnavailable
+from app.errors import CorruptIndex, CorruptRecord, StoreBusy, StoreUnavailable, shown
 from app.fleet.batch_job import BatchJob, encode_job
-from app.fleet.job_state import to_orchestrator_wire
+from app.fleet.job_index import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    JobQuery,
+    decode_token,
+    encode_token,
+)
+from app.fleet.job_state import JobState, from_orchestrator_wire, to_orchestrator_wire
 from app.fleet.limits import MAX_ID_LENGTH, MAX_NAME_LENGTH, params_problem
+from app.fleet.schedules import MAX_SCHEDULE_NAME, SCHEDULE_NAME
 from app.grpc.status import retry_later
+from app.orchestrator.admission import RefusalKind, admit, reuse_problem
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
+from app.orchestrator.job_listing import list_jobs
 from app.pb import orchestrator as pb
 from app.stores.abc import JobEvents, JobStore, SubmitResult
 from app.stores.waits import wait_finished
@@ -47,6 +58,10 @@ R = TypeVar("R")
 QUEUE_FULL_RETRY_SECONDS = 5.0
 #: When a call refused because every Redis connection stayed busy tells the client to come back.
 BUSY_RETRY_SECONDS = 1.0
+_STATUS = {
+    RefusalKind.NOT_FOUND: Status.NOT_FOUND,
+    RefusalKind.INVALID_ARGUMENT: Status.INVALID_ARGUMENT,
+}
 
 
 def _invalid(field: str, problem: str) -> GRPCError:
@@ -59,13 +74,67 @@ def _check_id(job_id: str) -> None:
         raise _invalid("job_id", f"letters, digits and _.:@/- only, at most {MAX_ID_LENGTH}")
 
 
+def _check_job_type(job_type: str, field: str = "job_type") -> None:
+    if len(job_type) > MAX_NAME_LENGTH or not _NAME.match(job_type):
+        raise _invalid(field, f"letters, digits and _.:@/- only, at most {MAX_NAME_LENGTH}")
+
+
+def _check_schedule(schedule: str) -> None:
+    if len(schedule) > MAX_SCHEDULE_NAME or not SCHEDULE_NAME.match(schedule):
+        raise _invalid(
+            "schedule", f"a schedule's name: letters, digits and _.- only, at most"
+            f" {MAX_SCHEDULE_NAME}",
+        )  # fmt: skip
+
+
+def _instant(field: str, text: str) -> float:
+    """An RFC 3339 instant (UTC when it has no offset) as Unix seconds, or INVALID_ARGUMENT."""
+    try:
+        at = datetime.fromisoformat(text) if len(text) <= 64 else None
+    except ValueError:
+        at = None
+    if at is None:
+        raise _invalid(field, f"not an RFC 3339 time: {shown(text)}")
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return at.timestamp()
+
+
+def job_query(req: pb.ListJobsRequest) -> JobQuery:
+    """The query a ListJobs request asks, or INVALID_ARGUMENT naming the field."""
+    states: set[JobState] = set()
+    for value in req.states:
+        state = from_orchestrator_wire(int(value))
+        if state is None:
+            raise _invalid("states", f"{int(value)} is not a job state")
+        states.add(state)
+    if req.job_type:
+        _check_job_type(req.job_type)
+    if req.schedule:
+        _check_schedule(req.schedule)
+    since = _instant("submitted_since", req.submitted_since) if req.submitted_since else -math.inf
+    until = _instant("submitted_until", req.submitted_until) if req.submitted_until else math.inf
+    if until <= since:
+        raise _invalid("submitted_until", "must be after submitted_since")
+    if req.limit > MAX_LIMIT:
+        raise _invalid("limit", f"must be 0..{MAX_LIMIT} (0: {DEFAULT_LIMIT})")
+    try:
+        after = decode_token(req.page_token) if req.page_token else None
+    except ValueError:
+        raise _invalid("page_token", "not a token this service gave") from None
+    return JobQuery(
+        states=frozenset(states), job_type=req.job_type, schedule=req.schedule, since=since,
+        until=until, limit=req.limit or DEFAULT_LIMIT, after=after,
+    )  # fmt: skip
+
+
 @contextmanager
 def _data_loss() -> Iterator[None]:
     """A job whose stored data does not read answers DATA_LOSS with the one-line reason (the
     store has said it in the log, once), never UNKNOWN."""
     try:
         yield
-    except CorruptRecord as exc:
+    except (CorruptRecord, CorruptIndex) as exc:
         raise GRPCError(Status.DATA_LOSS, str(exc)) from None
 
 
@@ -121,6 +190,7 @@ def job_message(job: BatchJob) -> pb.Job:
         finished_at=utc_iso(job.finished_at),
         deadline_at=utc_iso(job.deadline_at),
         fencing_token=job.fencing_token,
+        schedule=job.schedule,
     )
 
 
@@ -173,10 +243,9 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         c = self._config
         if not req.job_type:
             raise _invalid("job_type", "must not be empty")
-        if len(req.job_type) > MAX_NAME_LENGTH or not _NAME.match(req.job_type):
-            raise _invalid(
-                "job_type", f"letters, digits and _.:@/- only, at most {MAX_NAME_LENGTH}"
-            )
+        _check_job_type(req.job_type)
+        if req.schedule:
+            _check_schedule(req.schedule)
         job_id = req.job_id or uuid.uuid4().hex
         _check_id(job_id)
         problem = params_problem(req.params)
@@ -192,7 +261,6 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             raise _invalid("priority", f"must be 0..{MAX_PRIORITY}")
         if req.max_attempts > MAX_ATTEMPTS:
             raise _invalid("max_attempts", f"must be 0..{MAX_ATTEMPTS}")
-        self._check_job_type(req.job_type)
         now = time.time()
         timeout = req.timeout_seconds or c.default_timeout_seconds
         deadline = req.deadline_seconds or max(c.default_deadline_seconds, timeout)
@@ -206,21 +274,35 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             retry_on_failure=req.retry_on_failure,
             max_attempts=req.max_attempts or c.max_attempts,
             submitted_at=now,
+            schedule=req.schedule,
         )
 
-    def _check_job_type(self, job_type: str) -> None:
-        """NOT_FOUND when live workers are known and none runs this job type.
+    def _refusal(self, job_type: str, params: dict[str, str]) -> GRPCError | None:
+        """NOT_FOUND when live workers are known and none runs this job type; INVALID_ARGUMENT
+        naming the field when every live worker that runs it would refuse the params.
 
-        With no live worker at all the job is accepted and waits (backpressure).
+        With no live worker at all the job is accepted and waits (backpressure), unchecked. See
+        `app.orchestrator.admission` for workers that disagree or do not advertise signatures.
         """
-        live = [e for e in self._directory.entries() if self._directory.stale_reason(e) is None]
-        if live and all(e.info.job_names and job_type not in e.info.job_names for e in live):
-            raise GRPCError(Status.NOT_FOUND, f"no worker runs job type {job_type!r}")
+        directory = self._directory
+        live = [e for e in directory.entries() if directory.stale_reason(e) is None]
+        runners = [directory.shape(e, job_type) for e in live if directory.runs(e, job_type)]
+        refusal = admit(job_type, params, live=len(live), runners=runners)
+        return None if refusal is None else GRPCError(_STATUS[refusal.kind], refusal.message)
 
     async def _submit(self, req: pb.BatchExecutionRequest) -> tuple[BatchJob, bool]:
         if self.draining:
             raise GRPCError(Status.UNAVAILABLE, "orchestrator is draining; send to another")
         job = self._new_job(req)
+        refusal = self._refusal(job.job_type, job.params)
+        if refusal is not None:
+            if req.job_id:
+                # the repeat of a request accepted before (unchecked, or by workers since gone)
+                # answers its job as any repeat does: one lookup, on refusals only
+                existing = await self._store.get(job.job_id)
+                if existing is not None and reuse_problem(job, existing) is None:
+                    return existing, True
+            raise refusal
         bound = self._config.queue_bound_per_type
         result, existing, queued = await self._store.submit(job, bound=bound)
         if result is SubmitResult.QUEUE_FULL:
@@ -232,6 +314,9 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             )
         if result is SubmitResult.EXISTS:
             assert existing is not None
+            problem = reuse_problem(job, existing)
+            if problem is not None:
+                raise GRPCError(Status.ALREADY_EXISTS, problem)
             return existing, True
         return job, False
 
@@ -242,9 +327,11 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         """Queue a job and answer at once: its id, its state, and whether the id existed already.
 
         UNAVAILABLE while draining or while Redis is away (with a retry-after), INVALID_ARGUMENT
-        or NOT_FOUND for a bad request, RESOURCE_EXHAUSTED when the job type's queue is full or
-        every Redis connection stayed busy for `redis.pool_timeout_seconds` (both with a
-        retry-after), and DATA_LOSS when the id's existing record does not read.
+        or NOT_FOUND for a bad request (params are checked against the signatures the live
+        workers advertise), ALREADY_EXISTS for a known id with another job type or other params,
+        RESOURCE_EXHAUSTED when the job type's queue is full or every Redis connection stayed
+        busy for `redis.pool_timeout_seconds` (both with a retry-after), and DATA_LOSS when the
+        id's existing record does not read.
         """
         with _data_loss():
             job, existing = await self._submit(message)
@@ -256,10 +343,10 @@ class OrchestratorService(pb.OrchestratorServiceBase):
     async def execute(self, message: pb.BatchExecutionRequest) -> pb.BatchExecutionResponse:
         """Queue a job as `submit` does, then answer with its record once it has ended.
 
-        For an id that exists already, it waits for that job. Past the job's deadline plus 5 s the
-        record comes back as it is then. A Redis outage while waiting answers UNAVAILABLE (every
-        connection busy for the pool's wait: RESOURCE_EXHAUSTED): the job goes on, and an
-        Execute with its id waits for it again.
+        For an id that exists already (with the same job type and params), it waits for that
+        job. Past the job's deadline plus 5 s the record comes back as it is then. A Redis outage
+        while waiting answers UNAVAILABLE (every connection busy for the pool's wait:
+        RESOURCE_EXHAUSTED): the job goes on, and an Execute with its id waits for it again.
         """
         with _data_loss():
             job, _ = await self._submit(message)
@@ -303,6 +390,23 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         with _data_loss():
             after = await self._dispatcher.cancel(job.job_id)
         return job_message(after or job)
+
+    @_store_guarded
+    async def list_jobs(self, message: pb.ListJobsRequest) -> pb.ListJobsResponse:
+        """Recent jobs, newest first, from the job index: filtered by state, type, schedule and
+        submit time; a page ends at `limit` jobs or after a bounded number of index entries.
+
+        INVALID_ARGUMENT naming a bad field, DATA_LOSS when the index is not one (entries and
+        records that do not read are skipped, said once and counted).
+        """
+        query = job_query(message)
+        with _data_loss():
+            page = await list_jobs(self._store, query)
+        return pb.ListJobsResponse(
+            jobs=[job_message(job) for job in page.jobs],
+            next_page_token=encode_token(page.next) if page.next is not None else "",
+            examined=page.examined,
+        )
 
     async def list_workers(self, message: pb.ListWorkersRequest) -> pb.ListWorkersResponse:
         """Every worker of the directory's last refresh, stale ones included.

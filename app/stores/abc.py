@@ -17,6 +17,8 @@ import msgspec
 
 from app.errors import CorruptRecord
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
+from app.fleet.job_index import IndexedJob, IndexPosition
+from app.fleet.role_info import Registration
 from app.fleet.schedules import PendingTick, ScheduleCursor, ScheduleSpec, TickDecision
 
 
@@ -41,6 +43,30 @@ class PodRegistry(Protocol):
 
     async def keys(self, prefix: str) -> list[str]:
         """Every live key that starts with `prefix` (unordered)."""
+        ...
+
+
+class RoleRegistry(Protocol):
+    """Records with expiry, listed per role through a small index (never a scan of the store):
+    where orchestrators and trigger replicas say they are up (`app.fleet.role_info`).
+
+    Each member's record expires `ttl_seconds` after its last `put`; `members` lists the ones
+    still there. An index entry whose record expired is left out, and dropped by a later `put`.
+    """
+
+    async def put(
+        self, role: str, member: str, value: bytes, *, ttl_seconds: float, now: float
+    ) -> None:
+        """Write `member`'s record of `role` for `ttl_seconds` (each put renews it); `now` is
+        the wall time, which dates the index entry."""
+        ...
+
+    async def remove(self, role: str, member: str) -> None:
+        """Drop `member`'s record and index entry (fine when they are not there)."""
+        ...
+
+    async def members(self, role: str) -> list[Registration]:
+        """The live members of `role`, by member name."""
         ...
 
 
@@ -97,9 +123,9 @@ class JobStore(Protocol):
     async def submit(
         self, job: BatchJob, *, bound: int
     ) -> tuple[SubmitResult, BatchJob | None, int]:
-        """Create the record and queue the job, atomically, unless its id exists or its type has
-        `bound` unfinished jobs. Returns (result, the existing record for EXISTS, the unfinished
-        count for QUEUE_FULL)."""
+        """Create the record, queue the job and add it to the job index (by `submitted_at`),
+        atomically, unless its id exists or its type has `bound` unfinished jobs. Returns
+        (result, the existing record for EXISTS, the unfinished count for QUEUE_FULL)."""
         ...
 
     async def get(self, job_id: str) -> BatchJob | None:
@@ -214,6 +240,26 @@ class JobStore(Protocol):
         read, claimed or refreshed for `min_idle_ms` (orchestrators that stopped: each leaves
         its name behind for good otherwise); their names. A live one that is removed comes
         back with its next read."""
+        ...
+
+    async def index_page(
+        self, *, after: IndexPosition | None, since: float, until: float, count: int
+    ) -> list[IndexedJob]:
+        """Up to `count` entries of the job index (every created job, by `submitted_at`; see
+        `submit`), newest first: submitted in [`since`, `until`) and past `after`, each with
+        its job's record.
+
+        The record is None when it is gone (expired: the entry waits for `trim_index`), and when
+        the entry names no job or its record does not read: such junk is said once and counted
+        by the store's `BadData`, and skipped. `CorruptIndex` when the index is not an index.
+        """
+        ...
+
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
+        """Look at up to `count` of the oldest index entries submitted before `before`, past the
+        first `skip` of them, and drop those whose record is gone (a job still recorded stays
+        listed, however old). Returns (entries looked at, entries dropped); (0, 0) when the
+        index is junk."""
         ...
 
 

@@ -8,6 +8,7 @@ trio's MockClock moves it; waits are Events, never polling.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -18,7 +19,7 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
-from app.errors import BadDataKind, CorruptRecord, QueueGone
+from app.errors import BadDataKind, CorruptIndex, CorruptRecord, QueueGone
 from app.fleet.batch_job import (
     BatchJob,
     LostJob,
@@ -28,7 +29,9 @@ from app.fleet.batch_job import (
     encode_job,
     encode_outcome,
 )
+from app.fleet.job_index import IndexedJob, IndexPosition, range_start
 from app.fleet.job_state import FINISHED, JobState
+from app.fleet.role_info import Registration
 from app.fleet.schedules import (
     RAN,
     PendingTick,
@@ -53,6 +56,7 @@ from app.stores.bad_data import (
     OUTCOME_ACTION,
     RECORD_ACTION,
     BadData,
+    index_member_id,
     is_int,
     not_a,
     readable,
@@ -109,6 +113,13 @@ class _Keys(Generic[V]):
         if self.get(key) is not None:
             self._data[key] = (self._data[key][0], anyio.current_time() + ttl)
 
+    def ttl(self, key: str) -> float | None:
+        """Seconds a live key has left (None: no expiry, or no key), as PTTL tells."""
+        if self.get(key) is None:
+            return None
+        left = self._data[key][1] - anyio.current_time()
+        return None if math.isinf(left) else left
+
 
 class MemoryPodRegistry:
     """The same contract in one process's memory, on the loop clock (for core tests on trio)."""
@@ -138,6 +149,52 @@ class MemoryPodRegistry:
     async def keys(self, prefix: str) -> list[str]:
         """Every live key that starts with `prefix`."""
         return sorted(k for k in self._data.live_keys() if k.startswith(prefix))
+
+
+class MemoryRoleRegistry:
+    """`RoleRegistry` in memory, on the loop clock (expiry) like MemoryPodRegistry."""
+
+    def __init__(self, *, prefix: str = "wpm-roles") -> None:
+        self._prefix = prefix
+        self._data: _Keys[bytes] = _Keys()
+        self._index: dict[str, dict[str, float]] = {}  # role -> member -> until (wall time)
+
+    def __repr__(self) -> str:
+        return f"<MemoryRoleRegistry {self._prefix} records={self._data.count()}>"
+
+    def key(self, role: str, member: str) -> str:
+        """The record's key, as Redis names it."""
+        return f"{self._prefix}:{role}:{member}"
+
+    async def put(
+        self, role: str, member: str, value: bytes, *, ttl_seconds: float, now: float
+    ) -> None:
+        """Write the record for `ttl_seconds`; drop index entries expired a TTL ago."""
+        await anyio.lowlevel.checkpoint()
+        self._data.set(self.key(role, member), bytes(value), ttl_seconds)
+        index = self._index.setdefault(role, {})
+        index[member] = now + ttl_seconds
+        for gone in [m for m, until in index.items() if until < now - ttl_seconds]:
+            del index[gone]
+
+    async def remove(self, role: str, member: str) -> None:
+        """Drop the record and its index entry."""
+        await anyio.lowlevel.checkpoint()
+        self._data.delete(self.key(role, member))
+        self._index.get(role, {}).pop(member, None)
+
+    async def members(self, role: str) -> list[Registration]:
+        """The members whose record is still there, by name."""
+        await anyio.lowlevel.checkpoint()
+        found = []
+        for member in sorted(self._index.get(role, {})):
+            key = self.key(role, member)
+            value = self._data.get(key)
+            if value is not None:
+                found.append(Registration(
+                    key=key, member=member, value=value, ttl_left_seconds=self._data.ttl(key),
+                ))  # fmt: skip
+        return found
 
 
 class _Pending(msgspec.Struct):
@@ -189,6 +246,9 @@ class MemoryJobStore:
         self._quarantine: deque[Quarantined] = deque(maxlen=quarantine_maxlen)
         self._quarantined = 0
         self._lost: deque[LostJob] = deque(maxlen=10_000)
+        # the job index, member -> score, as a ZSET (members are bytes there: junk can be too)
+        self._index: dict[bytes, float] = {}
+        self._index_junk = False  # the index's key holds another type (planted by a test)
 
     def forget_everything(self) -> None:
         """Lose every record, token, outcome and the queue with its group, as a Redis that
@@ -203,6 +263,8 @@ class MemoryJobStore:
         self._consumers.clear()
         self._quarantine.clear()
         self._lost.clear()
+        self._index.clear()
+        self._index_junk = False
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -276,6 +338,10 @@ class MemoryJobStore:
             return SubmitResult.QUEUE_FULL, None, queued
         self._queued[job.job_type] = queued + 1
         self._records.set(job.job_id, encode_job(job))
+        if self._index_junk:
+            self._index_is_junk()
+        else:
+            self._index[job.job_id.encode()] = job.submitted_at
         self._last_entry += 1
         self._entries[self._last_entry] = job.job_id
         self._unread.append(self._last_entry)
@@ -542,6 +608,57 @@ class MemoryJobStore:
         number = _entry_number(entry_id)
         self._pending.pop(number, None)
         self._entries.pop(number, None)
+
+    # --- the job index ----------------------------------------------------------------------------
+
+    def _index_is_junk(self) -> CorruptIndex:
+        self.bad_data.found(BadDataKind.JOB_INDEX, "index", "not a sorted set",
+                            "jobs are not indexed, and listing them answers DATA_LOSS, until"
+                            " it is deleted")  # fmt: skip
+        return CorruptIndex("job index: unreadable: not a sorted set")
+
+    async def index_page(
+        self, *, after: IndexPosition | None, since: float, until: float, count: int
+    ) -> list[IndexedJob]:
+        """ZREVRANGEBYSCORE (ties by member, descending) and the records of the entries."""
+        await anyio.lowlevel.checkpoint()
+        if self._index_junk:
+            raise self._index_is_junk()
+        top, included, skip = range_start(after, until)
+        chosen = sorted(
+            ((score, member) for member, score in self._index.items()
+             if since <= score and (score < top or (included and score == top))),
+            reverse=True,
+        )[skip : skip + count]  # fmt: skip
+        page: list[IndexedJob] = []
+        for score, member in chosen:
+            job: BatchJob | None = None
+            job_id = index_member_id(member)
+            if job_id is None:
+                self.bad_data.found(BadDataKind.JOB_INDEX, f"index member {member!r}",
+                                    "not a job id", "skipped")  # fmt: skip
+            elif (raw := self._records.get(job_id)) is not None:
+                with contextlib.suppress(CorruptRecord):  # said and counted by _decode
+                    job = self._decode(job_id, raw)
+            page.append(IndexedJob(score=score, job=job))
+        return page
+
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
+        """Drop the oldest entries (up to `count` looked at, past `skip`) before `before` whose
+        record is gone."""
+        await anyio.lowlevel.checkpoint()
+        if self._index_junk:
+            self._index_is_junk()
+            return 0, 0
+        oldest = sorted((score, member) for member, score in self._index.items()
+                        if score < before)[skip : skip + count]  # fmt: skip
+        removed = 0
+        for _, member in oldest:
+            job_id = index_member_id(member)
+            if job_id is None or self._records.get(job_id) is None:
+                del self._index[member]
+                removed += 1
+        return len(oldest), removed
 
 
 _FINISHED_NAMES = frozenset(s.value for s in FINISHED)

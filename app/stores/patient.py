@@ -28,6 +28,7 @@ import anyio
 from app.core.outage import Outage
 from app.errors import CorruptRecord, StoreBusy, StoreUnavailable
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
+from app.fleet.job_index import IndexedJob, IndexPosition
 from app.stores.abc import JobStore, Quarantined, QueueEntry, SubmitResult, WriteResult
 
 T = TypeVar("T")
@@ -166,3 +167,13 @@ class PatientJobStore:
     async def remove_idle_consumers(self, *, min_idle_ms: int, keep: str) -> list[str]:
         """See `JobStore.remove_idle_consumers`; not waited for: a sweep missed is done later."""
         return await self._store.remove_idle_consumers(min_idle_ms=min_idle_ms, keep=keep)
+
+    async def index_page(
+        self, *, after: IndexPosition | None, since: float, until: float, count: int
+    ) -> list[IndexedJob]:
+        """See `JobStore.index_page`; not waited for: it answers a client."""
+        return await self._store.index_page(after=after, since=since, until=until, count=count)
+
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
+        """See `JobStore.trim_index`; not waited for: a trim missed is done later."""
+        return await self._store.trim_index(before=before, count=count, skip=skip)

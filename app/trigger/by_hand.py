@@ -9,9 +9,11 @@ record to the ledger.
 - **Backfill** takes the nominal fire times in a past window, oldest first, up to a cap, and
   submits each that did not run (no record, or missed, or skipped) with that fire time's own
   job id: a fire time whose job exists (submitted, then recorded missed) is absorbed by the
-  orchestrator, and one that ran is left alone (the store checks again as it records, so two
-  backfills at once submit each fire time once). Fire times after the cursor are left to the
-  schedule's owner. It stops at the first one the orchestrator does not take.
+  orchestrator (also when it was submitted with params the schedule has since changed: that job
+  is the fire time's run, and the record says so), and one that ran is left alone (the store
+  checks again as it records, so two backfills at once submit each fire time once). Fire times
+  after the cursor are left to the schedule's owner. It stops at the first one the
+  orchestrator does not take.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from app.fleet.schedules import (
 from app.stores.abc import ScheduleStore
 from app.trigger.explain import sentence
 from app.trigger.orchestrator_client import CallFailed, OrchestratorClient, Submitted, TickJob
-from app.trigger.runner import CALL_RETRY
+from app.trigger.runner import CALL_RETRY, with_earlier
 from app.trigger.ticks import decision, ticks_between
 
 log = logging.getLogger("app.trigger")
@@ -65,7 +67,7 @@ def job_for(spec: ScheduleSpec, job_id: str) -> TickJob:
         job_id=job_id, job_type=spec.job_type, params=dict(spec.params),
         timeout_seconds=spec.timeout_seconds, deadline_seconds=spec.deadline_seconds,
         priority=spec.priority, retry_on_failure=spec.retry_on_failure,
-        max_attempts=spec.max_attempts,
+        max_attempts=spec.max_attempts, schedule=spec.name,
     )  # fmt: skip
 
 
@@ -105,7 +107,8 @@ async def trigger_now(
     job_id = manual_job_id(spec.name, now)
     answer = await call_within(lambda: client.submit(job_for(spec, job_id)), within)
     record = decision(spec, round(now, 3), TickKind.TRIGGERED, now=clock.timestamp(),
-                      replica=replica, job_id=answer.job_id, existing=answer.existing)  # fmt: skip
+                      replica=replica, job_id=answer.job_id, existing=answer.existing,
+                      reason=with_earlier("", answer))  # fmt: skip
     await store.add_decision(record, unless_ran=False, now=clock.timestamp())
     await store.set_last_job(spec.name, answer.job_id)
     log.info("schedule %s: triggered by hand as job %s", spec.name, answer.job_id)
@@ -154,7 +157,7 @@ async def backfill(
         record = decision(
             spec, at, TickKind.BACKFILLED, now=clock.timestamp(), replica=replica,
             job_id=answer.job_id, existing=answer.existing, previous=previous,
-            late_seconds=clock.timestamp() - at,
+            late_seconds=clock.timestamp() - at, reason=with_earlier("", answer),
         )  # fmt: skip
         found = await store.add_decision(record, unless_ran=True, now=clock.timestamp())
         if found is not None:

@@ -67,9 +67,11 @@ def sentence(d: TickDecision, zone: str = "UTC") -> str:
         return text + "."
     if d.kind is TickKind.BACKFILLED:
         before = f" (before, its decision was: {d.previous})" if d.previous else ""
-        return f"{name} ran for {when} later, by a backfill{by}: job {d.job_id}{before}."
+        note = f"; {d.reason}" if d.reason else ""
+        return f"{name} ran for {when} later, by a backfill{by}: job {d.job_id}{before}{note}."
     if d.kind is TickKind.TRIGGERED:
-        return f"{name} was triggered by hand at {when}{by}: job {d.job_id}."
+        note = f"; {d.reason}" if d.reason else ""
+        return f"{name} was triggered by hand at {when}{by}: job {d.job_id}{note}."
     why = {
         TickCause.OVERLAP: (
             f"its overlap policy forbids a second run and job {d.blocking_job} (the previous"

@@ -38,6 +38,8 @@ CALL_ERRORS: tuple[type[Exception], ...] = (
     OSError, ConnectionError, StreamTerminatedError, ProtocolError,
 )  # fmt: skip
 _FAILURES: tuple[type[Exception], ...] = (GRPCError, TimeoutError, *CALL_ERRORS)
+#: How a Submit of a known id with another job type or other params is refused.
+EXISTS = f"{Status.ALREADY_EXISTS.name}: "
 UNFINISHED = frozenset({opb.JobState.PENDING, opb.JobState.DISPATCHED, opb.JobState.RUNNING})
 
 
@@ -52,6 +54,8 @@ class TickJob(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 0
     retry_on_failure: bool = False
     max_attempts: int = 0
+    # the schedule whose run it is: recorded with the job (what `jobworker jobs --schedule` reads)
+    schedule: str = ""
 
 
 class Submitted(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,6 +65,10 @@ class Submitted(msgspec.Struct, frozen=True, kw_only=True):
     state: str
     existing: bool
     """The id was known: no new job (another replica, or this one before, submitted it)."""
+    differs: str = ""
+    """The id was known with another job type or other params (the orchestrator's reason, and
+    `state` is unknown): the schedule changed after its tick was first submitted. The job of
+    that first submission is this tick's run."""
 
 
 class JobView(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,7 +94,8 @@ class OrchestratorClient(Protocol):
     """What the trigger asks of the orchestrators. Each call raises CallFailed when it fails."""
 
     async def submit(self, job: TickJob) -> Submitted:
-        """Queue the job (a known id answers with the existing job)."""
+        """Queue the job (a known id answers with the existing job, also when it was submitted
+        with other params: see `Submitted.differs`)."""
         ...
 
     async def get_job(self, job_id: str) -> JobView | None:
@@ -181,7 +190,8 @@ class GrpcOrchestratorClient:
             raise failed from None
 
     async def submit(self, job: TickJob) -> Submitted:
-        """Submit; NOT_FOUND (no live worker runs the job type) may work later."""
+        """Submit; NOT_FOUND (no live worker runs the job type) may work later, and
+        ALREADY_EXISTS (the id exists with other params) answers the existing job."""
         request = opb.BatchExecutionRequest(
             job_id=job.job_id,
             job_type=job.job_type,
@@ -191,12 +201,16 @@ class GrpcOrchestratorClient:
             priority=job.priority,
             retry_on_failure=job.retry_on_failure,
             max_attempts=job.max_attempts,
+            schedule=job.schedule,
         )
         try:
             reply = await self._call(lambda stub: stub.submit(request))
         except CallFailed as failed:
             if failed.reason.startswith("NOT_FOUND"):
                 failed.retryable = True
+            if failed.reason.startswith(EXISTS):
+                differs = failed.reason.removeprefix(EXISTS)
+                return Submitted(job_id=job.job_id, state="", existing=True, differs=differs)
             raise
         return Submitted(
             job_id=reply.job_id, state=opb.JobState(reply.state).name, existing=reply.existing

@@ -50,7 +50,12 @@ from app.fleet.schedules import (
 )
 from app.scheduling.decisions import DecisionKind, Overlap
 from app.stores.abc import DecideResult, ScheduleStore
-from app.trigger.orchestrator_client import CallFailed, OrchestratorClient, TickJob
+from app.trigger.orchestrator_client import (
+    CallFailed,
+    OrchestratorClient,
+    Submitted,
+    TickJob,
+)
 from app.trigger.ticks import Idle, Record, Submit, decision, judge, plan_step, ran_kind
 
 log = logging.getLogger("app.trigger")
@@ -312,7 +317,7 @@ class ScheduleRunner:
             job_id=job_id, job_type=spec.job_type, params=dict(spec.params),
             timeout_seconds=spec.timeout_seconds, deadline_seconds=spec.deadline_seconds,
             priority=spec.priority, retry_on_failure=spec.retry_on_failure,
-            max_attempts=spec.max_attempts,
+            max_attempts=spec.max_attempts, schedule=spec.name,
         )  # fmt: skip
         c.counters.submits += 1
         answer = await self._until(lambda: c.client.submit(job), step, attempts)
@@ -323,7 +328,8 @@ class ScheduleRunner:
         # lateness is a field of its own; the reason keeps the DST note, if any
         fired = record(
             ran_kind(verdict), job_id=answer.job_id, existing=answer.existing,
-            reason=step.tick.note, late_seconds=max(0.0, c.clock.timestamp() - step.planned),
+            reason=with_earlier(step.tick.note, answer),
+            late_seconds=max(0.0, c.clock.timestamp() - step.planned),
             attempts=attempts.pending.attempts + 1,
             blocking_job=previous.job_id if verdict.replace and previous else "",
         )  # fmt: skip
@@ -373,6 +379,18 @@ class ScheduleRunner:
         attempts.noted_at = now
         with contextlib.suppress(StoreUnavailable, StoreBusy):  # a courtesy: the tick goes on
             await self.ctx.store.set_pending(self.name, self.ctx.replica, attempts.pending)
+
+
+def with_earlier(note: str, answer: Submitted) -> str:
+    """A ran tick's reason: `note` (DST's), and when its job id was known with other params
+    (the schedule changed after the tick was first submitted), that the earlier job is its run:
+    the tick ran, and is neither retried nor missed."""
+    if not answer.differs:
+        return note
+    log.warning("job %s: submitted before with other params; that job is the tick's run (%s)",
+                answer.job_id, answer.differs)  # fmt: skip
+    earlier = f"its job was submitted earlier with other params ({answer.differs})"
+    return f"{note}; {earlier}" if note else earlier
 
 
 def _late(attempts: _Attempts) -> _GaveUp:

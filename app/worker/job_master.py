@@ -243,6 +243,10 @@ class JobMaster:
         """The names of the registered jobs, sorted (what PodInfo and status advertise)."""
         return self._registry.names()
 
+    def job_signatures(self) -> dict[str, msgspec.Raw]:
+        """The registered jobs' signatures as PodInfo advertises them (see JobRegistry)."""
+        return self._registry.advertised_signatures()
+
     def _find(self, job_id: str) -> _Run:
         if len(job_id) > MAX_ID_LENGTH:
             raise InvalidJobRequest(f"id: at most {MAX_ID_LENGTH} characters")

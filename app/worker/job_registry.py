@@ -13,22 +13,26 @@ A user module registers its own with the `job` decorator and is named on the com
 
 Parameters arrive as strings (`map<string,string>` on the wire) and are converted to each
 parameter's annotation when the job is submitted, so a bad value is refused before anything runs.
+The worker advertises each job's signature in PodInfo, and an orchestrator refuses bad params
+at submit already, in the same words (`app.fleet.job_signature`).
 """
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
+import logging
 import os
 import sys
-import typing
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar, overload
 
 import msgspec
 
-from app.errors import ConfigError, InvalidJobRequest, UnknownJob
+from app.errors import ConfigError, UnknownJob
+from app.fleet.job_signature import JobSignature, advertised, shape_of, signature_of
+
+log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -43,51 +47,16 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True):
     description: str = ""
 
     def bind(self, params: Mapping[str, str]) -> dict[str, Any]:
-        """Convert `params` to the function's keyword arguments; raise InvalidJobRequest."""
-        parameters, hints, takes_any, required = _call_shape(self.fn)
-        kwargs: dict[str, Any] = {}
-        for key, raw in params.items():
-            param = parameters.get(key)
-            if param is None or param.kind in (param.VAR_POSITIONAL, param.POSITIONAL_ONLY):
-                if not takes_any:
-                    raise InvalidJobRequest(
-                        f"params.{key}: job {self.name!r} takes no such parameter"
-                    )
-                kwargs[key] = raw
-                continue
-            hint = hints.get(key, str)
-            try:
-                kwargs[key] = (
-                    raw if hint in (str, Any) else msgspec.convert(raw, hint, strict=False)
-                )
-            except (msgspec.ValidationError, TypeError) as exc:
-                raise InvalidJobRequest(f"params.{key}: {str(exc).split(' - at ')[0]}") from None
-        missing = [name for name in required if name not in kwargs]
-        if missing:
-            raise InvalidJobRequest(f"params.{missing[0]}: required by job {self.name!r}")
-        return kwargs
+        """Convert `params` to the function's keyword arguments; raise InvalidJobRequest.
 
+        The orchestrator runs the same conversion at submit against the signature this worker
+        advertises (`app.fleet.job_signature`), so both refuse alike and in the same words.
+        """
+        return shape_of(self.fn).convert(self.name, params)
 
-@functools.cache
-def _call_shape(
-    fn: Callable[..., Any],
-) -> tuple[Mapping[str, inspect.Parameter], dict[str, Any], bool, tuple[str, ...]]:
-    """A job function's parameters, resolved annotations, **kwargs-ness and required names.
-
-    Worked out once per function: inspect.signature and typing.get_type_hints cost more than
-    the rest of a submission together.
-    """
-    parameters = inspect.signature(fn).parameters
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:  # unresolvable annotations: pass strings through
-        hints = {}
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in parameters.values())
-    required = tuple(
-        name for name, p in parameters.items()
-        if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
-    )  # fmt: skip
-    return parameters, hints, takes_any, required
+    def signature(self) -> JobSignature:
+        """What this worker advertises of the job's parameters in PodInfo."""
+        return signature_of(self.fn)
 
 
 class JobRegistry:
@@ -95,6 +64,7 @@ class JobRegistry:
 
     def __init__(self) -> None:
         self._specs: dict[str, JobSpec] = {}
+        self._advertised: dict[str, msgspec.Raw] | None = None
 
     def __repr__(self) -> str:
         return f"<JobRegistry {sorted(self._specs)}>"
@@ -116,12 +86,14 @@ class JobRegistry:
             description=(inspect.getdoc(fn) or "").split("\n", 1)[0],
         )
         self._specs[spec.name] = spec
+        self._advertised = None
         return spec
 
     def update(self, specs: Iterable[JobSpec]) -> None:
         """Add `specs`, replacing any registered under the same name."""
         for spec in specs:
             self._specs[spec.name] = spec
+        self._advertised = None
 
     def get(self, name: str) -> JobSpec:
         """The spec registered as `name`; UnknownJob when there is none."""
@@ -137,6 +109,20 @@ class JobRegistry:
     def specs(self) -> list[JobSpec]:
         """Every spec, sorted by name."""
         return [self._specs[n] for n in self.names()]
+
+    def advertised_signatures(self) -> dict[str, msgspec.Raw]:
+        """The jobs' signatures as PodInfo carries them (JSON by name, within the caps).
+
+        Worked out once (PodInfo is written every few seconds); a job left out is said once:
+        the orchestrator does not check its parameters, and this worker still does.
+        """
+        if self._advertised is None:
+            signatures, left_out = advertised((s.name, s.signature()) for s in self.specs())
+            for name, why in left_out:
+                log.warning("job %r: advertised without its signature (%s); the orchestrator"
+                            " will not check its params at submit", name, why)  # fmt: skip
+            self._advertised = signatures
+        return self._advertised
 
 
 #: What the `job` decorator registers into; the worker copies it into its own registry.

@@ -30,9 +30,10 @@ REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (
 _NOT_NOW = ("MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY")
 
 
-#: Connections of a client for what must not wait behind the load: the health check, the
-#: pub/sub subscription (it holds one for good) and the registry of workers (`liveness` below).
-LIVENESS_CONNECTIONS = 4
+#: Connections of a client for what must not wait behind the load (`liveness` below): the
+#: health check, the pub/sub subscription (it holds one for good), the workers' PodInfo and the
+#: roles' RoleInfo (written and read): four at most at once in any role, and room to spare.
+LIVENESS_CONNECTIONS = 6
 
 
 def is_busy(exc: BaseException) -> bool:

@@ -11,6 +11,7 @@ Keys (prefixes configurable):
 | `wpm-jobs:stream` | job ids, consumer group `orchestrators`; acked and deleted at the end |
 | `wpm-jobs:stream:quarantine` | entries set aside as unusable, with the reason (MAXLEN ~) |
 | `wpm-jobs:lost` | jobs whose record vanished while in hand (Redis lost them), the newest 10,000 |
+| `wpm-jobs:index` | every job by submit time (ZSET of job ids), trimmed once their record is gone |
 | `wpm-job-events:<id>` | pub/sub channel: the record after each change |
 
 Every write goes through a Lua script that checks the fencing token, so a late result from a
@@ -30,8 +31,10 @@ and from a bug.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -39,7 +42,14 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from app.errors import BadDataKind, CorruptRecord, QueueGone, StoreBusy, StoreUnavailable
+from app.errors import (
+    BadDataKind,
+    CorruptIndex,
+    CorruptRecord,
+    QueueGone,
+    StoreBusy,
+    StoreUnavailable,
+)
 from app.fleet.batch_job import (
     BatchJob,
     LostJob,
@@ -51,6 +61,7 @@ from app.fleet.batch_job import (
     encode_lost,
     encode_outcome,
 )
+from app.fleet.job_index import IndexedJob, IndexPosition, range_start
 from app.fleet.job_state import FINISHED, JobState
 from app.stores.abc import Quarantined, QueueEntry, SubmitResult, WriteResult
 from app.stores.bad_data import (
@@ -58,6 +69,7 @@ from app.stores.bad_data import (
     OUTCOME_ACTION,
     RECORD_ACTION,
     BadData,
+    index_member_id,
     is_int,
     not_a,
     readable,
@@ -129,9 +141,10 @@ local function count_down(key)
 end
 """
 
-# KEYS: record, counter, stream   ARGV: json, bound, job_id
+# KEYS: record, counter, stream, index   ARGV: json, bound, job_id, submitted_at
 # {0, record} exists; {2, count} full; {3} its record is not a string value;
-# {1, entry id, 1 when the counter was junk, the junk (nil: not a string value)}
+# {1, entry id, 1 when the counter was junk, the junk (nil: not a string value),
+#  1 when the index is junk (the job goes on, unindexed)}
 _SUBMIT = f"""{_READ}
 local existing = redis.pcall('GET', KEYS[1])
 if type(existing) == 'table' then return {{3}} end
@@ -147,7 +160,10 @@ if queued >= tonumber(ARGV[2]) then return {{2, tostring(queued)}} end
 redis.call('INCR', KEYS[2])
 redis.call('SET', KEYS[1], ARGV[1])
 local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[3])
-return {{1, id, junk, raw}}
+local indexed = redis.pcall('ZADD', KEYS[4], ARGV[4], ARGV[3])
+local index_junk = 0
+if type(indexed) == 'table' and indexed['err'] then index_junk = 1 end
+return {{1, id, junk, raw, index_junk}}
 """
 
 # KEYS: record, fence, counter, channel, cancel   ARGV: json, token, final (0/1), retention
@@ -268,6 +284,7 @@ class RedisJobStore:
         bad_data: BadData | None = None,
         quarantine_maxlen: int = QUARANTINE_MAXLEN,
         lost_key: str = "wpm-jobs:lost",
+        index_key: str = "wpm-jobs:index",
     ) -> None:
         self._redis = client
         self._prefix = job_prefix
@@ -275,6 +292,7 @@ class RedisJobStore:
         self.quarantine_key = f"{stream_key}:quarantine"
         self.group = group
         self.lost_key = lost_key
+        self.index_key = index_key
         self._retention = retention_seconds
         self.bad_data = bad_data or BadData()
         self._quarantine_maxlen = quarantine_maxlen
@@ -285,6 +303,7 @@ class RedisJobStore:
         self._restore_fence = client.register_script(_RESTORE_FENCE)
         self._quarantine = client.register_script(_QUARANTINE)
         self._remove_consumers = client.register_script(_REMOVE_IDLE_CONSUMERS)
+        self._trim_index = client.register_script(_TRIM_INDEX)
 
     def __repr__(self) -> str:
         return f"<RedisJobStore {self.stream_key} group={self.group}>"
@@ -363,7 +382,8 @@ class RedisJobStore:
         """
         keys = self._keys(job)
         reply = await self._submit(
-            keys=[keys[0], keys[2], self.stream_key], args=[encode_job(job), bound, job.job_id]
+            keys=[keys[0], keys[2], self.stream_key, self.index_key],
+            args=[encode_job(job), bound, job.job_id, repr(job.submitted_at)],
         )
         status = reply[0]
         if status == 3:
@@ -376,6 +396,8 @@ class RedisJobStore:
             self.bad_data.found(
                 BadDataKind.QUEUED_COUNTER, keys[2], not_a(reply[3], "an integer"), "reset to 0"
             )
+        if len(reply) > 4 and reply[4]:
+            self._index_is_junk()
         return SubmitResult.CREATED, None, 0
 
     @translated
@@ -709,6 +731,76 @@ class RedisJobStore:
             pipe.xdel(self.stream_key, entry_id)
             await pipe.execute()
 
+    # --- the job index ----------------------------------------------------------------------------
+
+    def _index_is_junk(self) -> CorruptIndex:
+        self.bad_data.found(BadDataKind.JOB_INDEX, self.index_key, "not a sorted set",
+                            "jobs are not indexed, and listing them answers DATA_LOSS, until"
+                            " it is deleted")  # fmt: skip
+        return CorruptIndex(f"job index {self.index_key}: unreadable: not a sorted set")
+
+    def _index_member(self, member: bytes) -> str | None:
+        """The job id an index member names, or None (said once) when it names none."""
+        job_id = index_member_id(member)
+        if job_id is None:
+            key = f"{self.index_key} member {show(member)}"
+            self.bad_data.found(BadDataKind.JOB_INDEX, key, "not a job id", "skipped")
+        return job_id
+
+    @translated
+    async def index_page(
+        self, *, after: IndexPosition | None, since: float, until: float, count: int
+    ) -> list[IndexedJob]:
+        """See `JobStore.index_page`: one ZREVRANGEBYSCORE, then one MGET of the records."""
+        top, included, skip = range_start(after, until)
+        try:
+            reply: Any = await self._redis.zrevrangebyscore(
+                self.index_key, _score(top, included), _score(since, True), start=skip,
+                num=count, withscores=True,
+            )  # fmt: skip
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            raise self._index_is_junk() from None
+        ids = [self._index_member(member) for member, _ in reply]
+        wanted = [job_id for job_id in ids if job_id is not None]
+        # a key that is not a string (another type) reads as nil here: as if it were gone
+        values = await self._redis.mget([self.record_key(i) for i in wanted]) if wanted else []
+        records = iter(values)
+        page: list[IndexedJob] = []
+        for (_, score), job_id in zip(reply, ids, strict=True):
+            job: BatchJob | None = None
+            raw = next(records) if job_id is not None else None
+            if job_id is not None and raw is not None:
+                with contextlib.suppress(CorruptRecord):  # said and counted by _decode
+                    job = self._decode(job_id, raw)
+            page.append(IndexedJob(score=float(score), job=job))
+        return page
+
+    @translated
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
+        """See `JobStore.trim_index`: ZRANGEBYSCORE of the oldest, then one script that drops
+        those whose record is gone and whose score did not change since (a job id submitted
+        again meanwhile has a new record and a new score)."""
+        try:
+            reply: Any = await self._redis.zrangebyscore(
+                self.index_key, "-inf", _score(before, False), start=skip, num=count,
+                withscores=True,
+            )  # fmt: skip
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            self._index_is_junk()
+            return 0, 0
+        if not reply:
+            return 0, 0
+        members = [member for member, _ in reply]
+        prefix = self._prefix.encode()
+        keys: list[Any] = [self.index_key, *(prefix + b":" + m for m in members)]
+        args: list[Any] = [*members, *(repr(float(score)) for _, score in reply)]
+        removed = await self._trim_index(keys=keys, args=args)
+        return len(reply), int(removed)
+
 
 # KEYS: stream   ARGV: group, min idle ms, the consumer to keep
 # In one script: a consumer is removed only while it holds no entry (DELCONSUMER would drop its
@@ -725,6 +817,32 @@ for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 return removed
 """
+
+
+# KEYS: index, the record of each member   ARGV: the members, then their scores as read
+# Drops the members whose record is gone and whose score is still the one read; how many.
+_TRIM_INDEX = """
+local n = #KEYS - 1
+local members = {}
+for i = 1, n do members[i] = ARGV[i] end
+local scores = redis.call('ZMSCORE', KEYS[1], unpack(members))
+local gone = {}
+for i = 1, n do
+  if scores[i] and tonumber(scores[i]) == tonumber(ARGV[n + i])
+      and redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    table.insert(gone, members[i])
+  end
+end
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+return #gone
+"""
+
+
+def _score(value: float, included: bool) -> str:
+    """A score bound as ZRANGEBYSCORE takes it: `(` before an excluded one."""
+    if math.isinf(value):
+        return "+inf" if value > 0 else "-inf"
+    return repr(value) if included else f"({value!r}"
 
 
 def _job_id_of(fields: dict[Any, Any]) -> tuple[str, str]:
