@@ -149,6 +149,13 @@ class RedisConfig(_Section, frozen=True):
     roles_key_prefix: str = "wpm-roles"
     ttl_seconds: int = 60
     connect_timeout_seconds: float = 2.0
+    # connections each process keeps to Redis at most (the health check, the pub/sub
+    # subscription and the worker registry have a few of their own besides): an orchestrator
+    # needs one per job in hand (`orchestrator.max_inflight`) and per client call waiting on Redis
+    max_connections: int = 512
+    # a call that finds every connection in use waits this long for one, then is refused as
+    # busy (RESOURCE_EXHAUSTED with a retry-after), never taken for Redis being away
+    pool_timeout_seconds: float = 10.0
     # the report job backs off from report_interval up to this while Redis is down
     retry_max_seconds: float = 30.0
     # how often each process checks that Redis answers (health) and still has its data
@@ -170,6 +177,10 @@ class RedisConfig(_Section, frozen=True):
         _check(bool(self.roles_key_prefix) and self.roles_key_prefix != self.key_prefix,
                "roles_key_prefix", "must not be empty nor key_prefix")  # fmt: skip
         _check(self.connect_timeout_seconds > 0, "connect_timeout_seconds", "must be above 0")
+        # one for the orchestrator's blocking read of the job queue, one for everything else
+        _check(2 <= self.max_connections <= 100_000, "max_connections", "must be 2..100000")
+        _check(0 < self.pool_timeout_seconds <= 3600, "pool_timeout_seconds",
+               "must be above 0 and at most 3600")  # fmt: skip
         _check(self.retry_max_seconds > 0, "retry_max_seconds", "must be above 0")
         _check(self.check_interval_seconds > 0, "check_interval_seconds", "must be above 0")
         for sentinel in self.sentinels:

@@ -110,6 +110,12 @@ class StoreUnavailable(JobWorkerError):
     failing over (UNAVAILABLE). The same call may work once it is back."""
 
 
+class StoreBusy(JobWorkerError):
+    """This process's connections to the store all stayed in use for the whole wait for one: a
+    load condition, not an outage (RESOURCE_EXHAUSTED with a retry-after). Nothing says the store
+    is away, so nothing turns health NOT_SERVING for it or blames a worker."""
+
+
 class QueueGone(JobWorkerError):
     """The job queue's consumer group is not there: the store lost its data (restarted empty,
     flushed) or someone deleted it. `JobStore.ensure_group` makes it again."""

@@ -97,6 +97,11 @@ MEANINGS: dict[str, str] = {
     " `jobworker status`)",
     "redis.ttl_seconds": "expiry of a PodInfo or RoleInfo key (refreshed every report)",
     "redis.connect_timeout_seconds": "connect and socket timeout of every Redis call",
+    "redis.max_connections": "connections a process keeps to Redis at most; a call past them"
+    " waits for one (the health check, the pub/sub subscription and the registries of"
+    " processes have 6 of their own)",
+    "redis.pool_timeout_seconds": "how long a call waits for a free connection before it is"
+    " refused as busy (RESOURCE_EXHAUSTED with a retry-after; never taken for Redis being away)",
     "redis.retry_max_seconds": "while Redis is down, the worker's reports back off from the report"
     " interval up to this",
     "redis.embedded": "with no Redis configured, a worker starts a private redis-server of its"

@@ -30,7 +30,7 @@ import msgspec
 from app.cli.runtime import run_async
 from app.cli.targets import env_help, resolve_redis
 from app.config import load_config
-from app.errors import ConfigError, StoreUnavailable
+from app.errors import ConfigError, StoreBusy, StoreUnavailable
 from app.fleet.batch_job import LostJob
 
 #: Exit status when Redis could not be asked (a monitoring check's UNKNOWN).
@@ -61,7 +61,7 @@ def _lost(args: argparse.Namespace) -> int:
 
     try:
         lost = run_async(read)
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, StoreBusy) as exc:
         print(f"jobworker: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if args.since is not None:

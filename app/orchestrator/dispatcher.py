@@ -19,12 +19,14 @@ Cancel goes through `Dispatcher.cancel`: the store ends a PENDING job at once (f
 a worker is stopped there by whichever dispatcher holds it, woken by the job's events.
 
 Redis faults: a job in hand waits out an outage where it is (`PatientJobStore`), instead of being
-given up and run again by whoever claims it; claims pause until keep-alives have had a chance
-after an outage. When Redis lost its data (the consumer group is gone, NOGROUP), the group is
-made again, said once and counted; a job whose record vanished ends here, logged once and noted
-for `jobworker lost`, instead of looping. When Redis went back in time (lost its last
-writes), a holder whose fence fell below its token restores it, and for a while a job about to
-run with no attempt on record first asks the workers whether one of them has it already.
+given up and run again by whoever claims it (a call refused because this process's connections
+were all busy is made again quietly: load, not an outage, and never a worker's fault); claims
+pause until keep-alives have had a chance after an outage. When Redis lost its data (the
+consumer group is gone, NOGROUP), the group is made again, said once and counted; a job whose
+record vanished ends here, logged once and noted for `jobworker lost`, instead of looping. When
+Redis went back in time (lost its last writes), a holder whose fence fell below its token
+restores it, and for a while a job about to run with no attempt on record first asks the
+workers whether one of them has it already.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from app.core.lifecycle import Lifecycle
 from app.core.log_context import bind_log_fields, unbind_log_fields
 from app.core.outage import Outage
 from app.core.retry import RetryBudget, RetryPolicy
-from app.errors import BadDataKind, CorruptRecord, QueueGone
+from app.errors import BadDataKind, CorruptRecord, QueueGone, StoreBusy
 from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
@@ -114,6 +116,7 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     fences_restored: int
     found_on_worker: int
     store_waits: int
+    store_busy: int
 
 
 class Dispatcher:
@@ -254,6 +257,7 @@ class Dispatcher:
             fences_restored=c["fences_restored"],
             found_on_worker=c["found_on_worker"],
             store_waits=self._store.waits,
+            store_busy=self._store.busy + c["store_busy"],
         )
 
     # --- cancel -----------------------------------------------------------------------------------
@@ -426,6 +430,9 @@ class Dispatcher:
             removed = await self._store.remove_idle_consumers(
                 min_idle_ms=idle_ms, keep=self.consumer
             )
+        except StoreBusy:
+            self._counts["store_busy"] += 1  # load, not an outage: swept next time
+            return
         except Exception as exc:
             self._queue_outage.failed(exc)
             return

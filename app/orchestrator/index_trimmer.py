@@ -19,7 +19,7 @@ import msgspec
 
 from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
-from app.errors import StoreUnavailable
+from app.errors import StoreBusy, StoreUnavailable
 from app.stores.abc import JobStore
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class IndexTrimmer:
                 await anyio.sleep(self._period)
                 try:
                     dropped = await self.trim()
-                except StoreUnavailable as exc:
+                except (StoreUnavailable, StoreBusy) as exc:  # away, or every connection busy
                     self._skipped += 1
                     log.debug("job index not trimmed this turn: %s", exc)
                     continue

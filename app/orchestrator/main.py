@@ -4,6 +4,7 @@
     ├── RedisMonitor       Redis up or down (health, UNAVAILABLE), and whether it lost its data
     ├── JobEvents          one pub/sub connection: wakes Execute, WatchJob and CancelJob
     ├── WorkerDirectory    the workers' PodInfo, refreshed every discovery interval
+    │                      (these three on a small pool of their own, the rest on the main one)
     ├── Dispatcher         the job queue → workers, with retry, breaker and fencing
     ├── IndexTrimmer       drops the job index's entries of expired records, once a minute
     ├── HttpServer         /metrics, /healthz, /readyz (Hypercorn) when `metrics.port` is set
@@ -51,6 +52,7 @@ from app.stores.redis.job_events import RedisJobEvents
 from app.stores.redis.job_store import RedisJobStore
 from app.stores.redis.monitor import RedisMonitor
 from app.stores.redis.pod_registry import RedisPodRegistry
+from app.stores.redis.pool import pool_statistics
 from app.stores.redis.role_registry import RedisRoleRegistry
 from app.stores.role_reporter import RoleReporter
 
@@ -70,6 +72,9 @@ async def serve_orchestrator(config: Config) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             redis = create_redis(config.redis)
+            # health, the job events' subscription and the workers' reports on connections of
+            # their own: a pool busy with the load must not read as Redis or a worker being away
+            liveness = create_redis(config.redis, liveness=True)
             bad_data = BadData()  # junk met in the store: said once, counted in /metrics
             store: JobStore = RedisJobStore(
                 redis,
@@ -81,9 +86,9 @@ async def serve_orchestrator(config: Config) -> None:
                 lost_key=o.lost_key,
                 index_key=o.index_key,
             )
-            events: JobEvents = RedisJobEvents(redis, job_prefix=o.job_prefix, bad_data=bad_data)
+            events: JobEvents = RedisJobEvents(liveness, job_prefix=o.job_prefix, bad_data=bad_data)
             directory = WorkerDirectory(
-                RedisPodRegistry(redis),
+                RedisPodRegistry(liveness),
                 prefix=config.redis.key_prefix,
                 report_interval_seconds=o.worker_report_interval_seconds,
                 refresh_seconds=o.discovery_interval_seconds,
@@ -109,7 +114,7 @@ async def serve_orchestrator(config: Config) -> None:
                 server.set_serving(redis_up and not service.draining)
 
             monitor = RedisMonitor(
-                redis,
+                liveness,
                 what=f"Redis at {config.redis.display_url()}",
                 consequence="health NOT_SERVING, calls that need it answered UNAVAILABLE,"
                 " jobs in hand wait where they are",
@@ -147,7 +152,8 @@ async def serve_orchestrator(config: Config) -> None:
                 )  # fmt: skip
 
             reporter = RoleReporter(
-                RedisRoleRegistry(redis, prefix=config.redis.roles_key_prefix),
+                # on the connections of its own: `jobworker status` must not see it gone for load
+                RedisRoleRegistry(liveness, prefix=config.redis.roles_key_prefix),
                 role_info,
                 ttl_seconds=config.redis.ttl_seconds,
                 interval_seconds=interval,
@@ -191,7 +197,13 @@ async def serve_orchestrator(config: Config) -> None:
                         host=config.metrics.host,
                         port=config.metrics.port,
                         collect=lambda: orchestrator_metrics(
-                            dispatcher, directory, server, bad_data, monitor, trimmer
+                            dispatcher,
+                            directory,
+                            server,
+                            bad_data,
+                            monitor,
+                            trimmer,
+                            pool_statistics(redis),
                         ),
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,
@@ -236,5 +248,6 @@ async def serve_orchestrator(config: Config) -> None:
                     await reporter.close()
                 with anyio.move_on_after(1, shield=True):
                     await redis.aclose()
+                    await liveness.aclose()
                 tg.cancel_scope.cancel()
     log.info("orchestrator stopped")

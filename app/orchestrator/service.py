@@ -18,7 +18,7 @@ from grpclib.exceptions import GRPCError
 
 from app.config import OrchestratorConfig
 from app.core.clock import utc_iso
-from app.errors import CorruptIndex, CorruptRecord, StoreUnavailable, shown
+from app.errors import CorruptIndex, CorruptRecord, StoreBusy, StoreUnavailable, shown
 from app.fleet.batch_job import BatchJob, encode_job
 from app.fleet.job_index import (
     DEFAULT_LIMIT,
@@ -56,6 +56,8 @@ R = TypeVar("R")
 
 #: When a full queue tells the client to come back (RetryInfo, `retry-after-ms`).
 QUEUE_FULL_RETRY_SECONDS = 5.0
+#: When a call refused because every Redis connection stayed busy tells the client to come back.
+BUSY_RETRY_SECONDS = 1.0
 _STATUS = {
     RefusalKind.NOT_FOUND: Status.NOT_FOUND,
     RefusalKind.INVALID_ARGUMENT: Status.INVALID_ARGUMENT,
@@ -147,14 +149,15 @@ def _store_guarded(
     method: Callable[[OrchestratorService, M], Awaitable[R]],
 ) -> Callable[[OrchestratorService, M], Coroutine[Any, Any, R]]:
     """Refuse at once while the store is known to be away, and answer a call that meets an
-    outage with UNAVAILABLE, never a traceback."""
+    outage with UNAVAILABLE, or this process's connections all busy with RESOURCE_EXHAUSTED,
+    never a traceback."""
 
     @functools.wraps(method)
     async def call(self: OrchestratorService, message: M) -> R:
         self.refuse_while_store_down()
         try:
             return await method(self, message)
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, StoreBusy) as exc:
             raise self.store_error(exc) from None
 
     return call
@@ -210,6 +213,7 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         self.draining = False
         # set by the composition root: the store's state as its monitor sees it
         self.store_down: StoreDown = lambda: None
+        self.busy_refusals = 0  # calls answered RESOURCE_EXHAUSTED: every connection was busy
 
     def refuse_while_store_down(self) -> None:
         """UNAVAILABLE with a retry-after while the store is known to be away."""
@@ -217,9 +221,19 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         if down is not None:
             raise unavailable(*down)
 
-    def store_error(self, exc: StoreUnavailable, hint: str = "") -> GRPCError:
-        """The UNAVAILABLE answer to a call that met a store outage."""
+    def store_error(self, exc: StoreUnavailable | StoreBusy, hint: str = "") -> GRPCError:
+        """The answer to a call that met a store outage (UNAVAILABLE), or found every Redis
+        connection of this process busy for the pool's wait (RESOURCE_EXHAUSTED: load, which
+        the client may retry soon; UNAVAILABLE all the same while the monitor finds Redis away).
+        Both carry a retry-after."""
         down = self.store_down()
+        if isinstance(exc, StoreBusy) and down is None:
+            self.busy_refusals += 1
+            return retry_later(
+                Status.RESOURCE_EXHAUSTED,
+                f"orchestrator busy: {exc}; retry after {BUSY_RETRY_SECONDS:g}s{hint}",
+                BUSY_RETRY_SECONDS,
+            )
         return unavailable(str(exc), down[1] if down else RETRY_AFTER_SECONDS, hint)
 
     # --- validation -------------------------------------------------------------------------------
@@ -315,8 +329,9 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         UNAVAILABLE while draining or while Redis is away (with a retry-after), INVALID_ARGUMENT
         or NOT_FOUND for a bad request (params are checked against the signatures the live
         workers advertise), ALREADY_EXISTS for a known id with another job type or other params,
-        RESOURCE_EXHAUSTED when the job type's queue is full, and DATA_LOSS when the id's
-        existing record does not read.
+        RESOURCE_EXHAUSTED when the job type's queue is full or every Redis connection stayed
+        busy for `redis.pool_timeout_seconds` (both with a retry-after), and DATA_LOSS when the
+        id's existing record does not read.
         """
         with _data_loss():
             job, existing = await self._submit(message)
@@ -330,8 +345,8 @@ class OrchestratorService(pb.OrchestratorServiceBase):
 
         For an id that exists already (with the same job type and params), it waits for that
         job. Past the job's deadline plus 5 s the record comes back as it is then. A Redis outage
-        while waiting answers UNAVAILABLE: the job goes on, and an Execute with its id waits for
-        it again.
+        while waiting answers UNAVAILABLE (every connection busy for the pool's wait:
+        RESOURCE_EXHAUSTED): the job goes on, and an Execute with its id waits for it again.
         """
         with _data_loss():
             job, _ = await self._submit(message)
@@ -341,7 +356,7 @@ class OrchestratorService(pb.OrchestratorServiceBase):
                 final = await wait_finished(
                     self._store, self._events, job.job_id, deadline=deadline
                 )
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreBusy) as exc:
                 hint = f" (job {job.job_id} goes on: Execute it again to wait for it)"
                 raise self.store_error(exc, hint) from None
         return pb.BatchExecutionResponse(job=job_message(final or job))
@@ -446,5 +461,5 @@ class OrchestratorService(pb.OrchestratorServiceBase):
                         return
                     with anyio.move_on_after(2.0):
                         await changed.wait()
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, StoreBusy) as exc:
             raise self.store_error(exc) from None

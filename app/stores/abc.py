@@ -119,8 +119,10 @@ class JobStore(Protocol):
     the job has finished; a finished record is kept for the retention, then expires.
 
     Every method raises `app.errors.StoreUnavailable` while the store cannot serve (the call may
-    work later), and the queue's methods `app.errors.QueueGone` when the consumer group is gone
-    (the store lost its data: `ensure_group` makes it again).
+    work later), `app.errors.StoreBusy` when this process waited too long for a connection to
+    it (load: the call may work a moment later), and the queue's methods
+    `app.errors.QueueGone` when the consumer group is gone (the store lost its data:
+    `ensure_group` makes it again).
     """
 
     async def ensure_group(self) -> bool:

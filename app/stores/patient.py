@@ -7,7 +7,11 @@ run to be made again. Through this wrapper each call is made again, with a backo
 answers; the job then goes on where it was. The outage is logged once, by the `Outage` given.
 Calls that answer a client (Submit, GetJob) use the store directly and fail fast instead.
 
-Only `StoreUnavailable` is waited out; everything else (`QueueGone`, a bug) goes to the caller.
+A call refused as busy (`StoreBusy`: every connection of this process stayed in use for the
+pool's wait) is made again as well, after a short pause, but quietly: that is load, not an
+outage, so it neither logs one nor counts as one for `unavailable_within`.
+
+Only those two are waited out; everything else (`QueueGone`, a bug) goes to the caller.
 A call that reached the store just before the connection broke is made again: the store's calls
 are safe to repeat (reads; a fenced write of the same record; an ack), or harmless (a fencing
 token taken twice leaves one that nobody holds).
@@ -22,7 +26,7 @@ from typing import Any, TypeVar
 import anyio
 
 from app.core.outage import Outage
-from app.errors import CorruptRecord, StoreUnavailable
+from app.errors import CorruptRecord, StoreBusy, StoreUnavailable
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
 from app.fleet.job_index import IndexedJob, IndexPosition
 from app.stores.abc import JobStore, Quarantined, QueueEntry, SubmitResult, Taken, WriteResult
@@ -31,6 +35,8 @@ T = TypeVar("T")
 
 MIN_DELAY = 0.05
 MAX_DELAY = 1.0
+#: The pause before a call refused as busy is made again (it has waited the pool's timeout).
+BUSY_DELAY = 0.05
 
 
 class PatientJobStore:
@@ -41,9 +47,13 @@ class PatientJobStore:
         self._outage = outage
         self._last_failure = -math.inf
         self.waits = 0  # calls that had to wait for the store
+        self.busy = 0  # calls refused as busy, and made again
 
     def __repr__(self) -> str:
-        return f"<PatientJobStore {self._store!r} {self._outage!r} waits={self.waits}>"
+        return (
+            f"<PatientJobStore {self._store!r} {self._outage!r} waits={self.waits}"
+            f" busy={self.busy}>"
+        )
 
     def unavailable_within(self, seconds: float) -> bool:
         """Whether a call met an outage in the last `seconds` (loop time)."""
@@ -62,6 +72,10 @@ class PatientJobStore:
                 self._outage.failed(exc)  # logs the outage's start once
                 delay = min(MAX_DELAY, max(MIN_DELAY, delay * 2))
                 await anyio.sleep(delay)
+                continue
+            except StoreBusy:
+                self.busy += 1
+                await anyio.sleep(BUSY_DELAY)
                 continue
             self._outage.succeeded()
             return result

@@ -20,7 +20,7 @@ import msgspec
 
 from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
-from app.errors import StoreUnavailable
+from app.errors import StoreBusy, StoreUnavailable
 from app.fleet.role_info import RoleInfo, encode_role_info
 from app.stores.abc import RoleRegistry
 
@@ -81,7 +81,7 @@ class RoleReporter:
                     info.role.value, info.member, encode_role_info(info),
                     ttl_seconds=self._ttl, now=self._clock.timestamp(),
                 )  # fmt: skip
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreBusy) as exc:
                 self.failures += 1
                 log.debug("%s %s not registered: %s", info.role.value, info.member, exc)
                 return False
@@ -113,7 +113,7 @@ class RoleReporter:
                 return  # never registered: nothing to remove
             try:
                 await self._registry.remove(written.role.value, written.member)
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreBusy) as exc:
                 log.warning("could not remove %s %s: %s", written.role.value, written.member, exc)
                 return
             log.info("%s %s unregistered", written.role.value, written.member)

@@ -39,6 +39,7 @@ from app.grpc.ports import advertised_ip, candidate_ports
 from app.grpc.server import GrpcServer
 from app.stores.redis.client import create_redis, wait_for_redis
 from app.stores.redis.monitor import RedisMonitor
+from app.stores.redis.pool import pool_statistics
 from app.stores.redis.role_registry import RedisRoleRegistry
 from app.stores.redis.schedule_store import RedisScheduleStore
 from app.stores.role_reporter import RoleReporter
@@ -67,6 +68,8 @@ async def serve_trigger(config: Config) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             redis = create_redis(config.redis)
+            # health on a connection of its own: a pool busy with the load is not an outage
+            liveness = create_redis(config.redis, liveness=True)
             store = RedisScheduleStore(
                 redis,
                 prefix=t.key_prefix,
@@ -112,7 +115,7 @@ async def serve_trigger(config: Config) -> None:
             # are synced again then; those made through the API are gone) or without its last
             # writes; health NOT_SERVING meanwhile
             monitor = RedisMonitor(
-                redis,
+                liveness,
                 what=f"Redis at {config.redis.display_url()}",
                 consequence="health NOT_SERVING, runners wait for it",
                 on_change=serving,
@@ -139,7 +142,8 @@ async def serve_trigger(config: Config) -> None:
                 )  # fmt: skip
 
             reporter = RoleReporter(
-                RedisRoleRegistry(redis, prefix=config.redis.roles_key_prefix),
+                # on the connections of its own: `jobworker status` must not see it gone for load
+                RedisRoleRegistry(liveness, prefix=config.redis.roles_key_prefix),
                 role_info,
                 ttl_seconds=config.redis.ttl_seconds,
                 interval_seconds=interval,
@@ -172,7 +176,7 @@ async def serve_trigger(config: Config) -> None:
                         port=config.metrics.port,
                         collect=lambda: [
                             *trigger_metrics(replica, server, store.bad_data),
-                            *redis_metrics(monitor.statistics()),
+                            *redis_metrics(monitor.statistics(), pool_statistics(redis)),
                         ],
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,
@@ -213,5 +217,6 @@ async def serve_trigger(config: Config) -> None:
                     await reporter.close()
                 with anyio.move_on_after(1, shield=True):
                     await redis.aclose()
+                    await liveness.aclose()
                 tg.cancel_scope.cancel()
     log.info("trigger stopped")

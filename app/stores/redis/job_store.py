@@ -22,9 +22,11 @@ read: the item is said once and counted (`BadData`), then skipped or set aside, 
 item never stops the others. A script never raises on junk: it reads with `redis.pcall` and
 `pcall(cjson.decode)`, and answers with a code instead.
 
-Every method raises `StoreUnavailable` while Redis cannot serve (down, loading, failing over) and
-`QueueGone` when the consumer group is not there (Redis lost its data), instead of redis-py's
-errors, so that callers outside this package can tell an outage from a bug.
+Every method raises `StoreUnavailable` while Redis cannot serve (down, loading, failing over),
+`StoreBusy` when every connection of this process stayed in use for the whole pool wait (load,
+not an outage) and `QueueGone` when the consumer group is not there (Redis lost its data),
+instead of redis-py's errors, so that callers outside this package can tell an outage from load
+and from a bug.
 """
 
 from __future__ import annotations
@@ -40,7 +42,14 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from app.errors import BadDataKind, CorruptIndex, CorruptRecord, QueueGone, StoreUnavailable
+from app.errors import (
+    BadDataKind,
+    CorruptIndex,
+    CorruptRecord,
+    QueueGone,
+    StoreBusy,
+    StoreUnavailable,
+)
 from app.fleet.batch_job import (
     BatchJob,
     LostJob,
@@ -67,7 +76,7 @@ from app.stores.bad_data import (
     record_problem,
     show,
 )
-from app.stores.redis.client import is_nogroup, is_unavailable
+from app.stores.redis.client import is_busy, is_nogroup, is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -76,14 +85,17 @@ T = TypeVar("T")
 
 
 def translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """`method` with redis-py's "not now" errors raised as `StoreUnavailable`, and NOGROUP as
-    `QueueGone` (the one-line reason kept; the original chained)."""
+    """`method` with redis-py's "not now" errors raised as `StoreUnavailable`, a pool that stayed
+    full as `StoreBusy`, and NOGROUP as `QueueGone` (the one-line reason kept; the original
+    chained)."""
 
     @functools.wraps(method)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
         except Exception as exc:
+            if is_busy(exc):
+                raise StoreBusy(str(exc)) from exc
             if is_nogroup(exc):
                 raise QueueGone(f"the job queue's consumer group is gone ({exc})") from exc
             if is_unavailable(exc):

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 
-from app.errors import StoreUnavailable
+from app.errors import StoreBusy, StoreUnavailable
 from app.fleet.role_info import Registration
-from app.stores.redis.client import is_unavailable
+from app.stores.redis.client import is_busy, is_unavailable
 
 
 def _text(value: bytes | str) -> str:
@@ -99,6 +99,9 @@ class RedisRoleRegistry:
 
 
 def _raise_unavailable(exc: Exception, what: str) -> None:
-    """Redis that cannot serve now is StoreUnavailable (the caller re-raises anything else)."""
+    """Redis that cannot serve now is StoreUnavailable, a pool that stayed full StoreBusy (the
+    caller re-raises anything else)."""
+    if is_busy(exc):
+        raise StoreBusy(f"{what}: {exc}") from exc
     if is_unavailable(exc):
         raise StoreUnavailable(f"Redis unavailable during {what}: {exc}") from exc
