@@ -42,7 +42,8 @@ class GrpcConfig(_Section, frozen=True):
     """The gRPC listener. `port` unset: the last port the worker chose itself, else 9091."""
 
     host: str = "0.0.0.0"
-    # the address written to PodInfo.ip; empty: the bound host, or this host's name resolved
+    # the address written to PodInfo.ip (and RoleInfo.ip by the orchestrator and trigger);
+    # empty: the bound host, or this host's name resolved
     advertise_ip: str = ""
     # the port written to PodInfo.grpcPort when others reach this worker through a proxy or NAT
     advertise_port: int = 0
@@ -143,8 +144,18 @@ class RedisConfig(_Section, frozen=True):
     password: str = ""
     db: int = 0
     key_prefix: str = "wpm-apps"
+    # orchestrators and triggers register here (`<prefix>:<role>:<ip>:<pid>`, an index per role),
+    # apart from the workers' PodInfo, which the orchestrators' worker directory reads
+    roles_key_prefix: str = "wpm-roles"
     ttl_seconds: int = 60
     connect_timeout_seconds: float = 2.0
+    # connections each process keeps to Redis at most (the health check, the pub/sub
+    # subscription and the worker registry have a few of their own besides): an orchestrator
+    # needs one per job in hand (`orchestrator.max_inflight`) and per client call waiting on Redis
+    max_connections: int = 512
+    # a call that finds every connection in use waits this long for one, then is refused as
+    # busy (RESOURCE_EXHAUSTED with a retry-after), never taken for Redis being away
+    pool_timeout_seconds: float = 10.0
     # the report job backs off from report_interval up to this while Redis is down
     retry_max_seconds: float = 30.0
     # how often each process checks that Redis answers (health) and still has its data
@@ -163,7 +174,13 @@ class RedisConfig(_Section, frozen=True):
         _check(1 <= self.port <= 65535, "port", "must be 1..65535")
         _check(self.ttl_seconds >= 1, "ttl_seconds", "must be at least 1")
         _check(bool(self.key_prefix), "key_prefix", "must not be empty")
+        _check(bool(self.roles_key_prefix) and self.roles_key_prefix != self.key_prefix,
+               "roles_key_prefix", "must not be empty nor key_prefix")  # fmt: skip
         _check(self.connect_timeout_seconds > 0, "connect_timeout_seconds", "must be above 0")
+        # one for the orchestrator's blocking read of the job queue, one for everything else
+        _check(2 <= self.max_connections <= 100_000, "max_connections", "must be 2..100000")
+        _check(0 < self.pool_timeout_seconds <= 3600, "pool_timeout_seconds",
+               "must be above 0 and at most 3600")  # fmt: skip
         _check(self.retry_max_seconds > 0, "retry_max_seconds", "must be above 0")
         _check(self.check_interval_seconds > 0, "check_interval_seconds", "must be above 0")
         for sentinel in self.sentinels:
@@ -224,6 +241,8 @@ class OrchestratorConfig(_Section, frozen=True):
     job_prefix: str = "wpm-job"
     # jobs whose record vanished while in hand (Redis lost its data), for `jobworker lost`
     lost_key: str = "wpm-jobs:lost"
+    # every job by submit time, for listing recent jobs (`jobworker jobs`, ListJobs)
+    index_key: str = "wpm-jobs:index"
     # jobs one orchestrator dispatches at once; the rest wait in the stream
     max_inflight: int = 256
     # queued (unfinished) jobs per job type; a submit past it gets RESOURCE_EXHAUSTED
@@ -268,6 +287,7 @@ class OrchestratorConfig(_Section, frozen=True):
         _check(self.discovery_interval_seconds > 0, "discovery_interval_seconds", "must be > 0")
         _check(self.claim_idle_seconds > 0, "claim_idle_seconds", "must be above 0")
         _check(bool(self.stream_key) and bool(self.job_prefix), "stream_key", "must not be empty")
+        _check(bool(self.index_key), "index_key", "must not be empty")
 
 
 class TriggerConfig(_Section, frozen=True):
@@ -332,6 +352,22 @@ class ScheduleEntry(_Section, frozen=True):
     paused: bool = False
 
 
+class ClientConfig(_Section, frozen=True):
+    """Where the client commands call: HOST:PORT of each tier (empty: `jobworker dev`'s fleet,
+    else localhost on the role's configured port). A flag or `JOBWORKER_<KIND>_TARGET` wins."""
+
+    worker: str = ""
+    orchestrator: str = ""
+    trigger: str = ""
+
+    def __post_init__(self) -> None:
+        for key in ("worker", "orchestrator", "trigger"):
+            address: str = getattr(self, key)
+            host, _, port = address.rpartition(":")
+            _check(not address or (bool(host) and port.isdigit() and 0 < int(port) <= 65535),
+                   key, f"{address[:60]!r} is not HOST:PORT")  # fmt: skip
+
+
 class MetricsConfig(_Section, frozen=True):
     """Prometheus metrics over HTTP at /metrics. No port: off (0: any free port, logged)."""
 
@@ -367,6 +403,7 @@ class Config(_Section, frozen=True):
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     trigger: TriggerConfig = msgspec.field(default_factory=TriggerConfig)
+    client: ClientConfig = msgspec.field(default_factory=ClientConfig)
     schedules: list[ScheduleEntry] = msgspec.field(default_factory=list)
 
 
@@ -467,6 +504,23 @@ def load_config(
 
     `overrides` maps dotted keys (`grpc.port`) to values. Raises `ConfigError`.
     """
+    return load_config_with_origins(
+        env, profile=profile, config_dir=config_dir, overrides=overrides
+    )[0]
+
+
+def load_config_with_origins(
+    env: Mapping[str, str],
+    *,
+    profile: str | None = None,
+    config_dir: Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[Config, dict[str, str]]:
+    """`load_config`, and where each key that was set came from: dotted key → the file's path,
+    the environment variable's name, or "command line" (a key left at its default is absent).
+
+    The client commands use it to say where the target they tried came from.
+    """
     profile = profile or env.get("PROFILE") or DEFAULT_PROFILE
     if config_dir is None and env.get("JOBWORKER_CONFIG_DIR"):
         config_dir = Path(env["JOBWORKER_CONFIG_DIR"])
@@ -497,6 +551,6 @@ def load_config(
         origins[dotted] = "command line"
     merged["profile"] = profile
     try:
-        return msgspec.convert(merged, Config, strict=False)
+        return msgspec.convert(merged, Config, strict=False), origins
     except msgspec.ValidationError as exc:
         raise _validation_error(exc, origins) from None

@@ -68,6 +68,7 @@ class BadDataKind(enum.Enum):
     JOB_EVENT = "job_event"  # a pub/sub message on a channel that is not UTF-8
     SCHEDULE = "schedule"  # a field of `<trigger prefix>:schedules`: not a schedule
     TICK_DECISION = "tick_decision"  # a member of `<trigger prefix>:{<name>}:ledger`
+    JOB_INDEX = "job_index"  # `wpm-jobs:index`: not a sorted set, or a member that is no job id
 
 
 class CorruptRecord(JobWorkerError):
@@ -95,12 +96,24 @@ _WHAT = {
     BadDataKind.JOB_EVENT: "event",
     BadDataKind.SCHEDULE: "schedule",
     BadDataKind.TICK_DECISION: "ledger record",
+    BadDataKind.JOB_INDEX: "index entry",
 }
+
+
+class CorruptIndex(JobWorkerError):
+    """The job index as a whole does not read (its key holds another type): listing jobs
+    answers DATA_LOSS until it is deleted; submits go on, unindexed."""
 
 
 class StoreUnavailable(JobWorkerError):
     """The shared store (Redis) cannot be reached now: down, restarting, loading its data or
     failing over (UNAVAILABLE). The same call may work once it is back."""
+
+
+class StoreBusy(JobWorkerError):
+    """This process's connections to the store all stayed in use for the whole wait for one: a
+    load condition, not an outage (RESOURCE_EXHAUSTED with a retry-after). Nothing says the store
+    is away, so nothing turns health NOT_SERVING for it or blames a worker."""
 
 
 class QueueGone(JobWorkerError):

@@ -219,7 +219,9 @@ def request(fields: list[tuple[int, str]]) -> st.SearchStrategy[bytes]:
 
 SEND_WORK = [(1, STRING), (2, STRING), (3, MAP), (4, DOUBLE), (5, INT)]
 JOB_REF = [(1, STRING)]
-BATCH = [(1, STRING), (2, STRING), (3, MAP), (4, DOUBLE), (5, INT), (6, DOUBLE), (7, INT), (8, INT)]
+BATCH = [(1, STRING), (2, STRING), (3, MAP), (4, DOUBLE), (5, INT), (6, DOUBLE), (7, INT), (8, INT),
+         (9, STRING)]  # fmt: skip
+LIST_JOBS = [(1, INT), (2, STRING), (3, STRING), (4, STRING), (5, STRING), (6, INT), (7, STRING)]
 
 FUZZ = settings(
     max_examples=40,
@@ -266,6 +268,7 @@ def test_every_worker_field_fuzzed(
         ("/orchestrator.OrchestratorService/CancelJob", JOB_REF),
         ("/orchestrator.OrchestratorService/WatchJob", JOB_REF),
         ("/orchestrator.OrchestratorService/ListWorkers", []),
+        ("/orchestrator.OrchestratorService/ListJobs", LIST_JOBS),
     ],
 )
 def test_every_orchestrator_field_fuzzed(
@@ -654,7 +657,7 @@ def test_the_cli_reads_the_retry_hint(procs: SimpleNamespace, stubs: SimpleNames
         )
         try:
             result = subprocess.run(
-                [sys.executable, "-m", "app", "submit", "echo", "--target", procs.worker.target],
+                [sys.executable, "-m", "app", "submit", "echo", "--worker", procs.worker.target],
                 capture_output=True, text=True, timeout=30, env=procs.worker.env, check=False,
             )  # fmt: skip
         finally:

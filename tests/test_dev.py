@@ -168,15 +168,23 @@ def test_the_fleet_from_one_command(start_dev: Callable[..., Dev]) -> None:
     assert sent["message"] == "job job-1 accepted: RUNNING"
 
     # the client commands, in another terminal, with no flags
-    submitted = dev.cli("jobs", "submit", "echo", "-p", "a=1", "--wait")
+    submitted = dev.cli("submit", "echo", "-p", "a=1", "--wait", "--json")
     assert submitted.returncode == 0, submitted.stderr
     job = json.loads(submitted.stdout)["job"]
     assert job["state"] == "SUCCEEDED"
     assert job["attempts"][0]["worker"] in record.workers
     workers = json.loads(dev.cli("workers").stdout)["workers"]
     assert sorted(w["address"] for w in workers) == record.workers
-    status = dev.cli("status")
+    status = dev.cli("status", "--worker")
     assert json.loads(status.stdout)["grpcPort"] == 9091, status.stderr
+    # the whole fleet from its private Redis, found through the dev record
+    fleet = json.loads(dev.cli("status", "--json").stdout)
+    assert fleet["redis"] == record.redis_url
+    assert fleet["redisSource"] == f"the running `jobworker dev` (pid {record.pid})"
+    assert sorted((m["role"], m["address"]) for m in fleet["members"]) == sorted(
+        [("orchestrator", record.orchestrator), ("trigger", record.trigger)]
+        + [("worker", w) for w in record.workers]
+    )
     # the trigger's demo schedule: listed from here, and its first tick runs on the fleet
     listed = dev.cli("schedules", "list")
     assert listed.returncode == 0, listed.stderr
@@ -228,7 +236,8 @@ def test_a_second_ctrl_c_stops_at_once(start_dev: Callable[..., Dev]) -> None:
     dev = start_dev()
     processes = roles_of(dev.descendants())
     # a job that would hold worker-1's drain for its whole 30 s grace
-    sent = dev.cli("submit", "sleep", "-p", "seconds=120", "--id", "long")
+    sent = dev.cli("submit", "sleep", "-p", "seconds=120", "--id", "long", "--worker",
+                   "127.0.0.1:9091")  # fmt: skip
     assert sent.returncode == 0, sent.stderr
     dev.ctrl_c()
     dev.wait_output("stopping worker-1, worker-2")

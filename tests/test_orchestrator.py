@@ -54,17 +54,16 @@ class Fleet:
 
     def env(self, **extra: str) -> dict[str, str]:
         extra.setdefault("REDIS_URL", self.redis_url)
-        return base_env(
-            self.tmp / f"p{len(self.procs)}",
-            JOBWORKER_SCHEDULE__REPORT_INTERVAL_SECONDS="0.3",
-            JOBWORKER_ORCHESTRATOR__WORKER_REPORT_INTERVAL_SECONDS="0.3",
-            JOBWORKER_ORCHESTRATOR__DISCOVERY_INTERVAL_SECONDS="0.2",
-            JOBWORKER_ORCHESTRATOR__HOST="127.0.0.1",
-            JOBWORKER_ORCHESTRATOR__RETRY_BASE_SECONDS="0.05",
-            JOBWORKER_ORCHESTRATOR__RETRY_MAX_SECONDS="0.3",
-            JOBWORKER_GRPC__FAST_PATH=str(self.fast_path).lower(),
-            **extra,
-        )
+        defaults = {
+            "JOBWORKER_SCHEDULE__REPORT_INTERVAL_SECONDS": "0.3",
+            "JOBWORKER_ORCHESTRATOR__WORKER_REPORT_INTERVAL_SECONDS": "0.3",
+            "JOBWORKER_ORCHESTRATOR__DISCOVERY_INTERVAL_SECONDS": "0.2",
+            "JOBWORKER_ORCHESTRATOR__HOST": "127.0.0.1",
+            "JOBWORKER_ORCHESTRATOR__RETRY_BASE_SECONDS": "0.05",
+            "JOBWORKER_ORCHESTRATOR__RETRY_MAX_SECONDS": "0.3",
+            "JOBWORKER_GRPC__FAST_PATH": str(self.fast_path).lower(),
+        }
+        return base_env(self.tmp / f"p{len(self.procs)}", **{**defaults, **extra})
 
     def start(self, role: str, *args: str, **env: str) -> WorkerProcess:
         port_key = "JOBWORKER_GRPC__PORT" if role == "worker" else "JOBWORKER_ORCHESTRATOR__PORT"

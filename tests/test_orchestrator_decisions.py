@@ -22,6 +22,7 @@ from app.orchestrator.decisions import (
     Stop,
     adopt,
     attempts_made,
+    cancel_matters,
     decide,
     sight_run,
 )
@@ -237,3 +238,40 @@ def test_a_broken_call_s_run_is_judged_by_the_worker_s_report() -> None:
     # no fresh report: whatever it listed, the worker is taken for gone
     assert sight_run(_report(990, "j"), fresh=False, job_id="j", since=since) is RunSighting.GONE
     assert sight_run(None, fresh=True, job_id="j", since=since) is RunSighting.GONE
+
+
+ALL_RESULTS = st.one_of(
+    st.sampled_from([failed(k) for k in KINDS if k is not CallKind.DONE]),
+    st.sampled_from([done(s) for s in JobState]),
+    st.just(CallResult(kind=CallKind.DONE)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    call=ALL_RESULTS,
+    made=st.integers(1, 4),
+    max_attempts=st.integers(1, 5),
+    retry_on_failure=st.booleans(),
+)
+def test_the_cancel_flag_is_skipped_only_where_decide_ignores_it(
+    call: CallResult, made: int, max_attempts: int, retry_on_failure: bool
+) -> None:
+    """The dispatcher reads the cancel flag after a call only when `cancel_matters`: where it
+    does not, decide() must answer the same either way."""
+    attempts = [(f"w{i}", "UNREACHABLE") for i in range(made - 1)] + [(f"w{made}", "")]
+    j = job(*attempts, max_attempts=max_attempts, retry_on_failure=retry_on_failure)
+    asked = decide(j, call, now=NOW, cancel_requested=True)
+    not_asked = decide(j, call, now=NOW, cancel_requested=False)
+    if not cancel_matters(call):
+        assert asked == not_asked
+    assert cancel_matters(None)  # between attempts it is always read
+
+
+def test_the_cancel_flag_is_read_after_calls_that_it_can_change() -> None:
+    assert not cancel_matters(done(JobState.SUCCEEDED))
+    assert not cancel_matters(done(JobState.TIMED_OUT))
+    assert not cancel_matters(failed(CallKind.SUPERSEDED))
+    for matters in (done(JobState.FAILED), done(JobState.CANCELLED), failed(CallKind.LOST),
+                    failed(CallKind.UNREACHABLE), failed(CallKind.DEADLINE)):  # fmt: skip
+        assert cancel_matters(matters)

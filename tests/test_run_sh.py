@@ -103,9 +103,9 @@ class RunSh:
         return (self.home / "logs" / "jobworker.log").read_text(errors="replace")
 
     def jobworker(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """The SERVICE_HOME venv's own CLI, against this worker."""
+        """The SERVICE_HOME venv's own CLI, against this worker (a job command's `--worker`)."""
         return subprocess.run(
-            [str(self.home / "venv" / "bin" / "jobworker"), *args, "--target",
+            [str(self.home / "venv" / "bin" / "jobworker"), *args, "--worker",
              f"127.0.0.1:{self.port}"],
             capture_output=True, text=True, timeout=30, check=False, env=self.env,
         )  # fmt: skip

@@ -8,9 +8,10 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,8 +26,9 @@ from grpclib.exceptions import GRPCError
 
 from app.config import OrchestratorConfig
 from app.core.balancer import PowerOfTwoChoices
-from app.errors import BadDataKind, CorruptRecord, QueueGone
+from app.errors import BadDataKind, CorruptIndex, CorruptRecord, QueueGone
 from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob, RunOutcome, encode_job
+from app.fleet.job_index import IndexPosition, advance
 from app.fleet.job_state import JobState
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
@@ -60,6 +62,10 @@ class Stores:
     plant: Callable[[JobStore, str, str, bytes], Awaitable[None]]
     # lose every key, as a Redis that restarted empty (FLUSHDB)
     forget: Callable[[], Awaitable[object]]
+    # entries in the job index, behind a store's back: (store, a member (any bytes), a score);
+    # and the index's key made to hold a string instead of a sorted set
+    plant_index: Callable[[JobStore, bytes, float], Awaitable[None]]
+    spoil_index: Callable[[], Awaitable[None]]
 
 
 @pytest.fixture(
@@ -103,8 +109,17 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
         async def forget() -> None:
             forget_memory()
 
+        async def plant_index_in_memory(into: JobStore, member: bytes, score: float) -> None:
+            assert isinstance(into, MemoryJobStore)
+            into._index[member] = score
+
+        async def spoil_memory_index() -> None:
+            assert isinstance(store, MemoryJobStore)
+            store._index_junk = True
+
         await store.ensure_group()
-        yield Stores(store, events, MemoryPodRegistry(), memory, plant_in_memory, forget)
+        yield Stores(store, events, MemoryPodRegistry(), memory, plant_in_memory, forget,
+                     plant_index_in_memory, spoil_memory_index)  # fmt: skip
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     client = aioredis.Redis.from_url(server.url)
@@ -115,11 +130,18 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
     async def plant_in_redis(store: JobStore, job_id: str, part: str, raw: bytes) -> None:
         await client.set(":".join(p for p in ("wpm-job", job_id, part) if p), raw)
 
+    async def plant_index_in_redis(_: JobStore, member: bytes, score: float) -> None:
+        await client.zadd("wpm-jobs:index", {member: score})
+
+    async def spoil_redis_index() -> None:
+        await client.delete("wpm-jobs:index")
+        await client.set("wpm-jobs:index", b"junk")
+
     store, events = on_redis(RETENTION)
     await store.ensure_group()
     try:
         yield Stores(store, events, RedisPodRegistry(client), on_redis, plant_in_redis,
-                     client.flushdb)  # fmt: skip
+                     client.flushdb, plant_index_in_redis, spoil_redis_index)  # fmt: skip
     finally:
         await client.aclose()
 
@@ -171,6 +193,14 @@ class SpyEvents:
     async def wait_changed(self, job_id: str) -> None:
         self.waiting.set()  # the real wait registers before its first await: no gap
         await self.events.wait_changed(job_id)
+
+    def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        watched = self.events.watching(job_id)  # registered from here on: no gap either
+        self.waiting.set()
+        return watched
+
+    def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        return self.events.watching_cancel(job_id)
 
 
 def job(job_id: str = "j1", job_type: str = "echo", **fields: Any) -> BatchJob:
@@ -349,6 +379,18 @@ async def test_submit_is_bounded_per_type_and_a_finished_job_frees_its_slot(
     assert await store.queued_count("echo") == 1
     assert (await store.submit(job("c"), bound=2))[0] is SubmitResult.CREATED
     assert await store.submit(job("d"), bound=2) == (SubmitResult.QUEUE_FULL, None, 2)
+
+
+async def test_a_known_id_answers_its_job_even_when_its_type_is_full(stores: Stores) -> None:
+    store = stores.store
+    first = job("a")
+    assert (await store.submit(first, bound=1))[0] is SubmitResult.CREATED
+    assert await store.submit(job("a"), bound=1) == (SubmitResult.EXISTS, first, 0)
+    assert await store.submit(job("b"), bound=1) == (SubmitResult.QUEUE_FULL, None, 1)
+    assert await store.queued_count("echo") == 1  # neither the repeat nor the refusal counted
+    assert await store.submit(job("a"), bound=2) == (SubmitResult.EXISTS, first, 0)
+    assert await store.queued_count("echo") == 1
+    assert [j for _, j in await store.read_new("c1", count=10, block_ms=10)] == ["a"]
 
 
 async def test_the_store_keeps_copies(stores: Stores) -> None:
@@ -600,6 +642,53 @@ async def test_ack_removes_the_entry(stores: Stores) -> None:
     assert await store.get("a") is not None  # the record stays: an ack ends the entry only
 
 
+async def test_take_reads_the_record_its_fence_and_its_cancel_flag(stores: Stores) -> None:
+    store = stores.store
+    assert await store.take("none") is None
+    await store.submit(job("t"), bound=10)
+    taken = await store.take("t")
+    assert taken is not None
+    assert (taken.job.job_id, taken.fence, taken.cancel_requested) == ("t", 0, False)
+    _, token = await start_attempt(store, "t", JobState.RUNNING)
+    await store.request_cancel("t", error="stop", now=time.time())
+    taken = await store.take("t")
+    assert taken is not None
+    assert (taken.job.state, taken.fence, taken.cancel_requested) == (JobState.RUNNING, token, True)
+    await stores.plant(store, "t", "fence", b"junk")
+    with pytest.raises(CorruptRecord) as caught:
+        await store.take("t")
+    assert caught.value.kind is BadDataKind.FENCING_TOKEN
+    await stores.plant(store, "t", "", b"{junk")  # the record is said first
+    with pytest.raises(CorruptRecord) as caught:
+        await store.take("t")
+    assert caught.value.kind is BadDataKind.JOB_RECORD
+
+
+async def test_a_final_write_acks_its_entry_only_when_it_is_made(stores: Stores) -> None:
+    store = stores.store
+    for job_id in ("a", "b", "c"):
+        await store.submit(job(job_id), bound=10)
+    entries = dict((j, e) for e, j in await store.read_new("c1", count=10, block_ms=10))
+    record, token = await start_attempt(store, "a", JobState.DISPATCHED)
+    record.state = JobState.RUNNING  # not final: the entry stays
+    assert await store.write(record, token, ack=entries["a"]) is WriteResult.WRITTEN
+    stale, old = await start_attempt(store, "b", JobState.DISPATCHED)
+    await store.next_token("b")  # taken over: the old holder's end is refused, entry kept
+    stale.state = JobState.SUCCEEDED
+    assert await store.write(stale, old, ack=entries["b"]) is WriteResult.SUPERSEDED
+    done, token_c = await start_attempt(store, "c", JobState.RUNNING)
+    done.state = JobState.SUCCEEDED
+    assert await store.write(done, token_c, ack=entries["c"]) is WriteResult.WRITTEN
+    assert (await get(store, "c")).state is JobState.SUCCEEDED
+    assert await store.queued_count("echo") == 2
+    # only c's entry is gone: a and b are still pending, and are claimed
+    claimed = await store.claim_idle("c2", min_idle_ms=0, count=10)
+    assert sorted(job_id for _, job_id in claimed) == ["a", "b"]
+    # made again (a broken connection's retry): refused as finished, nothing else changes
+    assert await store.write(done, token_c, ack=entries["c"]) is WriteResult.ALREADY_FINISHED
+    assert await store.queued_count("echo") == 2
+
+
 async def test_a_fence_that_went_back_in_time_is_restored_by_its_holder(stores: Stores) -> None:
     store = stores.store
     await store.submit(job(), bound=10)
@@ -780,6 +869,38 @@ async def test_a_refused_write_wakes_nobody(stores: Stores) -> None:
         await witness.wait_woken()  # changes arrive in order: a change of "a" would be in
         await anyio.wait_all_tasks_blocked()
         assert not waiter.woken.is_set()
+
+
+async def test_a_change_between_watching_and_waiting_wakes_the_wait(stores: Stores) -> None:
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=10)
+    record, token = await start_attempt(store, "a", JobState.DISPATCHED)
+    async with listening(events):
+        with events.watching("a") as changed:
+            assert (await get(store, "a")).state is JobState.DISPATCHED  # the read, then ...
+            record.state = JobState.RUNNING  # ... a change before the wait begins
+            assert await store.write(record, token) is WriteResult.WRITTEN
+            with anyio.fail_after(1):  # not the 2 s re-read: the change itself wakes it
+                await changed.wait()
+        with events.watching("a") as unchanged:
+            await anyio.wait_all_tasks_blocked()
+            assert not unchanged.is_set()  # a watch sees changes from its start only
+
+
+async def test_a_cancel_watch_is_woken_by_a_cancel_request_not_by_writes(stores: Stores) -> None:
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=10)
+    record, token = await start_attempt(store, "a", JobState.DISPATCHED)
+    async with listening(events):
+        with events.watching_cancel("a") as asked, events.watching("a") as changed:
+            record.state = JobState.RUNNING
+            assert await store.write(record, token) is WriteResult.WRITTEN
+            with anyio.fail_after(1):
+                await changed.wait()  # the write arrived ...
+            assert not asked.is_set()  # ... and left the cancel watch be
+            await store.request_cancel("a", error="stop", now=time.time())
+            with anyio.fail_after(1):
+                await asked.wait()
 
 
 async def test_wait_finished_returns_the_final_record(stores: Stores) -> None:
@@ -985,3 +1106,127 @@ async def test_a_run_outcome_that_does_not_read_is_left_out_and_said_once(stores
     for _ in range(3):
         assert await store.outcomes("j1", [3, 4, 5]) == {3: done}
     assert found(store, BadDataKind.RUN_OUTCOME) == 2
+
+
+# --- the job index --------------------------------------------------------------------------------
+
+
+async def walk(
+    store: JobStore, *, count: int, since: float = -math.inf, until: float = math.inf
+) -> list[tuple[float, str | None]]:
+    """Every entry of the index, newest first, read `count` at a time as ListJobs walks it:
+    (score, job id or None)."""
+    seen: list[tuple[float, str | None]] = []
+    position = None
+    while True:
+        page = await store.index_page(after=position, since=since, until=until, count=count)
+        for entry in page:
+            seen.append((entry.score, entry.job.job_id if entry.job else None))
+            position = advance(position, entry.score)
+        if len(page) < count:
+            return seen
+
+
+def at(job_id: str, submitted_at: float, **fields: Any) -> BatchJob:
+    return BatchJob(job_id=job_id, job_type="echo", submitted_at=submitted_at,
+                    deadline_at=submitted_at + 60, **fields)  # fmt: skip
+
+
+async def test_each_job_created_is_indexed_once_by_its_submit_time(stores: Stores) -> None:
+    store = stores.store
+    for job_id, submitted_at in (("a", 1000.5), ("b", 1002.25), ("c", 1001.0)):
+        assert (await store.submit(at(job_id, submitted_at), bound=3))[0] is SubmitResult.CREATED
+    # a known id and a refused job add nothing
+    assert (await store.submit(at("a", 2000.0), bound=3))[0] is SubmitResult.EXISTS
+    assert (await store.submit(at("d", 3000.0), bound=3))[0] is SubmitResult.QUEUE_FULL
+    page = await store.index_page(after=None, since=-math.inf, until=math.inf, count=10)
+    assert [(e.score, e.job.job_id if e.job else None) for e in page] == [
+        (1002.25, "b"), (1001.0, "c"), (1000.5, "a"),
+    ]  # fmt: skip
+    assert page[0].job == await get(store, "b")  # the record itself
+
+
+async def test_the_index_is_walked_newest_first_in_pages_ties_included(stores: Stores) -> None:
+    store = stores.store
+    scores = {"t1": 5.0, "t2": 5.0, "t3": 5.0, "u": 6.0, "v": 4.0, "w": 5.5, "x": 3.0}
+    for job_id, score in scores.items():
+        await store.submit(at(job_id, score), bound=100)
+    # ties come by id, descending, as Redis orders them; the same whatever the page size
+    expected = [(6.0, "u"), (5.5, "w"), (5.0, "t3"), (5.0, "t2"), (5.0, "t1"), (4.0, "v"),
+                (3.0, "x")]  # fmt: skip
+    for count in (1, 2, 3, 10):
+        assert await walk(store, count=count) == expected, count
+    # since is included, until is not
+    assert await walk(store, count=2, since=4.0, until=5.5) == expected[2:6]
+    # a page that starts past a position at or above `until` starts at `until`
+    past = IndexPosition(score=7.0, skip=1)
+    page = await store.index_page(after=past, since=-math.inf, until=5.0, count=10)
+    assert [e.score for e in page] == [4.0, 3.0]
+
+
+async def test_an_expired_record_leaves_its_entry_until_the_trim(stores: Stores) -> None:
+    store, _ = stores.with_retention(1)
+    now = time.time()
+    await store.submit(at("done", now - 10), bound=10)
+    await store.submit(at("open", now - 9), bound=10)
+    await store.submit(at("new", now), bound=10)
+    record, token = await start_attempt(store, "done", JobState.RUNNING)
+    await start_attempt(store, "open", JobState.RUNNING)
+    record.state = JobState.SUCCEEDED
+    assert await store.write(record, token) is WriteResult.WRITTEN
+    await eventually(lambda: _gone(store, "done"))
+    assert await walk(store, count=10) == [(now, "new"), (now - 9, "open"), (now - 10, None)]
+    # the trim looks only before `before`, and drops only entries without a record: a job that
+    # is still recorded stays listed, however old
+    assert await store.trim_index(before=now - 1, count=10) == (2, 1)
+    assert await walk(store, count=10) == [(now, "new"), (now - 9, "open")]
+    assert await store.trim_index(before=now - 1, count=10) == (1, 0)
+    # bounded: at most `count` entries looked at per call
+    for i in range(5):
+        await stores.plant_index(store, f"gone-{i}".encode(), now - 100 + i)
+    assert await store.trim_index(before=now - 1, count=3) == (3, 3)
+    assert await store.trim_index(before=now - 1, count=3) == (3, 2)
+    assert await walk(store, count=10) == [(now, "new"), (now - 9, "open")]
+    # past the entries kept: an old job still recorded does not hide the expired ones behind it
+    await stores.plant_index(store, b"gone-behind", now - 5)
+    assert await store.trim_index(before=now - 1, count=1) == (1, 0)  # "open"'s, kept
+    assert await store.trim_index(before=now - 1, count=1, skip=1) == (1, 1)
+    assert await walk(store, count=10) == [(now, "new"), (now - 9, "open")]
+
+
+async def _gone(store: JobStore, job_id: str) -> bool:
+    return await store.get(job_id) is None
+
+
+async def test_junk_in_the_index_is_skipped_and_said_once(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(at("ok", 10.0), bound=10)
+    await stores.plant_index(store, b"\xff\xfe", 9.0)  # not UTF-8
+    await stores.plant_index(store, b"x" * 300, 8.0)  # longer than an id may be
+    await stores.plant_index(store, b"j1", 7.0)  # its record is junk
+    await stores.plant(store, "j1", "", b"not json {")
+    await stores.plant_index(store, b"never-submitted", 6.0)  # no record: gone, not junk
+    for _ in range(2):  # said once, however often it is read
+        assert await walk(store, count=2) == [
+            (10.0, "ok"), (9.0, None), (8.0, None), (7.0, None), (6.0, None),
+        ]  # fmt: skip
+    assert found(store, BadDataKind.JOB_INDEX) == 2
+    assert found(store, BadDataKind.JOB_RECORD) == 1
+    # the trim drops junk members (they have no record) once they are old enough
+    assert await store.trim_index(before=9.5, count=10) == (4, 3)
+    assert await walk(store, count=10) == [(10.0, "ok"), (7.0, None)]
+
+
+async def test_an_index_that_is_not_a_sorted_set_stops_listing_not_submits(
+    stores: Stores,
+) -> None:
+    store = stores.store
+    await store.submit(at("before", 1.0), bound=10)
+    await stores.spoil_index()
+    with pytest.raises(CorruptIndex) as caught:
+        await store.index_page(after=None, since=-math.inf, until=math.inf, count=10)
+    assert "not a sorted set" in str(caught.value)
+    assert (await store.submit(at("after", 2.0), bound=10))[0] is SubmitResult.CREATED
+    assert (await get(store, "after")).job_type == "echo"
+    assert await store.trim_index(before=100.0, count=10) == (0, 0)
+    assert found(store, BadDataKind.JOB_INDEX) == 1  # said once, met three times

@@ -310,7 +310,7 @@ def test_the_orchestrator_down_past_the_grace_is_missed_and_why_says_so(
 
 def test_the_cli_manages_schedules_end_to_end(fleet: TriggerFleet) -> None:
     fleet.start("worker")
-    fleet.start("orchestrator")
+    orchestrator = fleet.start("orchestrator")
     replica = fleet.replica()
     bad = fleet.cli("schedules", "create", "x", "--cron", "61 * * * *", "--job", "echo",
                     target=replica, check=False)  # fmt: skip
@@ -349,6 +349,13 @@ def test_the_cli_manages_schedules_end_to_end(fleet: TriggerFleet) -> None:
     assert f"submitted 0, already ran {len(paused)}" in again
     why = fleet.cli("why", "cli", "--at", paused[0].tick_text, target=replica).stdout
     assert why.startswith(f"cli ran for {paused[0].tick_text} later, by a backfill")
+    # every run the ledger names (ticks, by hand, backfilled) is listed under its schedule
+    ran = {r.job_id for r in fleet.ledger("cli") if r.job_id}
+    runs = json.loads(fleet.cli("jobs", "--schedule", "cli", "--limit", "500", "--json",
+                                target=orchestrator).stdout)["jobs"]  # fmt: skip
+    assert ran <= {job["jobId"] for job in runs}
+    assert {job["schedule"] for job in runs} == {"cli"}
+    assert any("@manual-" in job["jobId"] for job in runs)
     decisions = fleet.cli("schedules", "decisions", "cli", "--limit", "50",
                           target=replica).stdout  # fmt: skip
     assert {"fired", "backfilled", "triggered"} <= {line.split()[1] for line in

@@ -145,6 +145,10 @@ async def test_a_day_of_ticks_each_submitted_once(world: World) -> None:
     stats = world.replicas.handles[0].replica.statistics()
     assert stats.decided["fired"] == len(await decided(world, fast)) + 1440
     assert stats.owned == 2
+    # each job names its schedule, for the orchestrator to record (ListJobs filters on it)
+    named = world.orchestrator.schedules
+    assert {named[tick_job_id(minute.name, r.tick)] for r in records} == {"minutely"}
+    assert set(named.values()) == {"minutely", "fast"}
 
 
 async def test_the_orchestrator_down_longer_than_the_grace_gives_missed_with_the_reason(
@@ -577,6 +581,7 @@ async def test_trigger_now_runs_at_once_and_counts_for_overlap(world: World) -> 
     await world.run_until(START + 5)
     answer = await service.trigger_schedule(pb.ScheduleRequest(name="api"))
     assert answer.job_id == "api@manual-2026-03-01T00:00:05Z"
+    assert world.orchestrator.schedules[answer.job_id] == "api"  # a run by hand is its run too
     assert answer.decision is not None
     assert answer.decision.kind == "triggered"
     await world.run_until(START + 11)

@@ -668,13 +668,16 @@ def test_cli_clients(worker_env: dict[str, str], start_worker: StartWorker) -> N
     worker = start_worker(worker_env)
     env = {**worker_env}
     target = ["--target", worker.target]
-    submitted = _run_cli(env, "submit", *target, "echo", "-p", "a=1", "--id", "c1", "--wait")
+    direct = ["--worker", worker.target]  # the job commands go to an orchestrator otherwise
+    submitted = _run_cli(
+        env, "submit", *direct, "echo", "-p", "a=1", "--id", "c1", "--wait", "--json"
+    )
     assert submitted.returncode == 0, submitted.stderr
     assert json.loads(submitted.stdout)["state"] == "SUCCEEDED"
-    status = _run_cli(env, "status", *target)
+    status = _run_cli(env, "status", "--worker", worker.target)
     assert json.loads(status.stdout)["grpcPort"] == worker.port
     assert _run_cli(env, "health", *target).stdout.strip() == "SERVING"
-    missing = _run_cli(env, "job", *target, "nope")
+    missing = _run_cli(env, "job", *direct, "nope")
     assert (missing.returncode, missing.stderr.strip()) == (
         1,
         "jobworker: NOT_FOUND: no job with id 'nope'",

@@ -60,6 +60,7 @@ class FakeOrchestrator:
     jobs: dict[str, FakeJob] = field(default_factory=dict)
     submits: Counter[str] = field(default_factory=Counter)
     submit_times: list[float] = field(default_factory=list)
+    schedules: dict[str, str] = field(default_factory=dict)  # job id -> the schedule it named
     cancelled: list[str] = field(default_factory=list)
     down: bool = False
     retry_after: float | None = None  # set: RESOURCE_EXHAUSTED with this hint
@@ -81,6 +82,7 @@ class FakeOrchestrator:
     async def submit(self, job: TickJob) -> Submitted:
         await self._half()  # the request on its way: a kill here leaves no job
         self.submits[job.job_id] += 1
+        self.schedules[job.job_id] = job.schedule
         self.submit_times.append(anyio.current_time())
         self._check()
         if self.refuse:

@@ -31,8 +31,9 @@ MEANINGS: dict[str, str] = {
     "profile": "the profile whose `application-<profile>.toml` is read (`PROFILE`, `--profile`)",
     # [grpc]
     "grpc.host": "address the worker's gRPC server binds (`worker --host`)",
-    "grpc.advertise_ip": "address written to PodInfo.ip for others to call; empty: the bound"
-    " address, else this host's name resolved (Kubernetes: the pod IP)",
+    "grpc.advertise_ip": "address written to PodInfo.ip (and an orchestrator's or trigger's"
+    " RoleInfo.ip) for others to call; empty: the bound address, else this host's name resolved"
+    " (Kubernetes: the pod IP)",
     "grpc.advertise_port": "port written to PodInfo.grpcPort when others reach the worker"
     " through a proxy or NAT; 0: the bound port",
     "grpc.port": "the worker's port (`worker --port`); unset: the last port it chose itself,"
@@ -73,7 +74,8 @@ MEANINGS: dict[str, str] = {
     "worker.builtin_jobs": "register the built-in jobs (`demo`, `echo`, `sleep`, `block`, `fail`)",
     # [schedule]
     "schedule.report_interval_seconds": "how often the worker writes its PodInfo"
-    " (the seed's ApplicationInfoReportJob period)",
+    " (the seed's ApplicationInfoReportJob period), and an orchestrator or trigger its"
+    " RoleInfo; `jobworker status` marks a record older than two of them stale",
     # [redis]
     "redis.url": "the Redis endpoint: `redis://`, `rediss://` (TLS) or `unix://` (`REDIS_URL`);"
     " wins over `host`; none and no `host`: a worker embeds a redis-server",
@@ -90,8 +92,16 @@ MEANINGS: dict[str, str] = {
     " the master, and again after a fail-over (README: Redis faults)",
     "redis.master_name": "with `sentinels`: the name of the master they watch",
     "redis.key_prefix": "prefix of the PodInfo keys, `<prefix>:<ip>:<pid>`",
-    "redis.ttl_seconds": "expiry of a PodInfo key (refreshed every report)",
+    "redis.roles_key_prefix": "prefix of the orchestrators' and triggers' RoleInfo keys,"
+    " `<prefix>:<role>:<ip>:<pid>`, each role listed by the ZSET `<prefix>:<role>` (read by"
+    " `jobworker status`)",
+    "redis.ttl_seconds": "expiry of a PodInfo or RoleInfo key (refreshed every report)",
     "redis.connect_timeout_seconds": "connect and socket timeout of every Redis call",
+    "redis.max_connections": "connections a process keeps to Redis at most; a call past them"
+    " waits for one (the health check, the pub/sub subscription and the registries of"
+    " processes have 6 of their own)",
+    "redis.pool_timeout_seconds": "how long a call waits for a free connection before it is"
+    " refused as busy (RESOURCE_EXHAUSTED with a retry-after; never taken for Redis being away)",
     "redis.retry_max_seconds": "while Redis is down, the worker's reports back off from the report"
     " interval up to this",
     "redis.embedded": "with no Redis configured, a worker starts a private redis-server of its"
@@ -128,6 +138,8 @@ MEANINGS: dict[str, str] = {
     " one probe through (half open)",
     "orchestrator.lost_key": "where an orchestrator notes jobs in hand whose records Redis"
     " forgot, for `jobworker lost`",
+    "orchestrator.index_key": "every job by submit time (a sorted set, one entry per job), for"
+    " `jobworker jobs` and ListJobs; entries go once their record has expired",
     "orchestrator.balancer": "`p2c` (the less loaded of two random picks) or `round_robin`",
     "orchestrator.discovery_interval_seconds": "how often the workers' PodInfo is read again",
     "orchestrator.worker_report_interval_seconds": "the workers' report interval: a PodInfo"
@@ -183,6 +195,16 @@ MEANINGS: dict[str, str] = {
     "schedules.max_attempts": "the job's attempts; 0: the orchestrator's default",
     "schedules.paused": "created paused (a later pause or resume through the API is kept across"
     " restarts)",
+    # [client]
+    "client.worker": "the worker the client commands call (`status --worker`, `submit`, `job`,"
+    " `health`...); empty: a running `jobworker dev`'s, else localhost on `grpc.port`;"
+    " `--target` and `JOBWORKER_TARGET` win",
+    "client.orchestrator": "the orchestrator the client commands call (`jobs`, `workers`);"
+    " empty: a running `jobworker dev`'s, else localhost on `orchestrator.port`; `--target`"
+    " and `JOBWORKER_ORCHESTRATOR_TARGET` win",
+    "client.trigger": "the trigger replica the client commands call (`schedules`, `why`);"
+    " empty: a running `jobworker dev`'s, else localhost on `trigger.port`; `--target` and"
+    " `JOBWORKER_TRIGGER_TARGET` win",
     # [metrics]
     "metrics.host": "address /metrics, /healthz and /readyz bind",
     "metrics.port": "their port; unset: off; 0: any free port (logged)",

@@ -1,8 +1,10 @@
 """`jobworker`: the one console script, with a subcommand per role and per client task.
 
-`launcher` runs the roles, `clients` talks to running ones, `cron` previews expressions;
+`launcher` runs the roles, `clients` talks to running ones (`jobs`: submits, shows, follows and
+lists jobs), `cron` previews expressions;
 `trigger` runs the trigger tier and `schedules` manages its schedules (and answers `why`);
-`lost` lists the jobs Redis forgot.
+`lost` lists the jobs Redis forgot; `status` shows the fleet from Redis. `targets` finds where
+each client command calls (and says what went wrong there).
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ import sys
 from collections.abc import Sequence
 
 from app import __version__
-from app.cli import clients, cron, dev, launcher, lost, schedules, trigger
+from app.cli import clients, cron, dev, jobs, launcher, lost, schedules, status, trigger
 from app.cli.runtime import EXIT_CONFIG
+from app.cli.targets import ClientFailure
 from app.errors import ConfigError
 
 WRONG_TIER_HINT = (
-    "is --target the right tier? status, submit, job, cancel and health ask a worker;"
-    " jobs and workers ask an orchestrator"
+    "is --target the right tier? status --worker and health ask a worker; submit, job, cancel,"
+    " jobs and workers an orchestrator (submit, job and cancel take --worker ADDR for a"
+    " worker); schedules and why a trigger"
 )
 
 
@@ -31,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     launcher.add_parsers(sub)
     dev.add_parsers(sub)
+    status.add_parsers(sub)
     clients.add_parsers(sub)
+    jobs.add_parsers(sub)
     cron.add_parsers(sub)
     trigger.add_parsers(sub)
     schedules.add_parsers(sub)
@@ -49,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except ClientFailure as exc:
+        print(f"jobworker: {exc}", file=sys.stderr)
+        return 1
     except Exception as exc:
         return _client_failure(exc)
 

@@ -1,12 +1,16 @@
-"""Client commands for people and probes: a worker's status, jobs and health; an orchestrator's.
+"""Client commands for people and probes: a worker's status and health, an orchestrator's
+workers; and the plumbing every client command shares (targets, the call, its bounds).
 
 Each opens one grpclib channel to its target, makes its call under `--timeout`, prints the answer
-as JSON and exits 0 (1 when the call failed or the job did not succeed). The target is
+as JSON and exits 0 (1 when the call failed). The target is
 `--target`, else `$JOBWORKER_TARGET` (a worker) or `$JOBWORKER_ORCHESTRATOR_TARGET`, else the
-fleet of a running `jobworker dev` (its record), else localhost:9091 or localhost:9090.
+config key `client.worker` / `client.orchestrator`, else the fleet of a running `jobworker dev`
+(its record), else localhost:9091 or localhost:9090 (see `app.cli.targets`). A target that does
+not answer, or is another tier, is said in one line naming it and where it came from. The job
+commands are in `app.cli.jobs`, the fleet's status in `app.cli.status`.
 
-Waiting for a job (`--wait`, `jobs watch`) has no time limit unless `--timeout` asks for one:
-the connection is bounded instead, and keepalive pings notice a server that goes silent.
+Waiting for a job (`_client_call` with no timeout) has no time limit: the connection is bounded
+instead, and keepalive pings notice a server that goes silent.
 """
 
 from __future__ import annotations
@@ -15,12 +19,15 @@ import argparse
 import json
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
+import msgspec
 
-from app.cli.dev_record import read_dev_record
+from app.cli import targets
 from app.cli.runtime import run_async
+from app.cli.targets import TARGET_ENV, Target
 from app.errors import ConfigError
 
 T = TypeVar("T")
@@ -33,11 +40,6 @@ DEFAULTS = {
     "orchestrator": DEFAULT_ORCHESTRATOR,
     "trigger": "localhost:9089",
 }
-TARGET_ENV = {
-    "worker": "JOBWORKER_TARGET",
-    "orchestrator": "JOBWORKER_ORCHESTRATOR_TARGET",
-    "trigger": "JOBWORKER_TRIGGER_TARGET",
-}
 #: an answer that is not a job's outcome, unless --timeout says otherwise
 DEFAULT_TIMEOUT_SECONDS = 10.0
 #: waiting for a job without a time limit: the connection to the server still has one
@@ -47,28 +49,24 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 KEEPALIVE_SECONDS = 10.0
 
 
-def resolve_target(kind: str, flag: str | None, env: Mapping[str, str] = os.environ) -> str:
+def resolve_target(
+    kind: str,
+    flag: str | None,
+    env: Mapping[str, str] = os.environ,
+    *,
+    profile: str | None = None,
+    config_dir: Path | None = None,
+) -> str:
     """Where a `kind` command ("worker", "orchestrator", "trigger") goes: `flag` (--target),
-    else its environment variable, else the running `jobworker dev` fleet, else the default."""
-    if flag:
-        return flag
-    named = env.get(TARGET_ENV.get(kind, ""), "")
-    if named:
-        return named
-    record = read_dev_record(env)
-    if record is not None:
-        fleet = {
-            "worker": record.workers[0] if record.workers else "",
-            "orchestrator": record.orchestrator,
-            "trigger": record.trigger,
-        }
-        if fleet.get(kind):
-            return fleet[kind]
-    return DEFAULTS[kind]
+    else its environment variable, else the config key `client.<kind>`, else the running
+    `jobworker dev` fleet, else localhost on the tier's port (`targets.resolve`, which also
+    says where the address came from)."""
+    return targets.resolve(kind, flag, env, profile=profile, config_dir=config_dir).address
 
 
-def _target(args: argparse.Namespace) -> str:
-    return resolve_target(args.target_kind, args.target)
+def _target(args: argparse.Namespace) -> Target:
+    """The target of a parsed command, with where it came from (`str()` of it: HOST:PORT)."""
+    return targets.resolve(args.target_kind, args.target, **targets.config_args(args))
 
 
 def _split_target(target: str) -> tuple[str, int]:
@@ -87,15 +85,20 @@ def _timeout(args: argparse.Namespace) -> float | None:
     return DEFAULT_TIMEOUT_SECONDS
 
 
-def _client_call(target: str, call: Callable[[Any], Awaitable[T]], timeout: float | None) -> T:
+def _client_call(
+    target: str | Target, call: Callable[[Any], Awaitable[T]], timeout: float | None
+) -> T:
     """Open a channel to `target`, run `call(channel)` under `timeout` (None: connecting is
-    bounded, the answer is not), close the channel."""
+    bounded, the answer is not), close the channel. A target that does not answer, or is not
+    the tier asked for, raises `targets.ClientFailure` saying so in one line."""
     from grpclib.client import Channel
     from grpclib.config import Configuration
 
     from app.grpc.status import StatusDetailsCodec
 
-    host, port = _split_target(target)
+    if not isinstance(target, Target):
+        target = Target(kind="", address=target, source="")  # where it came from: unknown
+    host, port = _split_target(target.address)
     config = Configuration(
         _keepalive_time=KEEPALIVE_SECONDS,
         _keepalive_timeout=KEEPALIVE_SECONDS,
@@ -109,35 +112,27 @@ def _client_call(target: str, call: Callable[[Any], Awaitable[T]], timeout: floa
         try:
             if timeout is not None:
                 with anyio.move_on_after(timeout):
-                    return await call(channel)
+                    return await targets.call_explained(target, channel, call)
                 raise TimeoutError(f"no answer from {target} within {timeout:g}s (--timeout)")
             with anyio.move_on_after(CONNECT_TIMEOUT_SECONDS) as connecting:
-                await channel.__connect__()
+                await targets.call_explained(target, channel, _connect)
             if connecting.cancelled_caught:
                 raise TimeoutError(
                     f"cannot connect to {target} within {CONNECT_TIMEOUT_SECONDS:g}s"
                 )
-            return await call(channel)
+            return await targets.call_explained(target, channel, call)
         finally:
             channel.close()
 
     return run_async(main)
 
 
+async def _connect(channel: Any) -> None:
+    await channel.__connect__()
+
+
 def _print_message(message: Any) -> None:
     print(json.dumps(message.to_dict(), indent=2, sort_keys=False))
-
-
-def _status(args: argparse.Namespace) -> int:
-    from app.pb import worker as pb
-
-    res = _client_call(
-        _target(args),
-        lambda ch: pb.WorkerServiceStub(ch).get_status(pb.StatusReq()),
-        _timeout(args),
-    )
-    _print_message(res)
-    return 0
 
 
 def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
@@ -150,40 +145,6 @@ def _parse_params(pairs: Sequence[str]) -> dict[str, str]:
     return params
 
 
-def _submit(args: argparse.Namespace) -> int:
-    import uuid
-
-    from app.pb import worker as pb
-
-    req = pb.SendWorkReq(
-        id=args.id or uuid.uuid4().hex,
-        name=args.name,
-        params=_parse_params(args.param),
-        timeout_seconds=args.job_timeout or 0.0,
-    )
-
-    async def call(ch: Any) -> Any:
-        stub = pb.WorkerServiceStub(ch)
-        return await (stub.run_work(req) if args.wait else stub.send_work(req))
-
-    res = _client_call(_target(args), call, _timeout(args))
-    _print_message(res)
-    ok = not args.wait or res.state == pb.JobState.SUCCEEDED
-    return 0 if ok else 1
-
-
-def _job(args: argparse.Namespace) -> int:
-    from app.pb import worker as pb
-
-    def call(ch: Any) -> Awaitable[Any]:
-        stub = pb.WorkerServiceStub(ch)
-        ref = pb.JobRef(id=args.id)
-        return stub.cancel_job(ref) if args.command == "cancel" else stub.get_job(ref)
-
-    _print_message(_client_call(_target(args), call, _timeout(args)))
-    return 0
-
-
 def _health(args: argparse.Namespace) -> int:
     """Exit 0 when the server answers SERVING (for HEALTHCHECK and probes), else 1."""
     from grpclib.health.v1.health_grpc import HealthStub
@@ -192,44 +153,12 @@ def _health(args: argparse.Namespace) -> int:
     async def call(ch: Any) -> Any:
         return await HealthStub(ch).Check(HealthCheckRequest(service=args.service))
 
-    res = _client_call(_target(args), call, _timeout(args))
+    # any tier answers health: a failure names the server, not a tier
+    target = msgspec.structs.replace(_target(args), kind="")
+    res = _client_call(target, call, _timeout(args))
     status = HealthCheckResponse.ServingStatus.Name(res.status)
     print(status)
     return 0 if res.status == HealthCheckResponse.SERVING else 1
-
-
-def _jobs(args: argparse.Namespace) -> int:
-    """`jobworker jobs submit|get|cancel|watch` against an orchestrator."""
-    from app.pb import orchestrator as pb
-
-    async def call(ch: Any) -> Any:
-        stub = pb.OrchestratorServiceStub(ch)
-        if args.action == "submit":
-            req = pb.BatchExecutionRequest(
-                job_id=args.id or "",
-                job_type=args.job_type,
-                params=_parse_params(args.param),
-                timeout_seconds=args.job_timeout or 0.0,
-                deadline_seconds=args.deadline or 0.0,
-                priority=args.priority,
-                retry_on_failure=args.retry_on_failure,
-                max_attempts=args.max_attempts or 0,
-            )
-            return await (stub.execute(req) if args.wait else stub.submit(req))
-        ref = pb.JobRequest(job_id=args.id)
-        if args.action == "watch":
-            async for job in stub.watch_job(ref):
-                print(json.dumps(job.to_dict()), flush=True)
-            return None
-        return await (stub.cancel_job(ref) if args.action == "cancel" else stub.get_job(ref))
-
-    res = _client_call(_target(args), call, _timeout(args))
-    if res is None:
-        return 0
-    _print_message(res)
-    if args.action == "submit" and args.wait:
-        return 0 if res.job.state == pb.JobState.SUCCEEDED else 1
-    return 0
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -254,12 +183,16 @@ def add_parsers(sub: Any) -> None:
         kind: str = "worker",
         parent: Any = sub,
     ) -> argparse.ArgumentParser:
-        p: argparse.ArgumentParser = parent.add_parser(name, help=help_)
+        p: argparse.ArgumentParser = parent.add_parser(
+            name, help=help_, description=help_[0].upper() + help_[1:] + ".",
+            epilog=targets.env_help(kind), formatter_class=argparse.RawDescriptionHelpFormatter,
+        )  # fmt: skip
         p.add_argument(
             "--target",
-            help=f"HOST:PORT (default ${TARGET_ENV[kind]}, else the running `jobworker dev`"
-            f" fleet's, else {DEFAULTS[kind]})",
+            help=f"the {kind}'s HOST:PORT (default ${TARGET_ENV[kind]}, else client.{kind},"
+            f" else the running `jobworker dev` fleet's, else {DEFAULTS[kind]})",
         )
+        targets.add_config_options(p)
         p.add_argument(
             "--timeout",
             type=float,
@@ -269,32 +202,7 @@ def add_parsers(sub: Any) -> None:
         p.set_defaults(func=func, target_kind=kind)
         return p
 
-    client("status", "print a worker's status", _status)
-    submit = client("submit", "send a job to a worker", _submit)
-    submit.add_argument("name", help="job name")
-    submit.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
-    submit.add_argument("--id", help="job id (default: a new uuid)")
-    submit.add_argument("--wait", action="store_true", help="wait for the outcome (RunWork)")
-    submit.add_argument("--job-timeout", type=float, help="the job's own timeout in seconds")
-    client("job", "print a job by id", _job).add_argument("id")
-    client("cancel", "cancel a job by id", _job).add_argument("id")
     health = client("health", "exit 0 when the server reports SERVING", _health)
     health.add_argument("--service", default="", help="service name (default: the whole server)")
-
-    jobs = sub.add_parser("jobs", help="jobs on an orchestrator: submit, get, cancel, watch")
-    actions = jobs.add_subparsers(dest="action", required=True, metavar="ACTION")
-    target = "orchestrator"
-    submit_job = client("submit", "queue a job (--wait: run and wait)", _jobs, target, actions)
-    submit_job.add_argument("job_type", help="the worker's job name")
-    submit_job.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE")
-    submit_job.add_argument("--id", help="job id (default: generated); a known id is idempotent")
-    submit_job.add_argument("--wait", action="store_true", help="wait for the outcome (Execute)")
-    submit_job.add_argument("--job-timeout", type=float, help="the job's run time limit, seconds")
-    submit_job.add_argument("--deadline", type=float, help="seconds it may wait and run in all")
-    submit_job.add_argument("--priority", type=int, default=0, help="0 (default) to 9")
-    submit_job.add_argument("--retry-on-failure", action="store_true")
-    submit_job.add_argument("--max-attempts", type=int)
-    for action, help_ in (("get", "print a job"), ("cancel", "cancel a job"),
-                          ("watch", "print the job on each change until it ends")):  # fmt: skip
-        client(action, help_, _jobs, target, actions).add_argument("id")
-    client("workers", "the fleet as an orchestrator sees it", _workers, target)
+    # submit, job, cancel and jobs: app.cli.jobs
+    client("workers", "the fleet as an orchestrator sees it", _workers, "orchestrator")

@@ -17,7 +17,7 @@ is left at once. The children die with this process even when it is SIGKILLed: e
 through the parent-death shim the embedded Redis uses (Linux), and gets SIGTERM.
 
 Once the fleet is ready its addresses are written to a record (`dev_record`), which the client
-commands read: `jobworker jobs submit echo --wait` in another terminal needs no flags. The
+commands read: `jobworker submit echo --wait` in another terminal needs no flags. The
 record is removed on the way out.
 """
 
@@ -415,7 +415,8 @@ class DevFleet:
             + (f", trigger {record.trigger}" if record.trigger else ""),
             f"redis {record.redis_url}; the clients find this fleet in {path}",
             "try, in another terminal:",
-            "  jobworker jobs submit echo -p a=1 --wait",
+            "  jobworker submit echo -p a=1 --wait",
+            "  jobworker jobs",
             "  jobworker workers",
             '  grpcurl -plaintext -d \'{"id":"job-1","name":"demo"}\' localhost:9091'
             " worker.WorkerService/SendWork",
@@ -515,6 +516,18 @@ def _log_to(console: Console, config: Config) -> None:
     logging.getLogger("app.stores.redis.embedded").setLevel(logging.WARNING)
 
 
+DEV_EPILOG = """\
+environment:
+  PROFILE                        the config profile of every role (as --profile)
+  JOBWORKER_CONFIG_DIR           a folder of application*.toml (as --config-dir)
+  JOBWORKER_<SECTION>__<KEY>     any config key, handed to every role
+  XDG_STATE_HOME                 where the fleet's record goes
+                                 ($XDG_STATE_HOME/jobworker/dev.json), which the client
+                                 commands read to find it
+REDIS_URL is not used: the fleet runs on a private redis-server of its own.
+"""
+
+
 def add_parsers(sub: Any) -> None:
     """`dev`, on the `jobworker` subparsers `sub`."""
     dev = sub.add_parser(
@@ -526,6 +539,8 @@ def add_parsers(sub: Any) -> None:
             " output is prefixed by its name. Ctrl-C drains and stops them in order; a second"
             " Ctrl-C stops them at once. The client commands find the fleet with no flags."
         ),
+        epilog=DEV_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     dev.add_argument(
         "--profile", help="config profile of every role (default: $PROFILE, else local)"

@@ -81,9 +81,38 @@ def log_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"log.format": args.log_format} if args.log_format is not None else {}
 
 
+WORKER_EPILOG = """\
+environment:
+  REDIS_URL                      the Redis to report PodInfo to (none: an embedded
+                                 redis-server, unless redis.embedded is false)
+  PROFILE                        the config profile (as --profile; default local)
+  JOBWORKER_CONFIG_DIR           a folder of application*.toml (as --config-dir)
+  JOBWORKER_<SECTION>__<KEY>     any config key, e.g. JOBWORKER_GRPC__PORT=9200,
+                                 JOBWORKER_WORKER__CORE_SIZE=8 (docs/config.md lists them)
+  XDG_STATE_HOME                 where the port the worker chose itself is remembered
+A bad key exits 2 naming it and where it came from.
+"""
+
+ORCHESTRATOR_EPILOG = """\
+environment:
+  REDIS_URL                      the Redis its workers report to (required)
+  PROFILE                        the config profile (as --profile; default local)
+  JOBWORKER_CONFIG_DIR           a folder of application*.toml (as --config-dir)
+  JOBWORKER_ORCHESTRATOR__<KEY>  any [orchestrator] key, e.g.
+                                 JOBWORKER_ORCHESTRATOR__MAX_INFLIGHT=64 (docs/config.md)
+A bad key exits 2 naming it and where it came from.
+"""
+
+
 def add_parsers(sub: Any) -> None:
     """`worker` and `orchestrator`, on the `jobworker` subparsers `sub`."""
-    worker = sub.add_parser("worker", help="run a gRPC job worker")
+    raw = argparse.RawDescriptionHelpFormatter
+    worker = sub.add_parser(
+        "worker", help="run a gRPC job worker",
+        description="Run a gRPC job worker: WorkerService, reflection and health; it reports"
+        " its PodInfo to Redis every schedule.report_interval_seconds.",
+        epilog=WORKER_EPILOG, formatter_class=raw,
+    )  # fmt: skip
     worker.add_argument("--profile", help="config profile (default: $PROFILE, else local)")
     worker.add_argument("--config-dir", type=Path, help="folder of external application*.toml")
     worker.add_argument(
@@ -98,7 +127,12 @@ def add_parsers(sub: Any) -> None:
     add_log_options(worker)
     worker.set_defaults(func=_worker)
 
-    orchestrator = sub.add_parser("orchestrator", help="run the gateway: queue, balance, delegate")
+    orchestrator = sub.add_parser(
+        "orchestrator", help="run the gateway: queue, balance, delegate",
+        description="Run an orchestrator: it queues jobs in Redis, picks a worker for each and"
+        " delegates it, with retry and circuit breaking. Run several against one Redis.",
+        epilog=ORCHESTRATOR_EPILOG, formatter_class=raw,
+    )  # fmt: skip
     orchestrator.add_argument("--profile", help="config profile (default: $PROFILE, else local)")
     orchestrator.add_argument(
         "--config-dir", type=Path, help="folder of external application*.toml"

@@ -4,7 +4,8 @@ When Redis loses its data (restarted without its files, flushed, failed over to 
 lacked them), an orchestrator that held a job whose record vanished ends it and notes it in
 `wpm-jobs:lost` (`orchestrator.lost_key`), with what it knew: its type, its last state, the worker
 of its last attempt and, when the run had ended, its result or error. This command lists those
-notes, newest first, reading Redis as the roles do (`REDIS_URL`, the profiles, `--config-dir`).
+notes, newest first, reading Redis as the roles do (`REDIS_URL`, the profiles, `--config-dir`),
+else the Redis of a running `jobworker dev`.
 
 Exit status, as a monitoring check reads it: 0 none, 1 some were lost, 2 a configuration error,
 3 Redis could not be asked.
@@ -27,8 +28,9 @@ from typing import Any
 import msgspec
 
 from app.cli.runtime import run_async
+from app.cli.targets import env_help, resolve_redis
 from app.config import load_config
-from app.errors import ConfigError, StoreUnavailable
+from app.errors import ConfigError, StoreBusy, StoreUnavailable
 from app.fleet.batch_job import LostJob
 
 #: Exit status when Redis could not be asked (a monitoring check's UNKNOWN).
@@ -42,14 +44,13 @@ def _lost(args: argparse.Namespace) -> int:
     from app.stores.redis.job_store import RedisJobStore
 
     config = load_config(dict(os.environ), profile=args.profile, config_dir=args.config_dir)
-    if not config.redis.configured:
-        raise ConfigError("redis.url", "no Redis configured; set REDIS_URL")
+    redis_target = resolve_redis(args.redis, profile=args.profile, config_dir=args.config_dir)
     if args.count < 1:
         raise ConfigError("--count", f"must be at least 1, got {args.count}")
     o = config.orchestrator
 
     async def read() -> list[LostJob]:
-        redis = create_redis(config.redis)
+        redis = create_redis(redis_target.config, redis_target.url or None)
         try:
             store = RedisJobStore(
                 redis, job_prefix=o.job_prefix, stream_key=o.stream_key, lost_key=o.lost_key
@@ -60,7 +61,7 @@ def _lost(args: argparse.Namespace) -> int:
 
     try:
         lost = run_async(read)
-    except StoreUnavailable as exc:
+    except (StoreUnavailable, StoreBusy) as exc:
         print(f"jobworker: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if args.since is not None:
@@ -87,9 +88,16 @@ def add_parsers(sub: Any) -> None:
         "lost",
         help="list jobs Redis forgot while an orchestrator held them (exit 1 when any)",
         description=(__doc__ or "").split("\n\n")[1],
+        epilog=env_help(redis=True),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     lost.add_argument("--profile", help="config profile (default: $PROFILE, else local)")
     lost.add_argument("--config-dir", type=Path, help="folder of external application*.toml")
+    lost.add_argument(
+        "--redis", metavar="URL",
+        help="the Redis to read (default: $REDIS_URL / the config's [redis], else a running"
+        " `jobworker dev`'s)",
+    )  # fmt: skip
     lost.add_argument("--count", type=int, default=1000, help="the newest N (default 1000)")
     lost.add_argument("--since", type=float, metavar="SECONDS", help="noticed in the last SECONDS")
     lost.add_argument("--json", action="store_true", help="one JSON object a line")

@@ -1,8 +1,9 @@
 """`jobworker schedules ...` and `jobworker why ...`: the trigger tier's API for people.
 
 Each opens one grpclib channel to a trigger replica (`--target`, else `$JOBWORKER_TRIGGER_TARGET`,
-else the trigger of a running `jobworker dev`, else localhost:9089; any replica answers for
-all), makes its calls under `--timeout`, and
+else the config key `client.trigger`, else the trigger of a running `jobworker dev`, else
+localhost:9089, see `app.cli.targets`; any replica answers for all), makes its calls under
+`--timeout`, and
 prints: a readable listing for `list`, `decisions`, `backfill` and `why` (`--json` for the
 messages as JSON), the JSON of the schedule for the others. Exit 0, or 1 when a call failed
 (the status and its one-line reason on stderr), 2 for a bad argument.
@@ -15,9 +16,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
-import anyio
-
-from app.cli.runtime import run_async
+from app.cli.targets import add_config_options, env_help
 from app.errors import ConfigError
 
 T = TypeVar("T")
@@ -26,37 +25,21 @@ DEFAULT_TRIGGER = "localhost:9089"
 TARGET_ENV = "JOBWORKER_TRIGGER_TARGET"
 
 ENV_HELP = f"""\
-environment:
-  {TARGET_ENV}   the replica to ask when --target is not given (else the
-                             trigger of a running `jobworker dev`, else {DEFAULT_TRIGGER})
-
+{env_help("trigger")}
 Times (--at, --from, --to, --before, --start) are ISO 8601; without an offset they are wall
 times in the schedule's zone (2026-03-08T02:30 in America/New_York); `now` works too.
 """
 
 
 def _call(args: argparse.Namespace, call: Callable[[Any], Awaitable[T]]) -> T:
-    """Open a channel to `--target`, run `call(stub)` under `--timeout`, close the channel."""
-    from grpclib.client import Channel
-
-    from app.cli.clients import resolve_target
-    from app.grpc.status import StatusDetailsCodec
+    """Open a channel to the trigger target, run `call(stub)` under `--timeout`, close the
+    channel (a target that does not answer, or is another tier, is said in one line)."""
+    from app.cli.clients import _client_call
+    from app.cli.targets import config_args, resolve
     from app.pb import trigger as pb
 
-    target = resolve_target("trigger", args.target)
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError("--target", f"expected HOST:PORT, got {target!r}")
-
-    async def main() -> T:
-        channel = Channel(host.strip("[]"), int(port), status_details_codec=StatusDetailsCodec())
-        try:
-            with anyio.fail_after(args.timeout):
-                return await call(pb.TriggerServiceStub(channel))
-        finally:
-            channel.close()
-
-    return run_async(main)
+    target = resolve("trigger", args.target, **config_args(args))
+    return _client_call(target, lambda channel: call(pb.TriggerServiceStub(channel)), args.timeout)
 
 
 def _json(message: Any) -> None:
@@ -255,9 +238,10 @@ def _connection(p: argparse.ArgumentParser, *, top: bool = False) -> None:
     default: Any = argparse.SUPPRESS
     p.add_argument(
         "--target", default=None if top else default, metavar="HOST:PORT",
-        help=f"a trigger replica (default ${TARGET_ENV}, else a running `jobworker dev`'s,"
-        f" else {DEFAULT_TRIGGER})",
+        help=f"a trigger replica (default ${TARGET_ENV}, else client.trigger, else a running"
+        f" `jobworker dev`'s, else {DEFAULT_TRIGGER})",
     )  # fmt: skip
+    add_config_options(p, suppress=not top)
     p.add_argument(
         "--timeout", type=float, default=30.0 if top else default,
         help="seconds to wait for the answer (default 30)",

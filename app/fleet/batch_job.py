@@ -51,6 +51,8 @@ class BatchJob(msgspec.Struct, kw_only=True):
     submitted_at: Timestamp = 0.0
     finished_at: Timestamp | None = None
     fencing_token: UInt64 = 0
+    # the schedule whose run this is (the trigger says so at submit); empty for a job by hand
+    schedule: str = ""
 
 
 class RunOutcome(msgspec.Struct, frozen=True, kw_only=True):

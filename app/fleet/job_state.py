@@ -78,3 +78,15 @@ def to_orchestrator_wire(state: JobState) -> opb.JobState:
         return _TO_ORCHESTRATOR[state]
     except KeyError:
         raise ValueError(f"{state.value} is not a state of a fleet job") from None
+
+
+_FROM_ORCHESTRATOR = {wire: state for state, wire in _TO_ORCHESTRATOR.items()}
+
+
+def from_orchestrator_wire(value: int) -> JobState | None:
+    """The fleet job's state an `orchestrator.JobState` value names; None for UNSPECIFIED or a
+    value this version does not know."""
+    try:
+        return _FROM_ORCHESTRATOR.get(opb.JobState(value))
+    except ValueError:
+        return None

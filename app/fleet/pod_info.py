@@ -52,6 +52,9 @@ class PodInfo(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     queue_capacity: int = 0
     watermark: int = 0
     version: str = ""
+    # how often this worker reports: `jobworker status` takes a report older than two of them
+    # for stale (0: from a writer that did not say; the reader's own config decides)
+    report_interval_seconds: float = 0.0
     # the job names this worker runs, so that an orchestrator sends it only those
     job_names: list[str] = msgspec.field(default_factory=list)
     # the ids of the jobs queued or running here: an orchestrator that lost its call to this

@@ -1,15 +1,29 @@
-"""The seed's port choice: the last port used, then up to N neighbours above it, then any port."""
+"""The seed's port choice: the last port used, then up to N neighbours above it, then any port;
+and the address a server tells others to call it at."""
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 LAST_PORT_FILE = "last-port"
+
+
+def advertised_ip(bound_host: str, override: str = "") -> str:
+    """The address others reach this server at: the override, the bound address, or the host's."""
+    if override:
+        return override
+    if bound_host not in ("", "0.0.0.0", "::"):
+        return bound_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def state_dir(env: Mapping[str, str] = os.environ) -> Path:

@@ -46,6 +46,11 @@ from app.grpc.statistics import (
 from app.grpc.status import guard_services
 from app.pb.google_proto_descriptor_pool import default_google_proto_descriptor_pool
 
+#: Connections the kernel queues before we accept them (capped by net.core.somaxconn). asyncio's
+#: 100 dropped handshakes when a thousand clients connected at once (each then waits out a
+#: SYN retransmit, a second or more); Go's and grpc-core's servers ask for the system's maximum.
+LISTEN_BACKLOG = socket.SOMAXCONN
+
 log = logging.getLogger(__name__)
 
 
@@ -183,10 +188,12 @@ class GrpcServer:
                 if port == 0:
                     # grpclib tells no port it bound; a socket of ours does (public `sock=`)
                     family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-                    sock = socket.create_server((self._host, 0), family=family, backlog=100)
+                    sock = socket.create_server(
+                        (self._host, 0), family=family, backlog=LISTEN_BACKLOG
+                    )
                     await self._server.start(sock=sock)
                     return int(sock.getsockname()[1])
-                await self._server.start(self._host, port)
+                await self._server.start(self._host, port, backlog=LISTEN_BACKLOG)
             except OSError as exc:
                 if exc.errno != errno.EADDRINUSE:
                     raise

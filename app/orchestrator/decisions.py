@@ -159,6 +159,17 @@ def _last_error(job: BatchJob) -> str:
     return ""
 
 
+def cancel_matters(call: CallResult | None) -> bool:
+    """Whether `decide` after `call` can depend on a cancel request (so it is worth reading):
+    not after a run that ended SUCCEEDED or TIMED_OUT, nor after a superseded call."""
+    if call is None:
+        return True
+    if call.kind is CallKind.SUPERSEDED:
+        return False
+    outcome = call.outcome if call.kind is CallKind.DONE else None
+    return outcome is None or outcome.state not in (JobState.SUCCEEDED, JobState.TIMED_OUT)
+
+
 def decide(job: BatchJob, call: CallResult | None, *, now: float, cancel_requested: bool) -> Step:
     """The next step for `job`, given the result of the attempt just made (None between
     attempts), the wall time `now` and whether a cancel was asked for. Pure."""

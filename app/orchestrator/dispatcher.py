@@ -19,12 +19,14 @@ Cancel goes through `Dispatcher.cancel`: the store ends a PENDING job at once (f
 a worker is stopped there by whichever dispatcher holds it, woken by the job's events.
 
 Redis faults: a job in hand waits out an outage where it is (`PatientJobStore`), instead of being
-given up and run again by whoever claims it; claims pause until keep-alives have had a chance
-after an outage. When Redis lost its data (the consumer group is gone, NOGROUP), the group is
-made again, said once and counted; a job whose record vanished ends here, logged once and noted
-for `jobworker lost`, instead of looping. When Redis went back in time (lost its last
-writes), a holder whose fence fell below its token restores it, and for a while a job about to
-run with no attempt on record first asks the workers whether one of them has it already.
+given up and run again by whoever claims it (a call refused because this process's connections
+were all busy is made again quietly: load, not an outage, and never a worker's fault); claims
+pause until keep-alives have had a chance after an outage. When Redis lost its data (the
+consumer group is gone, NOGROUP), the group is made again, said once and counted; a job whose
+record vanished ends here, logged once and noted for `jobworker lost`, instead of looping. When
+Redis went back in time (lost its last writes), a holder whose fence fell below its token
+restores it, and for a while a job about to run with no attempt on record first asks the
+workers whether one of them has it already.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from app.core.lifecycle import Lifecycle
 from app.core.log_context import bind_log_fields, unbind_log_fields
 from app.core.outage import Outage
 from app.core.retry import RetryBudget, RetryPolicy
-from app.errors import BadDataKind, CorruptRecord, QueueGone
+from app.errors import BadDataKind, CorruptRecord, QueueGone, StoreBusy
 from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob
 from app.fleet.job_state import JobState
 from app.fleet.pod_info import PodStatus
@@ -62,6 +64,7 @@ from app.orchestrator.decisions import (
     RunSighting,
     Stop,
     adopt,
+    cancel_matters,
     decide,
     sight_run,
 )
@@ -113,6 +116,7 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     fences_restored: int
     found_on_worker: int
     store_waits: int
+    store_busy: int
 
 
 class Dispatcher:
@@ -253,6 +257,7 @@ class Dispatcher:
             fences_restored=c["fences_restored"],
             found_on_worker=c["found_on_worker"],
             store_waits=self._store.waits,
+            store_busy=self._store.busy + c["store_busy"],
         )
 
     # --- cancel -----------------------------------------------------------------------------------
@@ -425,6 +430,9 @@ class Dispatcher:
             removed = await self._store.remove_idle_consumers(
                 min_idle_ms=idle_ms, keep=self.consumer
             )
+        except StoreBusy:
+            self._counts["store_busy"] += 1  # load, not an outage: swept next time
+            return
         except Exception as exc:
             self._queue_outage.failed(exc)
             return
@@ -468,16 +476,18 @@ class Dispatcher:
         bind_log_fields(job_id=job_id)
         self._losses_at_take[job_id] = self._data_losses
         try:
-            held = await self._store.get(job_id)
-            if held is None:
+            taken = await self._store.take(job_id)
+            if taken is None:
                 # never a job's, or kept past its record's retention: nothing to drive
                 where, why = f"queue entry {entry_id}", f"no record of job {job_id!r}"
                 no_record = CorruptRecord(BadDataKind.STREAM_ENTRY, job_id, where, why)
                 await self._set_aside(entry_id, no_record)
                 return
+            held = taken.job
             job: BatchJob | None = held
             if not held.state.finished:
-                await self._drive(held)
+                if await self._drive(held, entry_id, taken.fence, taken.cancel_requested):
+                    return  # ended here, and its entry acked by the same write
                 job = await self._store.get(job_id)
             if job is None:  # the record vanished: Redis lost it (an entry outlives no record)
                 await self._lost(job_id, held)
@@ -531,9 +541,11 @@ class Dispatcher:
 
     # --- one job: decide, then do -----------------------------------------------------------------
 
-    async def _drive(self, job: BatchJob) -> None:
-        """Steps until the job ends, or until another holder has a newer token."""
-        token = await self._store.fence(job.job_id)
+    async def _drive(self, job: BatchJob, entry_id: str, token: int, cancel: bool) -> bool:
+        """Steps until the job ends, or until another holder has a newer token. True when it
+        ended here and the final write acked its queue entry `entry_id`.
+
+        `token` and `cancel`: the job's fence and cancel flag, read as it was taken."""
         call: CallResult | None = None
         if adopt(job):
             # its holder stopped during the attempt: the run may have ended meanwhile, and its
@@ -544,22 +556,24 @@ class Dispatcher:
         else:
             self._budget.record_call()  # a first attempt (an adopted run is not a new call)
         asked = False
+        fresh = True  # `cancel` was read just now
         while True:
-            cancel = await self._store.cancel_requested(job.job_id)
+            if not fresh and cancel_matters(call):
+                cancel = await self._store.cancel_requested(job.job_id)
+            fresh = False
             step = decide(job, call, now=self._clock.timestamp(), cancel_requested=cancel)
             call = None
             if isinstance(step, Stop):
                 self._counts["superseded"] += 1
                 log.info("job %s: %s", job.job_id, step.reason)
-                return
+                return False
             if isinstance(step, Finish):
-                await self._finish(job, token, step)
-                return
+                return await self._finish(job, token, step, entry_id)
             if isinstance(step, Requeue):
                 job.state = JobState.PENDING
                 if (written := await self._write(job, token)) is not WriteResult.WRITTEN:
                     log.info("job %s: not retried, the record is %s", job.job_id, written.name)
-                    return
+                    return False
                 log.info("job %s: attempt %d %s; retrying", job.job_id, len(job.attempts),
                          step.reason, extra=_worker_of(job))  # fmt: skip
                 self._counts["retries"] += 1
@@ -571,7 +585,7 @@ class Dispatcher:
             address = await self._before_attempt(job, step)
             if address is None:
                 if await self._store.get(job.job_id) is None:
-                    return  # its record is gone (Redis lost its data): the caller ends it
+                    return False  # its record is gone (Redis lost its data): the caller ends it
                 continue  # deadline or cancel while waiting: decide() ends it
             token = await self._store.next_token(job.job_id)
             attempt = AttemptRecord(
@@ -585,7 +599,7 @@ class Dispatcher:
             if (written := await self._write(job, token)) is not WriteResult.WRITTEN:
                 log.info("job %s: not dispatched, the record is %s", job.job_id, written.name)
                 self.breaker(address).release()
-                return
+                return False
             self._counts["dispatched"] += 1
             call = await self._call(job, address, token)
             if call.kind in (CallKind.UNREACHABLE, CallKind.LOST):
@@ -593,11 +607,11 @@ class Dispatcher:
                 call = await self._recorded_outcome(job) or call
             _note(attempt, call, self._clock.timestamp())
 
-    async def _write(self, job: BatchJob, token: int) -> WriteResult:
+    async def _write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """The store's fenced write; when it was refused because Redis went back in time (the
         fence below our token, which only this holder took), the fence is restored, said once
         per job, and the write made again."""
-        written = await self._store.write(job, token)
+        written = await self._store.write(job, token, ack=ack)
         # not after a data loss: the record may be a new job under the same id, its own tokens
         same_data = self._losses_at_take.get(job.job_id) == self._data_losses
         if (
@@ -610,7 +624,7 @@ class Dispatcher:
                 "job %s: Redis lost its last writes (the job's fence went back below token %d,"
                 " which this orchestrator holds): restored it", job.job_id, token,
             )  # fmt: skip
-            written = await self._store.write(job, token)
+            written = await self._store.write(job, token, ack=ack)
         return written
 
     async def _recorded_outcome(self, job: BatchJob) -> CallResult | None:
@@ -860,10 +874,13 @@ class Dispatcher:
 
     async def _watch_cancel(self, job_id: str, address: str) -> None:
         """While the call runs: on a cancel request, ask the worker to stop the run (again on
-        each check until the call ends: the run then ends CANCELLED)."""
+        each check until the call ends: the run then ends CANCELLED). Woken by cancel requests
+        only (not by the job's own writes), and reads the flag at least every
+        CANCEL_CHECK_SECONDS, in case an event was missed."""
         while True:
-            with anyio.move_on_after(CANCEL_CHECK_SECONDS):
-                await self._events.wait_changed(job_id)
+            with self._events.watching_cancel(job_id) as asked:
+                with anyio.move_on_after(CANCEL_CHECK_SECONDS):
+                    await asked.wait()
             if await self._store.cancel_requested(job_id):
                 await self._client.cancel(address, job_id)
 
@@ -872,10 +889,11 @@ class Dispatcher:
         if self._task_group is not None:
             self._task_group.start_soon(self._client.cancel, address, job_id)
 
-    async def _finish(self, job: BatchJob, token: int, step: Finish) -> None:
+    async def _finish(self, job: BatchJob, token: int, step: Finish, entry_id: str) -> bool:
+        """Write the job's end (acking its entry in the same step); True when it was written."""
         job.state, job.result_json, job.error = step.state, step.result_json, step.error
         job.finished_at = self._clock.timestamp()
-        written = await self._write(job, token)
+        written = await self._write(job, token, ack=entry_id)
         if written is WriteResult.WRITTEN:
             self._counts[step.state.value] += 1
             log.info("job %s (%s) %s after %d attempt(s)%s", job.job_id, job.job_type,
@@ -889,6 +907,7 @@ class Dispatcher:
             log.warning(
                 "job %s: result of superseded attempt (token %d) refused", job.job_id, token
             )
+        return written is WriteResult.WRITTEN
 
 
 def _corrupt(exc: Exception) -> CorruptRecord | None:

@@ -4,13 +4,17 @@
     ├── RedisMonitor       Redis up or down (health, UNAVAILABLE), and whether it lost its data
     ├── JobEvents          one pub/sub connection: wakes Execute, WatchJob and CancelJob
     ├── WorkerDirectory    the workers' PodInfo, refreshed every discovery interval
+    │                      (these three on a small pool of their own, the rest on the main one)
     ├── Dispatcher         the job queue → workers, with retry, breaker and fencing
+    ├── IndexTrimmer       drops the job index's entries of expired records, once a minute
     ├── HttpServer         /metrics, /healthz, /readyz (Hypercorn) when `metrics.port` is set
-    └── GrpcServer         OrchestratorService, reflection, health
+    ├── GrpcServer         OrchestratorService, reflection, health
+    └── RoleReporter       this orchestrator's RoleInfo (`jobworker status`), every report interval
 
-Shutdown (SIGTERM/SIGINT): health NOT_SERVING, submissions refused with UNAVAILABLE, no new
-stream entries taken; jobs in hand get `drain_grace_seconds` to end, and those still going
-after it stay pending in the stream, where another orchestrator claims them.
+Shutdown (SIGTERM/SIGINT): health NOT_SERVING, RoleInfo DRAINING, submissions refused with
+UNAVAILABLE, no new stream entries taken; jobs in hand get `drain_grace_seconds` to end, and
+those still going after it stay pending in the stream, where another orchestrator claims them;
+the RoleInfo record is removed.
 
 While Redis is unreachable: health NOT_SERVING and /readyz 503, calls that need Redis answered
 UNAVAILABLE with a retry-after, jobs in hand wait where they are; all back once it answers.
@@ -27,15 +31,19 @@ import socket
 import anyio
 import anyio.abc
 
+from app import __version__
 from app.config import Config
 from app.core.balancer import make_balancer
+from app.core.clock import SystemClock
 from app.errors import ConfigError
+from app.fleet.role_info import Role, RoleInfo, RoleStatus
 from app.grpc.limits import limits_from
-from app.grpc.ports import candidate_ports
+from app.grpc.ports import advertised_ip, candidate_ports
 from app.grpc.server import GrpcServer
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.grpc_worker_client import GrpcWorkerClient
+from app.orchestrator.index_trimmer import IndexTrimmer
 from app.orchestrator.service import OrchestratorService
 from app.stores.abc import JobEvents, JobStore
 from app.stores.bad_data import BadData
@@ -44,8 +52,14 @@ from app.stores.redis.job_events import RedisJobEvents
 from app.stores.redis.job_store import RedisJobStore
 from app.stores.redis.monitor import RedisMonitor
 from app.stores.redis.pod_registry import RedisPodRegistry
+from app.stores.redis.pool import pool_statistics
+from app.stores.redis.role_registry import RedisRoleRegistry
+from app.stores.role_reporter import RoleReporter
 
 log = logging.getLogger("app.orchestrator")
+
+# how long shutdown waits on Redis for the DRAINING report and the record's removal
+REGISTRY_SHUTDOWN_SECONDS = 3.0
 
 
 async def serve_orchestrator(config: Config) -> None:
@@ -58,6 +72,9 @@ async def serve_orchestrator(config: Config) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             redis = create_redis(config.redis)
+            # health, the job events' subscription and the workers' reports on connections of
+            # their own: a pool busy with the load must not read as Redis or a worker being away
+            liveness = create_redis(config.redis, liveness=True)
             bad_data = BadData()  # junk met in the store: said once, counted in /metrics
             store: JobStore = RedisJobStore(
                 redis,
@@ -67,10 +84,11 @@ async def serve_orchestrator(config: Config) -> None:
                 retention_seconds=o.retention_seconds,
                 bad_data=bad_data,
                 lost_key=o.lost_key,
+                index_key=o.index_key,
             )
-            events: JobEvents = RedisJobEvents(redis, job_prefix=o.job_prefix, bad_data=bad_data)
+            events: JobEvents = RedisJobEvents(liveness, job_prefix=o.job_prefix, bad_data=bad_data)
             directory = WorkerDirectory(
-                RedisPodRegistry(redis),
+                RedisPodRegistry(liveness),
                 prefix=config.redis.key_prefix,
                 report_interval_seconds=o.worker_report_interval_seconds,
                 refresh_seconds=o.discovery_interval_seconds,
@@ -84,6 +102,7 @@ async def serve_orchestrator(config: Config) -> None:
                 store, events, directory, client, make_balancer(o.balancer), o, consumer=consumer
             )
             service = OrchestratorService(store, events, directory, dispatcher, o)
+            trimmer = IndexTrimmer(store, retention_seconds=o.retention_seconds)
             server = GrpcServer(
                 [service],
                 host=o.host,
@@ -95,7 +114,7 @@ async def serve_orchestrator(config: Config) -> None:
                 server.set_serving(redis_up and not service.draining)
 
             monitor = RedisMonitor(
-                redis,
+                liveness,
                 what=f"Redis at {config.redis.display_url()}",
                 consequence="health NOT_SERVING, calls that need it answered UNAVAILABLE,"
                 " jobs in hand wait where they are",
@@ -114,6 +133,32 @@ async def serve_orchestrator(config: Config) -> None:
                 return None if reason is None else (reason, monitor.retry_after())
 
             service.store_down = store_down
+            clock = SystemClock()
+            started = clock.now().isoformat(timespec="milliseconds")
+            ip = advertised_ip(o.host, config.grpc.advertise_ip)
+            interval = config.schedule.report_interval_seconds
+
+            def role_info() -> RoleInfo:
+                now = clock.now()
+                stats = dispatcher.statistics()
+                return RoleInfo(
+                    role=Role.ORCHESTRATOR, ip=ip, grpc_port=server.port, pid=os.getpid(),
+                    host=socket.gethostname(), version=__version__, start_datetime=started,
+                    status=RoleStatus.DRAINING if service.draining else RoleStatus.SERVING,
+                    update_datetime=now.isoformat(timespec="milliseconds"),
+                    update_epoch_ms=int(now.timestamp() * 1000),
+                    report_interval_seconds=interval, inflight=stats.inflight,
+                    max_inflight=o.max_inflight, waiting=stats.waiting_for_worker,
+                )  # fmt: skip
+
+            reporter = RoleReporter(
+                # on the connections of its own: `jobworker status` must not see it gone for load
+                RedisRoleRegistry(liveness, prefix=config.redis.roles_key_prefix),
+                role_info,
+                ttl_seconds=config.redis.ttl_seconds,
+                interval_seconds=interval,
+                clock=clock,
+            )
             try:
                 # nothing works without the shared Redis: wait for it (a signal still stops us)
                 async with anyio.create_task_group() as waiting:
@@ -140,6 +185,7 @@ async def serve_orchestrator(config: Config) -> None:
                     dispatcher_done.set()
 
                 await tg.start(run_dispatcher)
+                await tg.start(trimmer.run)
                 if config.metrics.port is not None:
                     # the HTTP edge (Starlette, Hypercorn, prometheus_client: ~120 modules, ~4 MiB)
                     # is imported only by a role that serves it
@@ -151,7 +197,13 @@ async def serve_orchestrator(config: Config) -> None:
                         host=config.metrics.host,
                         port=config.metrics.port,
                         collect=lambda: orchestrator_metrics(
-                            dispatcher, directory, server, bad_data, monitor
+                            dispatcher,
+                            directory,
+                            server,
+                            bad_data,
+                            monitor,
+                            trimmer,
+                            pool_statistics(redis),
                         ),
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,
@@ -161,6 +213,7 @@ async def serve_orchestrator(config: Config) -> None:
                     server.run, candidate_ports(o.port, o.port_search if o.port else 0)
                 )
                 serving(monitor.up)  # the server starts SERVING; Redis may have gone meanwhile
+                await tg.start(reporter.run)
                 gc.freeze()  # start-up's objects out of the collector's sight (see worker_main)
                 log.info(
                     "orchestrator ready: consumer %s, port %d, %r, %r, %r",
@@ -173,6 +226,8 @@ async def serve_orchestrator(config: Config) -> None:
                 server.set_serving(False)
                 service.draining = True
                 dispatcher.begin_drain()
+                with anyio.move_on_after(REGISTRY_SHUTDOWN_SECONDS):
+                    await reporter.report(force=True)  # DRAINING, for `jobworker status`
                 with anyio.move_on_after(o.drain_grace_seconds) as grace:
 
                     async def second_signal() -> None:
@@ -189,7 +244,10 @@ async def serve_orchestrator(config: Config) -> None:
                 log.info("drained: %r", dispatcher)
             finally:
                 client.close()
+                with anyio.move_on_after(REGISTRY_SHUTDOWN_SECONDS, shield=True):
+                    await reporter.close()
                 with anyio.move_on_after(1, shield=True):
                     await redis.aclose()
+                    await liveness.aclose()
                 tg.cancel_scope.cancel()
     log.info("orchestrator stopped")

@@ -14,9 +14,11 @@ from app.grpc.metrics import grpc_metrics
 from app.grpc.server import GrpcServer
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
+from app.orchestrator.index_trimmer import IndexTrimmer
 from app.stores.bad_data import BadData
 from app.stores.redis.metrics import redis_metrics
 from app.stores.redis.monitor import RedisMonitor
+from app.stores.redis.pool import PoolStatistics
 
 
 def orchestrator_metrics(
@@ -25,9 +27,12 @@ def orchestrator_metrics(
     server: GrpcServer | None = None,
     bad_data: BadData | None = None,
     monitor: RedisMonitor | None = None,
+    trimmer: IndexTrimmer | None = None,
+    pool: PoolStatistics | None = None,
 ) -> list[Metric]:
     """The dispatcher's counters, each known worker's eligibility and breaker, gRPC's counters,
-    the junk found in the store, and Redis as the monitor sees it."""
+    the junk found in the store, Redis as the monitor sees it and the pool of connections, and
+    the job index's trimming."""
     s = dispatcher.statistics()
     jobs = CounterMetricFamily(
         "jobworker_orchestrator_jobs", "Jobs this orchestrator ended", labels=["state"]
@@ -73,6 +78,8 @@ def orchestrator_metrics(
          s.found_on_worker),
         ("store_waits", "Store calls of jobs in hand that waited out a Redis outage",
          s.store_waits),
+        ("store_busy", "Store calls of jobs in hand made again after every Redis connection"
+         " stayed in use for the pool's wait (load)", s.store_busy),
     ):  # fmt: skip
         out.append(CounterMetricFamily(f"jobworker_orchestrator_{name}", help_, value=value))
     breaker = StateSetMetricFamily(
@@ -106,6 +113,12 @@ def orchestrator_metrics(
         for kind, value in b.quarantined.items():
             quarantined.add_metric([kind], value)
         out += [found, quarantined]
+    if trimmer is not None:
+        t = trimmer.statistics()
+        out.append(CounterMetricFamily(
+            "jobworker_orchestrator_index_trimmed",
+            "Job index entries dropped because their record had expired", value=t.trimmed,
+        ))  # fmt: skip
     grpc = grpc_metrics(server.statistics()) if server is not None else []
-    redis = redis_metrics(monitor.statistics()) if monitor is not None else []
+    redis = redis_metrics(monitor.statistics(), pool) if monitor is not None else []
     return [*out, breaker, opened, eligible, *grpc, *redis]

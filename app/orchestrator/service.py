@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import anyio
@@ -17,14 +18,23 @@ from grpclib.exceptions import GRPCError
 
 from app.config import OrchestratorConfig
 from app.core.clock import utc_iso
-from app.errors import CorruptRecord, StoreUnavailable
+from app.errors import CorruptIndex, CorruptRecord, StoreBusy, StoreUnavailable, shown
 from app.fleet.batch_job import BatchJob, encode_job
-from app.fleet.job_state import to_orchestrator_wire
+from app.fleet.job_index import (
+    DEFAULT_LIMIT,
+    MAX_LIMIT,
+    JobQuery,
+    decode_token,
+    encode_token,
+)
+from app.fleet.job_state import JobState, from_orchestrator_wire, to_orchestrator_wire
 from app.fleet.limits import MAX_ID_LENGTH, MAX_NAME_LENGTH, params_problem
+from app.fleet.schedules import MAX_SCHEDULE_NAME, SCHEDULE_NAME
 from app.grpc.status import retry_later
 from app.orchestrator.admission import RefusalKind, admit, reuse_problem
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
+from app.orchestrator.job_listing import list_jobs
 from app.pb import orchestrator as pb
 from app.stores.abc import JobEvents, JobStore, SubmitResult
 from app.stores.waits import wait_finished
@@ -46,6 +56,8 @@ R = TypeVar("R")
 
 #: When a full queue tells the client to come back (RetryInfo, `retry-after-ms`).
 QUEUE_FULL_RETRY_SECONDS = 5.0
+#: When a call refused because every Redis connection stayed busy tells the client to come back.
+BUSY_RETRY_SECONDS = 1.0
 _STATUS = {
     RefusalKind.NOT_FOUND: Status.NOT_FOUND,
     RefusalKind.INVALID_ARGUMENT: Status.INVALID_ARGUMENT,
@@ -62,13 +74,67 @@ def _check_id(job_id: str) -> None:
         raise _invalid("job_id", f"letters, digits and _.:@/- only, at most {MAX_ID_LENGTH}")
 
 
+def _check_job_type(job_type: str, field: str = "job_type") -> None:
+    if len(job_type) > MAX_NAME_LENGTH or not _NAME.match(job_type):
+        raise _invalid(field, f"letters, digits and _.:@/- only, at most {MAX_NAME_LENGTH}")
+
+
+def _check_schedule(schedule: str) -> None:
+    if len(schedule) > MAX_SCHEDULE_NAME or not SCHEDULE_NAME.match(schedule):
+        raise _invalid(
+            "schedule", f"a schedule's name: letters, digits and _.- only, at most"
+            f" {MAX_SCHEDULE_NAME}",
+        )  # fmt: skip
+
+
+def _instant(field: str, text: str) -> float:
+    """An RFC 3339 instant (UTC when it has no offset) as Unix seconds, or INVALID_ARGUMENT."""
+    try:
+        at = datetime.fromisoformat(text) if len(text) <= 64 else None
+    except ValueError:
+        at = None
+    if at is None:
+        raise _invalid(field, f"not an RFC 3339 time: {shown(text)}")
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return at.timestamp()
+
+
+def job_query(req: pb.ListJobsRequest) -> JobQuery:
+    """The query a ListJobs request asks, or INVALID_ARGUMENT naming the field."""
+    states: set[JobState] = set()
+    for value in req.states:
+        state = from_orchestrator_wire(int(value))
+        if state is None:
+            raise _invalid("states", f"{int(value)} is not a job state")
+        states.add(state)
+    if req.job_type:
+        _check_job_type(req.job_type)
+    if req.schedule:
+        _check_schedule(req.schedule)
+    since = _instant("submitted_since", req.submitted_since) if req.submitted_since else -math.inf
+    until = _instant("submitted_until", req.submitted_until) if req.submitted_until else math.inf
+    if until <= since:
+        raise _invalid("submitted_until", "must be after submitted_since")
+    if req.limit > MAX_LIMIT:
+        raise _invalid("limit", f"must be 0..{MAX_LIMIT} (0: {DEFAULT_LIMIT})")
+    try:
+        after = decode_token(req.page_token) if req.page_token else None
+    except ValueError:
+        raise _invalid("page_token", "not a token this service gave") from None
+    return JobQuery(
+        states=frozenset(states), job_type=req.job_type, schedule=req.schedule, since=since,
+        until=until, limit=req.limit or DEFAULT_LIMIT, after=after,
+    )  # fmt: skip
+
+
 @contextmanager
 def _data_loss() -> Iterator[None]:
     """A job whose stored data does not read answers DATA_LOSS with the one-line reason (the
     store has said it in the log, once), never UNKNOWN."""
     try:
         yield
-    except CorruptRecord as exc:
+    except (CorruptRecord, CorruptIndex) as exc:
         raise GRPCError(Status.DATA_LOSS, str(exc)) from None
 
 
@@ -83,14 +149,15 @@ def _store_guarded(
     method: Callable[[OrchestratorService, M], Awaitable[R]],
 ) -> Callable[[OrchestratorService, M], Coroutine[Any, Any, R]]:
     """Refuse at once while the store is known to be away, and answer a call that meets an
-    outage with UNAVAILABLE, never a traceback."""
+    outage with UNAVAILABLE, or this process's connections all busy with RESOURCE_EXHAUSTED,
+    never a traceback."""
 
     @functools.wraps(method)
     async def call(self: OrchestratorService, message: M) -> R:
         self.refuse_while_store_down()
         try:
             return await method(self, message)
-        except StoreUnavailable as exc:
+        except (StoreUnavailable, StoreBusy) as exc:
             raise self.store_error(exc) from None
 
     return call
@@ -123,6 +190,7 @@ def job_message(job: BatchJob) -> pb.Job:
         finished_at=utc_iso(job.finished_at),
         deadline_at=utc_iso(job.deadline_at),
         fencing_token=job.fencing_token,
+        schedule=job.schedule,
     )
 
 
@@ -145,6 +213,7 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         self.draining = False
         # set by the composition root: the store's state as its monitor sees it
         self.store_down: StoreDown = lambda: None
+        self.busy_refusals = 0  # calls answered RESOURCE_EXHAUSTED: every connection was busy
 
     def refuse_while_store_down(self) -> None:
         """UNAVAILABLE with a retry-after while the store is known to be away."""
@@ -152,9 +221,19 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         if down is not None:
             raise unavailable(*down)
 
-    def store_error(self, exc: StoreUnavailable, hint: str = "") -> GRPCError:
-        """The UNAVAILABLE answer to a call that met a store outage."""
+    def store_error(self, exc: StoreUnavailable | StoreBusy, hint: str = "") -> GRPCError:
+        """The answer to a call that met a store outage (UNAVAILABLE), or found every Redis
+        connection of this process busy for the pool's wait (RESOURCE_EXHAUSTED: load, which
+        the client may retry soon; UNAVAILABLE all the same while the monitor finds Redis away).
+        Both carry a retry-after."""
         down = self.store_down()
+        if isinstance(exc, StoreBusy) and down is None:
+            self.busy_refusals += 1
+            return retry_later(
+                Status.RESOURCE_EXHAUSTED,
+                f"orchestrator busy: {exc}; retry after {BUSY_RETRY_SECONDS:g}s{hint}",
+                BUSY_RETRY_SECONDS,
+            )
         return unavailable(str(exc), down[1] if down else RETRY_AFTER_SECONDS, hint)
 
     # --- validation -------------------------------------------------------------------------------
@@ -164,10 +243,9 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         c = self._config
         if not req.job_type:
             raise _invalid("job_type", "must not be empty")
-        if len(req.job_type) > MAX_NAME_LENGTH or not _NAME.match(req.job_type):
-            raise _invalid(
-                "job_type", f"letters, digits and _.:@/- only, at most {MAX_NAME_LENGTH}"
-            )
+        _check_job_type(req.job_type)
+        if req.schedule:
+            _check_schedule(req.schedule)
         job_id = req.job_id or uuid.uuid4().hex
         _check_id(job_id)
         problem = params_problem(req.params)
@@ -196,6 +274,7 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             retry_on_failure=req.retry_on_failure,
             max_attempts=req.max_attempts or c.max_attempts,
             submitted_at=now,
+            schedule=req.schedule,
         )
 
     def _refusal(self, job_type: str, params: dict[str, str]) -> GRPCError | None:
@@ -250,8 +329,9 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         UNAVAILABLE while draining or while Redis is away (with a retry-after), INVALID_ARGUMENT
         or NOT_FOUND for a bad request (params are checked against the signatures the live
         workers advertise), ALREADY_EXISTS for a known id with another job type or other params,
-        RESOURCE_EXHAUSTED when the job type's queue is full, and DATA_LOSS when the id's
-        existing record does not read.
+        RESOURCE_EXHAUSTED when the job type's queue is full or every Redis connection stayed
+        busy for `redis.pool_timeout_seconds` (both with a retry-after), and DATA_LOSS when the
+        id's existing record does not read.
         """
         with _data_loss():
             job, existing = await self._submit(message)
@@ -265,8 +345,8 @@ class OrchestratorService(pb.OrchestratorServiceBase):
 
         For an id that exists already (with the same job type and params), it waits for that
         job. Past the job's deadline plus 5 s the record comes back as it is then. A Redis outage
-        while waiting answers UNAVAILABLE: the job goes on, and an Execute with its id waits for
-        it again.
+        while waiting answers UNAVAILABLE (every connection busy for the pool's wait:
+        RESOURCE_EXHAUSTED): the job goes on, and an Execute with its id waits for it again.
         """
         with _data_loss():
             job, _ = await self._submit(message)
@@ -276,7 +356,7 @@ class OrchestratorService(pb.OrchestratorServiceBase):
                 final = await wait_finished(
                     self._store, self._events, job.job_id, deadline=deadline
                 )
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreBusy) as exc:
                 hint = f" (job {job.job_id} goes on: Execute it again to wait for it)"
                 raise self.store_error(exc, hint) from None
         return pb.BatchExecutionResponse(job=job_message(final or job))
@@ -310,6 +390,23 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         with _data_loss():
             after = await self._dispatcher.cancel(job.job_id)
         return job_message(after or job)
+
+    @_store_guarded
+    async def list_jobs(self, message: pb.ListJobsRequest) -> pb.ListJobsResponse:
+        """Recent jobs, newest first, from the job index: filtered by state, type, schedule and
+        submit time; a page ends at `limit` jobs or after a bounded number of index entries.
+
+        INVALID_ARGUMENT naming a bad field, DATA_LOSS when the index is not one (entries and
+        records that do not read are skipped, said once and counted).
+        """
+        query = job_query(message)
+        with _data_loss():
+            page = await list_jobs(self._store, query)
+        return pb.ListJobsResponse(
+            jobs=[job_message(job) for job in page.jobs],
+            next_page_token=encode_token(page.next) if page.next is not None else "",
+            examined=page.examined,
+        )
 
     async def list_workers(self, message: pb.ListWorkersRequest) -> pb.ListWorkersResponse:
         """Every worker of the directory's last refresh, stale ones included.
@@ -352,15 +449,17 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         """
         self.refuse_while_store_down()
         try:
-            job = await self._get(message.job_id)
-            last = encode_job(job)
-            yield job_message(job)
-            while not job.state.finished:
-                with anyio.move_on_after(2.0):
-                    await self._events.wait_changed(job.job_id)
-                job = await self._get(job.job_id)
-                if (now := encode_job(job)) != last:
-                    last = now
-                    yield job_message(job)
-        except StoreUnavailable as exc:
+            last = b""
+            while True:
+                # watched from before the read: a change made meanwhile is not missed
+                with self._events.watching(message.job_id) as changed:
+                    job = await self._get(message.job_id)
+                    if (now := encode_job(job)) != last:
+                        last = now
+                        yield job_message(job)
+                    if job.state.finished:
+                        return
+                    with anyio.move_on_after(2.0):
+                        await changed.wait()
+        except (StoreUnavailable, StoreBusy) as exc:
             raise self.store_error(exc) from None

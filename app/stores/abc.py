@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import anyio
@@ -17,6 +18,8 @@ import msgspec
 
 from app.errors import CorruptRecord
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
+from app.fleet.job_index import IndexedJob, IndexPosition
+from app.fleet.role_info import Registration
 from app.fleet.schedules import PendingTick, ScheduleCursor, ScheduleSpec, TickDecision
 
 
@@ -44,6 +47,30 @@ class PodRegistry(Protocol):
         ...
 
 
+class RoleRegistry(Protocol):
+    """Records with expiry, listed per role through a small index (never a scan of the store):
+    where orchestrators and trigger replicas say they are up (`app.fleet.role_info`).
+
+    Each member's record expires `ttl_seconds` after its last `put`; `members` lists the ones
+    still there. An index entry whose record expired is left out, and dropped by a later `put`.
+    """
+
+    async def put(
+        self, role: str, member: str, value: bytes, *, ttl_seconds: float, now: float
+    ) -> None:
+        """Write `member`'s record of `role` for `ttl_seconds` (each put renews it); `now` is
+        the wall time, which dates the index entry."""
+        ...
+
+    async def remove(self, role: str, member: str) -> None:
+        """Drop `member`'s record and index entry (fine when they are not there)."""
+        ...
+
+    async def members(self, role: str) -> list[Registration]:
+        """The live members of `role`, by member name."""
+        ...
+
+
 class SubmitResult(enum.Enum):
     """How `JobStore.submit` went."""
 
@@ -59,6 +86,14 @@ class WriteResult(enum.IntEnum):
     SUPERSEDED = 0  # another attempt holds a newer token
     MISSING = -1
     ALREADY_FINISHED = -2
+
+
+class Taken(msgspec.Struct, frozen=True, kw_only=True):
+    """A job as a dispatcher takes it (`JobStore.take`)."""
+
+    job: BatchJob
+    fence: int
+    cancel_requested: bool
 
 
 #: A queue entry: (entry id, job id). Entry ids order the queue; a job id may be queued once.
@@ -84,8 +119,10 @@ class JobStore(Protocol):
     the job has finished; a finished record is kept for the retention, then expires.
 
     Every method raises `app.errors.StoreUnavailable` while the store cannot serve (the call may
-    work later), and the queue's methods `app.errors.QueueGone` when the consumer group is gone
-    (the store lost its data: `ensure_group` makes it again).
+    work later), `app.errors.StoreBusy` when this process waited too long for a connection to
+    it (load: the call may work a moment later), and the queue's methods
+    `app.errors.QueueGone` when the consumer group is gone (the store lost its data:
+    `ensure_group` makes it again).
     """
 
     async def ensure_group(self) -> bool:
@@ -95,9 +132,9 @@ class JobStore(Protocol):
     async def submit(
         self, job: BatchJob, *, bound: int
     ) -> tuple[SubmitResult, BatchJob | None, int]:
-        """Create the record and queue the job, atomically, unless its id exists or its type has
-        `bound` unfinished jobs. Returns (result, the existing record for EXISTS, the unfinished
-        count for QUEUE_FULL)."""
+        """Create the record, queue the job and add it to the job index (by `submitted_at`),
+        atomically, unless its id exists or its type has `bound` unfinished jobs. Returns
+        (result, the existing record for EXISTS, the unfinished count for QUEUE_FULL)."""
         ...
 
     async def get(self, job_id: str) -> BatchJob | None:
@@ -116,10 +153,20 @@ class JobStore(Protocol):
         """A new fencing token: from now on, holders of older ones are refused."""
         ...
 
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
+    async def take(self, job_id: str) -> Taken | None:
+        """What a dispatcher reads as it takes a job, at once (one round trip on Redis): the
+        record, its fencing token and whether a cancel was asked for; None when there is no
+        record. CorruptRecord as `get`, then `fence`, raise it."""
+        ...
+
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """Store `job` (its `fencing_token` set to `token`) if `token` is the newest and the
         stored job has not finished; a finished job's record starts its retention and no longer
-        counts against its type's bound. Wakes `JobEvents` waiters."""
+        counts against its type's bound. Wakes `JobEvents` waiters.
+
+        `ack`: the job's queue entry, acknowledged and dropped (as `ack` does) in the same step
+        when this write, a final one, is made; a write that is not made, or not final, leaves
+        it."""
         ...
 
     async def restore_fence(self, job_id: str, token: int) -> bool:
@@ -214,6 +261,26 @@ class JobStore(Protocol):
         back with its next read."""
         ...
 
+    async def index_page(
+        self, *, after: IndexPosition | None, since: float, until: float, count: int
+    ) -> list[IndexedJob]:
+        """Up to `count` entries of the job index (every created job, by `submitted_at`; see
+        `submit`), newest first: submitted in [`since`, `until`) and past `after`, each with
+        its job's record.
+
+        The record is None when it is gone (expired: the entry waits for `trim_index`), and when
+        the entry names no job or its record does not read: such junk is said once and counted
+        by the store's `BadData`, and skipped. `CorruptIndex` when the index is not an index.
+        """
+        ...
+
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
+        """Look at up to `count` of the oldest index entries submitted before `before`, past the
+        first `skip` of them, and drop those whose record is gone (a job still recorded stays
+        listed, however old). Returns (entries looked at, entries dropped); (0, 0) when the
+        index is junk."""
+        ...
+
 
 class JobEvents(Protocol):
     """Wakes waiters when a job's record changes (or a cancel is asked for). May miss a change
@@ -227,6 +294,16 @@ class JobEvents(Protocol):
 
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next change."""
+        ...
+
+    def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """An event set on the job's next change from now on (enter it, read the record, then
+        wait on it: a change made meanwhile is not missed, as it is with `wait_changed`)."""
+        ...
+
+    def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """An event set when a cancel of the job is asked for from now on (its other changes
+        leave it be). May miss one, as any event: bound the wait and read the flag."""
         ...
 
 

@@ -15,6 +15,7 @@ import msgspec
 
 from app.errors import BadDataKind
 from app.fleet.batch_job import decode_job
+from app.fleet.limits import MAX_ID_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,17 @@ def record_problem(raw: bytes | str | None) -> str:
     except msgspec.DecodeError as exc:
         return f"{exc} in {show(raw)}"
     return f"it is the record of job {job.job_id!r}"
+
+
+def index_member_id(member: bytes | str) -> str | None:
+    """The job id a job index member names; None when it names none (not UTF-8, empty, longer
+    than an id may be)."""
+    if isinstance(member, bytes):
+        try:
+            member = member.decode()
+        except UnicodeDecodeError:
+            return None
+    return member if 0 < len(member) <= MAX_ID_LENGTH else None
 
 
 def readable(job_id: str, raw: bytes | str) -> bool:

@@ -8,9 +8,11 @@ trio's MockClock moves it; waits are Events, never polling.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import Generic, TypeVar
 
 import anyio
@@ -18,7 +20,7 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
-from app.errors import BadDataKind, CorruptRecord, QueueGone
+from app.errors import BadDataKind, CorruptIndex, CorruptRecord, QueueGone
 from app.fleet.batch_job import (
     BatchJob,
     LostJob,
@@ -28,7 +30,9 @@ from app.fleet.batch_job import (
     encode_job,
     encode_outcome,
 )
+from app.fleet.job_index import IndexedJob, IndexPosition, range_start
 from app.fleet.job_state import FINISHED, JobState
+from app.fleet.role_info import Registration
 from app.fleet.schedules import (
     RAN,
     PendingTick,
@@ -46,6 +50,7 @@ from app.stores.abc import (
     Quarantined,
     QueueEntry,
     SubmitResult,
+    Taken,
     WriteResult,
 )
 from app.stores.bad_data import (
@@ -53,6 +58,7 @@ from app.stores.bad_data import (
     OUTCOME_ACTION,
     RECORD_ACTION,
     BadData,
+    index_member_id,
     is_int,
     not_a,
     readable,
@@ -109,6 +115,13 @@ class _Keys(Generic[V]):
         if self.get(key) is not None:
             self._data[key] = (self._data[key][0], anyio.current_time() + ttl)
 
+    def ttl(self, key: str) -> float | None:
+        """Seconds a live key has left (None: no expiry, or no key), as PTTL tells."""
+        if self.get(key) is None:
+            return None
+        left = self._data[key][1] - anyio.current_time()
+        return None if math.isinf(left) else left
+
 
 class MemoryPodRegistry:
     """The same contract in one process's memory, on the loop clock (for core tests on trio)."""
@@ -138,6 +151,52 @@ class MemoryPodRegistry:
     async def keys(self, prefix: str) -> list[str]:
         """Every live key that starts with `prefix`."""
         return sorted(k for k in self._data.live_keys() if k.startswith(prefix))
+
+
+class MemoryRoleRegistry:
+    """`RoleRegistry` in memory, on the loop clock (expiry) like MemoryPodRegistry."""
+
+    def __init__(self, *, prefix: str = "wpm-roles") -> None:
+        self._prefix = prefix
+        self._data: _Keys[bytes] = _Keys()
+        self._index: dict[str, dict[str, float]] = {}  # role -> member -> until (wall time)
+
+    def __repr__(self) -> str:
+        return f"<MemoryRoleRegistry {self._prefix} records={self._data.count()}>"
+
+    def key(self, role: str, member: str) -> str:
+        """The record's key, as Redis names it."""
+        return f"{self._prefix}:{role}:{member}"
+
+    async def put(
+        self, role: str, member: str, value: bytes, *, ttl_seconds: float, now: float
+    ) -> None:
+        """Write the record for `ttl_seconds`; drop index entries expired a TTL ago."""
+        await anyio.lowlevel.checkpoint()
+        self._data.set(self.key(role, member), bytes(value), ttl_seconds)
+        index = self._index.setdefault(role, {})
+        index[member] = now + ttl_seconds
+        for gone in [m for m, until in index.items() if until < now - ttl_seconds]:
+            del index[gone]
+
+    async def remove(self, role: str, member: str) -> None:
+        """Drop the record and its index entry."""
+        await anyio.lowlevel.checkpoint()
+        self._data.delete(self.key(role, member))
+        self._index.get(role, {}).pop(member, None)
+
+    async def members(self, role: str) -> list[Registration]:
+        """The members whose record is still there, by name."""
+        await anyio.lowlevel.checkpoint()
+        found = []
+        for member in sorted(self._index.get(role, {})):
+            key = self.key(role, member)
+            value = self._data.get(key)
+            if value is not None:
+                found.append(Registration(
+                    key=key, member=member, value=value, ttl_left_seconds=self._data.ttl(key),
+                ))  # fmt: skip
+        return found
 
 
 class _Pending(msgspec.Struct):
@@ -185,10 +244,13 @@ class MemoryJobStore:
         self._pending: dict[int, _Pending] = {}
         self._consumers: dict[str, float] = {}  # the group's consumers: when each last came
         self._arrived: anyio.Event | None = None  # made by a blocked reader, set by submit
-        self._listeners: list[Callable[[str], None]] = []  # MemoryJobEvents' wake-ups
+        self._listeners: list[Callable[..., None]] = []  # MemoryJobEvents' wake-ups
         self._quarantine: deque[Quarantined] = deque(maxlen=quarantine_maxlen)
         self._quarantined = 0
         self._lost: deque[LostJob] = deque(maxlen=10_000)
+        # the job index, member -> score, as a ZSET (members are bytes there: junk can be too)
+        self._index: dict[bytes, float] = {}
+        self._index_junk = False  # the index's key holds another type (planted by a test)
 
     def forget_everything(self) -> None:
         """Lose every record, token, outcome and the queue with its group, as a Redis that
@@ -203,6 +265,8 @@ class MemoryJobStore:
         self._consumers.clear()
         self._quarantine.clear()
         self._lost.clear()
+        self._index.clear()
+        self._index_junk = False
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -220,9 +284,9 @@ class MemoryJobStore:
             pending=len(self._pending),
         )
 
-    def _publish(self, job_id: str) -> None:
+    def _publish(self, job_id: str, *, cancel: bool = False) -> None:
         for wake in self._listeners:
-            wake(job_id)
+            wake(job_id, cancel=cancel)
 
     # --- junk (as RedisJobStore meets it) ---------------------------------------------------------
 
@@ -276,6 +340,10 @@ class MemoryJobStore:
             return SubmitResult.QUEUE_FULL, None, queued
         self._queued[job.job_type] = queued + 1
         self._records.set(job.job_id, encode_job(job))
+        if self._index_junk:
+            self._index_is_junk()
+        else:
+            self._index[job.job_id.encode()] = job.submitted_at
         self._last_entry += 1
         self._entries[self._last_entry] = job.job_id
         self._unread.append(self._last_entry)
@@ -290,6 +358,16 @@ class MemoryJobStore:
         raw = self._records.get(job_id)
         return None if raw is None else self._decode(job_id, raw)
 
+    async def take(self, job_id: str) -> Taken | None:
+        """The record, its fencing token and whether a cancel was asked for, at once."""
+        await anyio.lowlevel.checkpoint()
+        raw = self._records.get(job_id)
+        if raw is None:
+            return None
+        job = self._decode(job_id, raw)
+        return Taken(job=job, fence=self._fence(job_id),
+                     cancel_requested=self._cancels.get(job_id) is not None)  # fmt: skip
+
     async def fence(self, job_id: str) -> int:
         """The job's newest fencing token (0 before the first)."""
         await anyio.lowlevel.checkpoint()
@@ -302,8 +380,9 @@ class MemoryJobStore:
         self._fences.keep_ttl(job_id, str(token).encode())
         return token
 
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
-        """Store `job` if `token` is the newest and the stored job has not finished."""
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
+        """Store `job` if `token` is the newest and the stored job has not finished; a final
+        write acks the entry `ack` too."""
         job.fencing_token = token  # as RedisJobStore does: the caller's record carries it
         await anyio.lowlevel.checkpoint()
         current = self._records.get(job.job_id)
@@ -321,6 +400,8 @@ class MemoryJobStore:
             self._queued[job.job_type] = max(0, self._queued.get(job.job_type, 0) - 1)
             for keys in (self._records, self._fences, self._cancels):
                 keys.expire(job.job_id, self._retention)
+            if ack:
+                self._ack_now(ack)
         self._publish(job.job_id)
         return WriteResult.WRITTEN
 
@@ -347,7 +428,7 @@ class MemoryJobStore:
         token = self._fence(job_id) + 1  # junk raises before anything changes, as in Redis
         self._cancels.set(job_id, True, self._retention)
         if job.state is not JobState.PENDING:
-            self._publish(job_id)  # its holder stops it; waiters re-read meanwhile
+            self._publish(job_id, cancel=True)  # its holder stops it; waiters re-read meanwhile
             return job
         cancelled = msgspec.structs.replace(
             job, state=JobState.CANCELLED, error=error, finished_at=now, fencing_token=token
@@ -539,9 +620,63 @@ class MemoryJobStore:
     async def ack(self, entry_id: str) -> None:
         """Acknowledge and drop the entry (XACK and XDEL): nobody reads or claims it again."""
         await anyio.lowlevel.checkpoint()
+        self._ack_now(entry_id)
+
+    def _ack_now(self, entry_id: str) -> None:
         number = _entry_number(entry_id)
         self._pending.pop(number, None)
         self._entries.pop(number, None)
+
+    # --- the job index ----------------------------------------------------------------------------
+
+    def _index_is_junk(self) -> CorruptIndex:
+        self.bad_data.found(BadDataKind.JOB_INDEX, "index", "not a sorted set",
+                            "jobs are not indexed, and listing them answers DATA_LOSS, until"
+                            " it is deleted")  # fmt: skip
+        return CorruptIndex("job index: unreadable: not a sorted set")
+
+    async def index_page(
+        self, *, after: IndexPosition | None, since: float, until: float, count: int
+    ) -> list[IndexedJob]:
+        """ZREVRANGEBYSCORE (ties by member, descending) and the records of the entries."""
+        await anyio.lowlevel.checkpoint()
+        if self._index_junk:
+            raise self._index_is_junk()
+        top, included, skip = range_start(after, until)
+        chosen = sorted(
+            ((score, member) for member, score in self._index.items()
+             if since <= score and (score < top or (included and score == top))),
+            reverse=True,
+        )[skip : skip + count]  # fmt: skip
+        page: list[IndexedJob] = []
+        for score, member in chosen:
+            job: BatchJob | None = None
+            job_id = index_member_id(member)
+            if job_id is None:
+                self.bad_data.found(BadDataKind.JOB_INDEX, f"index member {member!r}",
+                                    "not a job id", "skipped")  # fmt: skip
+            elif (raw := self._records.get(job_id)) is not None:
+                with contextlib.suppress(CorruptRecord):  # said and counted by _decode
+                    job = self._decode(job_id, raw)
+            page.append(IndexedJob(score=score, job=job))
+        return page
+
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
+        """Drop the oldest entries (up to `count` looked at, past `skip`) before `before` whose
+        record is gone."""
+        await anyio.lowlevel.checkpoint()
+        if self._index_junk:
+            self._index_is_junk()
+            return 0, 0
+        oldest = sorted((score, member) for member, score in self._index.items()
+                        if score < before)[skip : skip + count]  # fmt: skip
+        removed = 0
+        for _, member in oldest:
+            job_id = index_member_id(member)
+            if job_id is None or self._records.get(job_id) is None:
+                del self._index[member]
+                removed += 1
+        return len(oldest), removed
 
 
 _FINISHED_NAMES = frozenset(s.value for s in FINISHED)
@@ -597,6 +732,14 @@ class MemoryJobEvents:
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next write or cancel request."""
         await self._waiters.wait(job_id)
+
+    def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """See `JobEvents.watching`."""
+        return self._waiters.watching(job_id)
+
+    def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """See `JobEvents.watching_cancel`."""
+        return self._waiters.watching_cancel(job_id)
 
 
 class MemoryScheduleStore:

@@ -7,7 +7,11 @@ run to be made again. Through this wrapper each call is made again, with a backo
 answers; the job then goes on where it was. The outage is logged once, by the `Outage` given.
 Calls that answer a client (Submit, GetJob) use the store directly and fail fast instead.
 
-Only `StoreUnavailable` is waited out; everything else (`QueueGone`, a bug) goes to the caller.
+A call refused as busy (`StoreBusy`: every connection of this process stayed in use for the
+pool's wait) is made again as well, after a short pause, but quietly: that is load, not an
+outage, so it neither logs one nor counts as one for `unavailable_within`.
+
+Only those two are waited out; everything else (`QueueGone`, a bug) goes to the caller.
 A call that reached the store just before the connection broke is made again: the store's calls
 are safe to repeat (reads; a fenced write of the same record; an ack), or harmless (a fencing
 token taken twice leaves one that nobody holds).
@@ -22,14 +26,17 @@ from typing import Any, TypeVar
 import anyio
 
 from app.core.outage import Outage
-from app.errors import CorruptRecord, StoreUnavailable
+from app.errors import CorruptRecord, StoreBusy, StoreUnavailable
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
-from app.stores.abc import JobStore, Quarantined, QueueEntry, SubmitResult, WriteResult
+from app.fleet.job_index import IndexedJob, IndexPosition
+from app.stores.abc import JobStore, Quarantined, QueueEntry, SubmitResult, Taken, WriteResult
 
 T = TypeVar("T")
 
 MIN_DELAY = 0.05
 MAX_DELAY = 1.0
+#: The pause before a call refused as busy is made again (it has waited the pool's timeout).
+BUSY_DELAY = 0.05
 
 
 class PatientJobStore:
@@ -40,9 +47,13 @@ class PatientJobStore:
         self._outage = outage
         self._last_failure = -math.inf
         self.waits = 0  # calls that had to wait for the store
+        self.busy = 0  # calls refused as busy, and made again
 
     def __repr__(self) -> str:
-        return f"<PatientJobStore {self._store!r} {self._outage!r} waits={self.waits}>"
+        return (
+            f"<PatientJobStore {self._store!r} {self._outage!r} waits={self.waits}"
+            f" busy={self.busy}>"
+        )
 
     def unavailable_within(self, seconds: float) -> bool:
         """Whether a call met an outage in the last `seconds` (loop time)."""
@@ -61,6 +72,10 @@ class PatientJobStore:
                 self._outage.failed(exc)  # logs the outage's start once
                 delay = min(MAX_DELAY, max(MIN_DELAY, delay * 2))
                 await anyio.sleep(delay)
+                continue
+            except StoreBusy:
+                self.busy += 1
+                await anyio.sleep(BUSY_DELAY)
                 continue
             self._outage.succeeded()
             return result
@@ -87,9 +102,13 @@ class PatientJobStore:
         """See `JobStore.next_token`."""
         return await self._call(self._store.next_token, job_id)
 
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
+    async def take(self, job_id: str) -> Taken | None:
+        """See `JobStore.take`."""
+        return await self._call(self._store.take, job_id)
+
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """See `JobStore.write`."""
-        return await self._call(self._store.write, job, token)
+        return await self._call(self._store.write, job, token, ack=ack)
 
     async def restore_fence(self, job_id: str, token: int) -> bool:
         """See `JobStore.restore_fence`."""
@@ -152,3 +171,13 @@ class PatientJobStore:
     async def remove_idle_consumers(self, *, min_idle_ms: int, keep: str) -> list[str]:
         """See `JobStore.remove_idle_consumers`; not waited for: a sweep missed is done later."""
         return await self._store.remove_idle_consumers(min_idle_ms=min_idle_ms, keep=keep)
+
+    async def index_page(
+        self, *, after: IndexPosition | None, since: float, until: float, count: int
+    ) -> list[IndexedJob]:
+        """See `JobStore.index_page`; not waited for: it answers a client."""
+        return await self._store.index_page(after=after, since=since, until=until, count=count)
+
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
+        """See `JobStore.trim_index`; not waited for: a trim missed is done later."""
+        return await self._store.trim_index(before=before, count=count, skip=skip)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import anyio
 
 from app.fleet.batch_job import BatchJob
@@ -16,32 +19,52 @@ class JobWaiters:
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[anyio.Event]] = {}
+        self._cancel_waiters: dict[str, set[anyio.Event]] = {}  # cancel requests only
 
     def __len__(self) -> int:
         """Jobs waited on now."""
-        return len(self._waiters)
+        return len(self._waiters.keys() | self._cancel_waiters.keys())
 
     def tasks(self) -> int:
         """Tasks waiting now."""
-        return sum(len(w) for w in self._waiters.values())
+        return sum(len(w) for t in (self._waiters, self._cancel_waiters) for w in t.values())
 
-    def wake(self, job_id: str) -> None:
-        """Wake every task waiting on `job_id` (a change arrived)."""
+    def wake(self, job_id: str, *, cancel: bool = False) -> None:
+        """Wake every task waiting on `job_id` (a change arrived); `cancel`: it was a cancel
+        request, which wakes those watching for one too."""
         for event in self._waiters.pop(job_id, ()):
             event.set()
+        if cancel:
+            for event in self._cancel_waiters.pop(job_id, ()):
+                event.set()
 
     async def wait(self, job_id: str) -> None:
         """Return after the next `wake(job_id)`."""
-        event = anyio.Event()
-        self._waiters.setdefault(job_id, set()).add(event)
-        try:
-            await event.wait()
-        finally:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._waiters[job_id]
+        with self.watching(job_id) as changed:
+            await changed.wait()
+
+    def watching(self, job_id: str) -> contextlib.AbstractContextManager[anyio.Event]:
+        """An event set by the next `wake(job_id)` from now on: enter it before reading the
+        record, so that a change between the read and the wait is not missed."""
+        return _watch(self._waiters, job_id)
+
+    def watching_cancel(self, job_id: str) -> contextlib.AbstractContextManager[anyio.Event]:
+        """An event set by the next `wake(job_id, cancel=True)` from now on."""
+        return _watch(self._cancel_waiters, job_id)
+
+
+@contextlib.contextmanager
+def _watch(table: dict[str, set[anyio.Event]], job_id: str) -> Iterator[anyio.Event]:
+    event = anyio.Event()
+    table.setdefault(job_id, set()).add(event)
+    try:
+        yield event
+    finally:
+        waiters = table.get(job_id)
+        if waiters is not None:
+            waiters.discard(event)
+            if not waiters:
+                del table[job_id]
 
 
 async def wait_finished(
@@ -49,8 +72,10 @@ async def wait_finished(
 ) -> BatchJob | None:
     """The record once the job has ended, or the latest when `deadline` (loop time) passes."""
     while True:
-        job = await store.get(job_id)
-        if job is None or job.state.finished or anyio.current_time() >= deadline:
-            return job
-        with anyio.move_on_after(min(REREAD_SECONDS, deadline - anyio.current_time())):
-            await events.wait_changed(job_id)
+        # watched before the read: an end written between the read and the wait still wakes it
+        with events.watching(job_id) as changed:
+            job = await store.get(job_id)
+            if job is None or job.state.finished or anyio.current_time() >= deadline:
+                return job
+            with anyio.move_on_after(min(REREAD_SECONDS, deadline - anyio.current_time())):
+                await changed.wait()

@@ -67,7 +67,7 @@ def job_for(spec: ScheduleSpec, job_id: str) -> TickJob:
         job_id=job_id, job_type=spec.job_type, params=dict(spec.params),
         timeout_seconds=spec.timeout_seconds, deadline_seconds=spec.deadline_seconds,
         priority=spec.priority, retry_on_failure=spec.retry_on_failure,
-        max_attempts=spec.max_attempts,
+        max_attempts=spec.max_attempts, schedule=spec.name,
     )  # fmt: skip
 
 

@@ -3,7 +3,8 @@
     root task group
     ├── TriggerReplica      leases, heartbeats; a ScheduleRunner per schedule it works
     ├── HttpServer          /metrics, /healthz, /readyz (Hypercorn) when `metrics.port` is set
-    └── GrpcServer          TriggerService, reflection, health
+    ├── GrpcServer          TriggerService, reflection, health
+    └── RoleReporter        this replica's RoleInfo (`jobworker status`), every report interval
 
 Start: the `[[schedules]]` of the config are checked (a bad one exits 2 naming its key), Redis is
 waited for, the config's schedules are synced into the store, then the replica takes its share
@@ -12,7 +13,8 @@ is configured as a leader.
 
 Shutdown (SIGTERM/SIGINT): health NOT_SERVING and changes refused with UNAVAILABLE; runners stop
 between steps (one in the middle of a tick gets `trigger.drain_grace_seconds`), the leases are
-released so that another replica takes the schedules over at once, exit 0. A second signal
+released so that another replica takes the schedules over at once, the RoleInfo record (DRAINING
+meanwhile) is removed, exit 0. A second signal
 stops at once; the leases then run out.
 """
 
@@ -27,21 +29,29 @@ import socket
 import anyio
 import anyio.abc
 
+from app import __version__
 from app.config import Config
 from app.core.clock import SystemClock
 from app.errors import ConfigError
+from app.fleet.role_info import Role, RoleInfo, RoleStatus
 from app.grpc.limits import limits_from
-from app.grpc.ports import candidate_ports
+from app.grpc.ports import advertised_ip, candidate_ports
 from app.grpc.server import GrpcServer
 from app.stores.redis.client import create_redis, wait_for_redis
 from app.stores.redis.monitor import RedisMonitor
+from app.stores.redis.pool import pool_statistics
+from app.stores.redis.role_registry import RedisRoleRegistry
 from app.stores.redis.schedule_store import RedisScheduleStore
+from app.stores.role_reporter import RoleReporter
 from app.trigger.config_sync import config_specs, sync_config_schedules
 from app.trigger.orchestrator_client import GrpcOrchestratorClient
 from app.trigger.replica import TriggerReplica, default_replica_id
 from app.trigger.service import TriggerService
 
 log = logging.getLogger("app.trigger")
+
+# how long shutdown waits on Redis for the DRAINING report and the record's removal
+REGISTRY_SHUTDOWN_SECONDS = 3.0
 
 
 async def serve_trigger(config: Config) -> None:
@@ -58,6 +68,8 @@ async def serve_trigger(config: Config) -> None:
     with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with anyio.create_task_group() as tg:
             redis = create_redis(config.redis)
+            # health on a connection of its own: a pool busy with the load is not an outage
+            liveness = create_redis(config.redis, liveness=True)
             store = RedisScheduleStore(
                 redis,
                 prefix=t.key_prefix,
@@ -103,7 +115,7 @@ async def serve_trigger(config: Config) -> None:
             # are synced again then; those made through the API are gone) or without its last
             # writes; health NOT_SERVING meanwhile
             monitor = RedisMonitor(
-                redis,
+                liveness,
                 what=f"Redis at {config.redis.display_url()}",
                 consequence="health NOT_SERVING, runners wait for it",
                 on_change=serving,
@@ -112,6 +124,31 @@ async def serve_trigger(config: Config) -> None:
                 " API are gone with it)",
                 interval=config.redis.check_interval_seconds,
             )  # fmt: skip
+            started = clock.now().isoformat(timespec="milliseconds")
+            ip = advertised_ip(t.host, config.grpc.advertise_ip)
+            interval = config.schedule.report_interval_seconds
+
+            def role_info() -> RoleInfo:
+                now = clock.now()
+                stats = replica.statistics()
+                return RoleInfo(
+                    role=Role.TRIGGER, ip=ip, grpc_port=server.port, pid=os.getpid(),
+                    host=socket.gethostname(), version=__version__, start_datetime=started,
+                    status=RoleStatus.DRAINING if service.draining else RoleStatus.SERVING,
+                    update_datetime=now.isoformat(timespec="milliseconds"),
+                    update_epoch_ms=int(now.timestamp() * 1000),
+                    report_interval_seconds=interval, schedules_held=stats.owned,
+                    schedules=stats.schedules, replicas=stats.replicas,
+                )  # fmt: skip
+
+            reporter = RoleReporter(
+                # on the connections of its own: `jobworker status` must not see it gone for load
+                RedisRoleRegistry(liveness, prefix=config.redis.roles_key_prefix),
+                role_info,
+                ttl_seconds=config.redis.ttl_seconds,
+                interval_seconds=interval,
+                clock=clock,
+            )
             try:
                 # nothing works without the shared Redis: wait for it (a signal still stops us)
                 async with anyio.create_task_group() as waiting:
@@ -139,7 +176,7 @@ async def serve_trigger(config: Config) -> None:
                         port=config.metrics.port,
                         collect=lambda: [
                             *trigger_metrics(replica, server, store.bad_data),
-                            *redis_metrics(monitor.statistics()),
+                            *redis_metrics(monitor.statistics(), pool_statistics(redis)),
                         ],
                         draining=lambda: service.draining,
                         grpc_port=lambda: server.port,
@@ -149,6 +186,7 @@ async def serve_trigger(config: Config) -> None:
                     server.run, candidate_ports(t.port, t.port_search if t.port else 0)
                 )
                 serving(monitor.up)  # the server starts SERVING; Redis may have gone meanwhile
+                await tg.start(reporter.run)
                 gc.freeze()  # start-up's objects out of the collector's sight (see worker_main)
                 log.info(
                     "trigger ready: replica %s, port %d, orchestrators %s, %r, %r",
@@ -159,6 +197,8 @@ async def serve_trigger(config: Config) -> None:
                 server.set_serving(False)
                 service.draining = True
                 replica.begin_drain()
+                with anyio.move_on_after(REGISTRY_SHUTDOWN_SECONDS):
+                    await reporter.report(force=True)  # DRAINING, for `jobworker status`
                 with anyio.move_on_after(t.drain_grace_seconds + 3) as grace:
 
                     async def second_signal() -> None:
@@ -173,7 +213,10 @@ async def serve_trigger(config: Config) -> None:
                 log.info("drained: %r", replica)
             finally:
                 client.close()
+                with anyio.move_on_after(REGISTRY_SHUTDOWN_SECONDS, shield=True):
+                    await reporter.close()
                 with anyio.move_on_after(1, shield=True):
                     await redis.aclose()
+                    await liveness.aclose()
                 tg.cancel_scope.cancel()
     log.info("trigger stopped")

@@ -54,6 +54,8 @@ class TickJob(msgspec.Struct, frozen=True, kw_only=True):
     priority: int = 0
     retry_on_failure: bool = False
     max_attempts: int = 0
+    # the schedule whose run it is: recorded with the job (what `jobworker jobs --schedule` reads)
+    schedule: str = ""
 
 
 class Submitted(msgspec.Struct, frozen=True, kw_only=True):
@@ -199,6 +201,7 @@ class GrpcOrchestratorClient:
             priority=job.priority,
             retry_on_failure=job.retry_on_failure,
             max_attempts=job.max_attempts,
+            schedule=job.schedule,
         )
         try:
             reply = await self._call(lambda stub: stub.submit(request))

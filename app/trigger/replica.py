@@ -39,7 +39,7 @@ from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
 from app.core.log_context import bind_log_fields
 from app.core.outage import Outage
-from app.errors import StoreUnavailable
+from app.errors import StoreBusy, StoreUnavailable
 from app.fleet.schedules import TickCause, TickKind
 from app.stores.abc import ScheduleStore
 from app.trigger.orchestrator_client import OrchestratorClient
@@ -222,7 +222,7 @@ class TriggerReplica:
                 for name in names:
                     await self._store.release(name, self.replica_id)
                 await self._store.leave(self.replica_id)
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, StoreBusy) as exc:
                 log.warning("drain: could not release the leases (%s); they run out", exc)
         log.info("trigger replica %s drained: %d schedule(s) released", self.replica_id,
                  len(names))  # fmt: skip
@@ -234,6 +234,8 @@ class TriggerReplica:
             await self._scan_store()
         except StoreUnavailable as exc:
             self._outage.failed(exc)
+        except StoreBusy:
+            pass  # this process's connections were all busy (load): the next scan reads again
         else:
             self._outage.succeeded()
         self._drop_expired()
@@ -318,7 +320,7 @@ class TriggerReplica:
         async def give_back() -> None:
             with anyio.move_on_after(self._lease):
                 await runner.stopped.wait()
-                with contextlib.suppress(StoreUnavailable):  # else it runs out by itself
+                with contextlib.suppress(StoreUnavailable, StoreBusy):  # else it runs out
                     await self._store.release(name, self.replica_id)
 
         self._tg.start_soon(give_back, name=f"release {name}")

@@ -37,7 +37,7 @@ from app.core.clock import Clock
 from app.core.log_context import bind_log_fields, unbind_log_fields
 from app.core.outage import Outage
 from app.core.retry import RetryPolicy
-from app.errors import StoreUnavailable
+from app.errors import StoreBusy, StoreUnavailable
 from app.fleet.schedules import (
     PendingTick,
     ScheduleCursor,
@@ -65,6 +65,8 @@ T = TypeVar("T")
 CALL_RETRY = RetryPolicy(max_attempts=1_000_000, base_seconds=0.2, max_seconds=5.0)
 #: How often a failing tick's attempts are noted in its cursor (for a replica taking over).
 PENDING_NOTE_SECONDS = 1.0
+#: The pause before a step refused as busy (every Redis connection in use) is made again.
+BUSY_RETRY_SECONDS = 0.05
 #: Slack added to an idle wait so that a wake lands after the planned instant, not a hair before.
 _WAKE_SLACK = 0.001
 
@@ -170,6 +172,9 @@ class ScheduleRunner:
                         self.ctx.outage.failed(exc)
                         delay = min(2.0, max(0.1, delay * 2))
                         await self._idle(self.ctx.clock.timestamp() + delay)
+                    except StoreBusy:
+                        # this process's connections were all busy: load, not an outage
+                        await self._idle(self.ctx.clock.timestamp() + BUSY_RETRY_SECONDS)
                     else:
                         delay = 0.0
         finally:
@@ -312,7 +317,7 @@ class ScheduleRunner:
             job_id=job_id, job_type=spec.job_type, params=dict(spec.params),
             timeout_seconds=spec.timeout_seconds, deadline_seconds=spec.deadline_seconds,
             priority=spec.priority, retry_on_failure=spec.retry_on_failure,
-            max_attempts=spec.max_attempts,
+            max_attempts=spec.max_attempts, schedule=spec.name,
         )  # fmt: skip
         c.counters.submits += 1
         answer = await self._until(lambda: c.client.submit(job), step, attempts)
@@ -372,7 +377,7 @@ class ScheduleRunner:
         if now - attempts.noted_at < PENDING_NOTE_SECONDS:
             return
         attempts.noted_at = now
-        with contextlib.suppress(StoreUnavailable):  # a courtesy: the tick goes on without it
+        with contextlib.suppress(StoreUnavailable, StoreBusy):  # a courtesy: the tick goes on
             await self.ctx.store.set_pending(self.name, self.ctx.replica, attempts.pending)
 
 

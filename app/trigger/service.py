@@ -19,7 +19,7 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 
 from app.core.clock import Clock, utc_iso
-from app.errors import StoreUnavailable, shown
+from app.errors import StoreBusy, StoreUnavailable, shown
 from app.fleet.schedules import (
     MAX_SCHEDULE_NAME,
     SCHEDULE_NAME,
@@ -144,6 +144,10 @@ class TriggerService(pb.TriggerServiceBase):
         except StoreUnavailable as exc:
             raise retry_later(
                 Status.UNAVAILABLE, f"the schedule store is unavailable: {exc}", STORE_RETRY_SECONDS
+            ) from None
+        except StoreBusy as exc:  # load, not an outage
+            raise retry_later(
+                Status.RESOURCE_EXHAUSTED, f"trigger busy: {exc}", STORE_RETRY_SECONDS
             ) from None
 
     def _writable(self) -> None:

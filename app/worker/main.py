@@ -43,6 +43,7 @@ from app.stores.redis.embedded import EmbeddedRedis
 from app.stores.redis.job_store import RedisJobStore
 from app.stores.redis.monitor import RedisMonitor
 from app.stores.redis.pod_registry import RedisPodRegistry
+from app.stores.redis.pool import pool_statistics
 from app.worker.builtin_jobs import builtin_specs
 from app.worker.job_master import JobMaster
 from app.worker.job_registry import JobRegistry, default_registry, load_job_modules
@@ -97,6 +98,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             else:
                 raise ConfigError("redis.url", "no Redis configured and redis.embedded is false")
             redis = create_redis(config.redis, redis_url)
+            # health and PodInfo reports on connections of their own: a busy pool must not make
+            # this worker look gone to the fleet
+            liveness = create_redis(config.redis, redis_url, liveness=True)
             # the system's clock, steps included: the scheduler notices an NTP step or a resumed
             # VM, and PodInfo.updateDatetime is what other hosts compare with their own clocks
             clock = SystemClock()
@@ -143,7 +147,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                 advertise_ip=config.grpc.advertise_ip,
             )
             report = ApplicationInfoReportJob(
-                RedisPodRegistry(redis),
+                RedisPodRegistry(liveness),
                 job_master,
                 identity,
                 key_prefix=config.redis.key_prefix,
@@ -166,7 +170,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
             # the worker serves without Redis: the monitor only says so, and notices a data loss
             where = config.redis.display_url() if config.redis.configured else "embedded"
             monitor = RedisMonitor(
-                redis,
+                liveness,
                 what=f"Redis at {where}",
                 consequence="still serving; PodInfo and run outcomes wait for it",
                 on_data_lost=re_register,
@@ -186,7 +190,9 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                     tg,
                     host=config.metrics.host,
                     port=config.metrics.port,
-                    collect=lambda: worker_metrics(job_master, report, server, monitor),
+                    collect=lambda: worker_metrics(
+                        job_master, report, server, monitor, pool_statistics(redis)
+                    ),
                     draining=lambda: job_master.draining,
                     grpc_port=lambda: server.port,
                 )
@@ -218,6 +224,7 @@ async def serve_worker(config: Config, registry: JobRegistry, env: dict[str, str
                     await report.unregister()
                 with anyio.move_on_after(1, shield=True):
                     await redis.aclose()
+                    await liveness.aclose()
                 tg.cancel_scope.cancel()
     log.info("worker stopped")
 

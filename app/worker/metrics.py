@@ -15,6 +15,7 @@ from app.grpc.metrics import grpc_metrics
 from app.grpc.server import GrpcServer
 from app.stores.redis.metrics import redis_metrics
 from app.stores.redis.monitor import RedisMonitor
+from app.stores.redis.pool import PoolStatistics
 from app.worker.job_master import JobMaster
 from app.worker.reporter import ApplicationInfoReportJob
 
@@ -24,9 +25,10 @@ def worker_metrics(
     report: ApplicationInfoReportJob | None,
     server: GrpcServer | None = None,
     monitor: RedisMonitor | None = None,
+    pool: PoolStatistics | None = None,
 ) -> list[Metric]:
     """The job master's load and counters, the registry's health, the gRPC server's counters,
-    Redis as the monitor sees it."""
+    Redis as the monitor sees it, and the pool of connections."""
     s = job_master.statistics()
     load = s.load
     out: list[Metric] = [
@@ -57,5 +59,5 @@ def worker_metrics(
     if server is not None:
         out += grpc_metrics(server.statistics())
     if monitor is not None:
-        out += redis_metrics(monitor.statistics())
+        out += redis_metrics(monitor.statistics(), pool)
     return out

@@ -19,6 +19,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from app.core.clock import Clock, SystemClock
 from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage
+from app.errors import StoreBusy
 from app.fleet.batch_job import RunOutcome
 from app.stores.abc import JobStore
 from app.worker.job_run import JobRun
@@ -26,6 +27,8 @@ from app.worker.job_run import JobRun
 log = logging.getLogger(__name__)
 
 _Item = tuple[str, int, RunOutcome]
+#: The pause before an outcome refused as busy (every Redis connection in use) is written again.
+BUSY_RETRY_SECONDS = 0.05
 
 
 class OutcomeWriterStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -111,6 +114,9 @@ class OutcomeWriter:
                     while True:
                         try:
                             await self._store.record_outcome(job_id, token, outcome)
+                        except StoreBusy:  # every connection in use: load, not an outage
+                            await anyio.sleep(BUSY_RETRY_SECONDS)
+                            continue
                         except Exception as exc:  # the store away: wait, try again
                             await anyio.sleep(self._outage.failed(exc))
                             continue

@@ -22,6 +22,7 @@ from app import __version__
 from app.core.clock import Clock, SystemClock
 from app.core.outage import Outage, OutageState
 from app.fleet.pod_info import PodInfo, encode_pod_info, pod_key
+from app.grpc.ports import advertised_ip
 from app.stores.abc import PodRegistry
 from app.worker.job_master import JobMaster
 
@@ -40,18 +41,6 @@ class PodIdentity(msgspec.Struct, frozen=True, kw_only=True):
     grpc_port: int
     start_datetime: str
     version: str = __version__
-
-
-def advertised_ip(bound_host: str, override: str = "") -> str:
-    """The address others reach this worker at: the override, the bound address, or the host's."""
-    if override:
-        return override
-    if bound_host not in ("", "0.0.0.0", "::"):
-        return bound_host
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"
 
 
 def make_identity(grpc_port: int, *, bound_host: str, advertise_ip: str = "") -> PodIdentity:
@@ -108,6 +97,7 @@ class ApplicationInfoReportJob:
         self._lock = anyio.Lock()
         self.reports = 0
         # the fleet deems a worker gone when its report is older than two intervals
+        self._interval = interval_seconds
         self._stale_after = 2 * interval_seconds
         self._last_written: float | None = None  # monotonic
         # told, after a report that follows a longer absence (frozen, cut off from the
@@ -151,6 +141,7 @@ class ApplicationInfoReportJob:
             host=ident.host,
             start_datetime=ident.start_datetime,
             version=ident.version,
+            report_interval_seconds=self._interval,
             job_names=self._job_master.job_names(),
             job_signatures=self._job_master.job_signatures(),
             live_job_ids=self._live_job_ids(),

@@ -1,10 +1,12 @@
 """Load alone, on the default settings: many clients submitting at once must not make the fleet
 lose, repeat or fail a job (an error of ours is never blamed on a worker, and never re-runs a
-job that is running or done)."""
+job that is running or done), nor take itself for Redis being away (tests/chaos/
+test_defaults_under_load.py: more clients, each on a connection of its own, and Execute)."""
 
 from __future__ import annotations
 
 import threading
+from collections import Counter
 
 import pytest
 
@@ -45,6 +47,13 @@ def test_many_clients_on_the_default_settings(chaos: ChaosFleet) -> None:
     assert report.lost == []
     assert report.completed_twice == []
     assert dict(report.terminal) == {"SUCCEEDED": JOBS}
+    attempts = Counter(
+        "/".join(a["outcome"] for a in (record or {}).get("attempts", []))
+        for record in chaos.records(jobs).values()
+    )
+    assert attempts == {"SUCCEEDED": JOBS}  # none against a worker: one attempt each
     for slot in chaos.slots:
         assert slot.process is not None
         assert "Traceback" not in slot.process.log()
+        # a full pool of Redis connections once read as an outage (issue 12)
+        assert " unreachable" not in slot.process.log()

@@ -10,6 +10,8 @@ __all__ = (
     "Job",
     "JobRequest",
     "JobState",
+    "ListJobsRequest",
+    "ListJobsResponse",
     "ListWorkersRequest",
     "ListWorkersResponse",
     "OrchestratorServiceBase",
@@ -148,6 +150,11 @@ class BatchExecutionRequest(betterproto2.Message):
     0 takes the orchestrator's default.
     """
 
+    schedule: "str" = betterproto2.field(9, betterproto2.TYPE_STRING)
+    """
+    The schedule whose run this is (the trigger sets it); recorded with the job, for ListJobs.
+    """
+
 
 default_message_pool.register_message(
     "orchestrator", "BatchExecutionRequest", BatchExecutionRequest
@@ -211,6 +218,11 @@ class Job(betterproto2.Message):
 
     fencing_token: "int" = betterproto2.field(13, betterproto2.TYPE_UINT64)
 
+    schedule: "str" = betterproto2.field(14, betterproto2.TYPE_STRING)
+    """
+    The schedule that submitted it (empty for a job submitted by hand).
+    """
+
 
 default_message_pool.register_message("orchestrator", "Job", Job)
 
@@ -226,6 +238,78 @@ class JobRequest(betterproto2.Message):
 
 
 default_message_pool.register_message("orchestrator", "JobRequest", JobRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ListJobsRequest(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["ListJobsRequest"]
+
+    states: "list[JobState]" = betterproto2.field(1, betterproto2.TYPE_ENUM, repeated=True)
+    """
+    Jobs in any of these states; empty: every state.
+    """
+
+    job_type: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Only this job type (the worker's job name); empty: every type.
+    """
+
+    schedule: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+    """
+    Only the runs of this schedule; empty: every job.
+    """
+
+    submitted_since: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    Submitted at or after this instant (RFC 3339; UTC when it has no offset); empty: no bound.
+    """
+
+    submitted_until: "str" = betterproto2.field(5, betterproto2.TYPE_STRING)
+    """
+    Submitted before this instant; empty: no bound.
+    """
+
+    limit: "int" = betterproto2.field(6, betterproto2.TYPE_UINT32)
+    """
+    Jobs per page: 0 takes 50, at most 1000.
+    """
+
+    page_token: "str" = betterproto2.field(7, betterproto2.TYPE_STRING)
+    """
+    From a previous answer's next_page_token: go on where it stopped.
+    """
+
+
+default_message_pool.register_message("orchestrator", "ListJobsRequest", ListJobsRequest)
+
+
+@dataclass(eq=False, repr=False)
+class ListJobsResponse(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return ORCHESTRATOR_PROTO_DESCRIPTOR.message_types_by_name["ListJobsResponse"]
+
+    jobs: "list[Job]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+    """
+    Newest first.
+    """
+
+    next_page_token: "str" = betterproto2.field(2, betterproto2.TYPE_STRING)
+    """
+    Where to go on from; empty when the index holds nothing further that could match.
+    """
+
+    examined: "int" = betterproto2.field(3, betterproto2.TYPE_UINT32)
+    """
+    Index entries this call looked at (it looks at a bounded number per call).
+    """
+
+
+default_message_pool.register_message("orchestrator", "ListJobsResponse", ListJobsResponse)
 
 
 @dataclass(eq=False, repr=False)
@@ -456,9 +540,32 @@ class OrchestratorServiceStub(betterproto2_grpclib.ServiceStub):
         ):
             yield response
 
+    async def list_jobs(
+        self,
+        message: "ListJobsRequest",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "ListJobsResponse":
+        """
+        Recent jobs, newest first, from the index the orchestrators keep (by submit time), with
+        filters; a page ends at `limit` jobs or after a bounded number of index entries, and
+        `next_page_token` goes on from there.
+        """
+
+        return await self._unary_unary(
+            "/orchestrator.OrchestratorService/ListJobs",
+            message,
+            ListJobsResponse,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        )
+
 
 ORCHESTRATOR_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n\x12orchestrator.proto\x12\x0corchestrator"\x8a\x03\n\x15BatchExecutionRequest\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x19\n\x08job_type\x18\x02 \x01(\tR\x07jobType\x12G\n\x06params\x18\x03 \x03(\x0b2/.orchestrator.BatchExecutionRequest.ParamsEntryR\x06params\x12\'\n\x0ftimeout_seconds\x18\x04 \x01(\x01R\x0etimeoutSeconds\x12\x1a\n\x08priority\x18\x05 \x01(\x05R\x08priority\x12)\n\x10deadline_seconds\x18\x06 \x01(\x01R\x0fdeadlineSeconds\x12(\n\x10retry_on_failure\x18\x07 \x01(\x08R\x0eretryOnFailure\x12!\n\x0cmax_attempts\x18\x08 \x01(\rR\x0bmaxAttempts\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\xce\x01\n\x07Attempt\x12\x16\n\x06number\x18\x01 \x01(\rR\x06number\x12\x16\n\x06worker\x18\x02 \x01(\tR\x06worker\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken\x12\x1d\n\nstarted_at\x18\x04 \x01(\tR\tstartedAt\x12\x1f\n\x0bfinished_at\x18\x05 \x01(\tR\nfinishedAt\x12\x18\n\x07outcome\x18\x06 \x01(\tR\x07outcome\x12\x14\n\x05error\x18\x07 \x01(\tR\x05error"\x90\x04\n\x03Job\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x19\n\x08job_type\x18\x02 \x01(\tR\x07jobType\x12,\n\x05state\x18\x03 \x01(\x0e2\x16.orchestrator.JobStateR\x05state\x125\n\x06params\x18\x04 \x03(\x0b2\x1d.orchestrator.Job.ParamsEntryR\x06params\x12\'\n\x0ftimeout_seconds\x18\x05 \x01(\x01R\x0etimeoutSeconds\x12\x1a\n\x08priority\x18\x06 \x01(\x05R\x08priority\x121\n\x08attempts\x18\x07 \x03(\x0b2\x15.orchestrator.AttemptR\x08attempts\x12\x1f\n\x0bresult_json\x18\x08 \x01(\tR\nresultJson\x12\x14\n\x05error\x18\t \x01(\tR\x05error\x12!\n\x0csubmitted_at\x18\n \x01(\tR\x0bsubmittedAt\x12\x1f\n\x0bfinished_at\x18\x0b \x01(\tR\nfinishedAt\x12\x1f\n\x0bdeadline_at\x18\x0c \x01(\tR\ndeadlineAt\x12#\n\rfencing_token\x18\r \x01(\x04R\x0cfencingToken\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"=\n\x16BatchExecutionResponse\x12#\n\x03job\x18\x01 \x01(\x0b2\x11.orchestrator.JobR\x03job"q\n\x0eSubmitResponse\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12,\n\x05state\x18\x02 \x01(\x0e2\x16.orchestrator.JobStateR\x05state\x12\x1a\n\x08existing\x18\x03 \x01(\x08R\x08existing"#\n\nJobRequest\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId"\x14\n\x12ListWorkersRequest"\xe1\x03\n\nWorkerInfo\x12\x18\n\x07address\x18\x01 \x01(\tR\x07address\x12\x0e\n\x02ip\x18\x02 \x01(\tR\x02ip\x12\x1b\n\tgrpc_port\x18\x03 \x01(\x05R\x08grpcPort\x12\x10\n\x03pid\x18\x04 \x01(\x05R\x03pid\x12\x16\n\x06status\x18\x05 \x01(\tR\x06status\x12\x16\n\x06active\x18\x06 \x01(\x05R\x06active\x12\x1a\n\x08capacity\x18\x07 \x01(\x05R\x08capacity\x12\x19\n\x08max_size\x18\x08 \x01(\x05R\x07maxSize\x12\x16\n\x06queued\x18\t \x01(\x05R\x06queued\x12\'\n\x0fupdate_datetime\x18\n \x01(\tR\x0eupdateDatetime\x12\x1a\n\x08eligible\x18\x0b \x01(\x08R\x08eligible\x12\x16\n\x06reason\x18\x0c \x01(\tR\x06reason\x12#\n\rbreaker_state\x18\r \x01(\tR\x0cbreakerState\x12@\n\x1cbreaker_consecutive_failures\x18\x0e \x01(\rR\x1abreakerConsecutiveFailures\x12\x1a\n\x08inflight\x18\x0f \x01(\rR\x08inflight\x12\x1b\n\tjob_names\x18\x10 \x03(\tR\x08jobNames"I\n\x13ListWorkersResponse\x122\n\x07workers\x18\x01 \x03(\x0b2\x18.orchestrator.WorkerInfoR\x07workers*\x86\x01\n\x08JobState\x12\x17\n\x15JOB_STATE_UNSPECIFIED\x12\x0b\n\x07PENDING\x10\x01\x12\x0e\n\nDISPATCHED\x10\x02\x12\x0b\n\x07RUNNING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06FAILED\x10\x05\x12\r\n\tCANCELLED\x10\x06\x12\r\n\tTIMED_OUT\x10\x072\xb8\x03\n\x13OrchestratorService\x12T\n\x07Execute\x12#.orchestrator.BatchExecutionRequest\x1a$.orchestrator.BatchExecutionResponse\x12K\n\x06Submit\x12#.orchestrator.BatchExecutionRequest\x1a\x1c.orchestrator.SubmitResponse\x125\n\x06GetJob\x12\x18.orchestrator.JobRequest\x1a\x11.orchestrator.Job\x128\n\tCancelJob\x12\x18.orchestrator.JobRequest\x1a\x11.orchestrator.Job\x12R\n\x0bListWorkers\x12 .orchestrator.ListWorkersRequest\x1a!.orchestrator.ListWorkersResponse\x129\n\x08WatchJob\x12\x18.orchestrator.JobRequest\x1a\x11.orchestrator.Job0\x01B*\n&com.dovaj.job_system.orchestrator.grpcP\x01b\x06proto3'
+    b'\n\x12orchestrator.proto\x12\x0corchestrator"\xa6\x03\n\x15BatchExecutionRequest\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x19\n\x08job_type\x18\x02 \x01(\tR\x07jobType\x12G\n\x06params\x18\x03 \x03(\x0b2/.orchestrator.BatchExecutionRequest.ParamsEntryR\x06params\x12\'\n\x0ftimeout_seconds\x18\x04 \x01(\x01R\x0etimeoutSeconds\x12\x1a\n\x08priority\x18\x05 \x01(\x05R\x08priority\x12)\n\x10deadline_seconds\x18\x06 \x01(\x01R\x0fdeadlineSeconds\x12(\n\x10retry_on_failure\x18\x07 \x01(\x08R\x0eretryOnFailure\x12!\n\x0cmax_attempts\x18\x08 \x01(\rR\x0bmaxAttempts\x12\x1a\n\x08schedule\x18\t \x01(\tR\x08schedule\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\xce\x01\n\x07Attempt\x12\x16\n\x06number\x18\x01 \x01(\rR\x06number\x12\x16\n\x06worker\x18\x02 \x01(\tR\x06worker\x12#\n\rfencing_token\x18\x03 \x01(\x04R\x0cfencingToken\x12\x1d\n\nstarted_at\x18\x04 \x01(\tR\tstartedAt\x12\x1f\n\x0bfinished_at\x18\x05 \x01(\tR\nfinishedAt\x12\x18\n\x07outcome\x18\x06 \x01(\tR\x07outcome\x12\x14\n\x05error\x18\x07 \x01(\tR\x05error"\xac\x04\n\x03Job\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x19\n\x08job_type\x18\x02 \x01(\tR\x07jobType\x12,\n\x05state\x18\x03 \x01(\x0e2\x16.orchestrator.JobStateR\x05state\x125\n\x06params\x18\x04 \x03(\x0b2\x1d.orchestrator.Job.ParamsEntryR\x06params\x12\'\n\x0ftimeout_seconds\x18\x05 \x01(\x01R\x0etimeoutSeconds\x12\x1a\n\x08priority\x18\x06 \x01(\x05R\x08priority\x121\n\x08attempts\x18\x07 \x03(\x0b2\x15.orchestrator.AttemptR\x08attempts\x12\x1f\n\x0bresult_json\x18\x08 \x01(\tR\nresultJson\x12\x14\n\x05error\x18\t \x01(\tR\x05error\x12!\n\x0csubmitted_at\x18\n \x01(\tR\x0bsubmittedAt\x12\x1f\n\x0bfinished_at\x18\x0b \x01(\tR\nfinishedAt\x12\x1f\n\x0bdeadline_at\x18\x0c \x01(\tR\ndeadlineAt\x12#\n\rfencing_token\x18\r \x01(\x04R\x0cfencingToken\x12\x1a\n\x08schedule\x18\x0e \x01(\tR\x08schedule\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"=\n\x16BatchExecutionResponse\x12#\n\x03job\x18\x01 \x01(\x0b2\x11.orchestrator.JobR\x03job"q\n\x0eSubmitResponse\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId\x12,\n\x05state\x18\x02 \x01(\x0e2\x16.orchestrator.JobStateR\x05state\x12\x1a\n\x08existing\x18\x03 \x01(\x08R\x08existing"#\n\nJobRequest\x12\x15\n\x06job_id\x18\x01 \x01(\tR\x05jobId"\x14\n\x12ListWorkersRequest"\xe1\x03\n\nWorkerInfo\x12\x18\n\x07address\x18\x01 \x01(\tR\x07address\x12\x0e\n\x02ip\x18\x02 \x01(\tR\x02ip\x12\x1b\n\tgrpc_port\x18\x03 \x01(\x05R\x08grpcPort\x12\x10\n\x03pid\x18\x04 \x01(\x05R\x03pid\x12\x16\n\x06status\x18\x05 \x01(\tR\x06status\x12\x16\n\x06active\x18\x06 \x01(\x05R\x06active\x12\x1a\n\x08capacity\x18\x07 \x01(\x05R\x08capacity\x12\x19\n\x08max_size\x18\x08 \x01(\x05R\x07maxSize\x12\x16\n\x06queued\x18\t \x01(\x05R\x06queued\x12\'\n\x0fupdate_datetime\x18\n \x01(\tR\x0eupdateDatetime\x12\x1a\n\x08eligible\x18\x0b \x01(\x08R\x08eligible\x12\x16\n\x06reason\x18\x0c \x01(\tR\x06reason\x12#\n\rbreaker_state\x18\r \x01(\tR\x0cbreakerState\x12@\n\x1cbreaker_consecutive_failures\x18\x0e \x01(\rR\x1abreakerConsecutiveFailures\x12\x1a\n\x08inflight\x18\x0f \x01(\rR\x08inflight\x12\x1b\n\tjob_names\x18\x10 \x03(\tR\x08jobNames"I\n\x13ListWorkersResponse\x122\n\x07workers\x18\x01 \x03(\x0b2\x18.orchestrator.WorkerInfoR\x07workers"\xff\x01\n\x0fListJobsRequest\x12.\n\x06states\x18\x01 \x03(\x0e2\x16.orchestrator.JobStateR\x06states\x12\x19\n\x08job_type\x18\x02 \x01(\tR\x07jobType\x12\x1a\n\x08schedule\x18\x03 \x01(\tR\x08schedule\x12\'\n\x0fsubmitted_since\x18\x04 \x01(\tR\x0esubmittedSince\x12\'\n\x0fsubmitted_until\x18\x05 \x01(\tR\x0esubmittedUntil\x12\x14\n\x05limit\x18\x06 \x01(\rR\x05limit\x12\x1d\n\npage_token\x18\x07 \x01(\tR\tpageToken"}\n\x10ListJobsResponse\x12%\n\x04jobs\x18\x01 \x03(\x0b2\x11.orchestrator.JobR\x04jobs\x12&\n\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\x12\x1a\n\x08examined\x18\x03 \x01(\rR\x08examined*\x86\x01\n\x08JobState\x12\x17\n\x15JOB_STATE_UNSPECIFIED\x12\x0b\n\x07PENDING\x10\x01\x12\x0e\n\nDISPATCHED\x10\x02\x12\x0b\n\x07RUNNING\x10\x03\x12\r\n\tSUCCEEDED\x10\x04\x12\n\n\x06FAILED\x10\x05\x12\r\n\tCANCELLED\x10\x06\x12\r\n\tTIMED_OUT\x10\x072\x83\x04\n\x13OrchestratorService\x12T\n\x07Execute\x12#.orchestrator.BatchExecutionRequest\x1a$.orchestrator.BatchExecutionResponse\x12K\n\x06Submit\x12#.orchestrator.BatchExecutionRequest\x1a\x1c.orchestrator.SubmitResponse\x125\n\x06GetJob\x12\x18.orchestrator.JobRequest\x1a\x11.orchestrator.Job\x128\n\tCancelJob\x12\x18.orchestrator.JobRequest\x1a\x11.orchestrator.Job\x12R\n\x0bListWorkers\x12 .orchestrator.ListWorkersRequest\x1a!.orchestrator.ListWorkersResponse\x129\n\x08WatchJob\x12\x18.orchestrator.JobRequest\x1a\x11.orchestrator.Job0\x01\x12I\n\x08ListJobs\x12\x1d.orchestrator.ListJobsRequest\x1a\x1e.orchestrator.ListJobsResponseB*\n&com.dovaj.job_system.orchestrator.grpcP\x01b\x06proto3'
 )
 
 
@@ -506,6 +613,15 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
         yield Job()
 
+    async def list_jobs(self, message: "ListJobsRequest") -> "ListJobsResponse":
+        """
+        Recent jobs, newest first, from the index the orchestrators keep (by submit time), with
+        filters; a page ends at `limit` jobs or after a bounded number of index entries, and
+        `next_page_token` goes on from there.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
     async def __rpc_execute(
         self, stream: "grpclib.server.Stream[BatchExecutionRequest, BatchExecutionResponse]"
     ) -> None:
@@ -551,6 +667,14 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
             request,
         )
 
+    async def __rpc_list_jobs(
+        self, stream: "grpclib.server.Stream[ListJobsRequest, ListJobsResponse]"
+    ) -> None:
+        request = await stream.recv_message()
+        assert request is not None
+        response = await self.list_jobs(request)
+        await stream.send_message(response)
+
     def __mapping__(self) -> "dict[str, grpclib.const.Handler]":
         return {
             "/orchestrator.OrchestratorService/Execute": grpclib.const.Handler(
@@ -588,5 +712,11 @@ class OrchestratorServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_STREAM,
                 JobRequest,
                 Job,
+            ),
+            "/orchestrator.OrchestratorService/ListJobs": grpclib.const.Handler(
+                self.__rpc_list_jobs,
+                grpclib.const.Cardinality.UNARY_UNARY,
+                ListJobsRequest,
+                ListJobsResponse,
             ),
         }

@@ -16,11 +16,13 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from app.config import RedisConfig
 from app.core.clock import SystemClock
 from app.core.outage import Outage
+from app.stores.redis.pool import PoolExhausted, WaitingConnectionPool, WaitingSentinelPool
 
 log = logging.getLogger(__name__)
 
 #: What "Redis is unreachable" looks like to callers (redis-py raises these, or OSError).
-#: ConnectionError covers LOADING (restarting with its AOF) and Sentinel's "no master found".
+#: ConnectionError covers LOADING (restarting with its AOF) and Sentinel's "no master found";
+#: a pool that stayed full is not among them (`PoolExhausted`: busy, see `is_busy`).
 REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (
     RedisConnectionError, RedisTimeoutError, OSError, ReadOnlyError,
 )  # fmt: skip
@@ -28,9 +30,23 @@ REDIS_DOWN_ERRORS: tuple[type[Exception], ...] = (
 _NOT_NOW = ("MASTERDOWN", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY")
 
 
+#: Connections of a client for what must not wait behind the load (`liveness` below): the
+#: health check, the pub/sub subscription (it holds one for good), the workers' PodInfo and the
+#: roles' RoleInfo (written and read): four at most at once in any role, and room to spare.
+LIVENESS_CONNECTIONS = 6
+
+
+def is_busy(exc: BaseException) -> bool:
+    """Whether `exc` means this process's connections to Redis all stayed in use for the whole
+    pool wait: a load condition, not an outage (nothing says Redis is away)."""
+    return isinstance(exc, PoolExhausted)
+
+
 def is_unavailable(exc: BaseException) -> bool:
     """Whether `exc` means Redis cannot serve right now (down, loading, failing over), so that
-    the same call may work later; as opposed to a wrong call or bad data."""
+    the same call may work later; as opposed to a wrong call, bad data or a busy process."""
+    if isinstance(exc, PoolExhausted):
+        return False
     if isinstance(exc, REDIS_DOWN_ERRORS):
         return True
     return isinstance(exc, ResponseError) and str(exc).startswith(_NOT_NOW)
@@ -56,12 +72,22 @@ class SentinelRedis(aioredis.Redis):
                 await self.sentinel_manager.aclose()
 
 
-def create_redis(config: RedisConfig, url: str | None = None) -> aioredis.Redis:
+def create_redis(
+    config: RedisConfig, url: str | None = None, *, liveness: bool = False
+) -> aioredis.Redis:
     """A client for `url`, else the config's endpoint: its URL or host, or the master its
     sentinels name (found again after a fail-over). Every call has a socket timeout.
 
+    Its pool holds `redis.max_connections`; a call past them waits for one up to
+    `redis.pool_timeout_seconds`, then raises `PoolExhausted` (see `app.stores.redis.pool`).
+    `liveness`: a small pool of its own (`LIVENESS_CONNECTIONS`) for what tells whether Redis
+    and the workers are there, so that a process busy with its load never reads as an outage.
     `redis.username`/`redis.password` apply when the URL carries none.
     """
+    pool: dict[str, object] = {
+        "max_connections": LIVENESS_CONNECTIONS if liveness else config.max_connections,
+        "timeout": config.pool_timeout_seconds,
+    }
     kwargs: dict[str, object] = {
         "socket_timeout": config.connect_timeout_seconds,
         "socket_connect_timeout": config.connect_timeout_seconds,
@@ -80,11 +106,13 @@ def create_redis(config: RedisConfig, url: str | None = None) -> aioredis.Redis:
             config.sentinel_addresses(), sentinel_kwargs={**timeouts, **tls}, **kwargs, **tls
         )
         master: SentinelRedis = sentinel.master_for(
-            config.master_name, redis_class=SentinelRedis, db=config.db
-        )
+            config.master_name, redis_class=SentinelRedis,
+            connection_pool_class=WaitingSentinelPool, db=config.db, **pool,
+        )  # fmt: skip
         master.sentinel_manager = sentinel
         return master
-    return aioredis.Redis.from_url(url or config.effective_url(), **kwargs)  # type: ignore[arg-type]
+    connections = WaitingConnectionPool.from_url(url or config.effective_url(), **kwargs, **pool)
+    return aioredis.Redis.from_pool(connections)
 
 
 async def wait_for_redis(client: aioredis.Redis, *, what: str = "Redis", cap: float = 5.0) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from typing import Any
 
 import anyio
@@ -16,7 +17,7 @@ from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage, OutageState
 from app.errors import BadDataKind
 from app.stores.bad_data import BadData
-from app.stores.redis.job_store import events_channel, text
+from app.stores.redis.job_store import CANCEL_EVENT, events_channel, text
 from app.stores.waits import JobWaiters
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,8 @@ class JobEventsStatistics(msgspec.Struct, frozen=True, kw_only=True):
 class RedisJobEvents:
     """One pub/sub connection per process; waiters for a job id are woken on its changes.
 
-    The store PUBLISHes on `<prefix>-events:<id>` with every write and cancel request."""
+    The store PUBLISHes on `<prefix>-events:<id>` with every write (the new state's name) and
+    cancel request (`cancel`); whatever else arrives there is taken as a change."""
 
     def __init__(
         self,
@@ -116,8 +118,16 @@ class RedisJobEvents:
                 self._bad_data.found(BadDataKind.JOB_EVENT, message["channel"],
                                      "channel name is not UTF-8", "ignored")  # fmt: skip
                 continue
-            self._waiters.wake(job_id)
+            self._waiters.wake(job_id, cancel=message["data"] == CANCEL_EVENT)
 
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next change (callers bound it and re-read the record)."""
         await self._waiters.wait(job_id)
+
+    def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """See `JobEvents.watching`."""
+        return self._waiters.watching(job_id)
+
+    def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """See `JobEvents.watching_cancel`: woken by a message that says `cancel`."""
+        return self._waiters.watching_cancel(job_id)

@@ -11,7 +11,8 @@ Keys (prefixes configurable):
 | `wpm-jobs:stream` | job ids, consumer group `orchestrators`; acked and deleted at the end |
 | `wpm-jobs:stream:quarantine` | entries set aside as unusable, with the reason (MAXLEN ~) |
 | `wpm-jobs:lost` | jobs whose record vanished while in hand (Redis lost them), the newest 10,000 |
-| `wpm-job-events:<id>` | pub/sub channel: the record after each change |
+| `wpm-jobs:index` | every job by submit time (ZSET of job ids), trimmed once their record is gone |
+| `wpm-job-events:<id>` | pub/sub: the new state's name after each write; `cancel` on a request |
 
 Every write goes through a Lua script that checks the fencing token, so a late result from a
 superseded attempt is refused and never overwrites the job's outcome.
@@ -21,15 +22,19 @@ read: the item is said once and counted (`BadData`), then skipped or set aside, 
 item never stops the others. A script never raises on junk: it reads with `redis.pcall` and
 `pcall(cjson.decode)`, and answers with a code instead.
 
-Every method raises `StoreUnavailable` while Redis cannot serve (down, loading, failing over) and
-`QueueGone` when the consumer group is not there (Redis lost its data), instead of redis-py's
-errors, so that callers outside this package can tell an outage from a bug.
+Every method raises `StoreUnavailable` while Redis cannot serve (down, loading, failing over),
+`StoreBusy` when every connection of this process stayed in use for the whole pool wait (load,
+not an outage) and `QueueGone` when the consumer group is not there (Redis lost its data),
+instead of redis-py's errors, so that callers outside this package can tell an outage from load
+and from a bug.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, ParamSpec, TypeVar
 
@@ -37,7 +42,14 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from app.errors import BadDataKind, CorruptRecord, QueueGone, StoreUnavailable
+from app.errors import (
+    BadDataKind,
+    CorruptIndex,
+    CorruptRecord,
+    QueueGone,
+    StoreBusy,
+    StoreUnavailable,
+)
 from app.fleet.batch_job import (
     BatchJob,
     LostJob,
@@ -49,20 +61,22 @@ from app.fleet.batch_job import (
     encode_lost,
     encode_outcome,
 )
+from app.fleet.job_index import IndexedJob, IndexPosition, range_start
 from app.fleet.job_state import FINISHED, JobState
-from app.stores.abc import Quarantined, QueueEntry, SubmitResult, WriteResult
+from app.stores.abc import Quarantined, QueueEntry, SubmitResult, Taken, WriteResult
 from app.stores.bad_data import (
     FENCE_ACTION,
     OUTCOME_ACTION,
     RECORD_ACTION,
     BadData,
+    index_member_id,
     is_int,
     not_a,
     readable,
     record_problem,
     show,
 )
-from app.stores.redis.client import is_nogroup, is_unavailable
+from app.stores.redis.client import is_busy, is_nogroup, is_unavailable
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +85,17 @@ T = TypeVar("T")
 
 
 def translated(method: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:
-    """`method` with redis-py's "not now" errors raised as `StoreUnavailable`, and NOGROUP as
-    `QueueGone` (the one-line reason kept; the original chained)."""
+    """`method` with redis-py's "not now" errors raised as `StoreUnavailable`, a pool that stayed
+    full as `StoreBusy`, and NOGROUP as `QueueGone` (the one-line reason kept; the original
+    chained)."""
 
     @functools.wraps(method)
     async def call(*args: P.args, **kwargs: P.kwargs) -> T:
         try:
             return await method(*args, **kwargs)
         except Exception as exc:
+            if is_busy(exc):
+                raise StoreBusy(str(exc)) from exc
             if is_nogroup(exc):
                 raise QueueGone(f"the job queue's consumer group is gone ({exc})") from exc
             if is_unavailable(exc):
@@ -117,36 +134,61 @@ local function state_at(key)
   if type(state) ~= 'string' then return false, raw end
   return state, raw
 end
--- the bound counts unfinished jobs: one ended. A junk counter is left for the next submit.
+-- the bound counts unfinished jobs: one ended. One DECR (no read first): on a junk counter it
+-- fails, and the junk is left for the next submit; one below zero (started again) goes.
 local function count_down(key)
-  local queued = int_at(key)
-  if queued and queued > 0 then redis.call('DECR', key) end
+  local queued = redis.pcall('DECR', key)
+  if type(queued) == 'number' and queued < 0 then redis.call('DEL', key) end
 end
 """
 
-# KEYS: record, counter, stream   ARGV: json, bound, job_id
+# KEYS: record, counter, stream, index   ARGV: json, bound, job_id, submitted_at
 # {0, record} exists; {2, count} full; {3} its record is not a string value;
-# {1, entry id, 1 when the counter was junk, the junk (nil: not a string value)}
+# {1, entry id, 1 when the counter was junk, the junk (nil: not a string value),
+#  1 when the index is junk (the job goes on, unindexed)}
+# The common case costs no read: the count goes up (INCR answers it) and the record is made
+# with SET NX; a full type or a known id undoes the count (DECR) and then reads what is there.
+# A junk counter (INCR refuses it, leaving it as it is) takes the careful path.
 _SUBMIT = f"""{_READ}
-local existing = redis.pcall('GET', KEYS[1])
-if type(existing) == 'table' then return {{3}} end
-if existing then return {{0, existing}} end
-local queued, raw = int_at(KEYS[2])
-local junk = 0
-if not queued then
-  -- the counter is junk: start it again (the bound is a safety valve, not a ledger)
-  redis.call('DEL', KEYS[2])
-  queued, junk = 0, 1
+local function known()
+  local existing = redis.pcall('GET', KEYS[1])
+  if type(existing) == 'table' then return {{3}} end
+  if existing then return {{0, existing}} end
+  return nil
 end
-if queued >= tonumber(ARGV[2]) then return {{2, tostring(queued)}} end
-redis.call('INCR', KEYS[2])
-redis.call('SET', KEYS[1], ARGV[1])
+local bound = tonumber(ARGV[2])
+local junk, raw = 0, nil
+local queued = redis.pcall('INCR', KEYS[2])
+if type(queued) ~= 'number' then
+  local there = known()
+  if there then return there end
+  -- the counter is junk: start it again (the bound is a safety valve, not a ledger)
+  local _, junk_raw = int_at(KEYS[2])
+  raw, junk = junk_raw, 1
+  redis.call('DEL', KEYS[2])
+  if bound <= 0 then return {{2, '0'}} end
+  redis.call('INCR', KEYS[2])
+elseif queued > bound then
+  redis.call('DECR', KEYS[2])
+  return known() or {{2, tostring(queued - 1)}}
+end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then
+  redis.call('DECR', KEYS[2])  -- the id is known: not one more unfinished job
+  return known() or {{3}}
+end
 local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[3])
-return {{1, id, junk, raw}}
+local indexed = redis.pcall('ZADD', KEYS[4], ARGV[4], ARGV[3])
+local index_junk = 0
+if type(indexed) == 'table' and indexed['err'] then index_junk = 1 end
+return {{1, id, junk, raw, index_junk}}
 """
 
-# KEYS: record, fence, counter, channel, cancel   ARGV: json, token, final (0/1), retention
+# KEYS: record, fence, counter, channel, cancel, stream
+# ARGV: json, token, final (0/1), retention, entry id to ack with a final write ('': none), group,
+#       the new state (published)
 # (a missing record first: when Redis lost it, it lost its fence too, and that is no takeover)
+# A final write acks and drops the job's queue entry in the same step (no GET, MULTI, EXEC
+# after it).
 _WRITE = f"""{_READ}
 local state, current = state_at(KEYS[1])
 if state == nil then return {{-1}} end
@@ -155,17 +197,21 @@ if not fence then return {{-3, fence_raw}} end
 if tonumber(ARGV[2]) ~= fence then return {{0}} end
 if not state then return {{-4, current}} end
 if finished[state] then return {{-2}} end
-redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[3] == '1' then
+  redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
   count_down(KEYS[3])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   redis.call('EXPIRE', KEYS[5], ARGV[4])
+  if ARGV[5] ~= '' then
+    redis.call('XACK', KEYS[6], ARGV[6], ARGV[5])
+    redis.call('XDEL', KEYS[6], ARGV[5])
+  end
+else
+  redis.call('SET', KEYS[1], ARGV[1])
 end
-redis.call('PUBLISH', KEYS[4], ARGV[1])
+redis.call('PUBLISH', KEYS[4], ARGV[7])
 return {{1}}
 """
-
 
 # KEYS: record, fence, counter, channel, cancel
 # ARGV: the record as read, the fence as read, the cancelled record, retention
@@ -177,7 +223,7 @@ if not state then return {{-4, current}} end
 if finished[state] then return {{-2, current}} end
 redis.call('SET', KEYS[5], 1, 'EX', ARGV[4])
 if state ~= 'PENDING' then
-  redis.call('PUBLISH', KEYS[4], current)
+  redis.call('PUBLISH', KEYS[4], 'cancel')  -- CANCEL_EVENT: its holder stops it
   return {{0, current}}
 end
 local fence, fence_raw = int_at(KEYS[2])
@@ -190,7 +236,7 @@ redis.call('SET', KEYS[1], ARGV[3])
 count_down(KEYS[3])
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('EXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', KEYS[4], ARGV[3])
+redis.call('PUBLISH', KEYS[4], 'CANCELLED')
 return {{1, ARGV[3]}}
 """
 # a PENDING job changing under a cancel is retried this often before the cancel gives up on it
@@ -227,7 +273,7 @@ if ARGV[8] ~= '' then
   -- the fence is junk but the record reads: the job ends here (no holder can write it now)
   redis.call('SET', KEYS[3], ARGV[8])
   count_down(KEYS[5])
-  redis.call('PUBLISH', KEYS[6], ARGV[8])
+  redis.call('PUBLISH', KEYS[6], 'FAILED')
 end
 -- junk in the quarantine key itself must not keep the entry in the queue: it is dropped then
 local kept = redis.pcall('XADD', KEYS[2], 'MAXLEN', '~', ARGV[6], '*',
@@ -242,6 +288,11 @@ return 1
 """
 #: The quarantine stream keeps about this many entries (MAXLEN ~).
 QUARANTINE_MAXLEN = 10_000
+
+
+#: What a cancel request publishes on the job's channel (a write publishes the new state's name:
+#: the listeners only need to know whom to wake, not the ~700-byte record).
+CANCEL_EVENT = b"cancel"
 
 
 def events_channel(job_prefix: str, job_id: str) -> str:
@@ -263,6 +314,7 @@ class RedisJobStore:
         bad_data: BadData | None = None,
         quarantine_maxlen: int = QUARANTINE_MAXLEN,
         lost_key: str = "wpm-jobs:lost",
+        index_key: str = "wpm-jobs:index",
     ) -> None:
         self._redis = client
         self._prefix = job_prefix
@@ -270,6 +322,7 @@ class RedisJobStore:
         self.quarantine_key = f"{stream_key}:quarantine"
         self.group = group
         self.lost_key = lost_key
+        self.index_key = index_key
         self._retention = retention_seconds
         self.bad_data = bad_data or BadData()
         self._quarantine_maxlen = quarantine_maxlen
@@ -280,6 +333,7 @@ class RedisJobStore:
         self._restore_fence = client.register_script(_RESTORE_FENCE)
         self._quarantine = client.register_script(_QUARANTINE)
         self._remove_consumers = client.register_script(_REMOVE_IDLE_CONSUMERS)
+        self._trim_index = client.register_script(_TRIM_INDEX)
 
     def __repr__(self) -> str:
         return f"<RedisJobStore {self.stream_key} group={self.group}>"
@@ -358,7 +412,8 @@ class RedisJobStore:
         """
         keys = self._keys(job)
         reply = await self._submit(
-            keys=[keys[0], keys[2], self.stream_key], args=[encode_job(job), bound, job.job_id]
+            keys=[keys[0], keys[2], self.stream_key, self.index_key],
+            args=[encode_job(job), bound, job.job_id, repr(job.submitted_at)],
         )
         status = reply[0]
         if status == 3:
@@ -371,6 +426,8 @@ class RedisJobStore:
             self.bad_data.found(
                 BadDataKind.QUEUED_COUNTER, keys[2], not_a(reply[3], "an integer"), "reset to 0"
             )
+        if len(reply) > 4 and reply[4]:
+            self._index_is_junk()
         return SubmitResult.CREATED, None, 0
 
     @translated
@@ -384,6 +441,30 @@ class RedisJobStore:
                 raise
             raise self._bad_record(job_id, None) from None
         return None if raw is None else self._decode(job_id, raw)
+
+    @translated
+    async def take(self, job_id: str) -> Taken | None:
+        """See `JobStore.take`: GET of the record and its fence and EXISTS of its cancel key,
+        in one pipeline (one round trip; not a transaction: each is read as `get`, `fence` and
+        `cancel_requested` would)."""
+        key = self.record_key(job_id)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.get(key)
+            pipe.get(f"{key}:fence")
+            pipe.exists(f"{key}:cancel")
+            raw, fence_raw, cancel = await pipe.execute(raise_on_error=False)
+        if isinstance(raw, ResponseError):
+            raise self._bad_record(job_id, None) if _wrong_type(raw) else raw
+        if raw is None:
+            return None
+        job = self._decode(job_id, raw)
+        if isinstance(fence_raw, ResponseError):
+            raise self._bad_fence(job_id, None) if _wrong_type(fence_raw) else fence_raw
+        if fence_raw is not None and not is_int(fence_raw):
+            raise self._bad_fence(job_id, fence_raw)
+        if isinstance(cancel, Exception):
+            raise cancel
+        return Taken(job=job, fence=int(fence_raw or 0), cancel_requested=bool(cancel))
 
     @translated
     async def fence(self, job_id: str) -> int:
@@ -410,14 +491,17 @@ class RedisJobStore:
             raise
 
     @translated
-    async def write(self, job: BatchJob, token: int) -> WriteResult:
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
         """Store `job` if `token` is still the job's fencing token and the job has not ended;
+        a final write that is made also acks and drops the queue entry `ack` (one script).
         CorruptRecord when the stored record or fencing token does not read."""
         job.fencing_token = token
         final = "1" if job.state.finished else "0"
         reply = await self._write(
-            keys=self._keys(job), args=[encode_job(job), token, final, self._retention]
-        )
+            keys=[*self._keys(job), self.stream_key],
+            args=[encode_job(job), token, final, self._retention, ack if final == "1" else "",
+                  self.group, job.state.value],
+        )  # fmt: skip
         if reply[0] == -3:
             raise self._bad_fence(job.job_id, reply[1])
         if reply[0] == -4:
@@ -704,6 +788,76 @@ class RedisJobStore:
             pipe.xdel(self.stream_key, entry_id)
             await pipe.execute()
 
+    # --- the job index ----------------------------------------------------------------------------
+
+    def _index_is_junk(self) -> CorruptIndex:
+        self.bad_data.found(BadDataKind.JOB_INDEX, self.index_key, "not a sorted set",
+                            "jobs are not indexed, and listing them answers DATA_LOSS, until"
+                            " it is deleted")  # fmt: skip
+        return CorruptIndex(f"job index {self.index_key}: unreadable: not a sorted set")
+
+    def _index_member(self, member: bytes) -> str | None:
+        """The job id an index member names, or None (said once) when it names none."""
+        job_id = index_member_id(member)
+        if job_id is None:
+            key = f"{self.index_key} member {show(member)}"
+            self.bad_data.found(BadDataKind.JOB_INDEX, key, "not a job id", "skipped")
+        return job_id
+
+    @translated
+    async def index_page(
+        self, *, after: IndexPosition | None, since: float, until: float, count: int
+    ) -> list[IndexedJob]:
+        """See `JobStore.index_page`: one ZREVRANGEBYSCORE, then one MGET of the records."""
+        top, included, skip = range_start(after, until)
+        try:
+            reply: Any = await self._redis.zrevrangebyscore(
+                self.index_key, _score(top, included), _score(since, True), start=skip,
+                num=count, withscores=True,
+            )  # fmt: skip
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            raise self._index_is_junk() from None
+        ids = [self._index_member(member) for member, _ in reply]
+        wanted = [job_id for job_id in ids if job_id is not None]
+        # a key that is not a string (another type) reads as nil here: as if it were gone
+        values = await self._redis.mget([self.record_key(i) for i in wanted]) if wanted else []
+        records = iter(values)
+        page: list[IndexedJob] = []
+        for (_, score), job_id in zip(reply, ids, strict=True):
+            job: BatchJob | None = None
+            raw = next(records) if job_id is not None else None
+            if job_id is not None and raw is not None:
+                with contextlib.suppress(CorruptRecord):  # said and counted by _decode
+                    job = self._decode(job_id, raw)
+            page.append(IndexedJob(score=float(score), job=job))
+        return page
+
+    @translated
+    async def trim_index(self, *, before: float, count: int, skip: int = 0) -> tuple[int, int]:
+        """See `JobStore.trim_index`: ZRANGEBYSCORE of the oldest, then one script that drops
+        those whose record is gone and whose score did not change since (a job id submitted
+        again meanwhile has a new record and a new score)."""
+        try:
+            reply: Any = await self._redis.zrangebyscore(
+                self.index_key, "-inf", _score(before, False), start=skip, num=count,
+                withscores=True,
+            )  # fmt: skip
+        except ResponseError as exc:
+            if not _wrong_type(exc):
+                raise
+            self._index_is_junk()
+            return 0, 0
+        if not reply:
+            return 0, 0
+        members = [member for member, _ in reply]
+        prefix = self._prefix.encode()
+        keys: list[Any] = [self.index_key, *(prefix + b":" + m for m in members)]
+        args: list[Any] = [*members, *(repr(float(score)) for _, score in reply)]
+        removed = await self._trim_index(keys=keys, args=args)
+        return len(reply), int(removed)
+
 
 # KEYS: stream   ARGV: group, min idle ms, the consumer to keep
 # In one script: a consumer is removed only while it holds no entry (DELCONSUMER would drop its
@@ -720,6 +874,32 @@ for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
 end
 return removed
 """
+
+
+# KEYS: index, the record of each member   ARGV: the members, then their scores as read
+# Drops the members whose record is gone and whose score is still the one read; how many.
+_TRIM_INDEX = """
+local n = #KEYS - 1
+local members = {}
+for i = 1, n do members[i] = ARGV[i] end
+local scores = redis.call('ZMSCORE', KEYS[1], unpack(members))
+local gone = {}
+for i = 1, n do
+  if scores[i] and tonumber(scores[i]) == tonumber(ARGV[n + i])
+      and redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    table.insert(gone, members[i])
+  end
+end
+if #gone > 0 then redis.call('ZREM', KEYS[1], unpack(gone)) end
+return #gone
+"""
+
+
+def _score(value: float, included: bool) -> str:
+    """A score bound as ZRANGEBYSCORE takes it: `(` before an excluded one."""
+    if math.isinf(value):
+        return "+inf" if value > 0 else "-inf"
+    return repr(value) if included else f"({value!r}"
 
 
 def _job_id_of(fields: dict[Any, Any]) -> tuple[str, str]:

@@ -6,10 +6,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from app.core.outage import OutageState
 from app.stores.redis.monitor import RedisMonitorStatistics
+from app.stores.redis.pool import PoolStatistics
 
 
-def redis_metrics(s: RedisMonitorStatistics) -> list[Metric]:
-    """The monitor's view: whether Redis answers now, and how often it went away or lost data."""
+def redis_metrics(s: RedisMonitorStatistics, pool: PoolStatistics | None = None) -> list[Metric]:
+    """The monitor's view: whether Redis answers now, and how often it went away or lost data;
+    and the process's pool of connections to it (`pool`), to size `redis.max_connections` by."""
     return [
         GaugeMetricFamily(
             "jobworker_redis_up", "1 while Redis answers the process's checks",
@@ -26,5 +28,31 @@ def redis_metrics(s: RedisMonitorStatistics) -> list[Metric]:
             "jobworker_redis_went_back",
             "Times Redis came back without its last writes (its heartbeat fell)",
             value=s.went_back,
+        ),
+        *_pool_metrics(pool),
+    ]  # fmt: skip
+
+
+def _pool_metrics(pool: PoolStatistics | None) -> list[Metric]:
+    if pool is None:
+        return []
+    connections = GaugeMetricFamily(
+        "jobworker_redis_pool_connections", "Connections to Redis of the process's main pool",
+        labels=["state"],
+    )  # fmt: skip
+    connections.add_metric(["in_use"], pool.in_use)
+    connections.add_metric(["idle"], pool.open - pool.in_use)
+    return [
+        connections,
+        GaugeMetricFamily("jobworker_redis_pool_max_connections", "redis.max_connections",
+                          value=pool.max_connections),
+        CounterMetricFamily(
+            "jobworker_redis_pool_waits",
+            "Calls that found every connection in use and waited for one", value=pool.waits,
+        ),
+        CounterMetricFamily(
+            "jobworker_redis_pool_exhausted",
+            "Waits for a connection that timed out (the call refused as busy)",
+            value=pool.exhausted,
         ),
     ]  # fmt: skip

@@ -16,7 +16,8 @@ slot, as Redis Cluster asks. Ticks are written as Python's `repr` of the float: 
 the same double, and the cursor compares it as a string.
 
 Junk (a schedule or a ledger record that does not decode) is said once and left out
-(`BadData`); a Redis that cannot serve raises `StoreUnavailable`.
+(`BadData`); a Redis that cannot serve raises `StoreUnavailable`, and a process whose connections
+all stayed in use for the pool's wait `StoreBusy`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from app.errors import BadDataKind, StoreUnavailable
+from app.errors import BadDataKind, StoreBusy, StoreUnavailable
 from app.fleet.schedules import (
     RAN,
     PendingTick,
@@ -46,6 +47,7 @@ from app.fleet.schedules import (
 from app.stores.abc import DecideResult, PutMode, PutResult
 from app.stores.bad_data import BadData, show
 from app.stores.redis.client import REDIS_DOWN_ERRORS
+from app.stores.redis.pool import PoolExhausted
 
 log = logging.getLogger(__name__)
 
@@ -175,9 +177,12 @@ def _ms(seconds: float) -> int:
 
 @contextlib.asynccontextmanager
 async def _available(what: str) -> AsyncIterator[None]:
-    """Redis that cannot serve (down, loading, failing over) is StoreUnavailable."""
+    """Redis that cannot serve (down, loading, failing over) is StoreUnavailable; a pool that
+    stayed full is StoreBusy."""
     try:
         yield
+    except PoolExhausted as exc:
+        raise StoreBusy(f"{what}: {exc}") from exc
     except REDIS_DOWN_ERRORS as exc:
         raise StoreUnavailable(f"Redis unavailable during {what}: {exc}") from exc
     except RedisError as exc:
