@@ -15,11 +15,13 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import anyio
+import anyio.lowlevel
 import pytest
 import trio.testing
 
 from app.core.clock import LoopClock
 from app.core.lifecycle import Lifecycle
+from app.core.log_context import log_fields
 from app.scheduling.cron import RepeatedTime, SkippedTime
 from app.scheduling.decisions import (
     DecisionKind,
@@ -29,7 +31,7 @@ from app.scheduling.decisions import (
     decide,
     jitter_for,
 )
-from app.scheduling.schedule_manager import ScheduleManager
+from app.scheduling.schedule_manager import RUNNER_KEEP_ALIVE, ScheduleManager
 from app.scheduling.triggers import (
     CronTrigger,
     FixedDelayTrigger,
@@ -157,6 +159,7 @@ class TestVirtualTime:
         (info,) = manager.schedules()
         assert info.run_count == len(fired)
         assert info.last_outcome == "ok"
+        assert info.last_run_at == T0 + timedelta(days=1)
         assert info.next_fire_at == T0 + timedelta(days=1, minutes=1)
 
     async def test_a_year_of_nightly_runs_in_new_york(self) -> None:
@@ -563,6 +566,132 @@ class TestVirtualTime:
         assert manager.statistics().state is Lifecycle.STOPPED
         assert "STOPPED" in repr(manager)
 
+    # --- runs on pooled runners ---
+
+    async def test_runs_that_wait_do_not_hold_up_runs_due_with_them(self) -> None:
+        # each run waits until all have started: runs taken one after the other would never get
+        # past the first; the manager sends more runners while the queue stays untaken
+        clock = LoopClock(T0)
+        manager = ScheduleManager(clock)
+        count = 40
+        started: list[datetime] = []
+        all_started = anyio.Event()
+
+        async def wait_for_all() -> None:
+            started.append(clock.now())
+            if len(started) == count:
+                all_started.set()
+            await all_started.wait()
+
+        for i in range(count):
+            manager.add_schedule(wait_for_all, IntervalTrigger(3600, T0), name=f"s{i}")
+        async with running(manager):
+            with anyio.fail_after(1):
+                await all_started.wait()
+            assert started == [T0] * count  # all at the instant they were due
+            runners = manager.statistics().runners
+            assert count <= runners < 2 * count  # a runner per waiting run, give or take
+            await anyio.sleep(RUNNER_KEEP_ALIVE + 1)
+            assert manager.statistics().runners == 0  # idle runners end
+            assert manager.statistics().running == 0
+            await anyio.sleep(3600 - RUNNER_KEEP_ALIVE)  # the next hour: runners again
+            assert len(started) == 2 * count
+        assert {i.run_count for i in manager.schedules()} == {2}
+
+    async def test_a_run_removed_before_a_runner_took_it_does_not_run(self) -> None:
+        clock = LoopClock(T0)
+        manager = ScheduleManager(clock)
+        ran: list[str] = []
+
+        async def remove_b() -> None:
+            ran.append("a")
+            manager.remove_schedule("b")  # b's run is queued behind this one, due with it
+
+        async def b() -> None:
+            ran.append("b")
+
+        manager.add_schedule(remove_b, OneShotTrigger(T0), name="a")
+        manager.add_schedule(b, OneShotTrigger(T0), name="b")
+        async with running(manager):
+            await anyio.sleep(1)
+            assert manager.statistics().running == 0
+        assert ran == ["a"]
+
+    async def test_a_cancelled_run_leaves_the_runs_after_it_on_its_runner_alone(self) -> None:
+        clock = LoopClock(T0)
+        manager = ScheduleManager(clock)
+        after: list[datetime] = []
+
+        async def remove_itself() -> None:
+            # cancels its own run, then returns before any checkpoint could deliver it
+            manager.remove_schedule("quitter")
+
+        async def checkpointing() -> None:
+            # a checkpoint: it would raise if this ran under the quitter's cancelled scope
+            await anyio.lowlevel.checkpoint()
+            after.append(clock.now())
+
+        async def forever() -> None:
+            await anyio.sleep_forever()
+
+        manager.add_schedule(remove_itself, IntervalTrigger(1, T0), name="quitter")
+        manager.add_schedule(checkpointing, IntervalTrigger(1, T0), name="next")
+        manager.add_schedule(forever, IntervalTrigger(10, T0 + timedelta(seconds=1)), name="hung")
+        async with running(manager):
+            await anyio.sleep(1.5)
+            assert manager.schedule("hung").running == 1
+            manager.remove_schedule("hung")  # cancels the run a runner is held up in
+            await anyio.sleep(2)
+        assert after == secs(0, 1, 2, 3)
+        info = manager.schedule("next")
+        assert (info.run_count, info.last_outcome, info.failure_count) == (4, "ok", 0)
+
+    async def test_each_run_logs_as_its_own_schedule_on_a_shared_runner(self) -> None:
+        clock = LoopClock(T0)
+        manager = ScheduleManager(clock)
+        seen: list[tuple[str, str | None]] = []
+
+        def job(name: str) -> Callable[[], Awaitable[None]]:
+            async def run() -> None:
+                seen.append((name, log_fields().get("schedule")))
+
+            return run
+
+        for name in ("a", "b", "c"):
+            manager.add_schedule(job(name), IntervalTrigger(1, T0), name=name)
+        async with running(manager):
+            await anyio.sleep(1.5)
+            assert manager.statistics().runners == 1  # quick runs: one runner took them all
+            assert "runners=1 RUNNING" in repr(manager)
+        assert seen == [(n, n) for n in ("a", "b", "c")] * 2
+        assert log_fields().get("schedule") is None
+
+    async def test_schedules_with_one_trigger_share_the_next_tick_but_not_their_state(
+        self,
+    ) -> None:
+        # the dispatcher asks an equal trigger once per pass; each schedule keeps its own
+        # decisions, and a DST fold's two sides stay two ticks
+        clock = LoopClock(datetime(2026, 11, 1, 4, 0, tzinfo=UTC))
+        manager = ScheduleManager(clock)
+        fired: dict[str, list[datetime]] = {"a": [], "b": [], "paused": []}
+        trigger = CronTrigger("*/30 1 * * *", tz="America/New_York", repeated=RepeatedTime.TWICE)
+        for name, into in fired.items():
+            manager.add_schedule(recorder(clock, into), trigger, name=name)
+        async with running(manager):
+            await anyio.sleep(3600 * 1.25)  # 00:00 EDT .. 01:15 EDT
+            manager.pause_schedule("paused")
+            await anyio.sleep(3600 * 2)
+        local = [t.astimezone(NEW_YORK).isoformat() for t in fired["a"]]
+        assert local == [
+            "2026-11-01T01:00:00-04:00",
+            "2026-11-01T01:30:00-04:00",
+            "2026-11-01T01:00:00-05:00",
+            "2026-11-01T01:30:00-05:00",
+        ]
+        assert fired["b"] == fired["a"]
+        assert fired["paused"] == fired["a"][:1]
+        assert manager.schedule("paused").next_fire_at is None
+
 
 # --- both backends, real time ---
 
@@ -588,6 +717,34 @@ async def test_schedules_fire_add_and_remove_on_both_backends() -> None:
         assert len(fired) == count
     assert manager.schedule("bad").failure_count >= 6
     assert manager.schedule("bad").last_outcome == "failed: ValueError: nope"
+
+
+async def test_runs_that_wait_and_quick_runs_due_together_on_both_backends() -> None:
+    manager = ScheduleManager(LoopClock())
+    count = 30
+    quick = 0
+    waiting = 0
+    release = anyio.Event()
+
+    async def wait() -> None:
+        nonlocal waiting
+        waiting += 1
+        await release.wait()
+
+    async def instant() -> None:
+        nonlocal quick
+        quick += 1
+
+    now = manager.clock.now()
+    for i in range(count):  # alternating: every other run holds its runner up
+        fn = wait if i % 2 else instant
+        manager.add_schedule(fn, OneShotTrigger(now), name=f"s{i}")
+    async with running(manager):
+        await eventually(lambda: waiting == count // 2 and quick == count - count // 2)
+        assert manager.statistics().running == count // 2
+        release.set()
+        await eventually(lambda: manager.statistics().running == 0)
+    assert {i.last_outcome for i in manager.schedules()} == {"ok"}
 
 
 async def test_drain_waits_for_a_running_job_on_both_backends() -> None:

@@ -41,6 +41,9 @@ class DecisionKind(enum.StrEnum):
     """Folded into the run of a later tick that was due at the same time."""
 
 
+_FIRED, _MOVED = DecisionKind.FIRED, DecisionKind.MOVED
+
+
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
     """What the scheduler did with one nominal tick (or `count` of them, `tick` the last)."""
 
@@ -126,12 +129,14 @@ def decide(
     `running` is how many of its runs are going. `uncounted` says that more ticks than listed
     were due (between the last two), which the reasons then mention.
     """
-    if len(due) == 1 and running < policy.limit:  # the common case, taken on every tick
+    # the common case, taken on every tick (every limit is 1 or more)
+    if len(due) == 1 and (running == 0 or running < policy.limit):
         d = due[0]
-        grace = math.inf if policy.misfire_grace is None else policy.misfire_grace
-        if d.tick.runs and not d.jumped and d.late < 1 and d.late <= grace:
-            kind = DecisionKind.MOVED if d.tick.moved else DecisionKind.FIRED
-            return [Verdict(tick=d.tick, kind=kind, reason=d.tick.note, run=True)]
+        tick = d.tick
+        grace = policy.misfire_grace
+        if tick.runs and not d.jumped and d.late < 1 and (grace is None or d.late <= grace):
+            kind = _MOVED if tick.moved else _FIRED
+            return [Verdict(tick=tick, kind=kind, reason=tick.note, run=True)]
     verdicts: list[Verdict] = []
     eligible: list[DueTick] = []
     missed: list[DueTick] = []

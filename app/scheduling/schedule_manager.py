@@ -4,7 +4,16 @@ The seed's `ScheduleManager` + `Job`/`JobBuilder`, grown into a scheduler a nigh
 trust. Pure core, async shell: triggers (`app.scheduling.triggers`) say when;
 `app.scheduling.decisions.decide()` says what to do with the ticks that are due (run, skip, miss,
 coalesce); the async part only sleeps until the next tick and starts runs. One dispatcher task
-sleeps for all schedules; each run is a task in the manager's task group.
+sleeps for all schedules, on one heap.
+
+Runs go on pooled runner tasks in the manager's task group, not on a task each: starting a task
+costs more than a quick scheduled function, and a thousand schedules due at one instant would
+wait for a thousand task starts. A runner takes ready runs one after the other; when it is held
+up by a run that waits (I/O, sleep), the dispatcher sees the queue untaken after a loop turn and
+sends more runners (twice as many each turn), so a waiting run never delays another by more than
+a few loop turns. Idle runners park and end after `RUNNER_KEEP_ALIVE` seconds. A run executes in
+its runner's context (as a job on the worker's pool does): the schedule's log field is bound for
+the run and unbound after it.
 
 Per schedule:
 
@@ -37,11 +46,12 @@ from datetime import UTC, datetime, timedelta
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 
 from app.core.clock import Clock, LoopClock, SystemClock
 from app.core.lifecycle import Lifecycle
-from app.core.log_context import bind_log_fields
+from app.core.log_context import bind_log_fields, unbind_log_fields
 from app.scheduling.decisions import (
     Decision,
     DecisionKind,
@@ -61,9 +71,12 @@ log = logging.getLogger(__name__)
 ScheduledFn = Callable[[], Awaitable[object]]
 
 DECISIONS_KEPT = 20
+# a runner with nothing to take for this long ends (the pool shrinks back after a burst)
+RUNNER_KEEP_ALIVE = 60.0
 # more due ticks than this at once (a long pause) are not listed one by one
 _MAX_DUE = 1000
 _EPSILON = 1e-6
+_FIRED = DecisionKind.FIRED
 
 
 class ScheduleInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -94,19 +107,33 @@ class ScheduleManagerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     started: int
     failed: int
     clock_steps: int
+    runners: int = 0
+    """Runner tasks alive (busy or parked)."""
 
 
 # --- the async shell -------------------------------------------------------------------------
 
 
 class _Run:
-    __slots__ = ("_done", "ended", "replaced", "scope", "tick")
+    """One run of a schedule: queued until a runner takes it, then going until it ends."""
 
-    def __init__(self, tick: Tick) -> None:
-        self.tick = tick
-        self.scope = anyio.CancelScope()
-        self.replaced = self.ended = False
+    __slots__ = ("_done", "cancel_called", "ended", "previous", "replaced", "schedule", "scope",
+                 "tick")  # fmt: skip
+
+    def __init__(self, schedule: _Schedule, tick: Tick, previous: Sequence[_Run]) -> None:
+        self.schedule, self.tick = schedule, tick
+        self.previous = previous  # REPLACE: the runs it waits out before it starts
+        # its runner's cancel scope while this is the runner's run; a run is cancelled alone
+        # because a runner holds one run at a time (the scope is renewed after a cancel)
+        self.scope: anyio.CancelScope | None = None
+        self.cancel_called = self.replaced = self.ended = False
         self._done: anyio.Event | None = None  # made only when someone waits: most never do
+
+    def cancel(self) -> None:
+        """Cancel the run; one still queued ends without calling the function."""
+        self.cancel_called = True
+        if self.scope is not None:
+            self.scope.cancel()
 
     async def wait_ended(self) -> None:
         if not self.ended:
@@ -120,11 +147,22 @@ class _Run:
             self._done.set()
 
 
+class _Runner:
+    """A parked runner task: `_add_taker` sets `woken` and `wake` to send it to the queue."""
+
+    __slots__ = ("wake", "woken")
+
+    def __init__(self) -> None:
+        self.wake = anyio.Event()
+        self.woken = False
+
+
 class _Schedule:
     __slots__ = (
-        "begin", "coalesced", "decisions", "failures", "finished", "fn", "jump_from",
-        "last_outcome", "last_run_at", "missed", "name", "next", "paused_since", "planned",
-        "policy", "runs", "shift", "skipped", "started", "trigger", "version",
+        "after_next", "after_next_planned", "begin", "coalesced", "decisions", "failures",
+        "finished", "fn", "jump_from", "last_outcome", "last_run_ts", "missed", "name", "next",
+        "paused_since", "planned", "policy", "runs", "shift", "skipped", "started", "trigger",
+        "version",
     )  # fmt: skip
 
     def __init__(
@@ -134,12 +172,16 @@ class _Schedule:
         self.begin: datetime | None = None
         self.next: Tick | None = None
         self.planned = math.inf  # wall timestamp of `next`, jitter included
+        # the tick after `next` and its planned instant, known once `next` is on the heap (not
+        # for a fixed delay): at the fire, whether more than one tick is due costs nothing
+        self.after_next: Tick | None = None
+        self.after_next_planned = math.inf
         self.shift = timedelta(0)  # wall-clock steps so far, for rate and delay triggers
         self.jump_from: float | None = None  # wall time a forward step started from
         self.paused_since: datetime | None = None
         self.version = 0
         self.runs: list[_Run] = []
-        self.last_run_at: datetime | None = None
+        self.last_run_ts: float | None = None  # a datetime only when status asks
         self.last_outcome = "never run"
         self.started = self.finished = self.failures = 0
         self.skipped = self.missed = self.coalesced = 0
@@ -151,11 +193,12 @@ class _Schedule:
 
     def info(self) -> ScheduleInfo:
         paused = self.paused_since is not None
+        ran = self.last_run_ts
         return ScheduleInfo(
             name=self.name,
             trigger=self.trigger.describe(),
             next_fire_at=None if paused or self.next is None else self.next.at,
-            last_run_at=self.last_run_at,
+            last_run_at=None if ran is None else datetime.fromtimestamp(ran, UTC),
             last_outcome=self.last_outcome,
             run_count=self.finished,
             failure_count=self.failures,
@@ -191,8 +234,11 @@ class ScheduleManager:
         self._step_threshold = step_threshold
         self._step_check_interval = step_check_interval
         self._schedules: dict[str, _Schedule] = {}
-        self._heap: list[tuple[float, int, int, _Schedule]] = []
-        self._seq = 0
+        # the loop times schedules are due at, each with its schedules in the order planned
+        # (schedules due together share one heap entry: a thousand due at one instant cost one
+        # push and one pop); an entry whose version is not its schedule's any more is spent
+        self._heap: list[float] = []
+        self._due_at: dict[float, list[tuple[int, _Schedule]]] = {}
         self._offset = 0.0
         self._state = Lifecycle.CREATED
         self._wake = anyio.Event()
@@ -200,12 +246,21 @@ class ScheduleManager:
         self._dispatch_scope = anyio.CancelScope()
         self._runs_group: anyio.abc.TaskGroup | None = None
         self._clock_steps = 0
+        self._ready: deque[_Run] = deque()  # started runs that no runner has taken yet
+        self._parked: dict[_Runner, None] = {}  # parked runners, the latest parked last
+        self._runners = 0  # runner tasks alive
+        self._waking = 0  # runners sent to the queue that have not looked at it yet
+        self._send = 1  # runners to send to a queue that stays untaken (doubles per loop turn)
+        # next ticks asked in this dispatcher pass: (trigger, shift, after timestamp) -> tick
+        self._shared: dict[tuple[object, timedelta, float], Tick | None] = {}
+        # schedules fired in this pass whose next tick goes on the heap once the runs started
+        self._unpushed: list[tuple[_Schedule, int]] = []
 
     def __repr__(self) -> str:
         s = self.statistics()
         return (
             f"<ScheduleManager schedules={s.schedules} running={s.running} started={s.started} "
-            f"failed={s.failed} {s.state.value}>"
+            f"failed={s.failed} runners={s.runners} {s.state.value}>"
         )
 
     @property
@@ -214,7 +269,7 @@ class ScheduleManager:
         return self._clock
 
     def statistics(self) -> ScheduleManagerStatistics:
-        """Schedules, runs going, started and failed, and wall-clock steps seen.
+        """Schedules, runs going, started and failed, wall-clock steps seen, and runner tasks.
 
         Runs are summed over the schedules there now: a removed schedule's no longer count.
         """
@@ -226,6 +281,7 @@ class ScheduleManager:
             started=sum(s.started for s in schedules),
             failed=sum(s.failures for s in schedules),
             clock_steps=self._clock_steps,
+            runners=self._runners,
         )
 
     # --- lifecycle ---
@@ -246,9 +302,12 @@ class ScheduleManager:
                 task_status.started()
                 with self._dispatch_scope:
                     await self._dispatch()
+                self._release_runners()
         finally:
             self._state = Lifecycle.STOPPED
             self._runs_group = None
+            while self._ready:  # cancelled before a runner took them
+                self._end_unstarted(self._ready.popleft())
             self._stopped.set()
 
     def begin_drain(self, grace_seconds: float) -> None:
@@ -305,7 +364,7 @@ class ScheduleManager:
         del self._schedules[name]
         schedule.version += 1
         for run in schedule.runs:
-            run.scope.cancel()
+            run.cancel()
         self._wake.set()
 
     def pause_schedule(self, name: str) -> None:
@@ -371,6 +430,20 @@ class ScheduleManager:
     def _next(self, schedule: _Schedule, after: datetime) -> Tick | None:
         return self._shifted(schedule, schedule.trigger.next_tick(utc(after) - schedule.shift))
 
+    def _next_shared(self, schedule: _Schedule, after: datetime) -> Tick | None:
+        """`_next`, asked once per dispatcher pass for equal triggers (a thousand schedules on
+        one cron expression cost one cron computation, not a thousand)."""
+        # keyed by the instant: equal datetimes of one zone can be the two sides of a DST fold
+        key = (schedule.trigger, schedule.shift, after.timestamp())
+        try:
+            return self._shared[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable trigger: ask it
+            return self._next(schedule, after)
+        tick = self._shared[key] = self._next(schedule, after)
+        return tick
+
     def _begin(self, schedule: _Schedule) -> None:
         begin = self._clock.now() + timedelta(seconds=schedule.policy.initial_delay)
         schedule.begin = begin
@@ -380,14 +453,42 @@ class ScheduleManager:
         """Make `tick` the schedule's next one and wake the dispatcher for it."""
         schedule.version += 1
         schedule.next = tick
+        self._push(schedule)
+        self._wake.set()
+
+    def _push(self, schedule: _Schedule, *, shared: bool = False) -> None:
+        """Put the schedule's next tick on the heap (unless paused), and find the one after it
+        (`shared`: through the dispatcher pass's answers for equal triggers)."""
+        tick = schedule.next
         if tick is None or schedule.paused_since is not None:
             schedule.planned = math.inf
             return
-        schedule.planned = tick.timestamp + jitter_for(schedule.name, tick, schedule.policy.jitter)
+        jitter = schedule.policy.jitter
+        schedule.planned = tick.timestamp + jitter_for(schedule.name, tick, jitter)
+        if not schedule.trigger.from_run_end:
+            after = (
+                self._next_shared(schedule, tick.at) if shared else self._next(schedule, tick.at)
+            )
+            schedule.after_next = after
+            schedule.after_next_planned = (
+                math.inf
+                if after is None
+                else after.timestamp + jitter_for(schedule.name, after, jitter)
+            )
         due = schedule.planned - self._offset  # loop time; the offset is kept by _check_clock
-        self._seq += 1
-        heapq.heappush(self._heap, (due, self._seq, schedule.version, schedule))
-        self._wake.set()
+        entry = (schedule.version, schedule)
+        if (together := self._due_at.get(due)) is not None:
+            together.append(entry)
+        else:
+            self._due_at[due] = [entry]
+            heapq.heappush(self._heap, due)
+
+    def _push_fired(self) -> None:
+        """`_push` the schedules `_fire_one` moved on, unless they changed since."""
+        for schedule, version in self._unpushed:
+            if schedule.version == version:  # not paused, removed or planned anew since
+                self._push(schedule, shared=True)
+        self._unpushed.clear()
 
     # --- the dispatcher ---
 
@@ -398,11 +499,23 @@ class ScheduleManager:
             wall_now = self._clock.timestamp()
             self._check_clock(wall_now - now, wall_now)
             wall_dt = datetime.fromtimestamp(wall_now, UTC)
-            while self._heap and self._heap[0][0] <= now + _EPSILON:
-                _, _, version, schedule = heapq.heappop(self._heap)
-                if version == schedule.version and self._schedules.get(schedule.name) is schedule:
-                    self._fire(schedule, wall_now, wall_dt)
-            deadline = self._heap[0][0] if self._heap else math.inf
+            if self._shared:
+                self._shared.clear()
+            while self._heap and self._heap[0] <= now + _EPSILON:
+                for version, schedule in self._due_at.pop(heapq.heappop(self._heap)):
+                    if version == schedule.version:  # (a removed schedule's was moved on)
+                        self._fire(schedule, wall_now, wall_dt)
+            if self._ready:
+                # runs a runner has not taken: send runners, and look again after a loop turn
+                # (a queue still there then means the runners are held up by runs that wait)
+                self._hand_out()
+                await anyio.lowlevel.checkpoint()
+            if self._unpushed:
+                self._push_fired()
+            if self._ready:
+                continue
+            self._send = 1
+            deadline = self._heap[0] if self._heap else math.inf
             if self._step_check_interval is not None:
                 deadline = min(deadline, now + self._step_check_interval)
             if self._wake.is_set():
@@ -469,6 +582,8 @@ class ScheduleManager:
 
     def _fire(self, schedule: _Schedule, wall_now: float, now: datetime) -> None:
         """Decide on the schedule's due ticks, start the runs, plan the next tick (no await)."""
+        if self._fire_one(schedule, wall_now, now):
+            return
         ticks, uncounted, following = self._due(schedule, wall_now)
         jump_from, schedule.jump_from = schedule.jump_from, None
         step = 0.0 if jump_from is None else wall_now - jump_from
@@ -496,74 +611,181 @@ class ScheduleManager:
         else:
             self._plan(schedule, self._next(schedule, ticks[-1].at))
 
+    def _fire_one(self, schedule: _Schedule, wall_now: float, now: datetime) -> bool:
+        """`_fire` for the common case, one tick due: False (and nothing done) when not.
+
+        The tick after is known, and goes on the heap (with the one after it found) only once
+        the runs have started: a burst of due schedules starts its runs sooner.
+        """
+        if (
+            schedule.jump_from is not None
+            or schedule.trigger.from_run_end
+            or schedule.after_next_planned <= wall_now
+        ):
+            return False
+        tick = schedule.next
+        assert tick is not None
+        due = DueTick(tick=tick, late=max(0.0, wall_now - schedule.planned))
+        running = schedule.active_runs if schedule.runs else 0
+        verdicts = decide([due], policy=schedule.policy, running=running)
+        self._record(schedule, verdicts, now)
+        for verdict in verdicts:
+            if verdict.run:
+                self._start(schedule, verdict)
+        schedule.version += 1  # its entry on the heap is spent
+        schedule.next = schedule.after_next
+        schedule.planned = schedule.after_next_planned
+        self._unpushed.append((schedule, schedule.version))
+        return True
+
     def _record(self, schedule: _Schedule, verdicts: Sequence[Verdict], now: datetime) -> None:
         for v in verdicts:
+            kind = v.kind
             schedule.decisions.append(
-                Decision(
-                    tick=v.tick.at, kind=v.kind, reason=v.reason, count=v.count, decided_at=now
-                )
+                Decision(tick=v.tick.at, kind=kind, reason=v.reason, count=v.count, decided_at=now)
             )
-            if v.kind is DecisionKind.SKIPPED:
+            if kind is _FIRED:  # the common case: nothing to count or say
+                continue
+            if kind is DecisionKind.SKIPPED:
                 schedule.skipped += v.count
-            elif v.kind is DecisionKind.MISSED:
+            elif kind is DecisionKind.MISSED:
                 schedule.missed += v.count
-            elif v.kind is DecisionKind.COALESCED:
+            elif kind is DecisionKind.COALESCED:
                 schedule.coalesced += v.count
-            if v.kind is not DecisionKind.FIRED:
-                level = logging.INFO if v.kind is DecisionKind.MISSED else logging.DEBUG
-                log.log(
-                    level,
-                    "schedule %s: %s %s: %s",
-                    schedule.name,
-                    v.kind,
-                    tick_label(v.tick),
-                    v.reason,
-                    extra={"schedule": schedule.name},
-                )
+            level = logging.INFO if kind is DecisionKind.MISSED else logging.DEBUG
+            log.log(
+                level,
+                "schedule %s: %s %s: %s",
+                schedule.name,
+                kind,
+                tick_label(v.tick),
+                v.reason,
+                extra={"schedule": schedule.name},
+            )
 
     def _start(self, schedule: _Schedule, verdict: Verdict) -> None:
-        assert self._runs_group is not None
-        previous: list[_Run] = []
+        """Queue a run of `verdict`'s tick for the runners (the dispatcher hands them out)."""
+        previous: Sequence[_Run] = ()
         if verdict.replace:
             previous = [r for r in schedule.runs if not r.replaced]
             for r in previous:
                 r.replaced = True
-                r.scope.cancel()
-        run = _Run(verdict.tick)
+                r.cancel()
+        run = _Run(schedule, verdict.tick, previous)
         schedule.runs.append(run)
         schedule.started += 1
-        self._runs_group.start_soon(
-            self._run, schedule, run, previous, name=f"schedule {schedule.name}"
-        )
+        self._ready.append(run)
 
-    async def _run(self, schedule: _Schedule, run: _Run, previous: list[_Run]) -> None:
-        # this run's own task (its context is its own): all its lines are the schedule's
-        bind_log_fields(schedule=schedule.name)
+    # --- the runners ---
+
+    def _hand_out(self) -> None:
+        """Send runners to the ready runs unless some are on their way: one at first, then
+        twice as many each time the queue is found untaken (they were held up)."""
+        if self._waking:
+            return
+        for _ in range(min(len(self._ready), self._send)):
+            self._add_taker()
+        self._send *= 2
+
+    def _add_taker(self) -> None:
+        """Wake the latest parked runner to take ready runs, or start a new one."""
+        assert self._runs_group is not None
+        self._waking += 1
+        if self._parked:
+            runner, _ = self._parked.popitem()
+            runner.woken = True
+            runner.wake.set()
+        else:
+            self._runners += 1
+            self._runs_group.start_soon(self._runner, name="ScheduleManager runner")
+
+    def _release_runners(self) -> None:
+        """The dispatcher has stopped: the runs it queued each get a runner, the rest end."""
+        for _ in range(len(self._ready)):
+            self._add_taker()
+        while self._parked:
+            runner, _ = self._parked.popitem()
+            runner.wake.set()
+
+    async def _runner(self) -> None:
+        """Take ready runs until none is left; park; end when released or idle too long."""
+        parking: _Runner | None = None
         try:
-            for old in previous:  # REPLACE: the new run starts once the old one has ended
-                await old.wait_ended()
-            with run.scope:
-                schedule.last_run_at = self._clock.now()
-                try:
-                    await schedule.fn()
-                except Exception as exc:
-                    schedule.failures += 1
-                    schedule.last_outcome = f"failed: {type(exc).__name__}: {exc}"
-                    log.exception("schedule %s failed", schedule.name)
-                else:
-                    schedule.last_outcome = "ok"
-            if run.scope.cancelled_caught:
-                schedule.last_outcome = (
-                    "cancelled: replaced by a newer run" if run.replaced else "cancelled"
-                )
+            while True:
+                self._waking -= 1  # here now: the queue is looked at
+                while self._ready:
+                    # one scope for many runs: entering a scope per run costs more than a
+                    # quick run; a cancelled run (the runner's one run then) ends the scope
+                    with anyio.CancelScope() as scope:
+                        while self._ready and not scope.cancel_called:
+                            await self._run(self._ready.popleft(), scope)
+                if self._state is not Lifecycle.RUNNING:
+                    return
+                parking = parking or _Runner()
+                if not await self._park(parking):
+                    return
         finally:
-            schedule.runs.remove(run)
-            schedule.finished += 1
-            run.set_ended()
-            if (
-                schedule.trigger.from_run_end
-                and self._state is Lifecycle.RUNNING
-                and self._schedules.get(schedule.name) is schedule
-                and not schedule.runs
-            ):
-                self._plan(schedule, self._next(schedule, self._clock.now()))
+            self._runners -= 1
+
+    async def _park(self, runner: _Runner) -> bool:
+        """Wait to be sent to the queue: True when sent, False when released or idle."""
+        runner.woken = False
+        if runner.wake.is_set():
+            runner.wake = anyio.Event()
+        self._parked[runner] = None
+        try:
+            with anyio.move_on_after(RUNNER_KEEP_ALIVE):
+                await runner.wake.wait()
+        finally:
+            self._parked.pop(runner, None)
+        return runner.woken
+
+    async def _run(self, run: _Run, scope: anyio.CancelScope) -> None:
+        schedule = run.schedule
+        # the run's log lines (and its child tasks') are the schedule's
+        logged = bind_log_fields(schedule=schedule.name)
+        try:
+            if run.cancel_called:  # removed or replaced before a runner took it
+                schedule.last_outcome = _cancelled(run)
+                return
+            run.scope = scope
+            for old in run.previous:  # REPLACE: the new run starts once the old one has ended
+                await old.wait_ended()
+            schedule.last_run_ts = self._clock.timestamp()
+            try:
+                await schedule.fn()
+            except Exception as exc:
+                schedule.failures += 1
+                schedule.last_outcome = f"failed: {type(exc).__name__}: {exc}"
+                log.exception("schedule %s failed", schedule.name)
+            else:
+                schedule.last_outcome = "ok"
+        except anyio.get_cancelled_exc_class():
+            if run.cancel_called:  # this run's cancel, not the manager's
+                schedule.last_outcome = _cancelled(run)
+            raise
+        finally:
+            run.scope = None
+            unbind_log_fields(logged)
+            self._end(run)
+
+    def _end_unstarted(self, run: _Run) -> None:
+        run.schedule.last_outcome = _cancelled(run)
+        self._end(run)
+
+    def _end(self, run: _Run) -> None:
+        schedule = run.schedule
+        schedule.runs.remove(run)
+        schedule.finished += 1
+        run.set_ended()
+        if (
+            schedule.trigger.from_run_end
+            and self._state is Lifecycle.RUNNING
+            and self._schedules.get(schedule.name) is schedule
+            and not schedule.runs
+        ):
+            self._plan(schedule, self._next(schedule, self._clock.now()))
+
+
+def _cancelled(run: _Run) -> str:
+    return "cancelled: replaced by a newer run" if run.replaced else "cancelled"
