@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import anyio
 import anyio.abc
+import msgspec
 import pytest
 import trio.testing
 
@@ -107,16 +108,20 @@ class Fleet:
         *,
         store: JobStore | None = None,
         client: WorkerClient | None = None,
+        config: OrchestratorConfig = CONFIG,
+        refresh_seconds: float = 0.05,
     ) -> Dispatcher:
         """A dispatcher with a directory of its own, started in `tg` (default: the fleet's)."""
         tg = tg or self.tg
+        # a slow refresh takes reports for fresh for as long (else all go stale between two)
         directory = WorkerDirectory(
-            self.registry, report_interval_seconds=REPORT, refresh_seconds=0.05, clock=self.clock
-        )
+            self.registry, report_interval_seconds=max(REPORT, refresh_seconds),
+            refresh_seconds=refresh_seconds, clock=self.clock,
+        )  # fmt: skip
         await tg.start(directory.run)
         dispatcher = Dispatcher(
             store or self.store, self.events, directory, client or self.client,
-            PowerOfTwoChoices(), CONFIG, consumer=consumer, clock=self.clock,
+            PowerOfTwoChoices(), config, consumer=consumer, clock=self.clock,
         )  # fmt: skip
         await tg.start(dispatcher.run)
         self.dispatchers.append(dispatcher)
@@ -224,6 +229,26 @@ async def test_two_versions_of_a_job_each_get_only_the_params_they_take(fleet: F
     await fleet.submit("neither", "sleep", colour="red")
     job = await fleet.wait_state("neither", JobState.FAILED)
     assert "colour" in job.error
+
+
+async def test_a_job_waiting_for_a_worker_goes_as_soon_as_a_call_ends(fleet: Fleet) -> None:
+    """Two workers of 8 slots each, 17 jobs: the 17th waits for a worker, and takes the first
+    slot that frees, not the next directory refresh (nor its own 1 s timer)."""
+    config = msgspec.structs.replace(CONFIG, max_inflight=32)
+    await fleet.dispatcher("o1", config=config, refresh_seconds=5)
+    for i in range(16):
+        await fleet.submit(f"busy-{i}", "sleep", seconds=0.2)
+    await fleet.wait_until(lambda: sum(len(w.live_ids()) for w in fleet.workers.values()) == 16)
+    await fleet.submit("waiting", "sleep", seconds=0)
+    job = await fleet.wait_state("waiting", JobState.SUCCEEDED)
+    ends: list[float] = []
+    for i in range(16):
+        ended = (await fleet.wait_state(f"busy-{i}", JobState.SUCCEEDED)).attempts[-1].finished_at
+        assert ended is not None
+        ends.append(ended)
+    first_end = min(ends)
+    # on trio the clock is virtual: no noise; on asyncio a loaded machine may add some
+    assert job.attempts[0].started_at - first_end < 0.1, (job.attempts[0].started_at, first_end)
 
 
 async def test_a_killed_worker_s_job_finishes_elsewhere_once(fleet: Fleet) -> None:

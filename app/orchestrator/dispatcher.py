@@ -154,6 +154,9 @@ class Dispatcher:
         self._rng = rng
         self._slots = anyio.CapacityLimiter(config.max_inflight)
         self._slot_freed = anyio.Event()
+        # set when a worker may take more work (a call ended, the directory refreshed): jobs
+        # waiting for a worker look again at once, not at their next timer
+        self._capacity_changed = anyio.Event()
         self._entries: dict[str, str] = {}  # queue entry id -> job id, ours now
         self._worker_inflight: Counter[str] = Counter()
         self._waiting: Counter[int] = Counter()  # jobs waiting for a worker, by priority
@@ -343,6 +346,7 @@ class Dispatcher:
                     self._state = Lifecycle.RUNNING
                 tg.start_soon(self._claim_loop)
                 tg.start_soon(self._keep_alive_loop)
+                tg.start_soon(self._forward_refreshes)
                 task_status.started()
                 await self._consume_loop()
                 # draining: nothing new is taken; wait for the jobs in hand, then stop the loops
@@ -362,6 +366,18 @@ class Dispatcher:
     @property
     def _draining(self) -> bool:
         return self._state is not Lifecycle.RUNNING
+
+    async def _forward_refreshes(self) -> None:
+        """Each directory refresh may bring a worker (or room on one): wake the waiting jobs."""
+        while True:
+            await self._directory.wait_refreshed()
+            self._wake_waiting()
+
+    def _wake_waiting(self) -> None:
+        """Wake the jobs waiting for a worker (if any: no new event per job otherwise)."""
+        if any(self._waiting.values()):
+            self._capacity_changed.set()
+            self._capacity_changed = anyio.Event()
 
     async def _wait_slot_freed(self) -> None:
         with anyio.move_on_after(1.0):
@@ -678,6 +694,8 @@ class Dispatcher:
         self._waiting[job.priority] += 1
         try:
             while self._time_left(job) > 0:
+                # taken before looking: a change while this looks (and awaits) is not missed
+                changed = self._capacity_changed
                 if prefer is not None:
                     # the worker its run may go on: stale in the registry but answering (cut
                     # off from Redis only) still has it, and a copy elsewhere would run twice
@@ -701,7 +719,7 @@ class Dispatcher:
                 with anyio.move_on_after(
                     min(1.0, max(0.0, job.deadline_at - self._clock.timestamp()))
                 ):
-                    await self._directory.wait_refreshed()
+                    await changed.wait()
             return None
         finally:
             self._waiting[job.priority] -= 1
@@ -767,6 +785,7 @@ class Dispatcher:
         finally:
             unbind_log_fields(logged)
             self._worker_inflight[address] -= 1
+            self._wake_waiting()  # they look once the breaker below has heard (no await between)
         assert result is not None
         if result.kind in (CallKind.UNREACHABLE, CallKind.LOST):
             self._client.forget(address)
