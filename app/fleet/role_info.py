@@ -11,6 +11,10 @@ the schema grows only by fields with defaults.
 from __future__ import annotations
 
 import enum
+import os
+import socket
+from datetime import datetime
+from typing import Any
 
 import msgspec
 
@@ -69,6 +73,28 @@ class RoleInfo(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     def member(self) -> str:
         """`ip:pid`: its name in its role's registry index (a restart is a new member)."""
         return f"{self.ip}:{self.pid}"
+
+
+class RoleIdentity(msgspec.Struct, frozen=True, kw_only=True):
+    """What stays the same across one process's reports; `report()` adds the time and load."""
+
+    role: Role
+    ip: str
+    version: str
+    start_datetime: str
+    report_interval_seconds: float
+
+    def report(self, now: datetime, *, grpc_port: int, draining: bool, **load: Any) -> RoleInfo:
+        """This process's `RoleInfo` at `now` (aware, UTC) on `grpc_port` (known once its
+        server is bound), with the load fields in `load`."""
+        return RoleInfo(
+            role=self.role, ip=self.ip, grpc_port=grpc_port, pid=os.getpid(),
+            host=socket.gethostname(), version=self.version, start_datetime=self.start_datetime,
+            status=RoleStatus.DRAINING if draining else RoleStatus.SERVING,
+            update_datetime=now.isoformat(timespec="milliseconds"),
+            update_epoch_ms=int(now.timestamp() * 1000),
+            report_interval_seconds=self.report_interval_seconds, **load,
+        )  # fmt: skip
 
 
 class Registration(msgspec.Struct, frozen=True, kw_only=True):

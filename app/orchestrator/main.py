@@ -36,7 +36,7 @@ from app.config import Config
 from app.core.balancer import make_balancer
 from app.core.clock import SystemClock
 from app.errors import ConfigError
-from app.fleet.role_info import Role, RoleInfo, RoleStatus
+from app.fleet.role_info import Role, RoleIdentity, RoleInfo
 from app.grpc.limits import limits_from
 from app.grpc.ports import advertised_ip, candidate_ports
 from app.grpc.server import GrpcServer
@@ -134,21 +134,21 @@ async def serve_orchestrator(config: Config) -> None:
 
             service.store_down = store_down
             clock = SystemClock()
-            started = clock.now().isoformat(timespec="milliseconds")
-            ip = advertised_ip(o.host, config.grpc.advertise_ip)
             interval = config.schedule.report_interval_seconds
+            identity = RoleIdentity(
+                role=Role.ORCHESTRATOR,
+                ip=advertised_ip(o.host, config.grpc.advertise_ip),
+                version=__version__,
+                report_interval_seconds=interval,
+                start_datetime=clock.now().isoformat(timespec="milliseconds"),
+            )
 
             def role_info() -> RoleInfo:
-                now = clock.now()
                 stats = dispatcher.statistics()
-                return RoleInfo(
-                    role=Role.ORCHESTRATOR, ip=ip, grpc_port=server.port, pid=os.getpid(),
-                    host=socket.gethostname(), version=__version__, start_datetime=started,
-                    status=RoleStatus.DRAINING if service.draining else RoleStatus.SERVING,
-                    update_datetime=now.isoformat(timespec="milliseconds"),
-                    update_epoch_ms=int(now.timestamp() * 1000),
-                    report_interval_seconds=interval, inflight=stats.inflight,
-                    max_inflight=o.max_inflight, waiting=stats.waiting_for_worker,
+                return identity.report(
+                    clock.now(), grpc_port=server.port, draining=service.draining,
+                    inflight=stats.inflight, max_inflight=o.max_inflight,
+                    waiting=stats.waiting_for_worker,
                 )  # fmt: skip
 
             reporter = RoleReporter(

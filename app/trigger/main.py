@@ -33,7 +33,7 @@ from app import __version__
 from app.config import Config
 from app.core.clock import SystemClock
 from app.errors import ConfigError
-from app.fleet.role_info import Role, RoleInfo, RoleStatus
+from app.fleet.role_info import Role, RoleIdentity, RoleInfo
 from app.grpc.limits import limits_from
 from app.grpc.ports import advertised_ip, candidate_ports
 from app.grpc.server import GrpcServer
@@ -124,21 +124,20 @@ async def serve_trigger(config: Config) -> None:
                 " API are gone with it)",
                 interval=config.redis.check_interval_seconds,
             )  # fmt: skip
-            started = clock.now().isoformat(timespec="milliseconds")
-            ip = advertised_ip(t.host, config.grpc.advertise_ip)
             interval = config.schedule.report_interval_seconds
+            identity = RoleIdentity(
+                role=Role.TRIGGER,
+                ip=advertised_ip(t.host, config.grpc.advertise_ip),
+                version=__version__,
+                report_interval_seconds=interval,
+                start_datetime=clock.now().isoformat(timespec="milliseconds"),
+            )
 
             def role_info() -> RoleInfo:
-                now = clock.now()
                 stats = replica.statistics()
-                return RoleInfo(
-                    role=Role.TRIGGER, ip=ip, grpc_port=server.port, pid=os.getpid(),
-                    host=socket.gethostname(), version=__version__, start_datetime=started,
-                    status=RoleStatus.DRAINING if service.draining else RoleStatus.SERVING,
-                    update_datetime=now.isoformat(timespec="milliseconds"),
-                    update_epoch_ms=int(now.timestamp() * 1000),
-                    report_interval_seconds=interval, schedules_held=stats.owned,
-                    schedules=stats.schedules, replicas=stats.replicas,
+                return identity.report(
+                    clock.now(), grpc_port=server.port, draining=service.draining,
+                    schedules_held=stats.owned, schedules=stats.schedules, replicas=stats.replicas,
                 )  # fmt: skip
 
             reporter = RoleReporter(
