@@ -47,7 +47,7 @@ from app.orchestrator.index_trimmer import IndexTrimmer
 from app.orchestrator.service import OrchestratorService
 from app.stores.abc import JobEvents, JobStore
 from app.stores.bad_data import BadData
-from app.stores.redis.client import create_redis, wait_for_redis
+from app.stores.redis.client import create_redis, wait_for_redis_unless_stopped
 from app.stores.redis.job_events import RedisJobEvents
 from app.stores.redis.job_store import RedisJobStore
 from app.stores.redis.monitor import RedisMonitor
@@ -161,16 +161,9 @@ async def serve_orchestrator(config: Config) -> None:
             )
             try:
                 # nothing works without the shared Redis: wait for it (a signal still stops us)
-                async with anyio.create_task_group() as waiting:
-
-                    async def stop_on_signal() -> None:
-                        signum = await anext(signals)
-                        log.info("%s while waiting for Redis: stopping", signum.name)
-                        tg.cancel_scope.cancel()
-
-                    waiting.start_soon(stop_on_signal)
-                    await wait_for_redis(redis, what=f"Redis at {config.redis.display_url()}")
-                    waiting.cancel_scope.cancel()
+                await wait_for_redis_unless_stopped(
+                    redis, signals, tg.cancel_scope, what=f"Redis at {config.redis.display_url()}"
+                )
                 await tg.start(monitor.run)
                 await tg.start(events.run)
                 await tg.start(directory.run)

@@ -37,7 +37,7 @@ from app.fleet.role_info import Role, RoleIdentity, RoleInfo
 from app.grpc.limits import limits_from
 from app.grpc.ports import advertised_ip, candidate_ports
 from app.grpc.server import GrpcServer
-from app.stores.redis.client import create_redis, wait_for_redis
+from app.stores.redis.client import create_redis, wait_for_redis_unless_stopped
 from app.stores.redis.monitor import RedisMonitor
 from app.stores.redis.pool import pool_statistics
 from app.stores.redis.role_registry import RedisRoleRegistry
@@ -149,18 +149,15 @@ async def serve_trigger(config: Config) -> None:
                 clock=clock,
             )
             try:
-                # nothing works without the shared Redis: wait for it (a signal still stops us)
-                async with anyio.create_task_group() as waiting:
-
-                    async def stop_on_signal() -> None:
-                        signum = await anext(signals)
-                        log.info("%s while waiting for Redis: stopping", signum.name)
-                        tg.cancel_scope.cancel()
-
-                    waiting.start_soon(stop_on_signal)
-                    await wait_for_redis(redis, what=f"Redis at {config.redis.display_url()}")
+                # nothing works without the shared Redis: wait for it (a signal still stops
+                # us), then make the declared schedules the config's
+                async def sync() -> None:
                     await sync_config_schedules(store, declared, now=clock.timestamp())
-                    waiting.cancel_scope.cancel()
+
+                await wait_for_redis_unless_stopped(
+                    redis, signals, tg.cancel_scope,
+                    what=f"Redis at {config.redis.display_url()}", then=sync,
+                )  # fmt: skip
                 await tg.start(monitor.run)
                 await tg.start(replica.run)
                 if config.metrics.port is not None:

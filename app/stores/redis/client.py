@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import redis.asyncio as aioredis
@@ -126,3 +128,28 @@ async def wait_for_redis(client: aioredis.Redis, *, what: str = "Redis", cap: fl
             continue
         outage.succeeded()
         return
+
+
+async def wait_for_redis_unless_stopped(
+    client: aioredis.Redis,
+    signals: AsyncIterator[signal.Signals],
+    stop: anyio.CancelScope,
+    *,
+    what: str,
+    then: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """A role's start: wait until `client` answers (and run `then`, e.g. a sync that needs it),
+    unless a signal comes first, which cancels `stop` (the role's scope): a process started
+    before its Redis must still stop on SIGTERM."""
+    async with anyio.create_task_group() as waiting:
+
+        async def stop_on_signal() -> None:
+            signum = await anext(signals)
+            log.info("%s while waiting for Redis: stopping", signum.name)
+            stop.cancel()
+
+        waiting.start_soon(stop_on_signal)
+        await wait_for_redis(client, what=what)
+        if then is not None:
+            await then()
+        waiting.cancel_scope.cancel()
