@@ -53,8 +53,7 @@ from app.stores.redis.job_store import RedisJobStore
 from app.stores.redis.monitor import RedisMonitor
 from app.stores.redis.pod_registry import RedisPodRegistry
 from app.stores.redis.pool import pool_statistics
-from app.stores.redis.role_registry import RedisRoleRegistry
-from app.stores.role_reporter import RoleReporter
+from app.stores.redis.role_registry import redis_role_reporter
 
 log = logging.getLogger("app.orchestrator")
 
@@ -151,14 +150,7 @@ async def serve_orchestrator(config: Config) -> None:
                     waiting=stats.waiting_for_worker,
                 )  # fmt: skip
 
-            reporter = RoleReporter(
-                # on the connections of its own: `jobworker status` must not see it gone for load
-                RedisRoleRegistry(liveness, prefix=config.redis.roles_key_prefix),
-                role_info,
-                ttl_seconds=config.redis.ttl_seconds,
-                interval_seconds=interval,
-                clock=clock,
-            )
+            reporter = redis_role_reporter(liveness, config, role_info, clock)
             try:
                 # nothing works without the shared Redis: wait for it (a signal still stops us)
                 await wait_for_redis_unless_stopped(

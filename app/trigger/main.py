@@ -40,9 +40,8 @@ from app.grpc.server import GrpcServer
 from app.stores.redis.client import create_redis, wait_for_redis_unless_stopped
 from app.stores.redis.monitor import RedisMonitor
 from app.stores.redis.pool import pool_statistics
-from app.stores.redis.role_registry import RedisRoleRegistry
+from app.stores.redis.role_registry import redis_role_reporter
 from app.stores.redis.schedule_store import RedisScheduleStore
-from app.stores.role_reporter import RoleReporter
 from app.trigger.config_sync import config_specs, sync_config_schedules
 from app.trigger.orchestrator_client import GrpcOrchestratorClient
 from app.trigger.replica import TriggerReplica, default_replica_id
@@ -140,14 +139,7 @@ async def serve_trigger(config: Config) -> None:
                     schedules_held=stats.owned, schedules=stats.schedules, replicas=stats.replicas,
                 )  # fmt: skip
 
-            reporter = RoleReporter(
-                # on the connections of its own: `jobworker status` must not see it gone for load
-                RedisRoleRegistry(liveness, prefix=config.redis.roles_key_prefix),
-                role_info,
-                ttl_seconds=config.redis.ttl_seconds,
-                interval_seconds=interval,
-                clock=clock,
-            )
+            reporter = redis_role_reporter(liveness, config, role_info, clock)
             try:
                 # nothing works without the shared Redis: wait for it (a signal still stops
                 # us), then make the declared schedules the config's

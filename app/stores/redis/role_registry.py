@@ -13,11 +13,16 @@ is Redis's own account of how long it has left, whatever the clocks say.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import redis.asyncio as aioredis
 
+from app.config import Config
+from app.core.clock import Clock
 from app.errors import StoreBusy, StoreUnavailable
-from app.fleet.role_info import Registration
+from app.fleet.role_info import Registration, RoleInfo
 from app.stores.redis.client import is_busy, is_unavailable
+from app.stores.role_reporter import RoleReporter
 
 
 def _text(value: bytes | str) -> str:
@@ -105,3 +110,18 @@ def _raise_unavailable(exc: Exception, what: str) -> None:
         raise StoreBusy(f"{what}: {exc}") from exc
     if is_unavailable(exc):
         raise StoreUnavailable(f"Redis unavailable during {what}: {exc}") from exc
+
+
+def redis_role_reporter(
+    liveness: aioredis.Redis, config: Config, snapshot: Callable[[], RoleInfo], clock: Clock
+) -> RoleReporter:
+    """An orchestrator's or trigger's `RoleReporter` as configured (`redis.roles_key_prefix`,
+    `redis.ttl_seconds`, `schedule.report_interval_seconds`), writing through `liveness`: the
+    connections of its own, so that `jobworker status` never sees it gone for load."""
+    return RoleReporter(
+        RedisRoleRegistry(liveness, prefix=config.redis.roles_key_prefix),
+        snapshot,
+        ttl_seconds=config.redis.ttl_seconds,
+        interval_seconds=config.schedule.report_interval_seconds,
+        clock=clock,
+    )
