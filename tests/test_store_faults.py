@@ -143,6 +143,43 @@ async def test_a_job_waiting_for_a_worker_when_its_record_vanished_is_not_stuck(
     await fleet.wait_until(lambda: d.statistics().inflight == 0)
 
 
+class ForgettingStore(FlakyStore):
+    """A store whose first `take` meets an outage, over which Redis forgets everything: the
+    entry was read, and then Redis lost it with its record (restarted empty, or lost its last
+    second) before the orchestrator could read the record."""
+
+    def __getattr__(self, name: str) -> Callable[..., Awaitable[Any]]:
+        call = super().__getattr__(name)
+        if name != "take":
+            return call
+
+        async def take(*args: Any, **kwargs: Any) -> Any:
+            if not self.refused:
+                self.refused += 1
+                self.store.forget_everything()
+                raise StoreUnavailable("Redis unreachable (ConnectionError: reset)")
+            return await call(*args, **kwargs)
+
+        return take
+
+
+async def test_a_job_forgotten_between_its_read_and_its_take_is_noted_lost(
+    fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    forgetting = ForgettingStore(fleet.store)
+    d = await fleet.dispatcher("o1", store=cast(JobStore, forgetting))
+    await fleet.submit("j1", "sleep", seconds=0.1)
+    await fleet.wait_until(lambda: d.statistics().lost == 1)
+    (lost,) = await fleet.store.lost_jobs(count=10)
+    assert (lost.job_id, lost.state, lost.noticed_by) == ("j1", "PENDING", "o1")
+    assert "queue entry vanished" in lost.reason
+    assert await fleet.store.quarantined() == []  # not taken for junk
+    assert not any("quarantine" in r.getMessage() for r in caplog.records)
+    await fleet.wait_until(lambda: d.statistics().inflight == 0)
+    assert started(fleet, "j1") == 0
+
+
 async def test_after_redis_went_back_in_time_a_job_goes_to_the_worker_that_has_it(
     fleet: Fleet,
 ) -> None:

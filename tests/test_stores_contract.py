@@ -642,6 +642,16 @@ async def test_ack_removes_the_entry(stores: Stores) -> None:
     assert await store.get("a") is not None  # the record stays: an ack ends the entry only
 
 
+async def test_holds_entry_says_whether_the_queue_still_has_it(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(job("a"), bound=10)
+    ((entry, _),) = await store.read_new("c1", count=10, block_ms=10)
+    assert await store.holds_entry(entry)  # read, pending
+    await store.ack(entry)
+    assert not await store.holds_entry(entry)
+    assert not await store.holds_entry("0-99999")  # never there
+
+
 async def test_take_reads_the_record_its_fence_and_its_cancel_flag(stores: Stores) -> None:
     store = stores.store
     assert await store.take("none") is None

@@ -493,6 +493,11 @@ class Dispatcher:
         self._losses_at_take[job_id] = self._data_losses
         try:
             taken = await self._store.take(job_id)
+            if taken is None and not await self._store.holds_entry(entry_id):
+                # the entry went with the record after we read it (Redis restarted, or lost its
+                # last second, in between): a job Redis forgot, not junk
+                await self._lost(job_id, None)
+                return
             if taken is None:
                 # never a job's, or kept past its record's retention: nothing to drive
                 where, why = f"queue entry {entry_id}", f"no record of job {job_id!r}"
@@ -523,21 +528,30 @@ class Dispatcher:
             del self._entries[entry_id]
             self._slot_freed.set()
 
-    async def _lost(self, job_id: str, held: BatchJob) -> None:
-        """End a job whose record vanished in hand: said once, noted for the operators' check."""
-        last = held.attempts[-1] if held.attempts else None
-        lost = LostJob(
-            job_id=job_id,
-            reason="its record vanished while this orchestrator held it (Redis lost its data?)",
-            noticed_by=self.consumer,
-            noticed_at=self._clock.timestamp(),
-            job_type=held.job_type,
-            state=held.state.value,
-            worker=last.worker if last is not None else "",
-            attempts=len(held.attempts),
-            result_json=held.result_json,
-            error=held.error,
-        )
+    async def _lost(self, job_id: str, held: BatchJob | None) -> None:
+        """End a job whose record vanished in hand (`held`: as last read; None when it vanished
+        before its first read): said once, noted for the operators' check."""
+        now = self._clock.timestamp()
+        if held is None:
+            lost = LostJob(
+                job_id=job_id, reason="its record and queue entry vanished as this orchestrator"
+                " took it (Redis lost its data?)", noticed_by=self.consumer, noticed_at=now,
+                state=JobState.PENDING.value,
+            )  # fmt: skip
+        else:
+            last = held.attempts[-1] if held.attempts else None
+            lost = LostJob(
+                job_id=job_id,
+                reason="its record vanished while this orchestrator held it (Redis lost its data?)",
+                noticed_by=self.consumer,
+                noticed_at=now,
+                job_type=held.job_type,
+                state=held.state.value,
+                worker=last.worker if last is not None else "",
+                attempts=len(held.attempts),
+                result_json=held.result_json,
+                error=held.error,
+            )
         if not await self._store.report_lost(lost):
             return  # it is there after all (a write raced the read): nothing was lost
         self._counts["lost"] += 1

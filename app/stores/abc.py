@@ -254,6 +254,11 @@ class JobStore(Protocol):
         """The entry's job has ended: acknowledge and drop the entry."""
         ...
 
+    async def holds_entry(self, entry_id: str) -> bool:
+        """Whether the queue still holds the entry (read or not, pending or not). An entry read
+        whose job has no record and that is gone too was forgotten by the store with its job."""
+        ...
+
     async def remove_idle_consumers(self, *, min_idle_ms: int, keep: str) -> list[str]:
         """Remove from the group the consumers other than `keep` that hold no entry and have not
         read, claimed or refreshed for `min_idle_ms` (orchestrators that stopped: each leaves

@@ -622,6 +622,11 @@ class MemoryJobStore:
         await anyio.lowlevel.checkpoint()
         self._ack_now(entry_id)
 
+    async def holds_entry(self, entry_id: str) -> bool:
+        """Whether the stream holds the entry (XRANGE of its id)."""
+        await anyio.lowlevel.checkpoint()
+        return _entry_number(entry_id) in self._entries
+
     def _ack_now(self, entry_id: str) -> None:
         number = _entry_number(entry_id)
         self._pending.pop(number, None)

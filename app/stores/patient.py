@@ -168,6 +168,10 @@ class PatientJobStore:
         """See `JobStore.ack`."""
         await self._call(self._store.ack, entry_id)
 
+    async def holds_entry(self, entry_id: str) -> bool:
+        """See `JobStore.holds_entry`."""
+        return await self._call(self._store.holds_entry, entry_id)
+
     async def remove_idle_consumers(self, *, min_idle_ms: int, keep: str) -> list[str]:
         """See `JobStore.remove_idle_consumers`; not waited for: a sweep missed is done later."""
         return await self._store.remove_idle_consumers(min_idle_ms=min_idle_ms, keep=keep)

@@ -788,6 +788,11 @@ class RedisJobStore:
             pipe.xdel(self.stream_key, entry_id)
             await pipe.execute()
 
+    @translated
+    async def holds_entry(self, entry_id: str) -> bool:
+        """XRANGE of the entry's id alone: whether the stream holds it."""
+        return bool(await self._redis.xrange(self.stream_key, entry_id, entry_id, count=1))
+
     # --- the job index ----------------------------------------------------------------------------
 
     def _index_is_junk(self) -> CorruptIndex:
