@@ -271,6 +271,9 @@ class OrchestratorConfig(_Section, frozen=True):
     keepalive_seconds: float = 2.0
     keepalive_timeout_seconds: float = 3.0
     drain_grace_seconds: float = 10.0
+    # a run still going this long after its dispatch is recorded RUNNING; a shorter one goes
+    # from DISPATCHED to its end in one call and one write less (0: always, at its admission)
+    running_recorded_after_seconds: float = 0.1
 
     def __post_init__(self) -> None:
         _check(0 <= self.port <= 65535, "port", "must be 0..65535")
@@ -286,6 +289,8 @@ class OrchestratorConfig(_Section, frozen=True):
         _check(self.balancer in ("p2c", "round_robin"), "balancer", "must be p2c or round_robin")
         _check(self.discovery_interval_seconds > 0, "discovery_interval_seconds", "must be > 0")
         _check(self.claim_idle_seconds > 0, "claim_idle_seconds", "must be above 0")
+        _check(self.running_recorded_after_seconds >= 0, "running_recorded_after_seconds",
+               "must be 0 or more")  # fmt: skip
         _check(bool(self.stream_key) and bool(self.job_prefix), "stream_key", "must not be empty")
         _check(bool(self.index_key), "index_key", "must not be empty")
 

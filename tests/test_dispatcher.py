@@ -32,7 +32,7 @@ from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.memory_worker_client import MemoryWorker, MemoryWorkerClient
 from app.orchestrator.worker_client import WorkerClient
-from app.stores.abc import JobStore
+from app.stores.abc import JobStore, WriteResult
 from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
 from tests.helpers import eventually, twin_jobs
 
@@ -511,6 +511,72 @@ async def test_junk_in_the_store_sets_its_job_aside_and_the_others_run(
     assert all(m.startswith("bad data: ") for m in said)
 
 
+class _Writes:
+    """The store, noting the state each write of a job records."""
+
+    def __init__(self, store: MemoryJobStore) -> None:
+        self._store = store
+        self.states: dict[str, list[JobState]] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
+        self.states.setdefault(job.job_id, []).append(job.state)
+        return await self._store.write(job, token, ack=ack)
+
+
+async def test_a_short_run_is_one_call_and_is_not_written_running(fleet: Fleet) -> None:
+    writes = _Writes(fleet.store)
+    await fleet.dispatcher("o1", store=cast("JobStore", writes))
+    await fleet.submit("short", "sleep", seconds=0)
+    await fleet.submit(
+        "long", "sleep", seconds=OrchestratorConfig().running_recorded_after_seconds * 6
+    )
+    for job_id in ("short", "long"):
+        await fleet.wait_state(job_id, JobState.SUCCEEDED)
+    assert writes.states["short"] == [JobState.DISPATCHED, JobState.SUCCEEDED]
+    # a run still going is asked how it stands, recorded RUNNING, and waited for (attached)
+    assert writes.states["long"] == [JobState.DISPATCHED, JobState.RUNNING, JobState.SUCCEEDED]
+    assert (started(fleet, "short"), started(fleet, "long")) == (1, 1)
+
+
+async def test_with_no_delay_every_run_is_recorded_running(fleet: Fleet) -> None:
+    writes = _Writes(fleet.store)
+    config = msgspec.structs.replace(CONFIG, running_recorded_after_seconds=0)
+    await fleet.dispatcher("o1", store=cast("JobStore", writes), config=config)
+    await fleet.submit("short", "sleep", seconds=0)
+    await fleet.wait_state("short", JobState.SUCCEEDED)
+    assert writes.states["short"] == [JobState.DISPATCHED, JobState.RUNNING, JobState.SUCCEEDED]
+
+
+async def test_a_worker_cut_off_before_its_call_is_given_up_and_the_job_runs_elsewhere(
+    fleet: Fleet,
+) -> None:
+    """Its report stays fresh, but no call reaches it (a connect that hangs): the RunWork has no
+    keepalive to break it, so the worker's silence to SendWork beside it ends the call, as an
+    admission that is not answered did."""
+    cut = fleet.workers["10.0.0.1:9091"]
+    cut.black_hole()
+    other = "10.0.0.2:9091"
+    fleet.reporting[other] = False  # at first the cut-off worker is the only one
+    await fleet.registry.delete("wpm-apps:10.0.0.2:9091")
+    config = msgspec.structs.replace(CONFIG, keepalive_seconds=0.2, keepalive_timeout_seconds=0.3)
+    d = await fleet.dispatcher("o1", config=config)
+    for i in range(4):
+        await fleet.submit(f"c{i}", "sleep", seconds=0)
+    await fleet.wait_until(lambda: d.breaker("10.0.0.1:9091").state is BreakerState.OPEN)
+    fleet.reporting[other] = True
+    given_up = []
+    for i in range(4):
+        job = await fleet.wait_state(f"c{i}", JobState.SUCCEEDED)
+        assert job.attempts[-1].worker == "10.0.0.2:9091"
+        given_up += [a.error for a in job.attempts[:-1]]
+    assert given_up and all(e == "no answer within 0.5s" for e in given_up), given_up
+    assert sum(cut.started.values()) == 0
+    await fleet.wait_until(lambda: d.statistics().inflight == 0)
+
+
 class _Gate:
     """Wraps an object's coroutine methods; the `nth` call of `method` blocks for good instead
     of being made (where a cancellation then lands)."""
@@ -536,25 +602,28 @@ class _Gate:
 
 
 # A job's awaits on its way through one dispatcher, in order: its record, fence and cancel
-# flag read at once, a new token, DISPATCHED, the worker's admission, RUNNING, the wait for the
-# end, the final write (which acks the queue entry in the same step).
+# flag read at once, a new token, DISPATCHED, the call that runs it (RunWork) and, beside it once
+# the run has gone on for `running_recorded_after_seconds`, the worker's word that it has the
+# run (SendWork) and RUNNING; then the final write (which acks the queue entry in the same
+# step). A short run has no RUNNING write.
 AWAIT_POINTS = [
-    ("store", "take", 1),
-    ("store", "next_token", 1), ("store", "write", 1), ("client", "admit", 1),
-    ("store", "write", 2), ("client", "wait", 1), ("store", "write", 3),
+    (0.2, "store", "take", 1),
+    (0.2, "store", "next_token", 1), (0.2, "store", "write", 1), (0.2, "client", "wait", 1),
+    (0.2, "client", "admit", 1), (0.2, "store", "write", 2), (0.2, "store", "write", 3),
+    (0.0, "client", "wait", 1), (0.0, "store", "write", 2),
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("edge", "method", "nth"), AWAIT_POINTS)
+@pytest.mark.parametrize(("seconds", "edge", "method", "nth"), AWAIT_POINTS)
 async def test_a_dispatcher_cancelled_at_each_await_point_loses_and_repeats_nothing(
-    fleet: Fleet, edge: str, method: str, nth: int
+    fleet: Fleet, seconds: float, edge: str, method: str, nth: int
 ) -> None:
     gate = _Gate(fleet.store if edge == "store" else fleet.client, method, nth)
     store = cast("JobStore", gate) if edge == "store" else fleet.store
     client = cast("WorkerClient", gate) if edge == "client" else fleet.client
     async with anyio.create_task_group() as first:
         d1 = await fleet.dispatcher("o1", first, store=store, client=client)
-        await fleet.submit("x1", "sleep", seconds=0.2)
+        await fleet.submit("x1", "sleep", seconds=seconds)
         with anyio.fail_after(10):
             await gate.reached.wait()
         first.cancel_scope.cancel()

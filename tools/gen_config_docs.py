@@ -149,6 +149,9 @@ MEANINGS: dict[str, str] = {
     "orchestrator.keepalive_seconds": "HTTP/2 pings to a worker during a call",
     "orchestrator.keepalive_timeout_seconds": "a worker that does not answer a ping within this"
     " has its call broken",
+    "orchestrator.running_recorded_after_seconds": "a run still going this long after its"
+    " dispatch is recorded RUNNING; a shorter one goes from DISPATCHED straight to its end, in"
+    " one call to its worker and one write less (0: every run, at its admission)",
     "orchestrator.drain_grace_seconds": "on SIGTERM, jobs in hand get this long to end; the rest"
     " stay in the stream for another orchestrator",
     # [trigger]

@@ -1,9 +1,11 @@
 """Job states: one vocabulary for a run on a worker and for a job of the fleet, and its wire form.
 
 A worker's run is QUEUED (waiting for a token), RUNNING, then ends; a fleet job is PENDING (in
-the queue), DISPATCHED (sent to a worker), RUNNING, then ends the same ways. The two protos
-number their enums differently (`worker.JobState`, `orchestrator.JobState`, fixed by the wire
-contract); the tables here are the only place that knows the numbers.
+the queue), DISPATCHED (sent to a worker), RUNNING (recorded once its run has gone on for
+`orchestrator.running_recorded_after_seconds`: a shorter run goes from DISPATCHED to its end),
+then ends the same ways. The two protos number their enums differently (`worker.JobState`,
+`orchestrator.JobState`, fixed by the wire contract); the tables here are the only place that
+knows the numbers.
 """
 
 from __future__ import annotations

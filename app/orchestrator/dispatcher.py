@@ -3,7 +3,8 @@
 One dispatcher per orchestrator process, all in one consumer group, so they share the queue.
 For each job it gathers the facts and asks `app.orchestrator.decisions.decide()` for the next
 step (dispatch, requeue, finish, stop), then performs it: wait for an eligible worker
-(backpressure, by priority), take a fresh fencing token, delegate (admit + wait for the end),
+(backpressure, by priority), take a fresh fencing token, delegate (one RunWork call: the worker
+starts the run and answers at its end; RUNNING is recorded beside it once the run goes on),
 and write the outcome with that token. Refused and unreachable calls are retried on another
 worker with exponential backoff, full jitter and a retry budget; a circuit breaker per worker
 keeps calls away from a sick one.
@@ -36,6 +37,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Callable
+from typing import Literal
 
 import anyio
 import anyio.abc
@@ -69,7 +71,7 @@ from app.orchestrator.decisions import (
     sight_run,
 )
 from app.orchestrator.directory import WorkerDirectory, WorkerEntry
-from app.orchestrator.worker_client import Reply, WorkerClient
+from app.orchestrator.worker_client import Completion, Reply, WorkerClient
 from app.stores.abc import JobEvents, JobStore, WriteResult
 from app.stores.patient import MAX_DELAY as PATIENCE_MAX_DELAY
 from app.stores.patient import PatientJobStore
@@ -774,10 +776,15 @@ class Dispatcher:
         return None
 
     async def _call(self, job: BatchJob, address: str, token: int) -> CallResult:
-        """Admit + wait on one worker, watched (registry, deadline, cancel requests); the breaker
-        hears how it went."""
+        """Run the job on one worker (RunWork: it starts the run, or attaches to it, and answers
+        at its end), watched (registry, deadline, cancel requests; RUNNING recorded once the run
+        has gone on for a while); the breaker hears how it went."""
         breaker = self.breaker(address)
         lost: list[str] = []
+        superseded: list[str] = []
+        # the RunWork call: its watcher ends it when the worker does not answer (a connection
+        # to a worker cut off may hang in its connect, where no keepalive runs yet)
+        running = anyio.CancelScope()
         result: CallResult | None = None
         self._worker_inflight[address] += 1
         logged = bind_log_fields(worker=address)  # the call's lines, its watchers' too
@@ -787,8 +794,12 @@ class Dispatcher:
             ) as deadline:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch_worker, address, lost, tg.cancel_scope)
-                    tg.start_soon(self._watch_cancel, job.job_id, address)
-                    result = await self._admit_and_wait(job, address, token)
+                    tg.start_soon(self._watch_run, job, address, token, running, superseded,
+                                  tg.cancel_scope)  # fmt: skip
+                    with running:
+                        result = await self._run(job, address)
+                    if result is None or running.cancelled_caught:
+                        result = self._no_answer()
                     if result.kind is CallKind.UNREACHABLE and not result.absent:
                         result = await self._follow(job, address, token) or result
                     tg.cancel_scope.cancel()
@@ -796,6 +807,8 @@ class Dispatcher:
                 result = CallResult(kind=CallKind.DEADLINE, error="deadline passed while running")
             elif lost:
                 result = CallResult(kind=CallKind.LOST, error=f"worker lost: {lost[0]}")
+            elif superseded:
+                result = CallResult(kind=CallKind.SUPERSEDED, error=superseded[0])
         finally:
             unbind_log_fields(logged)
             self._worker_inflight[address] -= 1
@@ -810,27 +823,44 @@ class Dispatcher:
             breaker.release()
         return result
 
-    async def _admit_and_wait(self, job: BatchJob, address: str, token: int) -> CallResult:
+    async def _run(self, job: BatchJob, address: str) -> CallResult:
+        """One RunWork: the worker starts the run (or attaches to its run of this id) and answers
+        at its end. A short run is thus one call, and goes from DISPATCHED to its end."""
+        return _completed(await self._client.wait(address, job))
+
+    async def _admit_then_run(self, job: BatchJob, address: str) -> CallResult:
+        """Attach again where a call broke: SendWork first, bounded (a new connection to a worker
+        that is cut off may hang), then RunWork."""
         with anyio.move_on_after(self._admit_timeout) as admitting:
             admission = await self._client.admit(address, job)
         if admitting.cancelled_caught:
-            return CallResult(
-                kind=CallKind.UNREACHABLE, error=f"no answer within {self._admit_timeout:g}s"
-            )
+            return self._no_answer()
         if admission.reply is not Reply.OK:
             return CallResult(
                 kind=_CALL_KIND[admission.reply], error=admission.error, absent=admission.absent
             )
-        if admission.running:
-            job.state = JobState.RUNNING
-            if await self._write(job, token) is not WriteResult.WRITTEN:
-                return CallResult(kind=CallKind.SUPERSEDED, error="superseded")
-        completion = await self._client.wait(address, job)
-        if completion.reply is not Reply.OK:
-            return CallResult(
-                kind=_CALL_KIND[completion.reply], error=completion.error, absent=completion.absent
-            )
-        return CallResult(kind=CallKind.DONE, outcome=completion.outcome)
+        return await self._run(job, address)
+
+    def _no_answer(self) -> CallResult:
+        return CallResult(
+            kind=CallKind.UNREACHABLE, error=f"no answer within {self._admit_timeout:g}s"
+        )
+
+    async def _mark_running(
+        self, job: BatchJob, address: str, token: int
+    ) -> Literal["marked", "superseded", "no answer"]:
+        """Record RUNNING when the worker says it has the run (SendWork: a known id attaches).
+        "superseded" when the write was refused (another holder drives the job now), "no
+        answer" when the worker did not answer within the admission timeout."""
+        with anyio.move_on_after(self._admit_timeout):
+            admission = await self._client.admit(address, job)
+            if admission.reply is Reply.OK and admission.running:
+                job.state = JobState.RUNNING
+                if await self._write(job, token) is not WriteResult.WRITTEN:
+                    return "superseded"
+            # a refusal, or an answer that it is queued there: the call tells how it goes
+            return "marked"
+        return "no answer"
 
     async def _follow(self, job: BatchJob, address: str, token: int) -> CallResult | None:
         """The call broke, but the worker may not be gone: while its report lists the run, the
@@ -863,7 +893,7 @@ class Dispatcher:
                 how = "lists it" if sighting is RunSighting.GOING else "may have it"
                 log.info("job %s: the call to %s broke, but the worker %s: following the run"
                          " there", job.job_id, address, how)  # fmt: skip
-            result = await self._admit_and_wait(job, address, token)
+            result = await self._admit_then_run(job, address)
             if result.kind is not CallKind.UNREACHABLE:
                 return result
             if result.absent:  # nothing listens there any more: the run died with its worker
@@ -905,15 +935,39 @@ class Dispatcher:
                 scope.cancel()
                 return
 
-    async def _watch_cancel(self, job_id: str, address: str) -> None:
-        """While the call runs: on a cancel request, ask the worker to stop the run (again on
-        each check until the call ends: the run then ends CANCELLED). Woken by cancel requests
-        only (not by the job's own writes), and reads the flag at least every
-        CANCEL_CHECK_SECONDS, in case an event was missed."""
+    async def _watch_run(
+        self,
+        job: BatchJob,
+        address: str,
+        token: int,
+        running: anyio.CancelScope,
+        superseded: list[str],
+        scope: anyio.CancelScope,
+    ) -> None:
+        """While the call runs: record RUNNING once the run has gone on for
+        `running_recorded_after_seconds` (a shorter one goes from DISPATCHED to its end: a
+        call and a write less), ending the call when that write is refused, and the RunWork
+        (`running`) when the worker does not answer (as an admission would); and on a cancel
+        request, ask the worker to stop the run (again on each check until the call ends: the
+        run then ends CANCELLED). Woken by cancel requests only (not by the job's own writes),
+        it reads the flag at least every CANCEL_CHECK_SECONDS, in case an event was missed."""
+        job_id = job.job_id
+        mark_at = anyio.current_time() + self._config.running_recorded_after_seconds
+        marked = False
         while True:
+            wait = CANCEL_CHECK_SECONDS if marked else mark_at - anyio.current_time()
             with self._events.watching_cancel(job_id) as asked:
-                with anyio.move_on_after(CANCEL_CHECK_SECONDS):
+                with anyio.move_on_after(wait):
                     await asked.wait()
+            if not marked and anyio.current_time() >= mark_at:
+                marked = True
+                mark = await self._mark_running(job, address, token)
+                if mark == "superseded":
+                    superseded.append("superseded")
+                    scope.cancel()
+                    return
+                if mark == "no answer":
+                    running.cancel()
             if await self._store.cancel_requested(job_id):
                 await self._client.cancel(address, job_id)
 
@@ -952,6 +1006,15 @@ def _corrupt(exc: Exception) -> CorruptRecord | None:
         if found is not None and rest is None:
             return _corrupt(found.exceptions[0])
     return None
+
+
+def _completed(completion: Completion) -> CallResult:
+    """The call's result from a RunWork's answer."""
+    if completion.reply is not Reply.OK:
+        return CallResult(
+            kind=_CALL_KIND[completion.reply], error=completion.error, absent=completion.absent
+        )
+    return CallResult(kind=CallKind.DONE, outcome=completion.outcome)
 
 
 def _worker_of(job: BatchJob) -> dict[str, str]:

@@ -52,8 +52,14 @@ class JobState(betterproto2.Enum):
     PENDING = 1
 
     DISPATCHED = 2
+    """
+    Sent to a worker. A run that ends within 100 ms goes from here straight to its end.
+    """
 
     RUNNING = 3
+    """
+    On a worker, recorded once its run has gone on for 100 ms (one write less per short job).
+    """
 
     SUCCEEDED = 4
 
