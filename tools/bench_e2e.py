@@ -106,6 +106,8 @@ class Plan:
     systems: tuple[str, ...] = SYSTEMS
     # config overrides for our processes (JOBWORKER_SECTION__KEY=value); none: the shipped defaults
     ours_env: tuple[tuple[str, str], ...] = ()
+    # a folder for py-spy's samples of our orchestrator and worker (raw stacks); none: no py-spy
+    profile: str = ""
 
     def scenarios(self) -> list[Scenario]:
         n, c = self.jobs, self.concurrency
@@ -374,6 +376,7 @@ class SystemRun:
         self.round = round_
         self.procs: dict[str, Child] = {}  # role -> process
         self.driver: Child | None = None
+        self.profilers: list[Child] = []  # py-spy, one per process sampled (--profile)
         self._buffer = b""
 
     def env(self, stamps: Path) -> dict[str, str]:
@@ -409,6 +412,8 @@ class SystemRun:
                               logs / f"{tag}-orchestrator.log")  # fmt: skip
             ready = orch.wait_log(r"orchestrator ready: consumer \S+, port (\d+)")
             target = f"127.0.0.1:{ready[1]}"
+            if self.ctx.plan.profile:
+                self.profile(tag, Path(self.ctx.plan.profile))
             python = sys.executable
             env["PYTHONPATH"] = ours["PYTHONPATH"]  # the client imports app too
         else:
@@ -431,6 +436,17 @@ class SystemRun:
         )  # fmt: skip
         self.read_answer(READY_TIMEOUT)
 
+    def profile(self, tag: str, folder: Path) -> None:
+        """Sample our processes with py-spy until they exit (raw stacks, one file each)."""
+        spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+        folder.mkdir(parents=True, exist_ok=True)
+        for role, child in self.procs.items():
+            out = folder / f"{tag}-{role}.txt"
+            argv = [spy, "record", "-p", str(child.pid), "-r", "250", "-f", "raw", "-o", str(out),
+                    "--nonblocking"]  # fmt: skip
+            self.profilers.append(Child(f"py-spy {role}", argv, os.environ.copy(),
+                                        self.ctx.tmp / f"{tag}-{role}-py-spy.log"))  # fmt: skip
+
     def spawn(self, role: str, argv: list[str], env: dict[str, str], log_path: Path) -> Child:
         child = Child(f"{self.system} {role}", argv, env, log_path, cwd=PEERS_DIR)
         self.procs[role] = child
@@ -445,6 +461,10 @@ class SystemRun:
         for child in [self.driver, *reversed(self.procs.values())]:
             if child is not None:
                 child.stop()
+        for spy in self.profilers:  # it writes its file once its process has exited
+            with suppress(subprocess.TimeoutExpired):
+                spy.popen.wait(30)
+            spy.stop()
 
     # the driver's line protocol
 
@@ -778,6 +798,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--keep-logs", type=Path, metavar="DIR",
                         help="keep every process's log in a new folder under DIR")  # fmt: skip
     parser.add_argument("--venv-dir", type=Path, help="where the peers' venvs are built")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR",
+        help="sample our orchestrator and worker with py-spy (pip install py-spy) into DIR, as"
+             " raw stacks; tools/profile_top.py sums them up",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the figures as JSON")
     return parser.parse_args(argv)
 
@@ -795,6 +820,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         jobs=args.jobs or base.jobs, rounds=args.rounds or base.rounds,
         concurrency=args.concurrency or base.concurrency, rate=args.rate or base.rate,
         poll=args.poll or base.poll, systems=systems, ours_env=tuple(map(env_pair, args.ours_env)),
+        profile=str(args.profile or ""),
     )  # fmt: skip
     for name, value in (("jobs", plan.jobs), ("rounds", plan.rounds),
                         ("concurrency", plan.concurrency)):  # fmt: skip
