@@ -478,10 +478,12 @@ class _FenceTurnsJunk:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> Any:
+    async def write(
+        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+    ) -> Any:
         if job.job_id == self._job_id and job.state is JobState.RUNNING:
             self._store._fences.set(job.job_id, b"junk")
-        return await self._store.write(job, token, ack=ack)
+        return await self._store.write(job, token, ack=ack, advance=advance)
 
 
 async def test_junk_in_the_store_sets_its_job_aside_and_the_others_run(
@@ -521,9 +523,11 @@ class _Writes:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
+    async def write(
+        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+    ) -> WriteResult:
         self.states.setdefault(job.job_id, []).append(job.state)
-        return await self._store.write(job, token, ack=ack)
+        return await self._store.write(job, token, ack=ack, advance=advance)
 
 
 async def test_a_short_run_is_one_call_and_is_not_written_running(fleet: Fleet) -> None:
@@ -572,7 +576,8 @@ async def test_a_worker_cut_off_before_its_call_is_given_up_and_the_job_runs_els
         job = await fleet.wait_state(f"c{i}", JobState.SUCCEEDED)
         assert job.attempts[-1].worker == "10.0.0.2:9091"
         given_up += [a.error for a in job.attempts[:-1]]
-    assert given_up and all(e == "no answer within 0.5s" for e in given_up), given_up
+    assert given_up
+    assert all(e == "no answer within 0.5s" for e in given_up), given_up
     assert sum(cut.started.values()) == 0
     await fleet.wait_until(lambda: d.statistics().inflight == 0)
 
@@ -602,13 +607,13 @@ class _Gate:
 
 
 # A job's awaits on its way through one dispatcher, in order: its record, fence and cancel
-# flag read at once, a new token, DISPATCHED, the call that runs it (RunWork) and, beside it once
-# the run has gone on for `running_recorded_after_seconds`, the worker's word that it has the
-# run (SendWork) and RUNNING; then the final write (which acks the queue entry in the same
-# step). A short run has no RUNNING write.
+# flag read at once, DISPATCHED under the next token (one write), the call that runs it
+# (RunWork) and, beside it once the run has gone on for `running_recorded_after_seconds`, the
+# worker's word that it has the run (SendWork) and RUNNING; then the final write (which acks
+# the queue entry in the same step). A short run has no RUNNING write.
 AWAIT_POINTS = [
     (0.2, "store", "take", 1),
-    (0.2, "store", "next_token", 1), (0.2, "store", "write", 1), (0.2, "client", "wait", 1),
+    (0.2, "store", "write", 1), (0.2, "client", "wait", 1),
     (0.2, "client", "admit", 1), (0.2, "store", "write", 2), (0.2, "store", "write", 3),
     (0.0, "client", "wait", 1), (0.0, "store", "write", 2),
 ]  # fmt: skip

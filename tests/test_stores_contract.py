@@ -413,6 +413,42 @@ async def test_the_store_keeps_copies(stores: Stores) -> None:
 # --- fencing --------------------------------------------------------------------------------------
 
 
+async def test_a_dispatch_takes_the_next_token_with_its_write(stores: Stores) -> None:
+    store = stores.store
+    await store.submit(job(), bound=10)
+    record = await get(store, "j1")
+    record.state = JobState.DISPATCHED
+    assert await store.write(record, 0, advance=True) is WriteResult.WRITTEN
+    assert record.fencing_token == 1  # the caller's record carries the token it is stored under
+    assert await store.fence("j1") == 1
+    stored = await get(store, "j1")
+    assert (stored.state, stored.fencing_token) == (JobState.DISPATCHED, 1)
+    # made again after a lost reply: the same record under that token is there already
+    assert await store.write(record, 0, advance=True) is WriteResult.WRITTEN
+    assert await store.fence("j1") == 1
+    # anything else under the old token is refused: another dispatch, a plain write
+    other = await get(store, "j1")
+    other.attempts.append(AttemptRecord(number=1, worker="w2:1", fencing_token=1, started_at=1))
+    assert await store.write(other, 0, advance=True) is WriteResult.SUPERSEDED
+    assert await store.write(other, 0) is WriteResult.SUPERSEDED
+    assert await store.fence("j1") == 1
+    # the holder of the new token goes on, and can take the next one (a retry)
+    assert await store.write(other, 1, advance=True) is WriteResult.WRITTEN
+    assert (await store.fence("j1"), (await get(store, "j1")).fencing_token) == (2, 2)
+    # a cancel of a PENDING job takes a token of its own: a dispatch after it is refused
+    pending = await get(store, "j1")
+    pending.state = JobState.PENDING
+    assert await store.write(pending, 2) is WriteResult.WRITTEN
+    await store.request_cancel("j1", error="stop", now=time.time())
+    pending.state = JobState.DISPATCHED
+    assert await store.write(pending, 2, advance=True) is WriteResult.SUPERSEDED
+    assert (await get(store, "j1")).state is JobState.CANCELLED
+    # no record: nothing to dispatch (and no fence left behind)
+    ghost = job("ghost")
+    assert await store.write(ghost, 0, advance=True) is WriteResult.MISSING
+    assert await store.fence("ghost") == 0
+
+
 async def test_a_late_result_from_a_superseded_attempt_is_refused(stores: Stores) -> None:
     store = stores.store
     await store.submit(job(), bound=10)

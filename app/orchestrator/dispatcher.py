@@ -619,19 +619,20 @@ class Dispatcher:
                 if await self._store.get(job.job_id) is None:
                     return False  # its record is gone (Redis lost its data): the caller ends it
                 continue  # deadline or cancel while waiting: decide() ends it
-            token = await self._store.next_token(job.job_id)
+            # the next fencing token is taken by the DISPATCHED write itself (one round trip)
             attempt = AttemptRecord(
                 number=len(job.attempts) + 1,
                 worker=address,
-                fencing_token=token,
+                fencing_token=token + 1,
                 started_at=self._clock.timestamp(),
             )
             job.attempts.append(attempt)
             job.state = JobState.DISPATCHED
-            if (written := await self._write(job, token)) is not WriteResult.WRITTEN:
+            if (written := await self._write(job, token, advance=True)) is not WriteResult.WRITTEN:
                 log.info("job %s: not dispatched, the record is %s", job.job_id, written.name)
                 self.breaker(address).release()
                 return False
+            token += 1
             self._counts["dispatched"] += 1
             call = await self._call(job, address, token)
             if call.kind in (CallKind.UNREACHABLE, CallKind.LOST):
@@ -639,11 +640,13 @@ class Dispatcher:
                 call = await self._recorded_outcome(job) or call
             _note(attempt, call, self._clock.timestamp())
 
-    async def _write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
-        """The store's fenced write; when it was refused because Redis went back in time (the
-        fence below our token, which only this holder took), the fence is restored, said once
-        per job, and the write made again."""
-        written = await self._store.write(job, token, ack=ack)
+    async def _write(
+        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+    ) -> WriteResult:
+        """The store's fenced write (`advance`: taking the next token with it); when it was
+        refused because Redis went back in time (the fence below our token, which only this
+        holder took), the fence is restored, said once per job, and the write made again."""
+        written = await self._store.write(job, token, ack=ack, advance=advance)
         # not after a data loss: the record may be a new job under the same id, its own tokens
         same_data = self._losses_at_take.get(job.job_id) == self._data_losses
         if (
@@ -656,7 +659,7 @@ class Dispatcher:
                 "job %s: Redis lost its last writes (the job's fence went back below token %d,"
                 " which this orchestrator holds): restored it", job.job_id, token,
             )  # fmt: skip
-            written = await self._store.write(job, token, ack=ack)
+            written = await self._store.write(job, token, ack=ack, advance=advance)
         return written
 
     async def _recorded_outcome(self, job: BatchJob) -> CallResult | None:

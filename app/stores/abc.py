@@ -159,14 +159,21 @@ class JobStore(Protocol):
         record. CorruptRecord as `get`, then `fence`, raise it."""
         ...
 
-    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
+    async def write(
+        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+    ) -> WriteResult:
         """Store `job` (its `fencing_token` set to `token`) if `token` is the newest and the
         stored job has not finished; a finished job's record starts its retention and no longer
         counts against its type's bound. Wakes `JobEvents` waiters.
 
         `ack`: the job's queue entry, acknowledged and dropped (as `ack` does) in the same step
         when this write, a final one, is made; a write that is not made, or not final, leaves
-        it."""
+        it.
+
+        `advance`: the write also takes the next token, `token + 1`, in the same step (a
+        dispatch: `next_token` and the write in one round trip), and the job is stored under
+        it (its `fencing_token` set so). Made again after a lost reply, it answers WRITTEN
+        when the store holds exactly that record under that token already."""
         ...
 
     async def restore_fence(self, job_id: str, token: int) -> bool:

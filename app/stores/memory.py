@@ -380,21 +380,29 @@ class MemoryJobStore:
         self._fences.keep_ttl(job_id, str(token).encode())
         return token
 
-    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
+    async def write(
+        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+    ) -> WriteResult:
         """Store `job` if `token` is the newest and the stored job has not finished; a final
-        write acks the entry `ack` too."""
-        job.fencing_token = token  # as RedisJobStore does: the caller's record carries it
+        write acks the entry `ack` too; `advance` takes the next token with it."""
+        # as RedisJobStore does: the caller's record carries the token it is stored under
+        job.fencing_token = token + 1 if advance else token
         await anyio.lowlevel.checkpoint()
         current = self._records.get(job.job_id)
         if current is None:  # first: a record Redis lost has lost its fence too
             return WriteResult.MISSING
-        if token != self._fence(job.job_id):
+        fence = self._fence(job.job_id)
+        if advance and fence == token + 1 and current == encode_job(job):
+            return WriteResult.WRITTEN  # made already: a call repeated after its reply was lost
+        if token != fence:
             return WriteResult.SUPERSEDED
         state = _stored_state(current)
         if state is None:
             raise self._bad_record(job.job_id, current)
         if state in _FINISHED_NAMES:
             return WriteResult.ALREADY_FINISHED
+        if advance:
+            self._fences.keep_ttl(job.job_id, str(token + 1).encode())
         self._records.set(job.job_id, encode_job(job))
         if job.state.finished:
             self._queued[job.job_type] = max(0, self._queued.get(job.job_type, 0) - 1)

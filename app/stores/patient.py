@@ -106,9 +106,11 @@ class PatientJobStore:
         """See `JobStore.take`."""
         return await self._call(self._store.take, job_id)
 
-    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
+    async def write(
+        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+    ) -> WriteResult:
         """See `JobStore.write`."""
-        return await self._call(self._store.write, job, token, ack=ack)
+        return await self._call(self._store.write, job, token, ack=ack, advance=advance)
 
     async def restore_fence(self, job_id: str, token: int) -> bool:
         """See `JobStore.restore_fence`."""

@@ -185,7 +185,7 @@ return {{1, id, junk, raw, index_junk}}
 
 # KEYS: record, fence, counter, channel, cancel, stream
 # ARGV: json, token, final (0/1), retention, entry id to ack with a final write ('': none), group,
-#       the new state (published)
+#       the new state (published), the new token to set the fence to ('': none; a dispatch)
 # (a missing record first: when Redis lost it, it lost its fence too, and that is no takeover)
 # A final write acks and drops the job's queue entry in the same step (no GET, MULTI, EXEC
 # after it).
@@ -194,9 +194,12 @@ local state, current = state_at(KEYS[1])
 if state == nil then return {{-1}} end
 local fence, fence_raw = int_at(KEYS[2])
 if not fence then return {{-3, fence_raw}} end
+-- made already (a call repeated after its reply was lost): the same record under the new token
+if ARGV[8] ~= '' and fence == tonumber(ARGV[8]) and current == ARGV[1] then return {{1}} end
 if tonumber(ARGV[2]) ~= fence then return {{0}} end
 if not state then return {{-4, current}} end
 if finished[state] then return {{-2}} end
+if ARGV[8] ~= '' then redis.call('SET', KEYS[2], ARGV[8], 'KEEPTTL') end
 if ARGV[3] == '1' then
   redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[4])
   count_down(KEYS[3])
@@ -491,16 +494,19 @@ class RedisJobStore:
             raise
 
     @translated
-    async def write(self, job: BatchJob, token: int, *, ack: str = "") -> WriteResult:
+    async def write(
+        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+    ) -> WriteResult:
         """Store `job` if `token` is still the job's fencing token and the job has not ended;
-        a final write that is made also acks and drops the queue entry `ack` (one script).
-        CorruptRecord when the stored record or fencing token does not read."""
-        job.fencing_token = token
+        a final write that is made also acks and drops the queue entry `ack`, and `advance`
+        sets the fence to `token + 1` (one script). CorruptRecord when the stored record or
+        fencing token does not read."""
+        job.fencing_token = token + 1 if advance else token
         final = "1" if job.state.finished else "0"
         reply = await self._write(
             keys=[*self._keys(job), self.stream_key],
             args=[encode_job(job), token, final, self._retention, ack if final == "1" else "",
-                  self.group, job.state.value],
+                  self.group, job.state.value, job.fencing_token if advance else ""],
         )  # fmt: skip
         if reply[0] == -3:
             raise self._bad_fence(job.job_id, reply[1])
