@@ -108,6 +108,8 @@ class Plan:
     ours_env: tuple[tuple[str, str], ...] = ()
     # a folder for py-spy's samples of our orchestrator and worker (raw stacks); none: no py-spy
     profile: str = ""
+    # ours: this many orchestrators and as many workers, the client's calls spread over them
+    orchestrators: int = 1
 
     def scenarios(self) -> list[Scenario]:
         n, c = self.jobs, self.concurrency
@@ -405,13 +407,19 @@ class SystemRun:
                         XDG_STATE_HOME=str(self.ctx.tmp / f"state-{tag}"))  # fmt: skip
             ours["PYTHONPATH"] = os.pathsep.join([str(PEERS_DIR), str(ROOT)])  # this tree's app
             ours.update(self.ctx.plan.ours_env)
-            argv = [*jobworker, "worker", "--port", "0", "--jobs", "peer_ours"]
-            worker = self.spawn("worker", argv, ours, logs / f"{tag}-worker.log")
-            worker.wait_log(r"worker ready: pid \d+, port (\d+)")
-            orch = self.spawn("orchestrator", [*jobworker, "orchestrator", "--port", "0"], ours,
-                              logs / f"{tag}-orchestrator.log")  # fmt: skip
-            ready = orch.wait_log(r"orchestrator ready: consumer \S+, port (\d+)")
-            target = f"127.0.0.1:{ready[1]}"
+            targets = []
+            for n in range(1, self.ctx.plan.orchestrators + 1):
+                suffix = "" if n == 1 else f"-{n}"  # CPU is summed per role (the part before -)
+                argv = [*jobworker, "worker", "--port", "0", "--jobs", "peer_ours"]
+                worker = self.spawn(f"worker{suffix}", argv, ours,
+                                    logs / f"{tag}-worker{suffix}.log")  # fmt: skip
+                worker.wait_log(r"worker ready: pid \d+, port (\d+)")
+                orch = self.spawn(f"orchestrator{suffix}",
+                                  [*jobworker, "orchestrator", "--port", "0"], ours,
+                                  logs / f"{tag}-orchestrator{suffix}.log")  # fmt: skip
+                ready = orch.wait_log(r"orchestrator ready: consumer \S+, port (\d+)")
+                targets.append(f"127.0.0.1:{ready[1]}")
+            target = ",".join(targets)
             if self.ctx.plan.profile:
                 self.profile(tag, Path(self.ctx.plan.profile))
             python = sys.executable
@@ -536,7 +544,8 @@ class SystemRun:
         for role, child in roles.items():
             with suppress(psutil.NoSuchProcess):
                 top = psutil.Process(child.pid)
-                out[role] = [top, *top.children(recursive=True)]
+                # orchestrator-2 counts as an orchestrator: CPU per job sums a role's processes
+                out.setdefault(role.split("-")[0], []).extend([top, *top.children(recursive=True)])
         return out
 
     def measure(self, scenario: Scenario) -> Window:
@@ -726,7 +735,11 @@ def report(result: dict[str, Any]) -> None:
           f"{' / '.join(f'{x:.2f}' for x in result['machine']['load_at_start'])} at the start, "
           f"{os.cpu_count()} CPUs")  # fmt: skip
     overrides = " ".join(f"{k}={v}" for k, v in plan["ours_env"])
-    print(f"Ours: {'config overrides ' + overrides if overrides else 'the shipped defaults'}.")
+    fleet = plan.get("orchestrators", 1)
+    print(
+        f"Ours: {fleet} orchestrator(s) and {fleet} worker(s); "
+        f"{'config overrides ' + overrides if overrides else 'the shipped defaults'}."
+    )
     lua = result["lua_internal_commands_counted"]
     print(f"Redis commands per job count those called inside Lua scripts "
           f"({'checked: they are' if lua else 'checked: they are NOT'}); \"scripts\" is how many "
@@ -799,6 +812,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="keep every process's log in a new folder under DIR")  # fmt: skip
     parser.add_argument("--venv-dir", type=Path, help="where the peers' venvs are built")
     parser.add_argument(
+        "--orchestrators", type=int, metavar="N",
+        help="ours: N orchestrators and N workers, the client's calls spread over the"
+             " orchestrators (1; the per-job costs of 1, 2, 3 show the scale-out shape)",
+    )  # fmt: skip
+    parser.add_argument(
         "--profile", type=Path, metavar="DIR",
         help="sample our orchestrator and worker with py-spy (pip install py-spy) into DIR, as"
              " raw stacks; tools/profile_top.py sums them up",
@@ -820,10 +838,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         jobs=args.jobs or base.jobs, rounds=args.rounds or base.rounds,
         concurrency=args.concurrency or base.concurrency, rate=args.rate or base.rate,
         poll=args.poll or base.poll, systems=systems, ours_env=tuple(map(env_pair, args.ours_env)),
-        profile=str(args.profile or ""),
+        profile=str(args.profile or ""), orchestrators=args.orchestrators or 1,
     )  # fmt: skip
     for name, value in (("jobs", plan.jobs), ("rounds", plan.rounds),
-                        ("concurrency", plan.concurrency)):  # fmt: skip
+                        ("concurrency", plan.concurrency),
+                        ("orchestrators", plan.orchestrators)):  # fmt: skip
         if value < 1:
             raise SystemExit(f"bench_e2e: --{name} must be at least 1")
     if plan.rate <= 0 or plan.poll <= 0:

@@ -8,6 +8,7 @@ job's end is recorded, then acks and deletes it, so XLEN 0 means every job has e
 
 from __future__ import annotations
 
+import itertools
 import sys
 from types import ModuleType
 from typing import Any
@@ -36,8 +37,9 @@ class Adapter:
         self._target = target
         self._stubs = stubs
         self._pb2: ModuleType | None = None
-        self._stub: Any = None
-        self._channel: Any = None
+        self._stubs_: list[Any] = []
+        self._channels: list[Any] = []
+        self._turn = itertools.count()
         self._redis: Any = None
 
     async def start(self) -> None:
@@ -49,9 +51,14 @@ class Adapter:
         import orchestrator_pb2_grpc  # type: ignore[import-not-found]
 
         self._pb2 = orchestrator_pb2
-        self._channel = grpc.aio.insecure_channel(self._target)
-        self._stub = orchestrator_pb2_grpc.OrchestratorServiceStub(self._channel)
+        # one channel per orchestrator (--orchestrators N), the calls dealt out in turn
+        self._channels = [grpc.aio.insecure_channel(t) for t in self._target.split(",")]
+        self._stubs_ = [orchestrator_pb2_grpc.OrchestratorServiceStub(c) for c in self._channels]
+        self._turn = itertools.count()
         self._redis = redis.asyncio.Redis.from_url(self._redis_url)
+
+    def _next(self) -> Any:
+        return self._stubs_[next(self._turn) % len(self._stubs_)]
 
     def _request(self, tag: str) -> Any:
         assert self._pb2 is not None
@@ -60,11 +67,11 @@ class Adapter:
         )
 
     async def enqueue(self, tag: str) -> None:
-        await self._call(self._stub.Submit, tag)
+        await self._call(self._next().Submit, tag)
 
     async def execute(self, tag: str) -> None:
         assert self._pb2 is not None
-        reply = await self._call(self._stub.Execute, tag)
+        reply = await self._call(self._next().Execute, tag)
         if reply.job.state != self._pb2.SUCCEEDED:
             state = self._pb2.JobState.Name(reply.job.state)
             raise RuntimeError(f"job {tag} ended {state}: {reply.job.error}")
@@ -82,7 +89,7 @@ class Adapter:
         return int(await self._redis.xlen(STREAM_KEY)), "xlen"
 
     async def close(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
+        for channel in self._channels:
+            await channel.close()
         if self._redis is not None:
             await self._redis.aclose()
