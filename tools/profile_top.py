@@ -5,6 +5,9 @@ them): the functions that take the most samples, by their own time and with what
     .venv/bin/python tools/profile_top.py /tmp/prof/ours-r1-orchestrator.txt
     .venv/bin/python tools/profile_top.py --top 40 --grep app/ /tmp/prof/*-orchestrator.txt
 
+Three tables: own time by package (app, redis, grpclib, asyncio, ...), own time by function,
+and time with what each function calls.
+
 Idle time (the event loop waiting in epoll/select) is shown as its own line and left out of
 the percentages, so that they say where the busy time goes.
 """
@@ -58,6 +61,13 @@ def summarize(paths: Sequence[Path]) -> tuple[int, int, Counter[str], Counter[st
     return busy, idle, own, inclusive
 
 
+def package(function: str) -> str:
+    """The package a summed-up function is in: `app`, `redis`, `asyncio`, ... (its file's first
+    path part; a module of the standard library alone: its name)."""
+    match = re.search(r"\(([^()/]+)(?:/|\.py\))", function)
+    return match[1] if match else "?"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("files", nargs="+", type=Path, help="py-spy raw files")
@@ -69,7 +79,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("no busy samples")
         return 1
     print(f"{busy} busy samples, {idle} idle ({idle / (busy + idle):.0%} of all)")
-    for title, table in (("own time", own), ("with what it calls", inclusive)):
+    packages: Counter[str] = Counter()
+    for name, count in own.items():
+        packages[package(name)] += count
+    for title, table in (("own time, by package", packages), ("own time", own),
+                         ("with what it calls", inclusive)):  # fmt: skip
         print(f"\n{title}:")
         rows = [(n, c) for n, c in table.most_common() if args.grep in n][: args.top]
         for name, count in rows:
