@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import anyio
+import anyio.abc
 import grpc
 import msgspec
 import pytest
@@ -267,15 +268,18 @@ async def test_a_channel_name_that_is_not_utf8_wakes_nobody_and_stops_nothing(
         await tg.start(events.run)
         woken = anyio.Event()
 
-        async def wait() -> None:
-            await events.wait_changed("a")
+        async def wait(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            async with events.subscribed("a"):
+                with events.watching("a") as changed:
+                    task_status.started()
+                    await changed.wait()
             woken.set()
 
-        tg.start_soon(wait)
-        await anyio.wait_all_tasks_blocked()  # it waits
+        await tg.start(wait)
         with anyio.fail_after(5):
-            for _ in range(2):
-                await client.publish(b"wpm-job-events:\xff", b"x")  # (crashed the listener)
+            for _ in range(2):  # a job id on the cancels channel that is not UTF-8
+                await client.publish("wpm-job-cancels", b"\xff")  # (crashed the listener)
+            await client.publish(b"wpm-job-events:\xff", b"x")  # subscribed by nobody
             await client.publish("wpm-job-events:a", b"x")
             await woken.wait()
         tg.cancel_scope.cancel()
@@ -441,7 +445,7 @@ def test_junk_records_answer_data_loss_and_are_quarantined_while_others_run(
         entries[text(redis_client.xadd(STREAM, {"job_id": job_id}))] = job_id
     redis_client.set("wpm-job-queued:echo", "many")  # the per-type bound's counter
     redis_client.set("wpm-job:fenced:fence", "junk")  # a fencing token, before its job exists
-    redis_client.publish(b"wpm-job-events:\xff", b"x")  # (killed the orchestrator)
+    redis_client.publish("wpm-job-cancels", b"\xff")  # a job id that is junk (killed it once)
     # every RPC about a junk record answers DATA_LOSS with one line, never UNKNOWN
     request = pb2.JobRequest
     for job_id in JUNK_RECORDS:
@@ -480,7 +484,7 @@ def test_junk_records_answer_data_loss_and_are_quarantined_while_others_run(
     wait_quarantined(metrics_port, "fencing_token", 1)
     said = [f"wpm-job:{j}:" for j in JUNK_RECORDS]
     assert_said_once(orch, [*said, "wpm-job:fenced:fence", "wpm-job-queued:echo",
-                            "wpm-job-events:"])  # fmt: skip
+                            "wpm-job-cancels message"])  # fmt: skip
     assert orch.process.poll() is None
 
 

@@ -165,12 +165,14 @@ class Waiter:
     @classmethod
     async def start(cls, tg: anyio.abc.TaskGroup, events: JobEvents, job_id: str) -> Waiter:
         waiter = cls(events, job_id)
-        tg.start_soon(waiter._wait)
-        await anyio.wait_all_tasks_blocked()  # it is registered (blocked in its wait)
+        await tg.start(waiter._wait)  # subscribed and registered
         return waiter
 
-    async def _wait(self) -> None:
-        await self.events.wait_changed(self.job_id)
+    async def _wait(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        async with self.events.subscribed(self.job_id):
+            with self.events.watching(self.job_id) as changed:
+                task_status.started()
+                await changed.wait()
         self.woken.set()
 
     async def wait_woken(self) -> None:
@@ -193,6 +195,11 @@ class SpyEvents:
     async def wait_changed(self, job_id: str) -> None:
         self.waiting.set()  # the real wait registers before its first await: no gap
         await self.events.wait_changed(job_id)
+
+    @asynccontextmanager
+    async def subscribed(self, job_id: str) -> AsyncIterator[None]:
+        async with self.events.subscribed(job_id):
+            yield
 
     def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
         watched = self.events.watching(job_id)  # registered from here on: no gap either
@@ -921,7 +928,7 @@ async def test_a_change_between_watching_and_waiting_wakes_the_wait(stores: Stor
     store, events = stores.store, stores.events
     await store.submit(job("a"), bound=10)
     record, token = await start_attempt(store, "a", JobState.DISPATCHED)
-    async with listening(events):
+    async with listening(events), events.subscribed("a"):
         with events.watching("a") as changed:
             assert (await get(store, "a")).state is JobState.DISPATCHED  # the read, then ...
             record.state = JobState.RUNNING  # ... a change before the wait begins
@@ -937,7 +944,7 @@ async def test_a_cancel_watch_is_woken_by_a_cancel_request_not_by_writes(stores:
     store, events = stores.store, stores.events
     await store.submit(job("a"), bound=10)
     record, token = await start_attempt(store, "a", JobState.DISPATCHED)
-    async with listening(events):
+    async with listening(events), events.subscribed("a"):
         with events.watching_cancel("a") as asked, events.watching("a") as changed:
             record.state = JobState.RUNNING
             assert await store.write(record, token) is WriteResult.WRITTEN

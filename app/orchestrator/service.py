@@ -450,16 +450,17 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         self.refuse_while_store_down()
         try:
             last = b""
-            while True:
-                # watched from before the read: a change made meanwhile is not missed
-                with self._events.watching(message.job_id) as changed:
-                    job = await self._get(message.job_id)
-                    if (now := encode_job(job)) != last:
-                        last = now
-                        yield job_message(job)
-                    if job.state.finished:
-                        return
-                    with anyio.move_on_after(2.0):
-                        await changed.wait()
+            async with self._events.subscribed(message.job_id):
+                while True:
+                    # watched from before the read: a change made meanwhile is not missed
+                    with self._events.watching(message.job_id) as changed:
+                        job = await self._get(message.job_id)
+                        if (now := encode_job(job)) != last:
+                            last = now
+                            yield job_message(job)
+                        if job.state.finished:
+                            return
+                        with anyio.move_on_after(2.0):
+                            await changed.wait()
         except (StoreUnavailable, StoreBusy) as exc:
             raise self.store_error(exc) from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Protocol
 
 import anyio
@@ -308,14 +308,22 @@ class JobEvents(Protocol):
         """Return after the job's next change."""
         ...
 
+    def subscribed(self, job_id: str) -> AbstractAsyncContextManager[None]:
+        """The job's changes reach this process's waiters while inside (from its entry on: on
+        Redis, a subscription to the job's channel, confirmed before it returns). Hold it
+        around a whole wait that reads and watches in turn."""
+        ...
+
     def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
         """An event set on the job's next change from now on (enter it, read the record, then
-        wait on it: a change made meanwhile is not missed, as it is with `wait_changed`)."""
+        wait on it: a change made meanwhile is not missed, as it is with `wait_changed`). Only
+        inside `subscribed(job_id)` do changes arrive."""
         ...
 
     def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
         """An event set when a cancel of the job is asked for from now on (its other changes
-        leave it be). May miss one, as any event: bound the wait and read the flag."""
+        leave it be; no subscription needed: every process hears every cancel request). May
+        miss one, as any event: bound the wait and read the flag."""
         ...
 
 

@@ -11,8 +11,8 @@ import bisect
 import contextlib
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Generic, TypeVar
 
 import anyio
@@ -746,6 +746,10 @@ class MemoryJobEvents:
         """Return after the job's next write or cancel request."""
         await self._waiters.wait(job_id)
 
+    def subscribed(self, job_id: str) -> AbstractAsyncContextManager[None]:
+        """See `JobEvents.subscribed`: every change reaches the waiters here anyway."""
+        return _nothing_to_subscribe()
+
     def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
         """See `JobEvents.watching`."""
         return self._waiters.watching(job_id)
@@ -753,6 +757,12 @@ class MemoryJobEvents:
     def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
         """See `JobEvents.watching_cancel`."""
         return self._waiters.watching_cancel(job_id)
+
+
+@contextlib.asynccontextmanager
+async def _nothing_to_subscribe() -> AsyncIterator[None]:
+    await anyio.lowlevel.checkpoint()
+    yield
 
 
 class MemoryScheduleStore:

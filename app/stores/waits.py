@@ -71,11 +71,12 @@ async def wait_finished(
     store: JobStore, events: JobEvents, job_id: str, *, deadline: float
 ) -> BatchJob | None:
     """The record once the job has ended, or the latest when `deadline` (loop time) passes."""
-    while True:
-        # watched before the read: an end written between the read and the wait still wakes it
-        with events.watching(job_id) as changed:
-            job = await store.get(job_id)
-            if job is None or job.state.finished or anyio.current_time() >= deadline:
-                return job
-            with anyio.move_on_after(min(REREAD_SECONDS, deadline - anyio.current_time())):
-                await changed.wait()
+    async with events.subscribed(job_id):  # one subscription for the whole wait
+        while True:
+            # watched before the read: an end written between the read and the wait wakes it
+            with events.watching(job_id) as changed:
+                job = await store.get(job_id)
+                if job is None or job.state.finished or anyio.current_time() >= deadline:
+                    return job
+                with anyio.move_on_after(min(REREAD_SECONDS, deadline - anyio.current_time())):
+                    await changed.wait()

@@ -1,9 +1,25 @@
-"""`JobEvents` on Redis pub/sub: one pattern subscription per process wakes the waiters."""
+"""`JobEvents` on Redis pub/sub: subscriptions to the jobs waited on here, and to cancels.
+
+Each process listens on one pub/sub connection to two kinds of channel:
+- `<prefix>-cancels`, always: a cancel request of a job on a worker publishes the job's id there,
+  and the job's holder (whichever orchestrator it is) stops the run. Cancels are rare, so every
+  orchestrator hearing every one costs nothing.
+- `<prefix>-events:<id>` of each job someone here waits on (Execute, WatchJob, a cancel that
+  waits for the end), subscribed while `subscribed(id)` is entered and confirmed before it
+  returns. Every write PUBLISHes there; a process that waits on no job hears none of them, so
+  the events a process parses grow with its own clients' waits, not with the fleet (a pattern
+  subscription had every orchestrator parse every job's events).
+
+After an outage the connection is made again and every channel waited on is subscribed again;
+waiters bound their waits and re-read the record meanwhile.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from contextlib import AbstractContextManager
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, AbstractContextManager
 from typing import Any
 
 import anyio
@@ -17,10 +33,16 @@ from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage, OutageState
 from app.errors import BadDataKind
 from app.stores.bad_data import BadData
-from app.stores.redis.job_store import CANCEL_EVENT, events_channel, text
+from app.stores.redis.job_store import cancels_channel, events_channel, text
 from app.stores.waits import JobWaiters
 
 log = logging.getLogger(__name__)
+
+#: How long `subscribed` waits for Redis to confirm a subscription before it lets its caller go
+#: on anyway (Redis away: the waits are bounded and re-read the record).
+CONFIRM_SECONDS = 2.0
+#: How long leaving a subscription may take to say so to Redis (cleanup, shielded).
+UNSUBSCRIBE_SECONDS = 1.0
 
 
 class JobEventsStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -28,15 +50,25 @@ class JobEventsStatistics(msgspec.Struct, frozen=True, kw_only=True):
 
     state: Lifecycle
     waiting_jobs: int
+    subscribed_jobs: int
     messages: int
     connection: OutageState
+
+
+class _Subscription:
+    """One job's channel, as long as somebody here waits on it."""
+
+    def __init__(self) -> None:
+        self.users = 0
+        self.confirmed = anyio.Event()
 
 
 class RedisJobEvents:
     """One pub/sub connection per process; waiters for a job id are woken on its changes.
 
     The store PUBLISHes on `<prefix>-events:<id>` with every write (the new state's name) and
-    cancel request (`cancel`); whatever else arrives there is taken as a change."""
+    cancel request (`cancel`), and the job id on `<prefix>-cancels` with a cancel request of a
+    job on a worker; whatever else arrives on a job's channel is taken as a change."""
 
     def __init__(
         self,
@@ -52,22 +84,29 @@ class RedisJobEvents:
             meanwhile="waiters re-read the records",
         )  # fmt: skip
         self._prefix = events_channel(job_prefix, "")
+        self._cancels = cancels_channel(job_prefix)
         self._waiters = JobWaiters()
         self._state = Lifecycle.CREATED
+        self._subscriptions: dict[str, _Subscription] = {}  # channel -> who waits on it here
+        self._pubsub: Any = None  # while connected
+        self._subscribed: set[str] = set()  # channels asked of Redis on this connection
+        self._changing = anyio.Lock()  # one SUBSCRIBE/UNSUBSCRIBE at a time, in order
         self.messages = 0
 
     def __repr__(self) -> str:
         s = self.statistics()
         return (
             f"<RedisJobEvents {s.state.value} waiting_jobs={s.waiting_jobs}"
-            f" messages={s.messages} connection={s.connection.value}>"
+            f" subscribed_jobs={s.subscribed_jobs} messages={s.messages}"
+            f" connection={s.connection.value}>"
         )
 
     def statistics(self) -> JobEventsStatistics:
-        """Jobs waited on now, messages received, and whether the subscription is up."""
+        """Jobs waited on and subscribed to now, messages received, the connection."""
         return JobEventsStatistics(
             state=self._state,
             waiting_jobs=len(self._waiters),
+            subscribed_jobs=len(self._subscriptions),
             messages=self.messages,
             connection=self._outage.state,
         )
@@ -85,10 +124,15 @@ class RedisJobEvents:
     async def _subscribe_forever(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         started = False
         while True:
-            pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._redis.pubsub()  # subscribe messages kept: they confirm
             delay = 0.0
             try:
-                await pubsub.psubscribe(self._prefix + "*")
+                async with self._changing:
+                    self._subscribed = {self._cancels, *self._subscriptions}
+                    for subscription in self._subscriptions.values():
+                        subscription.confirmed = anyio.Event()  # again, on this connection
+                    await pubsub.subscribe(*self._subscribed)
+                    self._pubsub = pubsub
                 self._outage.succeeded()
                 if not started:
                     task_status.started()
@@ -100,34 +144,90 @@ class RedisJobEvents:
                     task_status.started()
                     started = True
             finally:
+                self._pubsub = None
+                self._subscribed = set()
                 with anyio.move_on_after(1, shield=True):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await anyio.sleep(delay)
 
     async def _listen(self, pubsub: Any) -> None:
         prefix = self._prefix
+        cancels = self._cancels
         while True:
             message = await pubsub.get_message(timeout=1.0)
             if message is None:
                 continue
+            kind = message["type"]
+            if kind == "subscribe":
+                channel = text(message["channel"], lenient=True)
+                if (subscription := self._subscriptions.get(channel)) is not None:
+                    subscription.confirmed.set()
+                continue
+            if kind != "message":
+                continue
             self.messages += 1
+            cancel = text(message["channel"], lenient=True) == cancels
             try:
-                job_id = text(message["channel"]).removeprefix(prefix)
+                if cancel:
+                    self._waiters.wake(text(message["data"]), cancel=True)
+                else:
+                    self._waiters.wake(text(message["channel"]).removeprefix(prefix))
             except UnicodeDecodeError:
                 # no job id is that (ids are checked at submit): it wakes nobody
-                self._bad_data.found(BadDataKind.JOB_EVENT, message["channel"],
-                                     "channel name is not UTF-8", "ignored")  # fmt: skip
-                continue
-            self._waiters.wake(job_id, cancel=message["data"] == CANCEL_EVENT)
+                what = f"{cancels} message {message['data']!r}" if cancel else message["channel"]
+                self._bad_data.found(BadDataKind.JOB_EVENT, what, "job id is not UTF-8",
+                                     "ignored")  # fmt: skip
+
+    def subscribed(self, job_id: str) -> AbstractAsyncContextManager[None]:
+        """See `JobEvents.subscribed`: SUBSCRIBE to the job's channel (shared by every waiter
+        on it here), confirmed by Redis before it returns; UNSUBSCRIBE when the last leaves."""
+        return self._subscription(self._prefix + job_id)
+
+    @contextlib.asynccontextmanager
+    async def _subscription(self, channel: str) -> AsyncIterator[None]:
+        subscription = self._subscriptions.get(channel)
+        if subscription is None:
+            subscription = self._subscriptions[channel] = _Subscription()
+        subscription.users += 1
+        try:
+            await self._reconcile(channel)
+            with anyio.move_on_after(CONFIRM_SECONDS):
+                await subscription.confirmed.wait()
+            yield
+        finally:
+            subscription.users -= 1
+            if not subscription.users and self._subscriptions.get(channel) is subscription:
+                del self._subscriptions[channel]
+                with anyio.move_on_after(UNSUBSCRIBE_SECONDS, shield=True):
+                    await self._reconcile(channel)
+
+    async def _reconcile(self, channel: str) -> None:
+        """Make what Redis was asked for `channel` on this connection what is wanted now (in
+        order: the lock keeps a SUBSCRIBE and an UNSUBSCRIBE from overtaking each other)."""
+        async with self._changing:
+            pubsub = self._pubsub
+            if pubsub is None:
+                return  # not connected: the reconnect subscribes to what is wanted then
+            wanted, asked = channel in self._subscriptions, channel in self._subscribed
+            try:
+                if wanted and not asked:
+                    self._subscribed.add(channel)
+                    await pubsub.subscribe(channel)
+                elif asked and not wanted:
+                    self._subscribed.discard(channel)
+                    await pubsub.unsubscribe(channel)
+            except (RedisError, OSError):
+                pass  # the connection broke: the listener makes it again, with what is wanted
 
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next change (callers bound it and re-read the record)."""
-        await self._waiters.wait(job_id)
+        async with self.subscribed(job_id):
+            await self._waiters.wait(job_id)
 
     def watching(self, job_id: str) -> AbstractContextManager[anyio.Event]:
-        """See `JobEvents.watching`."""
+        """See `JobEvents.watching` (inside `subscribed(job_id)`: changes arrive only then)."""
         return self._waiters.watching(job_id)
 
     def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
-        """See `JobEvents.watching_cancel`: woken by a message that says `cancel`."""
+        """See `JobEvents.watching_cancel`: woken by the job's id on the cancels channel."""
         return self._waiters.watching_cancel(job_id)

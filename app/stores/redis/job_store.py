@@ -5,14 +5,15 @@ Keys (prefixes configurable):
 | key | what |
 |---|---|
 | `wpm-job:<id>` | the BatchJob as JSON; EX retention once it ends |
-| `wpm-job:<id>:fence` | the fencing token: INCR per attempt; only its holder may write |
+| `wpm-job:<id>:fence` | the fencing token: one up per attempt (with its DISPATCHED write); only its holder may write |
 | `wpm-job:<id>:cancel` | set when a cancel was asked for |
 | `wpm-job-queued:<type>` | unfinished jobs of that type (the per-type bound) |
 | `wpm-jobs:stream` | job ids, consumer group `orchestrators`; acked and deleted at the end |
 | `wpm-jobs:stream:quarantine` | entries set aside as unusable, with the reason (MAXLEN ~) |
 | `wpm-jobs:lost` | jobs whose record vanished while in hand (Redis lost them), the newest 10,000 |
 | `wpm-jobs:index` | every job by submit time (ZSET of job ids), trimmed once their record is gone |
-| `wpm-job-events:<id>` | pub/sub: the new state's name after each write; `cancel` on a request |
+| `wpm-job-events:<id>` | pub/sub: the new state's name after each write; `cancel` on a request; subscribed only by processes with a waiter on the job |
+| `wpm-job-cancels` | pub/sub: the id of a job on a worker whose cancel was asked for; every orchestrator listens |
 
 Every write goes through a Lua script that checks the fencing token, so a late result from a
 superseded attempt is refused and never overwrites the job's outcome.
@@ -216,8 +217,8 @@ redis.call('PUBLISH', KEYS[4], ARGV[7])
 return {{1}}
 """
 
-# KEYS: record, fence, counter, channel, cancel
-# ARGV: the record as read, the fence as read, the cancelled record, retention
+# KEYS: record, fence, counter, channel, cancel, cancels channel
+# ARGV: the record as read, the fence as read, the cancelled record, retention, job id
 # {-3, fence} or {-4, record} when that does not read
 _CANCEL = f"""{_READ}
 local state, current = state_at(KEYS[1])
@@ -226,7 +227,8 @@ if not state then return {{-4, current}} end
 if finished[state] then return {{-2, current}} end
 redis.call('SET', KEYS[5], 1, 'EX', ARGV[4])
 if state ~= 'PENDING' then
-  redis.call('PUBLISH', KEYS[4], 'cancel')  -- CANCEL_EVENT: its holder stops it
+  redis.call('PUBLISH', KEYS[4], 'cancel')  -- CANCEL_EVENT: for who waits on the job
+  redis.call('PUBLISH', KEYS[6], ARGV[5])  -- every orchestrator listens: its holder stops it
   return {{0, current}}
 end
 local fence, fence_raw = int_at(KEYS[2])
@@ -299,8 +301,16 @@ CANCEL_EVENT = b"cancel"
 
 
 def events_channel(job_prefix: str, job_id: str) -> str:
-    """The pub/sub channel of a job's changes: `<prefix>-events:<id>`."""
+    """The pub/sub channel of a job's changes: `<prefix>-events:<id>`. Only processes with a
+    waiter on the job subscribe to it (`RedisJobEvents.subscribed`)."""
     return f"{job_prefix}-events:{job_id}"
+
+
+def cancels_channel(job_prefix: str) -> str:
+    """The pub/sub channel of cancel requests of jobs on a worker (the message: the job id),
+    which every orchestrator listens to: `<prefix>-cancels`. Cancels are rare; a job's holder,
+    whichever it is, hears its own."""
+    return f"{job_prefix}-cancels"
 
 
 class RedisJobStore:
@@ -551,7 +561,8 @@ class RedisJobStore:
                 job, state=JobState.CANCELLED, error=error, finished_at=now, fencing_token=fence + 1
             )
             reply = await self._cancel(
-                keys=self._keys(job), args=[raw, fence, encode_job(cancelled), self._retention]
+                keys=[*self._keys(job), cancels_channel(self._prefix)],
+                args=[raw, fence, encode_job(cancelled), self._retention, job_id],
             )
             if reply[0] == -1:
                 return None

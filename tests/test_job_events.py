@@ -1,0 +1,136 @@
+"""RedisJobEvents against a real redis-server: a process hears the changes of the jobs it waits
+on and every cancel request, and nothing else, however many processes share the Redis (the
+per-job cost of the events stays flat as orchestrators are added; issue 12, point 5)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import anyio.abc
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from app.fleet.batch_job import AttemptRecord, BatchJob
+from app.fleet.job_state import JobState
+from app.stores.abc import WriteResult
+from app.stores.redis.job_events import RedisJobEvents
+from app.stores.redis.job_store import RedisJobStore
+from tests.helpers import RedisServer, eventually
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # redis-py's client runs on asyncio only
+
+
+@pytest.fixture
+async def client(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> AsyncIterator[aioredis.Redis]:
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def dispatched(store: RedisJobStore, job_id: str) -> tuple[BatchJob, int]:
+    """A job submitted and written DISPATCHED under its first token."""
+    now = time.time()
+    job = BatchJob(job_id=job_id, job_type="echo", submitted_at=now, deadline_at=now + 60)
+    await store.submit(job, bound=100)
+    job.state = JobState.DISPATCHED
+    job.attempts.append(AttemptRecord(number=1, worker="w:1", fencing_token=1, started_at=now))
+    assert await store.write(job, 0, advance=True) is WriteResult.WRITTEN
+    return job, 1
+
+
+async def test_a_process_hears_the_jobs_it_waits_on_and_every_cancel_only(
+    client: aioredis.Redis,
+) -> None:
+    store = RedisJobStore(client)
+    waiting, other = RedisJobEvents(client), RedisJobEvents(client)  # two orchestrators
+    async with anyio.create_task_group() as tg:
+        await tg.start(waiting.run)
+        await tg.start(other.run)
+        a, token_a = await dispatched(store, "a")
+        b, token_b = await dispatched(store, "b")
+        async with waiting.subscribed("a"):
+            assert waiting.statistics().subscribed_jobs == 1
+            with waiting.watching("a") as changed:
+                a.state = JobState.RUNNING
+                assert await store.write(a, token_a) is WriteResult.WRITTEN
+                b.state = JobState.RUNNING  # a job nobody here waits on
+                assert await store.write(b, token_b) is WriteResult.WRITTEN
+                with anyio.fail_after(5):
+                    await changed.wait()
+            # a cancel request reaches every process, subscribed to the job or not
+            with other.watching_cancel("b") as asked:
+                await store.request_cancel("b", error="stop", now=time.time())
+                with anyio.fail_after(5):
+                    await asked.wait()
+        assert waiting.statistics().subscribed_jobs == 0
+        # the write of "a" (and its cancel's and b's events nowhere): "a"'s change, b's cancel
+        await eventually(lambda: waiting.messages == 2)
+        assert other.messages == 1  # the cancel alone: no job's writes
+        # left: a's later writes reach nobody
+        a.state = JobState.SUCCEEDED
+        assert await store.write(a, token_a) is WriteResult.WRITTEN
+        await anyio.sleep(0.2)
+        assert (waiting.messages, other.messages) == (2, 1)
+        tg.cancel_scope.cancel()
+
+
+async def test_waiters_on_one_job_share_its_subscription(client: aioredis.Redis) -> None:
+    store = RedisJobStore(client)
+    events = RedisJobEvents(client)
+    async with anyio.create_task_group() as tg:
+        await tg.start(events.run)
+        job, token = await dispatched(store, "a")
+        async with events.subscribed("a"), events.subscribed("a"):
+            assert events.statistics().subscribed_jobs == 1
+            channels = await client.pubsub_channels("wpm-job-events:*")
+            assert channels == [b"wpm-job-events:a"]
+        await eventually(lambda: events.statistics().subscribed_jobs == 0)
+
+        async def gone() -> bool:
+            return await client.pubsub_channels("wpm-job-events:*") == []
+
+        await eventually(gone)
+        # subscribed again at once after the last left: the changes arrive again
+        async with events.subscribed("a"):
+            with events.watching("a") as changed:
+                job.state = JobState.RUNNING
+                assert await store.write(job, token) is WriteResult.WRITTEN
+                with anyio.fail_after(5):
+                    await changed.wait()
+        tg.cancel_scope.cancel()
+
+
+async def test_subscriptions_come_back_after_a_reconnect(
+    client: aioredis.Redis, redis_client: redis.Redis
+) -> None:
+    store = RedisJobStore(client)
+    events = RedisJobEvents(client)
+    async with anyio.create_task_group() as tg:
+        await tg.start(events.run)
+        job, token = await dispatched(store, "a")
+        async with events.subscribed("a"):
+            redis_client.client_kill_filter(_type="pubsub")  # the listener's connection breaks
+
+            async def back() -> bool:
+                channels = set(await client.pubsub_channels())
+                return channels == {b"wpm-job-events:a", b"wpm-job-cancels"}
+
+            await eventually(back, within=10)
+            with events.watching("a") as changed:
+                job.state = JobState.RUNNING
+                assert await store.write(job, token) is WriteResult.WRITTEN
+                with anyio.fail_after(5):
+                    await changed.wait()
+        tg.cancel_scope.cancel()
