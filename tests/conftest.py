@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import redis
+import redis.asyncio as aioredis
 
 from tests.grpc_clients import generate_grpcio_stubs, import_stubs
 from tests.helpers import ROOT, RedisServer, WorkerProcess, base_env, free_port
@@ -21,6 +22,18 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+async def async_redis(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> AsyncIterator[aioredis.Redis]:
+    """redis-py's asyncio client on the session's server (flushed first, as `redis_client`)."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import logging
 import re
 import signal
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -86,14 +86,8 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture
-async def client(
-    redis_server: RedisServer, redis_client: redis.Redis
-) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
+def client(async_redis: aioredis.Redis) -> aioredis.Redis:
+    return async_redis
 
 
 @pytest.fixture

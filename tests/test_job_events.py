@@ -5,7 +5,6 @@ per-job cost of the events stays flat as orchestrators are added; issue 12, poin
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
 
 import anyio
 import anyio.abc
@@ -18,7 +17,7 @@ from app.fleet.job_state import JobState
 from app.stores.abc import WriteResult
 from app.stores.redis.job_events import RedisJobEvents
 from app.stores.redis.job_store import RedisJobStore
-from tests.helpers import RedisServer, eventually
+from tests.helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -26,17 +25,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # redis-py's client runs on asyncio only
-
-
-@pytest.fixture
-async def client(
-    redis_server: RedisServer, redis_client: redis.Redis
-) -> AsyncIterator[aioredis.Redis]:
-    client = aioredis.Redis.from_url(redis_server.url)
-    try:
-        yield client
-    finally:
-        await client.aclose()
 
 
 async def dispatched(store: RedisJobStore, job_id: str) -> tuple[BatchJob, int]:
@@ -50,9 +38,21 @@ async def dispatched(store: RedisJobStore, job_id: str) -> tuple[BatchJob, int]:
     return job, 1
 
 
-async def test_a_process_hears_the_jobs_it_waits_on_and_every_cancel_only(
-    client: aioredis.Redis,
+async def a_change_arrives(
+    events: RedisJobEvents, store: RedisJobStore, job: BatchJob, token: int
 ) -> None:
+    """Write the job RUNNING; its waiter here is woken (inside `events.subscribed`)."""
+    with events.watching(job.job_id) as changed:
+        job.state = JobState.RUNNING
+        assert await store.write(job, token) is WriteResult.WRITTEN
+        with anyio.fail_after(5):
+            await changed.wait()
+
+
+async def test_a_process_hears_the_jobs_it_waits_on_and_every_cancel_only(
+    async_redis: aioredis.Redis,
+) -> None:
+    client = async_redis
     store = RedisJobStore(client)
     waiting, other = RedisJobEvents(client), RedisJobEvents(client)  # two orchestrators
     async with anyio.create_task_group() as tg:
@@ -86,7 +86,8 @@ async def test_a_process_hears_the_jobs_it_waits_on_and_every_cancel_only(
         tg.cancel_scope.cancel()
 
 
-async def test_waiters_on_one_job_share_its_subscription(client: aioredis.Redis) -> None:
+async def test_waiters_on_one_job_share_its_subscription(async_redis: aioredis.Redis) -> None:
+    client = async_redis
     store = RedisJobStore(client)
     events = RedisJobEvents(client)
     async with anyio.create_task_group() as tg:
@@ -104,17 +105,14 @@ async def test_waiters_on_one_job_share_its_subscription(client: aioredis.Redis)
         await eventually(gone)
         # subscribed again at once after the last left: the changes arrive again
         async with events.subscribed("a"):
-            with events.watching("a") as changed:
-                job.state = JobState.RUNNING
-                assert await store.write(job, token) is WriteResult.WRITTEN
-                with anyio.fail_after(5):
-                    await changed.wait()
+            await a_change_arrives(events, store, job, token)
         tg.cancel_scope.cancel()
 
 
 async def test_subscriptions_come_back_after_a_reconnect(
-    client: aioredis.Redis, redis_client: redis.Redis
+    async_redis: aioredis.Redis, redis_client: redis.Redis
 ) -> None:
+    client = async_redis
     store = RedisJobStore(client)
     events = RedisJobEvents(client)
     async with anyio.create_task_group() as tg:
@@ -128,9 +126,5 @@ async def test_subscriptions_come_back_after_a_reconnect(
                 return channels == {b"wpm-job-events:a", b"wpm-job-cancels"}
 
             await eventually(back, within=10)
-            with events.watching("a") as changed:
-                job.state = JobState.RUNNING
-                assert await store.write(job, token) is WriteResult.WRITTEN
-                with anyio.fail_after(5):
-                    await changed.wait()
+            await a_change_arrives(events, store, job, token)
         tg.cancel_scope.cancel()

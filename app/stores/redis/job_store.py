@@ -5,15 +5,15 @@ Keys (prefixes configurable):
 | key | what |
 |---|---|
 | `wpm-job:<id>` | the BatchJob as JSON; EX retention once it ends |
-| `wpm-job:<id>:fence` | the fencing token: one up per attempt (with its DISPATCHED write); only its holder may write |
+| `wpm-job:<id>:fence` | the fencing token: one up per attempt; only its holder may write |
 | `wpm-job:<id>:cancel` | set when a cancel was asked for |
 | `wpm-job-queued:<type>` | unfinished jobs of that type (the per-type bound) |
 | `wpm-jobs:stream` | job ids, consumer group `orchestrators`; acked and deleted at the end |
 | `wpm-jobs:stream:quarantine` | entries set aside as unusable, with the reason (MAXLEN ~) |
 | `wpm-jobs:lost` | jobs whose record vanished while in hand (Redis lost them), the newest 10,000 |
 | `wpm-jobs:index` | every job by submit time (ZSET of job ids), trimmed once their record is gone |
-| `wpm-job-events:<id>` | pub/sub: the new state's name after each write; `cancel` on a request; subscribed only by processes with a waiter on the job |
-| `wpm-job-cancels` | pub/sub: the id of a job on a worker whose cancel was asked for; every orchestrator listens |
+| `wpm-job-events:<id>` | pub/sub: the new state after each write; `cancel`; for its waiters |
+| `wpm-job-cancels` | pub/sub: the id of a running job to cancel; for every orchestrator |
 
 Every write goes through a Lua script that checks the fencing token, so a late result from a
 superseded attempt is refused and never overwrites the job's outcome.
