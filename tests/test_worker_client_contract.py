@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, cast
 
 import anyio
+import h2.connection
 import msgspec
 import pytest
 import redis.asyncio as aioredis
 
 from app.fleet.batch_job import BatchJob
 from app.fleet.job_state import JobState
+from app.grpc.fastpath.closed_streams import MAX_CLOSED_STREAMS
 from app.orchestrator.grpc_worker_client import GrpcWorkerClient
 from app.orchestrator.memory_worker_client import MemoryWorker, MemoryWorkerClient
 from app.orchestrator.worker_client import Admission, Completion, Reply, WorkerClient
@@ -259,3 +261,18 @@ async def test_nobody_listening_is_unreachable(fleet: Fleet) -> None:
         assert not await fleet.client.probe(nowhere)
         assert await fleet.client.probe(fleet.address)
     fleet.client.forget(nowhere)
+
+
+async def test_a_channel_to_a_worker_remembers_few_closed_streams(fleet: Fleet) -> None:
+    """One RunWork per job: with h2's default each worker's connection kept 65,536 closed
+    stream ids (~12 MiB) for good; the orchestrator's own channels keep 4,096."""
+    if not isinstance(fleet.client, GrpcWorkerClient):
+        pytest.skip("HTTP/2 connections are the gRPC client's")
+    completion = await fleet.client.wait(fleet.address, job("s1"))
+    assert completion.reply is Reply.OK
+    protocol = fleet.client._channels[fleet.address]._protocol
+    assert protocol is not None
+    h2c = protocol.connection._connection
+    assert h2c.MAX_CLOSED_STREAMS == MAX_CLOSED_STREAMS == 4096
+    assert cast(Any, h2c._closed_streams)._size_limit == 4096
+    assert h2.connection.H2Connection.MAX_CLOSED_STREAMS == 2**16  # h2's own, for the others

@@ -7,17 +7,20 @@ keepalive_timeout_seconds` and its call breaks at once, whatever the job's lengt
 from __future__ import annotations
 
 import logging
+from asyncio import BaseTransport
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
-from grpclib.client import Channel
+from grpclib.client import Channel, Handler
 from grpclib.config import Configuration
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.protocol import H2Protocol
 
 from app.fleet.batch_job import BatchJob, RunOutcome
 from app.fleet.job_state import JobState, from_worker_wire
+from app.grpc.fastpath.closed_streams import limit_closed_streams
 from app.grpc.status import StatusDetailsCodec, retry_info
 from app.orchestrator.worker_client import Admission, Completion, Reply
 from app.pb import worker as wpb
@@ -54,6 +57,27 @@ def _request(job: BatchJob) -> wpb.SendWorkReq:
     )
 
 
+class _BoundedProtocol(H2Protocol):
+    """grpclib's client protocol, its connection remembering fewer closed streams (one RunWork
+    per job: h2's default kept ~12 MiB per worker for good)."""
+
+    def connection_made(self, transport: BaseTransport) -> None:
+        super().connection_made(transport)
+        try:
+            h2c = self.connection._connection
+        except AttributeError:  # another grpclib: h2's default, as before
+            log.debug("grpclib's connection has no H2Connection where expected", exc_info=True)
+            return
+        limit_closed_streams(h2c)
+
+
+class _BoundedChannel(Channel):
+    """A grpclib `Channel` whose connections are `_BoundedProtocol`s."""
+
+    def _protocol_factory(self) -> H2Protocol:
+        return _BoundedProtocol(Handler(), self._config, self._h2_config)
+
+
 class GrpcWorkerClient:
     """Channels by `host:port`, made on first use and closed together."""
 
@@ -79,7 +103,7 @@ class GrpcWorkerClient:
         channel = self._channels.get(address)
         if channel is None:
             host, _, port = address.rpartition(":")
-            channel = self._channels[address] = Channel(
+            channel = self._channels[address] = _BoundedChannel(
                 host, int(port), config=self._config, status_details_codec=StatusDetailsCodec()
             )
         return wpb.WorkerServiceStub(channel)

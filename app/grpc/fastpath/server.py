@@ -66,13 +66,13 @@ from h2.events import (
 from h2.frame_buffer import FrameBuffer
 from h2.settings import SettingCodes
 from h2.stream import StreamInputs
-from h2.utilities import SizeLimitDict
 from hpack.hpack import encode_integer
 from hyperframe.frame import HeadersFrame
 from multidict import MultiDict
 
 from app.grpc.codec import status_details_codec as default_status_details_codec
 from app.grpc.codec import too_large
+from app.grpc.fastpath.closed_streams import MAX_CLOSED_STREAMS, limit_closed_streams
 from app.grpc.fastpath.codec import UpbProtoCodec
 from app.grpc.limits import GrpcLimits
 from app.grpc.statistics import CallCounters, CodecCounters
@@ -84,12 +84,6 @@ if TYPE_CHECKING:
     from grpclib._typing import IServable
     from grpclib.encoding.base import CodecBase, StatusDetailsCodecBase
     from grpclib.protocol import Connection
-
-# h2 remembers up to 65,536 closed stream ids per connection (to tell a late frame for a closed
-# stream from a protocol error); at gRPC request rates that is ~12 MiB per busy connection kept
-# forever. A few thousand ids is ample for late frames. Set on each server connection's own
-# H2Connection (`_limit_closed_streams`), so that clients in the process keep h2's default.
-MAX_CLOSED_STREAMS = 4096
 
 
 class _BoundedFrameBuffer(FrameBuffer):
@@ -111,19 +105,6 @@ class _BoundedFrameBuffer(FrameBuffer):
             if size > self.max_block:
                 raise h2.exceptions.ProtocolError("header block too large")
         return super()._update_header_buffer(f)
-
-
-def _limit_closed_streams(h2c: H2Connection, limit: int) -> None:
-    """Make `h2c` remember at most `limit` closed streams.
-
-    h2 reads the class attribute MAX_CLOSED_STREAMS once, in `__init__`, to size the dict it
-    keeps them in; for one connection, that dict is rebuilt with the new size (it is still empty
-    when the protocol has just made the connection) and the attribute is set on the instance.
-    """
-    h2c.MAX_CLOSED_STREAMS = limit
-    closed = SizeLimitDict(size_limit=limit)
-    closed.update(h2c._closed_streams)
-    h2c._closed_streams = closed
 
 
 class _LazyRepr:
@@ -946,7 +927,7 @@ class _FastProtocol(H2Protocol):
         assert isinstance(self.handler, FastHandler)
         limits = self.handler.limits
         h2c = self.connection._connection
-        _limit_closed_streams(h2c, MAX_CLOSED_STREAMS)
+        limit_closed_streams(h2c, MAX_CLOSED_STREAMS)  # the server side: many calls
         # in force once the client acknowledges them; hpack's limit holds from now on
         h2c.update_settings({
             SettingCodes.MAX_CONCURRENT_STREAMS: limits.max_concurrent_streams,
