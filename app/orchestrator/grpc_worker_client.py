@@ -64,11 +64,9 @@ class _BoundedProtocol(H2Protocol):
     def connection_made(self, transport: BaseTransport) -> None:
         super().connection_made(transport)
         try:
-            h2c = self.connection._connection
-        except AttributeError:  # another grpclib: h2's default, as before
-            log.debug("grpclib's connection has no H2Connection where expected", exc_info=True)
-            return
-        limit_closed_streams(h2c)
+            limit_closed_streams(self.connection._connection)
+        except AttributeError:  # another grpclib or h2 inside: h2's default, as before
+            log.debug("no H2Connection where expected: closed streams not limited", exc_info=True)
 
 
 class _BoundedChannel(Channel):
