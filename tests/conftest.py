@@ -10,7 +10,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from tests.grpc_clients import generate_grpcio_stubs, import_stubs
+from tests.grpc_clients import generate_grpcio_stubs, import_stubs, orchestrator_stubs
 from tests.helpers import ROOT, RedisServer, WorkerProcess, base_env, free_port
 
 
@@ -96,10 +96,7 @@ def stubs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
 @pytest.fixture(scope="session")
 def orch_stubs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """grpcio stubs for proto/orchestrator.proto."""
-    out = tmp_path_factory.mktemp("grpcio_orchestrator")
-    generate_grpcio_stubs(ROOT / "proto", out, "orchestrator")
-    pb2, pb2_grpc = import_stubs(out, "orchestrator")
-    return SimpleNamespace(pb2=pb2, grpc=pb2_grpc)
+    return orchestrator_stubs(tmp_path_factory.mktemp("grpcio_orchestrator"))
 
 
 # The core (job master, scheduler, retry, breaker) is tested on both anyio backends.

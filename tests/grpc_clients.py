@@ -32,6 +32,15 @@ def import_stubs(out: Path, name: str = "worker") -> tuple[ModuleType, ModuleTyp
         sys.path.remove(str(out))
 
 
+def orchestrator_stubs(out: Path) -> SimpleNamespace:
+    """grpcio stubs for proto/orchestrator.proto, generated into `out` (made if need be):
+    `pb2` (the messages) and `grpc` (the stub), as the chaos harness takes them."""
+    out.mkdir(parents=True, exist_ok=True)
+    generate_grpcio_stubs(ROOT / "proto", out, "orchestrator")
+    pb2, pb2_grpc = import_stubs(out, "orchestrator")
+    return SimpleNamespace(pb2=pb2, grpc=pb2_grpc)
+
+
 def grpcurl_binary() -> str:
     path = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     if not Path(path).exists():

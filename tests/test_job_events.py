@@ -5,6 +5,8 @@ per-job cost of the events stays flat as orchestrators are added; issue 12, poin
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import anyio
 import anyio.abc
@@ -38,6 +40,16 @@ async def dispatched(store: RedisJobStore, job_id: str) -> tuple[BatchJob, int]:
     return job, 1
 
 
+@asynccontextmanager
+async def listening(client: aioredis.Redis) -> AsyncIterator[RedisJobEvents]:
+    """A process's `RedisJobEvents` on `client`, listening (ready) while inside."""
+    events = RedisJobEvents(client)
+    async with anyio.create_task_group() as tg:
+        await tg.start(events.run)
+        yield events
+        tg.cancel_scope.cancel()
+
+
 async def a_change_arrives(
     events: RedisJobEvents, store: RedisJobStore, job: BatchJob, token: int
 ) -> None:
@@ -52,12 +64,9 @@ async def a_change_arrives(
 async def test_a_process_hears_the_jobs_it_waits_on_and_every_cancel_only(
     async_redis: aioredis.Redis,
 ) -> None:
-    client = async_redis
-    store = RedisJobStore(client)
-    waiting, other = RedisJobEvents(client), RedisJobEvents(client)  # two orchestrators
-    async with anyio.create_task_group() as tg:
-        await tg.start(waiting.run)
-        await tg.start(other.run)
+    store = RedisJobStore(async_redis)
+    async with listening(async_redis) as waiting, listening(async_redis) as other:
+        # two orchestrators
         a, token_a = await dispatched(store, "a")
         b, token_b = await dispatched(store, "b")
         async with waiting.subscribed("a"):
@@ -83,15 +92,12 @@ async def test_a_process_hears_the_jobs_it_waits_on_and_every_cancel_only(
         assert await store.write(a, token_a) is WriteResult.WRITTEN
         await anyio.sleep(0.2)
         assert (waiting.messages, other.messages) == (2, 1)
-        tg.cancel_scope.cancel()
 
 
 async def test_waiters_on_one_job_share_its_subscription(async_redis: aioredis.Redis) -> None:
     client = async_redis
     store = RedisJobStore(client)
-    events = RedisJobEvents(client)
-    async with anyio.create_task_group() as tg:
-        await tg.start(events.run)
+    async with listening(client) as events:
         job, token = await dispatched(store, "a")
         async with events.subscribed("a"), events.subscribed("a"):
             assert events.statistics().subscribed_jobs == 1
@@ -106,7 +112,6 @@ async def test_waiters_on_one_job_share_its_subscription(async_redis: aioredis.R
         # subscribed again at once after the last left: the changes arrive again
         async with events.subscribed("a"):
             await a_change_arrives(events, store, job, token)
-        tg.cancel_scope.cancel()
 
 
 async def test_subscriptions_come_back_after_a_reconnect(
@@ -114,9 +119,7 @@ async def test_subscriptions_come_back_after_a_reconnect(
 ) -> None:
     client = async_redis
     store = RedisJobStore(client)
-    events = RedisJobEvents(client)
-    async with anyio.create_task_group() as tg:
-        await tg.start(events.run)
+    async with listening(client) as events:
         job, token = await dispatched(store, "a")
         async with events.subscribed("a"):
             redis_client.client_kill_filter(_type="pubsub")  # the listener's connection breaks
@@ -127,4 +130,3 @@ async def test_subscriptions_come_back_after_a_reconnect(
 
             await eventually(back, within=10)
             await a_change_arrives(events, store, job, token)
-        tg.cancel_scope.cancel()

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.chaos.harness import ChaosFleet, print_report, trigger_report  # noqa: E402
-from tests.grpc_clients import generate_grpcio_stubs, import_stubs  # noqa: E402
+from tests.grpc_clients import orchestrator_stubs  # noqa: E402
 
 SCHEDULES = {
     "soak-1s": "interval_seconds = 1",
@@ -64,11 +64,7 @@ def main() -> int:
     args = parser.parse_args()
     bad = 0
     with tempfile.TemporaryDirectory(prefix="jobworker-chaos-trigger-") as tmp:
-        stubs_dir = Path(tmp) / "stubs"
-        stubs_dir.mkdir()
-        generate_grpcio_stubs(ROOT / "proto", stubs_dir, "orchestrator")
-        pb2, pb2_grpc = import_stubs(stubs_dir, "orchestrator")
-        orch = type("Stubs", (), {"pb2": pb2, "grpc": pb2_grpc})()
+        orch = orchestrator_stubs(Path(tmp) / "stubs")
         for seed in args.seeds:
             run_dir = Path(tmp) / f"seed-{seed}"
             run_dir.mkdir()

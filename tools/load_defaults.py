@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 from tests.chaos.harness import ChaosFleet  # noqa: E402
 from tests.chaos.load import HealthWatch, run_load  # noqa: E402
-from tests.grpc_clients import generate_grpcio_stubs, import_stubs  # noqa: E402
+from tests.grpc_clients import orchestrator_stubs  # noqa: E402
 
 
 def one_run(fleet: ChaosFleet, args: argparse.Namespace, prefix: str) -> bool:
@@ -94,11 +94,7 @@ def main() -> int:
     args = parser.parse_args()
     ok = True
     with tempfile.TemporaryDirectory(prefix="jobworker-load-") as tmp:
-        stubs_dir = Path(tmp) / "stubs"
-        stubs_dir.mkdir()
-        generate_grpcio_stubs(ROOT / "proto", stubs_dir, "orchestrator")
-        pb2, pb2_grpc = import_stubs(stubs_dir, "orchestrator")
-        orch = type("Stubs", (), {"pb2": pb2, "grpc": pb2_grpc})()
+        orch = orchestrator_stubs(Path(tmp) / "stubs")
         fleet = ChaosFleet(Path(tmp), orch)
         fleet.defaults = True
         fleet.extra_env = dict(item.split("=", 1) for item in args.env)

@@ -23,7 +23,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -31,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from tests.chaos.harness import ChaosFleet, Slot  # noqa: E402
-from tests.grpc_clients import generate_grpcio_stubs, import_stubs  # noqa: E402
+from tests.grpc_clients import orchestrator_stubs  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -102,12 +101,7 @@ def main() -> int:
         raise SystemExit("soak_memory: --jobs, --every and --concurrency must be at least 1")
     ok = True
     with tempfile.TemporaryDirectory(prefix="jobworker-soak-") as tmp:
-        stubs_dir = Path(tmp) / "stubs"
-        stubs_dir.mkdir()
-        generate_grpcio_stubs(ROOT / "proto", stubs_dir, "orchestrator")
-        pb2, pb2_grpc = import_stubs(stubs_dir, "orchestrator")
-        orch: Any = type("Stubs", (), {"pb2": pb2, "grpc": pb2_grpc})()
-        fleet = ChaosFleet(Path(tmp), orch)
+        fleet = ChaosFleet(Path(tmp), orchestrator_stubs(Path(tmp) / "stubs"))
         fleet.defaults = True
         fleet.extra_env = {"JOBWORKER_ORCHESTRATOR__RETENTION_SECONDS": str(args.retention)}
         fleet.start_redis()

@@ -392,7 +392,8 @@ class MemoryJobStore:
         if current is None:  # first: a record Redis lost has lost its fence too
             return WriteResult.MISSING
         fence = self._fence(job.job_id)
-        if advance and fence == token + 1 and current == encode_job(job):
+        record = encode_job(job)
+        if advance and fence == token + 1 and current == record:
             return WriteResult.WRITTEN  # made already: a call repeated after its reply was lost
         if token != fence:
             return WriteResult.SUPERSEDED
@@ -403,7 +404,7 @@ class MemoryJobStore:
             return WriteResult.ALREADY_FINISHED
         if advance:
             self._fences.keep_ttl(job.job_id, str(token + 1).encode())
-        self._records.set(job.job_id, encode_job(job))
+        self._records.set(job.job_id, record)
         if job.state.finished:
             self._queued[job.job_type] = max(0, self._queued.get(job.job_type, 0) - 1)
             for keys in (self._records, self._fences, self._cancels):
