@@ -37,6 +37,7 @@ from app.orchestrator.service import OrchestratorService
 from app.pb import orchestrator as pb
 from app.stores.abc import JobEvents, JobStore, PodRegistry, QueueEntry, SubmitResult, WriteResult
 from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
+from app.stores.redis.batcher import CommandBatcher
 from app.stores.redis.job_events import RedisJobEvents
 from app.stores.redis.job_store import RedisJobStore
 from app.stores.redis.pod_registry import RedisPodRegistry
@@ -69,11 +70,17 @@ class Stores:
 
 
 @pytest.fixture(
-    params=[("memory", "asyncio"), ("memory", "trio"), ("redis", "asyncio")],
+    # redis-batched: the same, with the store's command batcher running (as in an orchestrator)
+    params=[
+        ("memory", "asyncio"),
+        ("memory", "trio"),
+        ("redis", "asyncio"),
+        ("redis-batched", "asyncio"),
+    ],
     ids=lambda p: "-".join(p),
 )
 def kind(request: pytest.FixtureRequest) -> tuple[str, str]:
-    if request.param[0] == "redis":
+    if request.param[0].startswith("redis"):
         request.getfixturevalue("redis_client")  # the session's server, flushed
     return request.param  # type: ignore[no-any-return]
 
@@ -123,9 +130,11 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
         return
     server: RedisServer = request.getfixturevalue("redis_server")
     client = aioredis.Redis.from_url(server.url)
+    batcher = CommandBatcher(client)
 
     def on_redis(retention: int) -> tuple[JobStore, JobEvents]:
-        return RedisJobStore(client, retention_seconds=retention), RedisJobEvents(client)
+        store = RedisJobStore(client, retention_seconds=retention, batcher=batcher)
+        return store, RedisJobEvents(client)
 
     async def plant_in_redis(store: JobStore, job_id: str, part: str, raw: bytes) -> None:
         await client.set(":".join(p for p in ("wpm-job", job_id, part) if p), raw)
@@ -140,8 +149,13 @@ async def stores(kind: tuple[str, str], request: pytest.FixtureRequest) -> Async
     store, events = on_redis(RETENTION)
     await store.ensure_group()
     try:
-        yield Stores(store, events, RedisPodRegistry(client), on_redis, plant_in_redis,
-                     client.flushdb, plant_index_in_redis, spoil_redis_index)  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            if kind[0] == "redis-batched":
+                await tg.start(batcher.run)
+                assert batcher.running
+            yield Stores(store, events, RedisPodRegistry(client), on_redis, plant_in_redis,
+                         client.flushdb, plant_index_in_redis, spoil_redis_index)  # fmt: skip
+            tg.cancel_scope.cancel()
     finally:
         await client.aclose()
 

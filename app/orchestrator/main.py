@@ -47,6 +47,7 @@ from app.orchestrator.index_trimmer import IndexTrimmer
 from app.orchestrator.service import OrchestratorService
 from app.stores.abc import JobEvents, JobStore
 from app.stores.bad_data import BadData
+from app.stores.redis.batcher import CommandBatcher
 from app.stores.redis.client import create_redis, wait_for_redis_unless_stopped
 from app.stores.redis.job_events import RedisJobEvents
 from app.stores.redis.job_store import RedisJobStore
@@ -75,6 +76,8 @@ async def serve_orchestrator(config: Config) -> None:
             # their own: a pool busy with the load must not read as Redis or a worker being away
             liveness = create_redis(config.redis, liveness=True)
             bad_data = BadData()  # junk met in the store: said once, counted in /metrics
+            # the jobs' commands of a loop turn, sent to Redis in one pipeline (see run below)
+            batcher = CommandBatcher(redis)
             store: JobStore = RedisJobStore(
                 redis,
                 job_prefix=o.job_prefix,
@@ -84,6 +87,7 @@ async def serve_orchestrator(config: Config) -> None:
                 bad_data=bad_data,
                 lost_key=o.lost_key,
                 index_key=o.index_key,
+                batcher=batcher,
             )
             events: JobEvents = RedisJobEvents(liveness, job_prefix=o.job_prefix, bad_data=bad_data)
             directory = WorkerDirectory(
@@ -156,6 +160,7 @@ async def serve_orchestrator(config: Config) -> None:
                 await wait_for_redis_unless_stopped(
                     redis, signals, tg.cancel_scope, what=f"Redis at {config.redis.display_url()}"
                 )
+                await tg.start(batcher.run)
                 await tg.start(monitor.run)
                 await tg.start(events.run)
                 await tg.start(directory.run)

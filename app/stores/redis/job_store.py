@@ -77,6 +77,7 @@ from app.stores.bad_data import (
     record_problem,
     show,
 )
+from app.stores.redis.batcher import CommandBatcher
 from app.stores.redis.client import is_busy, is_nogroup, is_unavailable
 
 log = logging.getLogger(__name__)
@@ -328,8 +329,12 @@ class RedisJobStore:
         quarantine_maxlen: int = QUARANTINE_MAXLEN,
         lost_key: str = "wpm-jobs:lost",
         index_key: str = "wpm-jobs:index",
+        batcher: CommandBatcher | None = None,
     ) -> None:
         self._redis = client
+        # the hot path's commands (submit, take, write): in pipelines while its senders run
+        # (the orchestrator runs them), each alone otherwise
+        self.batcher = batcher or CommandBatcher(client)
         self._prefix = job_prefix
         self.stream_key = stream_key
         self.quarantine_key = f"{stream_key}:quarantine"
@@ -424,9 +429,10 @@ class RedisJobStore:
         is started again from 0.
         """
         keys = self._keys(job)
-        reply = await self._submit(
-            keys=[keys[0], keys[2], self.stream_key, self.index_key],
-            args=[encode_job(job), bound, job.job_id, repr(job.submitted_at)],
+        reply = await self.batcher.script(
+            self._submit,
+            [keys[0], keys[2], self.stream_key, self.index_key],
+            [encode_job(job), bound, job.job_id, repr(job.submitted_at)],
         )
         status = reply[0]
         if status == 3:
@@ -461,11 +467,9 @@ class RedisJobStore:
         in one pipeline (one round trip; not a transaction: each is read as `get`, `fence` and
         `cancel_requested` would)."""
         key = self.record_key(job_id)
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.get(key)
-            pipe.get(f"{key}:fence")
-            pipe.exists(f"{key}:cancel")
-            raw, fence_raw, cancel = await pipe.execute(raise_on_error=False)
+        raw, fence_raw, cancel = await self.batcher.execute(
+            ("GET", key), ("GET", f"{key}:fence"), ("EXISTS", f"{key}:cancel")
+        )
         if isinstance(raw, ResponseError):
             raise self._bad_record(job_id, None) if _wrong_type(raw) else raw
         if raw is None:
@@ -513,10 +517,11 @@ class RedisJobStore:
         fencing token does not read."""
         job.fencing_token = token + 1 if advance else token
         final = "1" if job.state.finished else "0"
-        reply = await self._write(
-            keys=[*self._keys(job), self.stream_key],
-            args=[encode_job(job), token, final, self._retention, ack if final == "1" else "",
-                  self.group, job.state.value, job.fencing_token if advance else ""],
+        reply = await self.batcher.script(
+            self._write,
+            [*self._keys(job), self.stream_key],
+            [encode_job(job), token, final, self._retention, ack if final == "1" else "",
+             self.group, job.state.value, job.fencing_token if advance else ""],
         )  # fmt: skip
         if reply[0] == -3:
             raise self._bad_fence(job.job_id, reply[1])
