@@ -6,6 +6,7 @@ keepalive_timeout_seconds` and its call breaks at once, whatever the job's lengt
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from asyncio import BaseTransport
 from collections.abc import Awaitable, Callable
@@ -21,6 +22,7 @@ from grpclib.protocol import H2Protocol
 from app.fleet.batch_job import BatchJob, RunOutcome
 from app.fleet.job_state import JobState, from_worker_wire
 from app.grpc.fastpath.closed_streams import limit_closed_streams
+from app.grpc.fastpath.coalesced_writes import CoalescedWrites
 from app.grpc.status import StatusDetailsCodec, retry_info
 from app.orchestrator.worker_client import Admission, Completion, Reply
 from app.pb import worker as wpb
@@ -59,9 +61,12 @@ def _request(job: BatchJob) -> wpb.SendWorkReq:
 
 class _BoundedProtocol(H2Protocol):
     """grpclib's client protocol, its connection remembering fewer closed streams (one RunWork
-    per job: h2's default kept ~12 MiB per worker for good)."""
+    per job: h2's default kept ~12 MiB per worker for good), and writing once per loop turn
+    (`CoalescedWrites`: a call's headers and message, and the calls of a turn, in one send)."""
 
     def connection_made(self, transport: BaseTransport) -> None:
+        if isinstance(transport, asyncio.Transport):
+            transport = CoalescedWrites(transport, asyncio.get_running_loop())
         super().connection_made(transport)
         try:
             limit_closed_streams(self.connection._connection)

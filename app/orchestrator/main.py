@@ -231,7 +231,7 @@ async def serve_orchestrator(config: Config) -> None:
                         drain.cancel_scope.cancel()
                 # jobs still in hand stay pending in the stream: another orchestrator claims them
                 dispatcher_scope.cancel()
-                log.info("drained: %r", dispatcher)
+                log.info("drained: %r, %r", dispatcher, batcher)
             finally:
                 client.close()
                 with anyio.move_on_after(REGISTRY_SHUTDOWN_SECONDS, shield=True):

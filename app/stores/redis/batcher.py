@@ -34,7 +34,7 @@ from redis.exceptions import NoScriptError, ResponseError
 Command = tuple[Any, ...]
 
 #: Pipelines on their way at once: while one is sent and read, the next fills.
-SENDERS = 2
+SENDERS = 1
 #: Commands per pipeline at most: a bigger queue goes out in several.
 MAX_COMMANDS = 512
 
@@ -69,7 +69,10 @@ class CommandBatcher:
         self.sending = 0  # commands in pipelines on their way
 
     def __repr__(self) -> str:
-        return f"<CommandBatcher senders={self._senders} queued={len(self._queue)}>"
+        return (
+            f"<CommandBatcher senders={self._senders} queued={len(self._queue)}"
+            f" pipelines={self.pipelines} commands={self.commands}>"
+        )
 
     @property
     def queued(self) -> int:
