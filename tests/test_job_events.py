@@ -87,11 +87,18 @@ async def test_a_process_hears_the_jobs_it_waits_on_and_every_cancel_only(
         # the write of "a" (and its cancel's and b's events nowhere): "a"'s change, b's cancel
         await eventually(lambda: waiting.messages == 2)
         assert other.messages == 1  # the cancel alone: no job's writes
-        # left: a's later writes reach nobody
+        # left (unsubscribed in the background, Redis confirming it): a's later writes reach
+        # nobody
+        await eventually(lambda: waiting.statistics().channels_at_redis == 1)  # the cancels'
         a.state = JobState.SUCCEEDED
         assert await store.write(a, token_a) is WriteResult.WRITTEN
-        await anyio.sleep(0.2)
-        assert (waiting.messages, other.messages) == (2, 1)
+        await dispatched(store, "c")
+        with other.watching_cancel("c") as asked:  # a marker that both hear, after a's write
+            await store.request_cancel("c", error="stop", now=time.time())
+            with anyio.fail_after(5):
+                await asked.wait()
+        await eventually(lambda: waiting.messages == 3)
+        assert (waiting.messages, other.messages) == (3, 2)
 
 
 async def test_waiters_on_one_job_share_its_subscription(async_redis: aioredis.Redis) -> None:
@@ -130,3 +137,36 @@ async def test_subscriptions_come_back_after_a_reconnect(
 
             await eventually(back, within=10)
             await a_change_arrives(events, store, job, token)
+
+
+async def test_the_waits_of_one_turn_share_one_subscribe_and_one_unsubscribe(
+    async_redis: aioredis.Redis,
+) -> None:
+    """Under load, waits begin and end by the dozen per loop turn: each SUBSCRIBE and
+    UNSUBSCRIBE is a write (and a wake-up of Redis) of its own, so they go together. A wait
+    that begins again on a channel not yet left is confirmed at once."""
+    async with listening(async_redis) as events:
+        before = events.requests
+        entered = 0
+        leave = anyio.Event()
+
+        async def wait_on(job_id: str) -> None:
+            nonlocal entered
+            async with events.subscribed(job_id):
+                entered += 1
+                await leave.wait()
+
+        async with anyio.create_task_group() as tg:
+            for n in range(20):
+                tg.start_soon(wait_on, f"j{n}")
+            await eventually(lambda: entered == 20)
+            assert events.statistics().channels_at_redis == 21  # and the cancels' channel
+            assert events.requests - before == 1
+            leave.set()
+        await eventually(lambda: events.statistics().channels_at_redis == 1)
+        assert events.requests - before == 2
+        with anyio.fail_after(1):  # well within the confirmation's wait (CONFIRM_SECONDS)
+            async with events.subscribed("j0"), events.subscribed("j0"):
+                pass
+            async with events.subscribed("j0"):  # left, its UNSUBSCRIBE not sent yet
+                pass

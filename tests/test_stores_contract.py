@@ -223,6 +223,11 @@ class SpyEvents:
     def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
         return self.events.watching_cancel(job_id)
 
+    def watching_end(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        watched = self.events.watching_end(job_id)
+        self.waiting.set()
+        return watched
+
 
 def job(job_id: str = "j1", job_type: str = "echo", **fields: Any) -> BatchJob:
     now = time.time()
@@ -968,6 +973,30 @@ async def test_a_cancel_watch_is_woken_by_a_cancel_request_not_by_writes(stores:
             await store.request_cancel("a", error="stop", now=time.time())
             with anyio.fail_after(1):
                 await asked.wait()
+
+
+async def test_an_end_watch_is_woken_by_the_write_that_ends_the_job_only(stores: Stores) -> None:
+    """Execute waits for the end: the writes before it (RUNNING) and a cancel request wake
+    nobody (no read each), the final write does."""
+    store, events = stores.store, stores.events
+    await store.submit(job("a"), bound=10)
+    record, token = await start_attempt(store, "a", JobState.DISPATCHED)
+    async with listening(events), events.subscribed("a"):
+        with events.watching_end("a") as ended, events.watching("a") as changed:
+            record.state = JobState.RUNNING
+            assert await store.write(record, token) is WriteResult.WRITTEN
+            with anyio.fail_after(1):
+                await changed.wait()  # the write arrived ...
+            await store.request_cancel("a", error="stop", now=time.time())
+            with events.watching_cancel("a") as asked, anyio.fail_after(1):
+                await store.request_cancel("a", error="stop", now=time.time())
+                await asked.wait()  # ... and the cancel requests
+            await anyio.wait_all_tasks_blocked()
+            assert not ended.is_set()  # ... neither of which ended the job
+            record.state = JobState.CANCELLED
+            assert await store.write(record, token) is WriteResult.WRITTEN
+            with anyio.fail_after(1):
+                await ended.wait()
 
 
 async def test_wait_finished_returns_the_final_record(stores: Stores) -> None:

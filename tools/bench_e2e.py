@@ -110,10 +110,12 @@ class Plan:
     profile: str = ""
     # ours: this many orchestrators and as many workers, the client's calls spread over them
     orchestrators: int = 1
+    # the scenarios' kinds to run (submit, execute, paced); none: all
+    kinds: tuple[str, ...] = ()
 
     def scenarios(self) -> list[Scenario]:
         n, c = self.jobs, self.concurrency
-        return [
+        every = [
             Scenario(f"submit-{c}", "submit", n, c,
                      title=f"(a) submit, {c} enqueuers in flight, {n:,} jobs, until all are done"),
             Scenario("submit-1", "submit", n, 1,
@@ -126,6 +128,7 @@ class Plan:
                      title=f"(d) enqueue→start latency, {max(1, n * 2 // 5):,} jobs paced at "
                            f"{self.rate:g}/s"),
         ]  # fmt: skip
+        return [s for s in every if not self.kinds or s.kind in self.kinds]
 
 
 QUICK = Plan(jobs=300, rounds=1)
@@ -804,6 +807,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="seconds between polls where a library polls (arq's queue, result waits; 0.01)",
     )  # fmt: skip
     parser.add_argument("--systems", help=f"comma-separated, of {','.join(SYSTEMS)} (all)")
+    parser.add_argument("--kinds", help="scenarios to run, comma-separated, of submit,execute,paced"
+                        " (all; e.g. to profile one path)")  # fmt: skip
     parser.add_argument(
         "--ours-env", action="append", default=[], metavar="JOBWORKER_X__Y=VALUE",
         help="a config override for our orchestrator and worker (repeatable; default: none)",
@@ -839,7 +844,11 @@ def make_plan(args: argparse.Namespace) -> Plan:
         concurrency=args.concurrency or base.concurrency, rate=args.rate or base.rate,
         poll=args.poll or base.poll, systems=systems, ours_env=tuple(map(env_pair, args.ours_env)),
         profile=str(args.profile or ""), orchestrators=args.orchestrators or 1,
+        kinds=tuple(k.strip() for k in (args.kinds or "").split(",") if k.strip()),
     )  # fmt: skip
+    if unknown_kinds := set(plan.kinds) - {"submit", "execute", "paced"}:
+        raise SystemExit(f"bench_e2e: --kinds: unknown {', '.join(sorted(unknown_kinds))};"
+                         " choose from submit, execute, paced")  # fmt: skip
     for name, value in (("jobs", plan.jobs), ("rounds", plan.rounds),
                         ("concurrency", plan.concurrency),
                         ("orchestrators", plan.orchestrators)):  # fmt: skip

@@ -37,7 +37,7 @@ from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.job_listing import list_jobs
 from app.pb import orchestrator as pb
 from app.stores.abc import JobEvents, JobStore, SubmitResult
-from app.stores.waits import wait_finished
+from app.stores.waits import REREAD_SECONDS, wait_finished
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:@/-]+$")
 MAX_PRIORITY = 9
@@ -290,10 +290,14 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         refusal = admit(job_type, params, live=len(live), runners=runners)
         return None if refusal is None else GRPCError(_STATUS[refusal.kind], refusal.message)
 
-    async def _submit(self, req: pb.BatchExecutionRequest) -> tuple[BatchJob, bool]:
+    async def _submit(
+        self, req: pb.BatchExecutionRequest, new: BatchJob | None = None
+    ) -> tuple[BatchJob, bool]:
+        """The job (`new`, or the request's record) as queued now, or the existing one with its
+        id (True); the gRPC error that refuses it otherwise."""
         if self.draining:
             raise GRPCError(Status.UNAVAILABLE, "orchestrator is draining; send to another")
-        job = self._new_job(req)
+        job = new or self._new_job(req)
         refusal = self._refusal(job.job_type, job.params)
         if refusal is not None:
             if req.job_id:
@@ -349,16 +353,26 @@ class OrchestratorService(pb.OrchestratorServiceBase):
         RESOURCE_EXHAUSTED): the job goes on, and an Execute with its id waits for it again.
         """
         with _data_loss():
-            job, _ = await self._submit(message)
-            # the dispatcher ends the job at its deadline; wait a little past it for that write
-            deadline = anyio.current_time() + max(0.0, job.deadline_at - time.time()) + 5.0
-            try:
-                final = await wait_finished(
-                    self._store, self._events, job.job_id, deadline=deadline
-                )
-            except (StoreUnavailable, StoreBusy) as exc:
-                hint = f" (job {job.job_id} goes on: Execute it again to wait for it)"
-                raise self.store_error(exc, hint) from None
+            new = self._new_job(message)
+            # subscribed before the job is queued: its end cannot come before the wait, and the
+            # writes before it (DISPATCHED, RUNNING) wake nothing and read nothing
+            async with self._events.subscribed(new.job_id):
+                with self._events.watching_end(new.job_id) as ended:
+                    job, _ = await self._submit(message, new)
+                    # the dispatcher ends the job at its deadline; wait a little past it
+                    deadline = anyio.current_time() + max(0.0, job.deadline_at - time.time()) + 5
+                    try:
+                        if not job.state.finished:
+                            left = deadline - anyio.current_time()
+                            with anyio.move_on_after(min(REREAD_SECONDS, left)):
+                                await ended.wait()
+                        # the record as it ended (or to wait on: an event may have been missed)
+                        final = await wait_finished(
+                            self._store, self._events, job.job_id, deadline=deadline
+                        )
+                    except (StoreUnavailable, StoreBusy) as exc:
+                        hint = f" (job {job.job_id} goes on: Execute it again to wait for it)"
+                        raise self.store_error(exc, hint) from None
         return pb.BatchExecutionResponse(job=job_message(final or job))
 
     @_store_guarded

@@ -326,6 +326,11 @@ class JobEvents(Protocol):
         miss one, as any event: bound the wait and read the flag."""
         ...
 
+    def watching_end(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """As `watching`, set only by a change that ends the job (a write of a finished state,
+        or a change that does not say its state). Only inside `subscribed(job_id)`."""
+        ...
+
 
 # --- the trigger tier -----------------------------------------------------------------------------
 

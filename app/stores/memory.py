@@ -76,6 +76,11 @@ def _now_or_none() -> float | None:
         return None
 
 
+#: What a cancel request of a job on a worker says on the job's events (as the Redis store's
+#: `cancel`): not an end.
+CANCEL_REQUESTED = "cancel"
+
+
 class _Keys(Generic[V]):
     """Values with Redis's expiry rules: SET clears the TTL, EXPIRE needs a live key."""
 
@@ -284,9 +289,10 @@ class MemoryJobStore:
             pending=len(self._pending),
         )
 
-    def _publish(self, job_id: str, *, cancel: bool = False) -> None:
+    def _publish(self, job_id: str, *, cancel: bool = False, state: str | None = None) -> None:
+        # `state`: what the change made the job, as a Redis write publishes it
         for wake in self._listeners:
-            wake(job_id, cancel=cancel)
+            wake(job_id, cancel=cancel, state=state)
 
     # --- junk (as RedisJobStore meets it) ---------------------------------------------------------
 
@@ -411,7 +417,7 @@ class MemoryJobStore:
                 keys.expire(job.job_id, self._retention)
             if ack:
                 self._ack_now(ack)
-        self._publish(job.job_id)
+        self._publish(job.job_id, state=job.state.value)
         return WriteResult.WRITTEN
 
     async def restore_fence(self, job_id: str, token: int) -> bool:
@@ -437,7 +443,8 @@ class MemoryJobStore:
         token = self._fence(job_id) + 1  # junk raises before anything changes, as in Redis
         self._cancels.set(job_id, True, self._retention)
         if job.state is not JobState.PENDING:
-            self._publish(job_id, cancel=True)  # its holder stops it; waiters re-read meanwhile
+            # its holder stops it; waiters re-read meanwhile
+            self._publish(job_id, cancel=True, state=CANCEL_REQUESTED)
             return job
         cancelled = msgspec.structs.replace(
             job, state=JobState.CANCELLED, error=error, finished_at=now, fencing_token=token
@@ -445,7 +452,7 @@ class MemoryJobStore:
         self._set_fence(job_id, token, self._retention)
         self._records.set(job_id, encode_job(cancelled), self._retention)
         self._queued[job.job_type] = max(0, self._queued.get(job.job_type, 0) - 1)
-        self._publish(job_id)
+        self._publish(job_id, state=cancelled.state.value)
         return cancelled
 
     async def cancel_requested(self, job_id: str) -> bool:
@@ -575,7 +582,7 @@ class MemoryJobStore:
                 )  # fmt: skip
                 self._records.set(job_id, encode_job(failed))
                 self._queued[job.job_type] = max(0, self._queued.get(job.job_type, 0) - 1)
-                self._publish(job_id)
+                self._publish(job_id, state=failed.state.value)
         elif raw is not None and readable(job_id, raw):
             return False  # mended meanwhile, or a record came: read it again
         self._quarantine.append(
@@ -758,6 +765,10 @@ class MemoryJobEvents:
     def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
         """See `JobEvents.watching_cancel`."""
         return self._waiters.watching_cancel(job_id)
+
+    def watching_end(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """See `JobEvents.watching_end`."""
+        return self._waiters.watching_end(job_id)
 
 
 @contextlib.asynccontextmanager

@@ -8,10 +8,13 @@ from collections.abc import Iterator
 import anyio
 
 from app.fleet.batch_job import BatchJob
+from app.fleet.job_state import FINISHED
 from app.stores.abc import JobEvents, JobStore
 
 #: Re-read the record at least this often while waiting, in case an event was missed.
 REREAD_SECONDS = 2.0
+#: What a change says when it ends its job: its new state's name (a write publishes it).
+_ENDS = frozenset(state.value for state in FINISHED)
 
 
 class JobWaiters:
@@ -20,20 +23,26 @@ class JobWaiters:
     def __init__(self) -> None:
         self._waiters: dict[str, set[anyio.Event]] = {}
         self._cancel_waiters: dict[str, set[anyio.Event]] = {}  # cancel requests only
+        self._end_waiters: dict[str, set[anyio.Event]] = {}  # changes that end the job only
 
     def __len__(self) -> int:
         """Jobs waited on now."""
-        return len(self._waiters.keys() | self._cancel_waiters.keys())
+        return len(self._waiters.keys() | self._cancel_waiters.keys() | self._end_waiters.keys())
 
     def tasks(self) -> int:
         """Tasks waiting now."""
-        return sum(len(w) for t in (self._waiters, self._cancel_waiters) for w in t.values())
+        tables = (self._waiters, self._cancel_waiters, self._end_waiters)
+        return sum(len(w) for t in tables for w in t.values())
 
-    def wake(self, job_id: str, *, cancel: bool = False) -> None:
+    def wake(self, job_id: str, *, cancel: bool = False, state: str | None = None) -> None:
         """Wake every task waiting on `job_id` (a change arrived); `cancel`: it was a cancel
-        request, which wakes those watching for one too."""
+        request, which wakes those watching for one too; `state`: what the change says it made
+        the job (None: not known), which wakes those watching for its end when it is one."""
         for event in self._waiters.pop(job_id, ()):
             event.set()
+        if state is None or state in _ENDS:
+            for event in self._end_waiters.pop(job_id, ()):
+                event.set()
         if cancel:
             for event in self._cancel_waiters.pop(job_id, ()):
                 event.set()
@@ -51,6 +60,10 @@ class JobWaiters:
     def watching_cancel(self, job_id: str) -> contextlib.AbstractContextManager[anyio.Event]:
         """An event set by the next `wake(job_id, cancel=True)` from now on."""
         return _watch(self._cancel_waiters, job_id)
+
+    def watching_end(self, job_id: str) -> contextlib.AbstractContextManager[anyio.Event]:
+        """An event set by the next `wake(job_id)` whose state ends the job (or is not known)."""
+        return _watch(self._end_waiters, job_id)
 
 
 @contextlib.contextmanager
@@ -74,7 +87,8 @@ async def wait_finished(
     async with events.subscribed(job_id):  # one subscription for the whole wait
         while True:
             # watched before the read: an end written between the read and the wait wakes it
-            with events.watching(job_id) as changed:
+            # (changes that do not end it, DISPATCHED or RUNNING, wake nothing and read nothing)
+            with events.watching_end(job_id) as changed:
                 job = await store.get(job_id)
                 if job is None or job.state.finished or anyio.current_time() >= deadline:
                     return job

@@ -33,16 +33,17 @@ from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage, OutageState
 from app.errors import BadDataKind
 from app.stores.bad_data import BadData
-from app.stores.redis.job_store import cancels_channel, events_channel, text
+from app.stores.redis.job_store import CANCEL_EVENT, cancels_channel, events_channel, text
 from app.stores.waits import JobWaiters
 
 log = logging.getLogger(__name__)
 
+#: A cancel request, as a state in the waiters' wake-ups: not an end.
+CANCEL_REQUESTED = CANCEL_EVENT.decode()
+
 #: How long `subscribed` waits for Redis to confirm a subscription before it lets its caller go
 #: on anyway (Redis away: the waits are bounded and re-read the record).
 CONFIRM_SECONDS = 2.0
-#: How long leaving a subscription may take to say so to Redis (cleanup, shielded).
-UNSUBSCRIBE_SECONDS = 1.0
 
 
 class JobEventsStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -51,6 +52,7 @@ class JobEventsStatistics(msgspec.Struct, frozen=True, kw_only=True):
     state: Lifecycle
     waiting_jobs: int
     subscribed_jobs: int
+    channels_at_redis: int  # this connection's subscriptions, as Redis last confirmed them
     messages: int
     connection: OutageState
 
@@ -90,8 +92,12 @@ class RedisJobEvents:
         self._subscriptions: dict[str, _Subscription] = {}  # channel -> who waits on it here
         self._pubsub: Any = None  # while connected
         self._subscribed: set[str] = set()  # channels asked of Redis on this connection
-        self._changing = anyio.Lock()  # one SUBSCRIBE/UNSUBSCRIBE at a time, in order
+        self._confirmed: set[str] = set()  # of those, the ones Redis said it subscribed
+        self._touched: set[str] = set()  # channels wanted or unwanted since last asked
+        self._asking = anyio.Event()  # set when there are touched channels
         self.messages = 0
+        self.requests = 0  # SUBSCRIBE and UNSUBSCRIBE commands sent
+        self._channels_at_redis = 0
 
     def __repr__(self) -> str:
         s = self.statistics()
@@ -107,6 +113,7 @@ class RedisJobEvents:
             state=self._state,
             waiting_jobs=len(self._waiters),
             subscribed_jobs=len(self._subscriptions),
+            channels_at_redis=self._channels_at_redis,
             messages=self.messages,
             connection=self._outage.state,
         )
@@ -127,19 +134,23 @@ class RedisJobEvents:
             pubsub = self._redis.pubsub()  # subscribe messages kept: they confirm
             delay = 0.0
             try:
-                async with self._changing:
-                    self._subscribed = {self._cancels, *self._subscriptions}
-                    for subscription in self._subscriptions.values():
-                        subscription.confirmed = anyio.Event()  # again, on this connection
-                    await pubsub.subscribe(*self._subscribed)
-                    self._pubsub = pubsub
+                self._subscribed = {self._cancels, *self._subscriptions}
+                self._confirmed = set()
+                self._touched.clear()
+                for subscription in self._subscriptions.values():
+                    subscription.confirmed = anyio.Event()  # again, on this connection
+                self.requests += 1
+                await pubsub.subscribe(*self._subscribed)
+                self._pubsub = pubsub
                 self._outage.succeeded()
                 if not started:
                     task_status.started()
                     started = True
-                await self._listen(pubsub)
-            except (RedisError, OSError) as exc:
-                delay = self._outage.failed(exc)
+                async with anyio.create_task_group() as tg:  # either failing ends both
+                    tg.start_soon(self._ask, pubsub)
+                    await self._listen(pubsub)
+            except* (RedisError, OSError) as group:
+                delay = self._outage.failed(_first(group))
                 if not started:
                     task_status.started()
                     started = True
@@ -158,8 +169,12 @@ class RedisJobEvents:
             if message is None:
                 continue
             kind = message["type"]
+            if kind in ("subscribe", "unsubscribe"):
+                self._channels_at_redis = int(message["data"] or 0)
             if kind == "subscribe":
                 channel = text(message["channel"], lenient=True)
+                if channel in self._subscribed:
+                    self._confirmed.add(channel)
                 if (subscription := self._subscriptions.get(channel)) is not None:
                     subscription.confirmed.set()
                 continue
@@ -169,9 +184,11 @@ class RedisJobEvents:
             cancel = text(message["channel"], lenient=True) == cancels
             try:
                 if cancel:
-                    self._waiters.wake(text(message["data"]), cancel=True)
+                    self._waiters.wake(text(message["data"]), cancel=True, state=CANCEL_REQUESTED)
                 else:
-                    self._waiters.wake(text(message["channel"]).removeprefix(prefix))
+                    # the data: the new state's name, as the write published it
+                    state = text(message["data"], lenient=True)
+                    self._waiters.wake(text(message["channel"]).removeprefix(prefix), state=state)
             except UnicodeDecodeError:
                 # no job id is that (ids are checked at submit): it wakes nobody
                 what = f"{cancels} message {message['data']!r}" if cancel else message["channel"]
@@ -188,9 +205,11 @@ class RedisJobEvents:
         subscription = self._subscriptions.get(channel)
         if subscription is None:
             subscription = self._subscriptions[channel] = _Subscription()
+            if channel in self._confirmed:
+                subscription.confirmed.set()  # still subscribed (its UNSUBSCRIBE not sent yet)
+            self._touch(channel)
         subscription.users += 1
         try:
-            await self._reconcile(channel)
             with anyio.move_on_after(CONFIRM_SECONDS):
                 await subscription.confirmed.wait()
             yield
@@ -198,26 +217,31 @@ class RedisJobEvents:
             subscription.users -= 1
             if not subscription.users and self._subscriptions.get(channel) is subscription:
                 del self._subscriptions[channel]
-                with anyio.move_on_after(UNSUBSCRIBE_SECONDS, shield=True):
-                    await self._reconcile(channel)
+                self._touch(channel)  # unsubscribed in the background: nobody waits for it
 
-    async def _reconcile(self, channel: str) -> None:
-        """Make what Redis was asked for `channel` on this connection what is wanted now (in
-        order: the lock keeps a SUBSCRIBE and an UNSUBSCRIBE from overtaking each other)."""
-        async with self._changing:
-            pubsub = self._pubsub
-            if pubsub is None:
-                return  # not connected: the reconnect subscribes to what is wanted then
-            wanted, asked = channel in self._subscriptions, channel in self._subscribed
-            try:
-                if wanted and not asked:
-                    self._subscribed.add(channel)
-                    await pubsub.subscribe(channel)
-                elif asked and not wanted:
-                    self._subscribed.discard(channel)
-                    await pubsub.unsubscribe(channel)
-            except (RedisError, OSError):
-                pass  # the connection broke: the listener makes it again, with what is wanted
+    def _touch(self, channel: str) -> None:
+        self._touched.add(channel)
+        self._asking.set()
+
+    async def _ask(self, pubsub: Any) -> None:
+        """Make what Redis is asked on this connection what is wanted now: the channels
+        touched during a loop turn go in one SUBSCRIBE and one UNSUBSCRIBE (one write each,
+        however many waits began and ended)."""
+        while True:
+            await self._asking.wait()
+            self._asking = anyio.Event()
+            touched, self._touched = self._touched, set()
+            wanted = {c for c in touched if c in self._subscriptions}
+            new, gone = wanted - self._subscribed, (touched - wanted) & self._subscribed
+            if new:
+                self._subscribed |= new
+                self.requests += 1
+                await pubsub.subscribe(*new)
+            if gone:
+                self._subscribed -= gone
+                self._confirmed -= gone
+                self.requests += 1
+                await pubsub.unsubscribe(*gone)
 
     async def wait_changed(self, job_id: str) -> None:
         """Return after the job's next change (callers bound it and re-read the record)."""
@@ -231,3 +255,15 @@ class RedisJobEvents:
     def watching_cancel(self, job_id: str) -> AbstractContextManager[anyio.Event]:
         """See `JobEvents.watching_cancel`: woken by the job's id on the cancels channel."""
         return self._waiters.watching_cancel(job_id)
+
+    def watching_end(self, job_id: str) -> AbstractContextManager[anyio.Event]:
+        """See `JobEvents.watching_end`: woken by a finished state's name on the job's channel."""
+        return self._waiters.watching_end(job_id)
+
+
+def _first(group: BaseExceptionGroup[Exception]) -> Exception:
+    """The first exception of a (nested) group."""
+    first = group.exceptions[0]
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
