@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, cast
 
@@ -183,6 +184,44 @@ async def test_a_job_runs_once_and_its_entry_is_acked(fleet: Fleet) -> None:
     s = d.statistics()
     assert (s.state, s.dispatched, s.succeeded, s.retries) == (Lifecycle.RUNNING, 1, 1, 0)
     assert "succeeded=1" in repr(d)
+
+
+class _CancelledAsTaken:
+    """The store, but a job is cancelled as it is taken the first time: after its fresh queue
+    entry was read, behind the copy that entry carries."""
+
+    def __init__(self, store: MemoryJobStore, job_id: str) -> None:
+        self._store, self._job_id = store, job_id
+        self.takes = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def take(self, job_id: str) -> Any:
+        if job_id == self._job_id:
+            self.takes += 1
+            if self.takes == 1:
+                await self._store.request_cancel(job_id, error="no longer wanted", now=time.time())
+        return await self._store.take(job_id)
+
+
+async def test_a_job_changed_behind_its_entrys_copy_is_taken_again_from_its_record(
+    fleet: Fleet,
+) -> None:
+    """A fresh entry's job is driven from the record the entry carries (no read): when the
+    record changed meanwhile, the first write is refused and the job is taken from the store
+    instead, never run from the stale copy."""
+    store = _CancelledAsTaken(fleet.store, "c1")
+    d = await fleet.dispatcher("o1", store=cast("JobStore", store))
+    await fleet.submit("c1")
+    await fleet.submit("ok1")
+    assert (await fleet.wait_state("c1", JobState.CANCELLED)).error == "no longer wanted"
+    await fleet.wait_state("ok1", JobState.SUCCEEDED)
+    await fleet.wait_queue_empty()  # both entries acked
+    assert started(fleet, "c1") == 0
+    assert store.takes == 2
+    s = d.statistics()
+    assert (s.copies_out_of_date, s.dispatched) == (1, 1)
 
 
 async def test_a_refusing_worker_is_passed_over(fleet: Fleet) -> None:
@@ -478,12 +517,10 @@ class _FenceTurnsJunk:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def write(
-        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
-    ) -> Any:
+    async def write(self, job: BatchJob, token: int, **options: Any) -> Any:
         if job.job_id == self._job_id and job.state is JobState.RUNNING:
             self._store._fences.set(job.job_id, b"junk")
-        return await self._store.write(job, token, ack=ack, advance=advance)
+        return await self._store.write(job, token, **options)
 
 
 async def test_junk_in_the_store_sets_its_job_aside_and_the_others_run(
@@ -523,11 +560,9 @@ class _Writes:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._store, name)
 
-    async def write(
-        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
-    ) -> WriteResult:
+    async def write(self, job: BatchJob, token: int, **options: Any) -> WriteResult:
         self.states.setdefault(job.job_id, []).append(job.state)
-        return await self._store.write(job, token, ack=ack, advance=advance)
+        return await self._store.write(job, token, **options)
 
 
 async def test_a_short_run_is_one_call_and_is_not_written_running(fleet: Fleet) -> None:

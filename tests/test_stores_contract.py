@@ -318,6 +318,56 @@ async def test_submit_creates_the_record_and_queues_it(stores: Stores) -> None:
     assert [job_id for _, job_id in await store.read_new("c1", count=10, block_ms=10)] == ["a"]
 
 
+async def test_a_fresh_entry_is_taken_from_its_copy_once_and_its_first_write_expects_it(
+    stores: Stores,
+) -> None:
+    """The entry carries the record as submitted: its first take reads nothing (a record
+    changed behind it still comes back as the copy), and a write that expects the copy is
+    refused once the record is not that any more; the next take reads the store."""
+    store = stores.store
+    for job_id in ("a", "b"):
+        await store.submit(job(job_id), bound=10)
+    assert len(await store.read_new("c1", count=10, block_ms=10)) == 2
+    await store.request_cancel("a", error="stop", now=time.time())  # behind the copy's back
+    copy = await store.take("a")
+    assert copy is not None
+    assert copy.unverified is not None
+    assert (copy.job.state, copy.fence, copy.cancel_requested) == (JobState.PENDING, 0, False)
+    record = copy.job
+    record.state = JobState.DISPATCHED
+    assert await store.write(record, 0, advance=True, expect=copy.unverified) is (
+        WriteResult.SUPERSEDED
+    )
+    again = await store.take("a")  # the copy is spent: the store is read
+    assert again is not None
+    assert (again.unverified, again.job.state, again.fence) == (None, JobState.CANCELLED, 1)
+    # unchanged, the copy is the record: the dispatch is written
+    fresh = await store.take("b")
+    assert fresh is not None
+    assert fresh.unverified is not None
+    fresh.job.state = JobState.DISPATCHED
+    assert await store.write(fresh.job, 0, advance=True, expect=fresh.unverified) is (
+        WriteResult.WRITTEN
+    )
+    assert (await get(store, "b")).state is JobState.DISPATCHED
+    assert await store.fence("b") == 1
+    # a record that changed with its fence unchanged (Redis lost the fence but kept a record
+    # a holder had written): the token matches, the record does not
+    await store.submit(job("c"), bound=10)
+    await store.read_new("c1", count=10, block_ms=10)
+    written_elsewhere = job("c")
+    written_elsewhere.attempts.append(
+        AttemptRecord(number=1, worker="w1:1", fencing_token=1, started_at=time.time())
+    )
+    await stores.plant(store, "c", "", encode_job(written_elsewhere))
+    stale = await store.take("c")
+    assert stale is not None
+    assert stale.unverified is not None
+    assert not stale.job.attempts
+    assert await store.write(stale.job, 0, expect=stale.unverified) is WriteResult.SUPERSEDED
+    assert (await get(store, "c")).attempts == written_elsewhere.attempts
+
+
 async def test_submit_is_idempotent(stores: Stores) -> None:
     store = stores.store
     original = job("a", params={"n": "1"})

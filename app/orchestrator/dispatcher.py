@@ -117,6 +117,7 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     lost: int
     fences_restored: int
     found_on_worker: int
+    copies_out_of_date: int  # fresh entries' copies refused at the first write: taken again
     store_waits: int
     store_busy: int
 
@@ -261,6 +262,7 @@ class Dispatcher:
             lost=c["lost"],
             fences_restored=c["fences_restored"],
             found_on_worker=c["found_on_worker"],
+            copies_out_of_date=c["copies_out_of_date"],
             store_waits=self._store.waits,
             store_busy=self._store.busy + c["store_busy"],
         )
@@ -495,23 +497,34 @@ class Dispatcher:
         self._losses_at_take[job_id] = self._data_losses
         try:
             taken = await self._store.take(job_id)
-            if taken is None and not await self._store.holds_entry(entry_id):
-                # the entry went with the record after we read it (Redis restarted, or lost its
-                # last second, in between): a job Redis forgot, not junk
-                await self._lost(job_id, None)
-                return
-            if taken is None:
-                # never a job's, or kept past its record's retention: nothing to drive
-                where, why = f"queue entry {entry_id}", f"no record of job {job_id!r}"
-                no_record = CorruptRecord(BadDataKind.STREAM_ENTRY, job_id, where, why)
-                await self._set_aside(entry_id, no_record)
-                return
-            held = taken.job
-            job: BatchJob | None = held
-            if not held.state.finished:
-                if await self._drive(held, entry_id, taken.fence, taken.cancel_requested):
-                    return  # ended here, and its entry acked by the same write
+            while True:
+                if taken is None and not await self._store.holds_entry(entry_id):
+                    # the entry went with the record after we read it (Redis restarted, or lost
+                    # its last second, in between): a job Redis forgot, not junk
+                    await self._lost(job_id, None)
+                    return
+                if taken is None:
+                    # never a job's, or kept past its record's retention: nothing to drive
+                    where, why = f"queue entry {entry_id}", f"no record of job {job_id!r}"
+                    no_record = CorruptRecord(BadDataKind.STREAM_ENTRY, job_id, where, why)
+                    await self._set_aside(entry_id, no_record)
+                    return
+                held = taken.job
+                job: BatchJob | None = held
+                if held.state.finished:
+                    break
+                try:
+                    if await self._drive(held, entry_id, taken.fence, taken.cancel_requested,
+                                         expect=taken.unverified):  # fmt: skip
+                        return  # ended here, and its entry acked by the same write
+                except _CopyOutOfDate:
+                    # the fresh entry's copy was not the record any more (a cancel, a Redis
+                    # that lost or went back): take it from the store, as any other
+                    self._counts["copies_out_of_date"] += 1
+                    taken = await self._store.take(job_id)
+                    continue
                 job = await self._store.get(job_id)
+                break
             if job is None:  # the record vanished: Redis lost it (an entry outlives no record)
                 await self._lost(job_id, held)
             # ended here or elsewhere (or lost): the entry is done with; a job taken over by
@@ -573,11 +586,15 @@ class Dispatcher:
 
     # --- one job: decide, then do -----------------------------------------------------------------
 
-    async def _drive(self, job: BatchJob, entry_id: str, token: int, cancel: bool) -> bool:
+    async def _drive(
+        self, job: BatchJob, entry_id: str, token: int, cancel: bool, *, expect: bytes | None
+    ) -> bool:
         """Steps until the job ends, or until another holder has a newer token. True when it
         ended here and the final write acked its queue entry `entry_id`.
 
-        `token` and `cancel`: the job's fence and cancel flag, read as it was taken."""
+        `token` and `cancel`: the job's fence and cancel flag, read as it was taken. `expect`:
+        the fresh entry's copy it was taken from, unverified: the first write expects it, and
+        raises `_CopyOutOfDate` when refused."""
         call: CallResult | None = None
         if adopt(job):
             # its holder stopped during the attempt: the run may have ended meanwhile, and its
@@ -600,10 +617,12 @@ class Dispatcher:
                 log.info("job %s: %s", job.job_id, step.reason)
                 return False
             if isinstance(step, Finish):
-                return await self._finish(job, token, step, entry_id)
+                return await self._finish(job, token, step, entry_id, expect=expect)
             if isinstance(step, Requeue):
                 job.state = JobState.PENDING
-                if (written := await self._write(job, token)) is not WriteResult.WRITTEN:
+                written = await self._write(job, token, expect=expect)
+                expect = None
+                if written is not WriteResult.WRITTEN:
                     log.info("job %s: not retried, the record is %s", job.job_id, written.name)
                     return False
                 log.info("job %s: attempt %d %s; retrying", job.job_id, len(job.attempts),
@@ -628,7 +647,13 @@ class Dispatcher:
             )
             job.attempts.append(attempt)
             job.state = JobState.DISPATCHED
-            if (written := await self._write(job, token, advance=True)) is not WriteResult.WRITTEN:
+            try:
+                written = await self._write(job, token, advance=True, expect=expect)
+            except _CopyOutOfDate:
+                self.breaker(address).release()
+                raise
+            expect = None
+            if written is not WriteResult.WRITTEN:
                 log.info("job %s: not dispatched, the record is %s", job.job_id, written.name)
                 self.breaker(address).release()
                 return False
@@ -641,12 +666,22 @@ class Dispatcher:
             _note(attempt, call, self._clock.timestamp())
 
     async def _write(
-        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+        self,
+        job: BatchJob,
+        token: int,
+        *,
+        ack: str = "",
+        advance: bool = False,
+        expect: bytes | None = None,
     ) -> WriteResult:
         """The store's fenced write (`advance`: taking the next token with it); when it was
         refused because Redis went back in time (the fence below our token, which only this
-        holder took), the fence is restored, said once per job, and the write made again."""
-        written = await self._store.write(job, token, ack=ack, advance=advance)
+        holder took), the fence is restored, said once per job, and the write made again.
+
+        `expect`: the fresh copy the job was taken from; a refusal raises `_CopyOutOfDate`."""
+        written = await self._store.write(job, token, ack=ack, advance=advance, expect=expect)
+        if expect is not None and written is not WriteResult.WRITTEN:
+            raise _CopyOutOfDate(job.job_id)
         # not after a data loss: the record may be a new job under the same id, its own tokens
         same_data = self._losses_at_take.get(job.job_id) == self._data_losses
         if (
@@ -979,11 +1014,13 @@ class Dispatcher:
         if self._task_group is not None:
             self._task_group.start_soon(self._client.cancel, address, job_id)
 
-    async def _finish(self, job: BatchJob, token: int, step: Finish, entry_id: str) -> bool:
+    async def _finish(
+        self, job: BatchJob, token: int, step: Finish, entry_id: str, *, expect: bytes | None
+    ) -> bool:
         """Write the job's end (acking its entry in the same step); True when it was written."""
         job.state, job.result_json, job.error = step.state, step.result_json, step.error
         job.finished_at = self._clock.timestamp()
-        written = await self._write(job, token, ack=entry_id)
+        written = await self._write(job, token, ack=entry_id, expect=expect)
         if written is WriteResult.WRITTEN:
             self._counts[step.state.value] += 1
             log.info("job %s (%s) %s after %d attempt(s)%s", job.job_id, job.job_type,
@@ -998,6 +1035,11 @@ class Dispatcher:
                 "job %s: result of superseded attempt (token %d) refused", job.job_id, token
             )
         return written is WriteResult.WRITTEN
+
+
+class _CopyOutOfDate(Exception):
+    """A job taken from its fresh queue entry's copy had a first write refused: the copy was
+    not the stored record (any more)."""
 
 
 def _corrupt(exc: Exception) -> CorruptRecord | None:

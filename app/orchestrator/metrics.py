@@ -76,6 +76,8 @@ def orchestrator_metrics(
          s.fences_restored),
         ("found_on_worker", "Jobs Redis had no run of that a worker had: sent there",
          s.found_on_worker),
+        ("copies_out_of_date", "Jobs whose queue entry's copy of the record was out of date"
+         " at the first write: taken again from the record", s.copies_out_of_date),
         ("store_waits", "Store calls of jobs in hand that waited out a Redis outage",
          s.store_waits),
         ("store_busy", "Store calls of jobs in hand made again after every Redis connection"

@@ -17,8 +17,9 @@ import anyio.abc
 import msgspec
 
 from app.errors import CorruptRecord
-from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
+from app.fleet.batch_job import BatchJob, LostJob, RunOutcome, decode_job
 from app.fleet.job_index import IndexedJob, IndexPosition
+from app.fleet.job_state import JobState
 from app.fleet.role_info import Registration
 from app.fleet.schedules import PendingTick, ScheduleCursor, ScheduleSpec, TickDecision
 
@@ -88,12 +89,35 @@ class WriteResult(enum.IntEnum):
     ALREADY_FINISHED = -2
 
 
+#: Fresh queue entries' records a store keeps for their first take, at most (a dispatcher takes
+#: each at once; the copy of one read but never taken must not stay for good).
+FRESH_KEPT = 4096
+
+
 class Taken(msgspec.Struct, frozen=True, kw_only=True):
-    """A job as a dispatcher takes it (`JobStore.take`)."""
+    """A job as a dispatcher takes it (`JobStore.take`).
+
+    `unverified`: the record as submitted, which the job's queue entry carried (`read_new`):
+    taken from that copy without a read, as a job never dispatched (fence 0, no cancel). The
+    first write must `expect` it: one refused says the copy was out of date (the job was
+    cancelled, or Redis lost or went back), and the job is taken again from the store."""
 
     job: BatchJob
     fence: int
     cancel_requested: bool
+    unverified: bytes | None = None
+
+    @classmethod
+    def fresh(cls, job_id: str, raw: bytes) -> Taken | None:
+        """The job as its fresh queue entry's copy `raw` says, unverified; None when the copy
+        is not that of a job never dispatched (then the store is read instead)."""
+        try:
+            job = decode_job(raw)
+        except msgspec.DecodeError:
+            return None
+        if job.job_id != job_id or job.state is not JobState.PENDING or job.attempts:
+            return None
+        return cls(job=job, fence=0, cancel_requested=False, unverified=raw)
 
 
 #: A queue entry: (entry id, job id). Entry ids order the queue; a job id may be queued once.
@@ -156,11 +180,20 @@ class JobStore(Protocol):
     async def take(self, job_id: str) -> Taken | None:
         """What a dispatcher reads as it takes a job, at once (one round trip on Redis): the
         record, its fencing token and whether a cancel was asked for; None when there is no
-        record. CorruptRecord as `get`, then `fence`, raise it."""
+        record. CorruptRecord as `get`, then `fence`, raise it.
+
+        The first take of a job whose queue entry `read_new` just handed out, with the record
+        as submitted, reads nothing: it answers that copy, `unverified` (see `Taken`)."""
         ...
 
     async def write(
-        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+        self,
+        job: BatchJob,
+        token: int,
+        *,
+        ack: str = "",
+        advance: bool = False,
+        expect: bytes | None = None,
     ) -> WriteResult:
         """Store `job` (its `fencing_token` set to `token`) if `token` is the newest and the
         stored job has not finished; a finished job's record starts its retention and no longer
@@ -173,7 +206,10 @@ class JobStore(Protocol):
         `advance`: the write also takes the next token, `token + 1`, in the same step (a
         dispatch: `next_token` and the write in one round trip), and the job is stored under
         it (its `fencing_token` set so). Made again after a lost reply, it answers WRITTEN
-        when the store holds exactly that record under that token already."""
+        when the store holds exactly that record under that token already.
+
+        `expect`: the write is made only if the stored record is exactly these bytes (a taken
+        copy's `unverified`); SUPERSEDED otherwise."""
         ...
 
     async def restore_fence(self, job_id: str, token: int) -> bool:

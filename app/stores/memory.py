@@ -44,6 +44,7 @@ from app.fleet.schedules import (
     encode_record,
 )
 from app.stores.abc import (
+    FRESH_KEPT,
     DecideResult,
     PutMode,
     PutResult,
@@ -243,6 +244,8 @@ class MemoryJobStore:
         self._queued: dict[str, int] = {}
         self._group = False
         self._entries: dict[int, str] = {}  # the stream: entry number -> job id, in id order
+        self._entry_records: dict[int, bytes] = {}  # unread entries' records, as submitted
+        self._fresh: dict[str, bytes] = {}  # read with their entries, until taken
         self._unread: deque[int] = deque()  # after the group's last delivered entry
         self._last_entry = 0
         # the group's pending entries; inserted in delivery order, which is id order
@@ -265,6 +268,8 @@ class MemoryJobStore:
         self._queued.clear()
         self._group = False
         self._entries.clear()
+        self._entry_records.clear()
+        self._fresh.clear()
         self._unread.clear()
         self._pending.clear()
         self._consumers.clear()
@@ -345,13 +350,15 @@ class MemoryJobStore:
         if queued >= bound:
             return SubmitResult.QUEUE_FULL, None, queued
         self._queued[job.job_type] = queued + 1
-        self._records.set(job.job_id, encode_job(job))
+        record = encode_job(job)
+        self._records.set(job.job_id, record)
         if self._index_junk:
             self._index_is_junk()
         else:
             self._index[job.job_id.encode()] = job.submitted_at
         self._last_entry += 1
         self._entries[self._last_entry] = job.job_id
+        self._entry_records[self._last_entry] = record  # as the Redis entry carries it
         self._unread.append(self._last_entry)
         if self._arrived is not None:
             self._arrived.set()
@@ -365,8 +372,12 @@ class MemoryJobStore:
         return None if raw is None else self._decode(job_id, raw)
 
     async def take(self, job_id: str) -> Taken | None:
-        """The record, its fencing token and whether a cancel was asked for, at once."""
+        """The record, its fencing token and whether a cancel was asked for, at once; the
+        copy a fresh entry carried, unverified, on the first take after `read_new`."""
         await anyio.lowlevel.checkpoint()
+        fresh = self._fresh.pop(job_id, None)
+        if fresh is not None and (taken := Taken.fresh(job_id, fresh)) is not None:
+            return taken  # the entry's copy, unverified: read nothing
         raw = self._records.get(job_id)
         if raw is None:
             return None
@@ -387,10 +398,17 @@ class MemoryJobStore:
         return token
 
     async def write(
-        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+        self,
+        job: BatchJob,
+        token: int,
+        *,
+        ack: str = "",
+        advance: bool = False,
+        expect: bytes | None = None,
     ) -> WriteResult:
-        """Store `job` if `token` is the newest and the stored job has not finished; a final
-        write acks the entry `ack` too; `advance` takes the next token with it."""
+        """Store `job` if `token` is the newest and the stored job has not finished (and is
+        `expect`, when given); a final write acks the entry `ack` too; `advance` takes the next
+        token with it."""
         # as RedisJobStore does: the caller's record carries the token it is stored under
         job.fencing_token = token + 1 if advance else token
         await anyio.lowlevel.checkpoint()
@@ -401,7 +419,7 @@ class MemoryJobStore:
         record = encode_job(job)
         if advance and fence == token + 1 and current == record:
             return WriteResult.WRITTEN  # made already: a call repeated after its reply was lost
-        if token != fence:
+        if token != fence or (expect is not None and current != expect):
             return WriteResult.SUPERSEDED
         state = _stored_state(current)
         if state is None:
@@ -516,9 +534,14 @@ class MemoryJobStore:
         while self._unread and len(taken) < count:
             number = self._unread.popleft()
             job_id = self._entries.get(number)
+            record = self._entry_records.pop(number, None)
             if job_id is not None:  # else acked (deleted) before anyone read it
                 self._pending[number] = _Pending(consumer, now)
                 taken.append((f"0-{number}", job_id))
+                if record is not None:
+                    if len(self._fresh) >= FRESH_KEPT:
+                        del self._fresh[next(iter(self._fresh))]
+                    self._fresh[job_id] = record
         return taken
 
     async def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[QueueEntry]:

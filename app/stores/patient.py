@@ -107,10 +107,18 @@ class PatientJobStore:
         return await self._call(self._store.take, job_id)
 
     async def write(
-        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+        self,
+        job: BatchJob,
+        token: int,
+        *,
+        ack: str = "",
+        advance: bool = False,
+        expect: bytes | None = None,
     ) -> WriteResult:
         """See `JobStore.write`."""
-        return await self._call(self._store.write, job, token, ack=ack, advance=advance)
+        return await self._call(
+            self._store.write, job, token, ack=ack, advance=advance, expect=expect
+        )
 
     async def restore_fence(self, job_id: str, token: int) -> bool:
         """See `JobStore.restore_fence`."""

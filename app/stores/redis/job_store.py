@@ -64,7 +64,14 @@ from app.fleet.batch_job import (
 )
 from app.fleet.job_index import IndexedJob, IndexPosition, range_start
 from app.fleet.job_state import FINISHED, JobState
-from app.stores.abc import Quarantined, QueueEntry, SubmitResult, Taken, WriteResult
+from app.stores.abc import (
+    FRESH_KEPT,
+    Quarantined,
+    QueueEntry,
+    SubmitResult,
+    Taken,
+    WriteResult,
+)
 from app.stores.bad_data import (
     FENCE_ACTION,
     OUTCOME_ACTION,
@@ -178,7 +185,8 @@ if not redis.call('SET', KEYS[1], ARGV[1], 'NX') then
   redis.call('DECR', KEYS[2])  -- the id is known: not one more unfinished job
   return known() or {{3}}
 end
-local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[3])
+-- the entry carries the record as submitted: its first taker reads nothing more (see take)
+local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[3], 'record', ARGV[1])
 local indexed = redis.pcall('ZADD', KEYS[4], ARGV[4], ARGV[3])
 local index_junk = 0
 if type(indexed) == 'table' and indexed['err'] then index_junk = 1 end
@@ -187,7 +195,8 @@ return {{1, id, junk, raw, index_junk}}
 
 # KEYS: record, fence, counter, channel, cancel, stream
 # ARGV: json, token, final (0/1), retention, entry id to ack with a final write ('': none), group,
-#       the new state (published), the new token to set the fence to ('': none; a dispatch)
+#       the new state (published), the new token to set the fence to ('': none; a dispatch),
+#       the record expected there ('': any; a fresh entry's copy, unverified)
 # (a missing record first: when Redis lost it, it lost its fence too, and that is no takeover)
 # A final write acks and drops the job's queue entry in the same step (no GET, MULTI, EXEC
 # after it).
@@ -199,6 +208,7 @@ if not fence then return {{-3, fence_raw}} end
 -- made already (a call repeated after its reply was lost): the same record under the new token
 if ARGV[8] ~= '' and fence == tonumber(ARGV[8]) and current == ARGV[1] then return {{1}} end
 if tonumber(ARGV[2]) ~= fence then return {{0}} end
+if ARGV[9] ~= '' and current ~= ARGV[9] then return {{0}} end
 if not state then return {{-4, current}} end
 if finished[state] then return {{-2}} end
 if ARGV[8] ~= '' then redis.call('SET', KEYS[2], ARGV[8], 'KEEPTTL') end
@@ -344,6 +354,9 @@ class RedisJobStore:
         self._retention = retention_seconds
         self.bad_data = bad_data or BadData()
         self._quarantine_maxlen = quarantine_maxlen
+        # records that fresh queue entries carried, by job id, until taken (bounded: an entry
+        # read but never taken must not keep its copy for good)
+        self._fresh: dict[str, bytes] = {}
         self._submit = client.register_script(_SUBMIT)
         self._write = client.register_script(_WRITE)
         self._cancel = client.register_script(_CANCEL)
@@ -466,6 +479,9 @@ class RedisJobStore:
         """See `JobStore.take`: GET of the record and its fence and EXISTS of its cancel key,
         in one pipeline (one round trip; not a transaction: each is read as `get`, `fence` and
         `cancel_requested` would)."""
+        fresh = self._fresh.pop(job_id, None)
+        if fresh is not None and (taken := Taken.fresh(job_id, fresh)) is not None:
+            return taken
         key = self.record_key(job_id)
         raw, fence_raw, cancel = await self.batcher.execute(
             ("GET", key), ("GET", f"{key}:fence"), ("EXISTS", f"{key}:cancel")
@@ -509,19 +525,25 @@ class RedisJobStore:
 
     @translated
     async def write(
-        self, job: BatchJob, token: int, *, ack: str = "", advance: bool = False
+        self,
+        job: BatchJob,
+        token: int,
+        *,
+        ack: str = "",
+        advance: bool = False,
+        expect: bytes | None = None,
     ) -> WriteResult:
-        """Store `job` if `token` is still the job's fencing token and the job has not ended;
-        a final write that is made also acks and drops the queue entry `ack`, and `advance`
-        sets the fence to `token + 1` (one script). CorruptRecord when the stored record or
-        fencing token does not read."""
+        """Store `job` if `token` is still the job's fencing token and the job has not ended
+        (and the record is `expect`, when given); a final write that is made also acks and
+        drops the queue entry `ack`, and `advance` sets the fence to `token + 1` (one script).
+        CorruptRecord when the stored record or fencing token does not read."""
         job.fencing_token = token + 1 if advance else token
         final = "1" if job.state.finished else "0"
         reply = await self.batcher.script(
             self._write,
             [*self._keys(job), self.stream_key],
             [encode_job(job), token, final, self._retention, ack if final == "1" else "",
-             self.group, job.state.value, job.fencing_token if advance else ""],
+             self.group, job.state.value, job.fencing_token if advance else "", expect or b""],
         )  # fmt: skip
         if reply[0] == -3:
             raise self._bad_fence(job.job_id, reply[1])
@@ -666,7 +688,7 @@ class RedisJobStore:
         reply: Any = await self._redis.xreadgroup(
             self.group, consumer, {self.stream_key: ">"}, count=count, block=block_ms
         )
-        return await self._usable(e for _, entries in reply or [] for e in entries)
+        return await self._usable((e for _, entries in reply or [] for e in entries), fresh=True)
 
     @translated
     async def claim_idle(self, consumer: str, *, min_idle_ms: int, count: int) -> list[QueueEntry]:
@@ -678,9 +700,12 @@ class RedisJobStore:
         )  # fmt: skip
         return await self._usable(reply[1])
 
-    async def _usable(self, entries: Iterable[Sequence[Any]]) -> list[QueueEntry]:
+    async def _usable(
+        self, entries: Iterable[Sequence[Any]], *, fresh: bool = False
+    ) -> list[QueueEntry]:
         """The entries that name a job, as (entry id, job id); the others are set aside, each
-        on its own, so that one poison entry never holds up the rest."""
+        on its own, so that one poison entry never holds up the rest. `fresh` (first
+        deliveries): the records they carry are kept for their `take`."""
         usable: list[QueueEntry] = []
         unusable: list[tuple[str, dict[Any, Any], str]] = []
         for entry_id, fields, *_ in entries:
@@ -689,8 +714,12 @@ class RedisJobStore:
             job_id, problem = _job_id_of(fields)
             if problem:
                 unusable.append((text(entry_id), fields, problem))
-            else:
-                usable.append((text(entry_id), job_id))
+                continue
+            usable.append((text(entry_id), job_id))
+            if fresh and isinstance(record := fields.get(b"record"), bytes):
+                if len(self._fresh) >= FRESH_KEPT:
+                    del self._fresh[next(iter(self._fresh))]  # the oldest copy: read instead
+                self._fresh[job_id] = record
         for entry_id, fields, problem in unusable:
             await self._set_aside(entry_id, fields, problem)
         return usable
