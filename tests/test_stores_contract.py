@@ -624,11 +624,14 @@ async def test_a_run_outcome_is_kept_per_token_and_the_first_stays(stores: Store
     store = stores.store
     done = RunOutcome(state=JobState.SUCCEEDED, result_json='{"a":1}')
     assert await store.outcomes("j1", []) == {}
-    assert await store.record_outcome("j1", 3, done)
-    assert not await store.record_outcome("j1", 3, RunOutcome(state=JobState.FAILED, error="x"))
-    assert await store.record_outcome("j1", 5, RunOutcome(state=JobState.CANCELLED))
+    assert await store.record_outcomes([("j1", 3, done)]) == [True]
+    failed = RunOutcome(state=JobState.FAILED, error="x")
+    cancelled = RunOutcome(state=JobState.CANCELLED)
+    # several at once (a worker's runs that ended together): each kept unless one is there
+    assert await store.record_outcomes([("j1", 3, failed), ("j1", 5, cancelled)]) == [False, True]
+    assert await store.record_outcomes([]) == []
     found = await store.outcomes("j1", [2, 3, 5])
-    assert found == {3: done, 5: RunOutcome(state=JobState.CANCELLED)}
+    assert found == {3: done, 5: cancelled}
     assert await store.outcomes("j2", [3]) == {}  # per job
 
 
@@ -1246,7 +1249,7 @@ async def test_an_entry_whose_record_is_gone_can_be_quarantined(stores: Stores) 
 async def test_a_run_outcome_that_does_not_read_is_left_out_and_said_once(stores: Stores) -> None:
     store = stores.store
     done = RunOutcome(state=JobState.SUCCEEDED, result_json="1")
-    assert await store.record_outcome("j1", 3, done)
+    assert await store.record_outcomes([("j1", 3, done)]) == [True]
     await stores.plant(store, "j1", "run:4", b"junk")
     await stores.plant(store, "j1", "run:5", b'{"state": "RUNNING"}')  # not a run's end
     for _ in range(3):

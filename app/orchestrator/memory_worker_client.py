@@ -156,7 +156,7 @@ class MemoryWorkerClient:
                 )
             )
         if run.outcome is not None and job.fencing_token and self._store is not None:
-            await self._store.record_outcome(job.job_id, job.fencing_token, run.outcome)
+            await self._store.record_outcomes([(job.job_id, job.fencing_token, run.outcome)])
         run.ended.set()
 
     async def admit(self, address: str, job: BatchJob) -> Admission:

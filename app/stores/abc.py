@@ -120,6 +120,9 @@ class Taken(msgspec.Struct, frozen=True, kw_only=True):
         return cls(job=job, fence=0, cancel_requested=False, unverified=raw)
 
 
+#: A run's end, as a worker records it: (job id, the fencing token it ran under, how it ended).
+RecordedRun = tuple[str, int, RunOutcome]
+
 #: A queue entry: (entry id, job id). Entry ids order the queue; a job id may be queued once.
 QueueEntry = tuple[str, str]
 
@@ -236,9 +239,10 @@ class JobStore(Protocol):
         """Whether a cancel was asked for (kept for the retention)."""
         ...
 
-    async def record_outcome(self, job_id: str, token: int, outcome: RunOutcome) -> bool:
-        """Keep how the run started under fencing token `token` ended (the worker calls this), for
-        the retention; the first outcome for a token stays. True when this one was kept."""
+    async def record_outcomes(self, outcomes: Sequence[RecordedRun]) -> list[bool]:
+        """Keep how each run ended (job id, the fencing token it started under, its outcome; the
+        worker calls this), for the retention, in one step (one round trip on Redis); the first
+        outcome for a token stays. For each, True when it was kept."""
         ...
 
     async def outcomes(self, job_id: str, tokens: Sequence[int]) -> dict[int, RunOutcome]:

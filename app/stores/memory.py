@@ -50,6 +50,7 @@ from app.stores.abc import (
     PutResult,
     Quarantined,
     QueueEntry,
+    RecordedRun,
     SubmitResult,
     Taken,
     WriteResult,
@@ -478,14 +479,16 @@ class MemoryJobStore:
         await anyio.lowlevel.checkpoint()
         return self._cancels.get(job_id) is not None
 
-    async def record_outcome(self, job_id: str, token: int, outcome: RunOutcome) -> bool:
-        """Keep the outcome under `token` unless one is kept already (SET NX EX)."""
+    async def record_outcomes(self, outcomes: Sequence[RecordedRun]) -> list[bool]:
+        """Keep each outcome under its token unless one is kept already (SET NX EX each)."""
         await anyio.lowlevel.checkpoint()
-        key = f"{job_id}:{token}"
-        if self._outcomes.get(key) is not None:
-            return False
-        self._outcomes.set(key, encode_outcome(outcome), self._retention)
-        return True
+        kept: list[bool] = []
+        for job_id, token, outcome in outcomes:
+            key = f"{job_id}:{token}"
+            kept.append(self._outcomes.get(key) is None)
+            if kept[-1]:
+                self._outcomes.set(key, encode_outcome(outcome), self._retention)
+        return kept
 
     async def outcomes(self, job_id: str, tokens: Sequence[int]) -> dict[int, RunOutcome]:
         """The kept outcomes of `tokens`."""

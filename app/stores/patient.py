@@ -29,7 +29,15 @@ from app.core.outage import Outage
 from app.errors import CorruptRecord, StoreBusy, StoreUnavailable
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
 from app.fleet.job_index import IndexedJob, IndexPosition
-from app.stores.abc import JobStore, Quarantined, QueueEntry, SubmitResult, Taken, WriteResult
+from app.stores.abc import (
+    JobStore,
+    Quarantined,
+    QueueEntry,
+    RecordedRun,
+    SubmitResult,
+    Taken,
+    WriteResult,
+)
 
 T = TypeVar("T")
 
@@ -132,9 +140,9 @@ class PatientJobStore:
         """See `JobStore.cancel_requested`."""
         return await self._call(self._store.cancel_requested, job_id)
 
-    async def record_outcome(self, job_id: str, token: int, outcome: RunOutcome) -> bool:
-        """See `JobStore.record_outcome`."""
-        return await self._call(self._store.record_outcome, job_id, token, outcome)
+    async def record_outcomes(self, outcomes: Sequence[RecordedRun]) -> list[bool]:
+        """See `JobStore.record_outcomes`."""
+        return await self._call(self._store.record_outcomes, outcomes)
 
     async def outcomes(self, job_id: str, tokens: Sequence[int]) -> dict[int, RunOutcome]:
         """See `JobStore.outcomes`."""

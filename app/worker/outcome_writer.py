@@ -3,7 +3,8 @@
 Under the attempt's fencing token (`<job record>:run:<token>`), so that the outcome outlives the
 orchestrator that asked for it: one that takes the job over reads it there instead of running
 the job again. The job master tells it of every run's end synchronously; a task writes them in
-order, riding out a store outage (logged once) with the queue bounded.
+order (those that ended since the last write together, in one round trip), riding out a store
+outage (logged once) with the queue bounded.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 _Item = tuple[str, int, RunOutcome]
 #: The pause before an outcome refused as busy (every Redis connection in use) is written again.
 BUSY_RETRY_SECONDS = 0.05
+#: Outcomes written in one step at most (those of the runs that ended since the last write).
+OUTCOMES_PER_WRITE = 256
 
 
 class OutcomeWriterStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -110,25 +113,36 @@ class OutcomeWriter:
         task_status.started()
         try:
             async with self._receive:
-                async for job_id, token, outcome in self._receive:
-                    while True:
+                async for first in self._receive:
+                    # the runs that ended meanwhile go with it: one round trip for all
+                    batch = [first]
+                    while len(batch) < OUTCOMES_PER_WRITE:
                         try:
-                            await self._store.record_outcome(job_id, token, outcome)
-                        except StoreBusy:  # every connection in use: load, not an outage
-                            await anyio.sleep(BUSY_RETRY_SECONDS)
-                            continue
-                        except Exception as exc:  # the store away: wait, try again
-                            await anyio.sleep(self._outage.failed(exc))
-                            continue
-                        self._outage.succeeded()
-                        self.written += 1
-                        self._unwritten[job_id] -= 1
-                        if not self._unwritten[job_id]:
-                            del self._unwritten[job_id]
-                        break
+                            batch.append(self._receive.receive_nowait())
+                        except (anyio.WouldBlock, anyio.EndOfStream):
+                            break
+                    await self._write(batch)
         finally:
             self._state = Lifecycle.STOPPED
             self._drained.set()
+
+    async def _write(self, batch: list[_Item]) -> None:
+        while True:
+            try:
+                await self._store.record_outcomes(batch)
+            except StoreBusy:  # every connection in use: load, not an outage
+                await anyio.sleep(BUSY_RETRY_SECONDS)
+                continue
+            except Exception as exc:  # the store away: wait, try again
+                await anyio.sleep(self._outage.failed(exc))
+                continue
+            self._outage.succeeded()
+            break
+        self.written += len(batch)
+        for job_id, _, _ in batch:
+            self._unwritten[job_id] -= 1
+            if not self._unwritten[job_id]:
+                del self._unwritten[job_id]
 
     async def close(self, *, within: float) -> None:
         """Take no more outcomes, and give the queued ones `within` seconds to be written."""

@@ -68,6 +68,7 @@ from app.stores.abc import (
     FRESH_KEPT,
     Quarantined,
     QueueEntry,
+    RecordedRun,
     SubmitResult,
     Taken,
     WriteResult,
@@ -602,12 +603,17 @@ class RedisJobStore:
         return job
 
     @translated
-    async def record_outcome(self, job_id: str, token: int, outcome: RunOutcome) -> bool:
-        """`SET <record>:run:<token> <outcome> NX EX <retention>`."""
-        key = f"{self.record_key(job_id)}:run:{token}"
-        return bool(
-            await self._redis.set(key, encode_outcome(outcome), nx=True, ex=self._retention)
-        )
+    async def record_outcomes(self, outcomes: Sequence[RecordedRun]) -> list[bool]:
+        """`SET <record>:run:<token> <outcome> NX EX <retention>` of each, in one pipeline."""
+        replies = await self.batcher.execute(*(
+            ("SET", f"{self.record_key(job_id)}:run:{token}", encode_outcome(outcome), "NX",
+             "EX", self._retention)
+            for job_id, token, outcome in outcomes
+        ))  # fmt: skip
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return [bool(reply) for reply in replies]
 
     @translated
     async def outcomes(self, job_id: str, tokens: Sequence[int]) -> dict[int, RunOutcome]:
