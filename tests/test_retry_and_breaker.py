@@ -45,6 +45,19 @@ def test_retry_budget_caps_retries_over_a_sliding_window() -> None:
     assert [budget.try_spend() for _ in range(2)] == [True, False]
 
 
+def test_retry_budget_forgets_calls_past_its_window_without_retries() -> None:
+    # a healthy fleet: one first attempt per job and never a retry (the orchestrator kept every
+    # job's call time for good, ~35 bytes a job)
+    clock = ManualClock()
+    budget = RetryBudget(ratio=0.2, window_seconds=10, clock=clock)
+    for _ in range(100_000):
+        budget.record_call()
+        clock.advance(0.01)  # 100 jobs a second
+    assert budget.held <= 1_001  # the window's 10 s of calls, not every call ever recorded
+    # the window's calls still pay for retries: 3 + 20 % of 1,000
+    assert sum(budget.try_spend() for _ in range(300)) == 203
+
+
 def test_breaker_opens_after_consecutive_failures_and_probes_once() -> None:
     clock = ManualClock()
     cfg = BreakerConfig(failure_threshold=3, min_calls=100, open_seconds=5)

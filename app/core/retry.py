@@ -70,6 +70,12 @@ class RetryBudget:
         calls, retries = len(self._calls), len(self._retries)
         return f"<RetryBudget calls={calls} retries={retries} ratio={self._ratio}>"
 
+    @property
+    def held(self) -> int:
+        """How many call and retry times the budget keeps now: at most a window's worth, plus
+        those that have left it since the last call or retry was counted."""
+        return len(self._calls) + len(self._retries)
+
     def _trim(self) -> None:
         horizon = self._clock.monotonic() - self._window
         for q in (self._calls, self._retries):
@@ -77,8 +83,10 @@ class RetryBudget:
                 q.popleft()
 
     def record_call(self) -> None:
-        """Count a first attempt (retries are counted by try_spend)."""
+        """Count a first attempt (retries are counted by try_spend), and forget the times that
+        have left the window: with no retry to trim them, every job's would be kept for good."""
         self._calls.append(self._clock.monotonic())
+        self._trim()
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; False when the window's share is used up."""
