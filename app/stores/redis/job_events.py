@@ -90,7 +90,6 @@ class RedisJobEvents:
         self._waiters = JobWaiters()
         self._state = Lifecycle.CREATED
         self._subscriptions: dict[str, _Subscription] = {}  # channel -> who waits on it here
-        self._pubsub: Any = None  # while connected
         self._subscribed: set[str] = set()  # channels asked of Redis on this connection
         self._confirmed: set[str] = set()  # of those, the ones Redis said it subscribed
         self._touched: set[str] = set()  # channels wanted or unwanted since last asked
@@ -141,7 +140,6 @@ class RedisJobEvents:
                     subscription.confirmed = anyio.Event()  # again, on this connection
                 self.requests += 1
                 await pubsub.subscribe(*self._subscribed)
-                self._pubsub = pubsub
                 self._outage.succeeded()
                 if not started:
                     task_status.started()
@@ -155,8 +153,7 @@ class RedisJobEvents:
                     task_status.started()
                     started = True
             finally:
-                self._pubsub = None
-                self._subscribed = set()
+                self._subscribed, self._confirmed = set(), set()
                 with anyio.move_on_after(1, shield=True):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await anyio.sleep(delay)
