@@ -126,6 +126,9 @@ class ChaosFleet:
         self._channels: dict[int, grpc.Channel] = {}
         self.trigger_config = tmp / "trigger-config"
         self.extra_env: dict[str, str] = {}  # for every process started from now on
+        # Submits that failed, by job id (each retried until one is accepted): a client that got
+        # no OK for a submit cannot have been promised the job by that attempt
+        self.submit_errors: Counter[str] = Counter()
         self.defaults = False  # True: every process on the shipped settings, none tuned
         self.redis_env: dict[str, str] | None = None  # how they find Redis (default: REDIS_URL)
         self.stopping = threading.Event()
@@ -433,6 +436,7 @@ class ChaosFleet:
                 self._stub(slot).Submit(request, timeout=5)
                 return
             except grpc.RpcError as exc:
+                self.submit_errors[job_id] += 1
                 if time.monotonic() > deadline:
                     raise AssertionError(f"could not submit {job_id}: {exc}") from None
                 time.sleep(0.05)

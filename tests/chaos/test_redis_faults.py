@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -256,8 +257,16 @@ def test_redis_failed_over_to_a_replica(chaos: ChaosFleet) -> None:
     assert report.rerun_after_kill == []
     assert blamed == []
     assert report.settle_seconds <= 30
-    for name, text in chaos.logs().items():  # the replica had the data: nothing was lost
-        assert "Redis lost its data" not in text, name
+    # The replica had the data of every Submit that was answered OK: none of those is noted
+    # lost. Replication is asynchronous, though: a submit the master ran just before its kill,
+    # whose reply never came (the client got an error and submitted again), may be missing on
+    # the replica, and an orchestrator that had read its entry notes it lost, truly: Redis
+    # forgot it. Only such a job may be noted, and it ran after its new submit (terminal above).
+    for name, text in chaos.logs().items():
+        noted = set(re.findall(r"job (\S+) lost: ", text))
+        unexplained = sorted(j for j in noted if not chaos.submit_errors[j])
+        assert not unexplained, f"{name}: noted lost after an OK Submit: {unexplained}"
+        assert "Redis lost its data" not in text or noted, name
 
 
 def test_redis_lost_its_last_second(chaos: ChaosFleet) -> None:
