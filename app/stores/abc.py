@@ -89,11 +89,6 @@ class WriteResult(enum.IntEnum):
     ALREADY_FINISHED = -2
 
 
-#: Fresh queue entries' records a store keeps for their first take, at most (a dispatcher takes
-#: each at once; the copy of one read but never taken must not stay for good).
-FRESH_KEPT = 4096
-
-
 class Taken(msgspec.Struct, frozen=True, kw_only=True):
     """A job as a dispatcher takes it (`JobStore.take`).
 
@@ -107,17 +102,39 @@ class Taken(msgspec.Struct, frozen=True, kw_only=True):
     cancel_requested: bool
     unverified: bytes | None = None
 
-    @classmethod
-    def fresh(cls, job_id: str, raw: bytes) -> Taken | None:
-        """The job as its fresh queue entry's copy `raw` says, unverified; None when the copy
-        is not that of a job never dispatched (then the store is read instead)."""
+
+class FreshCopies:
+    """The records fresh queue entries carried (`read_new`), by job id, until their first
+    `take`: at most `kept` (the oldest goes: an entry read but never taken must not keep its
+    copy for good, and a job without one is read from the store)."""
+
+    def __init__(self, kept: int = 4096) -> None:
+        self._copies: dict[str, bytes] = {}
+        self._kept = kept
+
+    def keep(self, job_id: str, raw: bytes) -> None:
+        """Keep the copy `raw` for the job's first take."""
+        if len(self._copies) >= self._kept:
+            del self._copies[next(iter(self._copies))]
+        self._copies[job_id] = raw
+
+    def take(self, job_id: str) -> Taken | None:
+        """The job as its kept copy says, unverified (see `Taken`), once; None when there is
+        none, or when it is not that of a job never dispatched (then the store is read)."""
+        raw = self._copies.pop(job_id, None)
+        if raw is None:
+            return None
         try:
             job = decode_job(raw)
         except msgspec.DecodeError:
             return None
         if job.job_id != job_id or job.state is not JobState.PENDING or job.attempts:
             return None
-        return cls(job=job, fence=0, cancel_requested=False, unverified=raw)
+        return Taken(job=job, fence=0, cancel_requested=False, unverified=raw)
+
+    def clear(self) -> None:
+        """Forget every copy."""
+        self._copies.clear()
 
 
 #: A run's end, as a worker records it: (job id, the fencing token it ran under, how it ended).

@@ -44,8 +44,8 @@ from app.fleet.schedules import (
     encode_record,
 )
 from app.stores.abc import (
-    FRESH_KEPT,
     DecideResult,
+    FreshCopies,
     PutMode,
     PutResult,
     Quarantined,
@@ -246,7 +246,7 @@ class MemoryJobStore:
         self._group = False
         self._entries: dict[int, str] = {}  # the stream: entry number -> job id, in id order
         self._entry_records: dict[int, bytes] = {}  # unread entries' records, as submitted
-        self._fresh: dict[str, bytes] = {}  # read with their entries, until taken
+        self._fresh = FreshCopies()  # read with their entries, until taken
         self._unread: deque[int] = deque()  # after the group's last delivered entry
         self._last_entry = 0
         # the group's pending entries; inserted in delivery order, which is id order
@@ -376,8 +376,7 @@ class MemoryJobStore:
         """The record, its fencing token and whether a cancel was asked for, at once; the
         copy a fresh entry carried, unverified, on the first take after `read_new`."""
         await anyio.lowlevel.checkpoint()
-        fresh = self._fresh.pop(job_id, None)
-        if fresh is not None and (taken := Taken.fresh(job_id, fresh)) is not None:
+        if (taken := self._fresh.take(job_id)) is not None:
             return taken  # the entry's copy, unverified: read nothing
         raw = self._records.get(job_id)
         if raw is None:
@@ -542,9 +541,7 @@ class MemoryJobStore:
                 self._pending[number] = _Pending(consumer, now)
                 taken.append((f"0-{number}", job_id))
                 if record is not None:
-                    if len(self._fresh) >= FRESH_KEPT:
-                        del self._fresh[next(iter(self._fresh))]
-                    self._fresh[job_id] = record
+                    self._fresh.keep(job_id, record)
         return taken
 
     async def read_new(self, consumer: str, *, count: int, block_ms: int) -> list[QueueEntry]:

@@ -65,7 +65,7 @@ from app.fleet.batch_job import (
 from app.fleet.job_index import IndexedJob, IndexPosition, range_start
 from app.fleet.job_state import FINISHED, JobState
 from app.stores.abc import (
-    FRESH_KEPT,
+    FreshCopies,
     Quarantined,
     QueueEntry,
     RecordedRun,
@@ -355,9 +355,7 @@ class RedisJobStore:
         self._retention = retention_seconds
         self.bad_data = bad_data or BadData()
         self._quarantine_maxlen = quarantine_maxlen
-        # records that fresh queue entries carried, by job id, until taken (bounded: an entry
-        # read but never taken must not keep its copy for good)
-        self._fresh: dict[str, bytes] = {}
+        self._fresh = FreshCopies()  # records fresh queue entries carried, until taken
         self._submit = client.register_script(_SUBMIT)
         self._write = client.register_script(_WRITE)
         self._cancel = client.register_script(_CANCEL)
@@ -480,8 +478,7 @@ class RedisJobStore:
         """See `JobStore.take`: GET of the record and its fence and EXISTS of its cancel key,
         in one pipeline (one round trip; not a transaction: each is read as `get`, `fence` and
         `cancel_requested` would)."""
-        fresh = self._fresh.pop(job_id, None)
-        if fresh is not None and (taken := Taken.fresh(job_id, fresh)) is not None:
+        if (taken := self._fresh.take(job_id)) is not None:
             return taken
         key = self.record_key(job_id)
         raw, fence_raw, cancel = await self.batcher.execute(
@@ -723,9 +720,7 @@ class RedisJobStore:
                 continue
             usable.append((text(entry_id), job_id))
             if fresh and isinstance(record := fields.get(b"record"), bytes):
-                if len(self._fresh) >= FRESH_KEPT:
-                    del self._fresh[next(iter(self._fresh))]  # the oldest copy: read instead
-                self._fresh[job_id] = record
+                self._fresh.keep(job_id, record)
         for entry_id, fields, problem in unusable:
             await self._set_aside(entry_id, fields, problem)
         return usable
