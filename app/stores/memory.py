@@ -66,7 +66,7 @@ from app.stores.bad_data import (
     readable,
     record_problem,
 )
-from app.stores.waits import JobWaiters
+from app.stores.waits import CANCEL_REQUESTED, JobWaiters
 
 V = TypeVar("V")
 
@@ -76,11 +76,6 @@ def _now_or_none() -> float | None:
         return anyio.current_time()
     except RuntimeError:  # no event loop (a repr in a traceback): count everything
         return None
-
-
-#: What a cancel request of a job on a worker says on the job's events (as the Redis store's
-#: `cancel`): not an end.
-CANCEL_REQUESTED = "cancel"
 
 
 class _Keys(Generic[V]):

@@ -15,6 +15,9 @@ from app.stores.abc import JobEvents, JobStore
 REREAD_SECONDS = 2.0
 #: What a change says when it ends its job: its new state's name (a write publishes it).
 _ENDS = frozenset(state.value for state in FINISHED)
+#: What a cancel request of a job says on its events (a write says the new state's name: the
+#: listeners only need to know whom to wake, not the ~700-byte record): not an end.
+CANCEL_REQUESTED = "cancel"
 
 
 class JobWaiters:

@@ -33,13 +33,10 @@ from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage, OutageState
 from app.errors import BadDataKind
 from app.stores.bad_data import BadData
-from app.stores.redis.job_store import CANCEL_EVENT, cancels_channel, events_channel, text
-from app.stores.waits import JobWaiters
+from app.stores.redis.job_store import cancels_channel, events_channel, text
+from app.stores.waits import CANCEL_REQUESTED, JobWaiters
 
 log = logging.getLogger(__name__)
-
-#: A cancel request, as a state in the waiters' wake-ups: not an end.
-CANCEL_REQUESTED = CANCEL_EVENT.decode()
 
 #: How long `subscribed` waits for Redis to confirm a subscription before it lets its caller go
 #: on anyway (Redis away: the waits are bounded and re-read the record).

@@ -239,7 +239,7 @@ if not state then return {{-4, current}} end
 if finished[state] then return {{-2, current}} end
 redis.call('SET', KEYS[5], 1, 'EX', ARGV[4])
 if state ~= 'PENDING' then
-  redis.call('PUBLISH', KEYS[4], 'cancel')  -- CANCEL_EVENT: for who waits on the job
+  redis.call('PUBLISH', KEYS[4], 'cancel')  -- waits.CANCEL_REQUESTED: for who waits on the job
   redis.call('PUBLISH', KEYS[6], ARGV[5])  -- every orchestrator listens: its holder stops it
   return {{0, current}}
 end
@@ -305,11 +305,6 @@ return 1
 """
 #: The quarantine stream keeps about this many entries (MAXLEN ~).
 QUARANTINE_MAXLEN = 10_000
-
-
-#: What a cancel request publishes on the job's channel (a write publishes the new state's name:
-#: the listeners only need to know whom to wake, not the ~700-byte record).
-CANCEL_EVENT = b"cancel"
 
 
 def events_channel(job_prefix: str, job_id: str) -> str:
