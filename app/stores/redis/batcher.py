@@ -154,11 +154,7 @@ class CommandBatcher:
     async def _send(self, batch: list[_Request], size: int) -> None:
         self.sending += size
         try:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for request in batch:
-                    for command in request.commands:
-                        pipe.execute_command(*command)
-                replies = await pipe.execute(raise_on_error=False)
+            replies = await self._pipeline([c for request in batch for c in request.commands])
         except Exception as exc:  # the connection failed: every command of the pipeline did
             for request in batch:
                 request.error = exc
@@ -184,6 +180,10 @@ class CommandBatcher:
                 return [await self._client.execute_command(*commands[0])]  # type: ignore[no-untyped-call]
             except ResponseError as exc:
                 return [exc]
+        return await self._pipeline(commands)
+
+    async def _pipeline(self, commands: Sequence[Command]) -> list[Any]:
+        """One non-transactional pipeline of `commands`: each reply, or its `ResponseError`."""
         async with self._client.pipeline(transaction=False) as pipe:
             for command in commands:
                 pipe.execute_command(*command)
