@@ -290,6 +290,58 @@ async def test_a_job_waiting_for_a_worker_goes_as_soon_as_a_call_ends(fleet: Fle
     assert job.attempts[0].started_at - first_end < 0.1, (job.attempts[0].started_at, first_end)
 
 
+class _SlowWrites:
+    """The store, its writes taking a moment (Redis a round trip away)."""
+
+    def __init__(self, store: MemoryJobStore) -> None:
+        self._store = store
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def write(self, *args: Any, **kwargs: Any) -> Any:
+        await anyio.sleep(0.02)
+        return await self._store.write(*args, **kwargs)
+
+
+class _CountingCalls:
+    """The workers' client, counting the calls in flight to each worker and their peak."""
+
+    def __init__(self, client: MemoryWorkerClient) -> None:
+        self._client = client
+        self.inflight: dict[str, int] = dict.fromkeys(client.workers, 0)
+        self.peak: dict[str, int] = dict.fromkeys(client.workers, 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._client, name)
+
+    async def wait(self, address: str, job: BatchJob) -> Any:
+        self.inflight[address] += 1
+        self.peak[address] = max(self.peak[address], self.inflight[address])
+        try:
+            return await self._client.wait(address, job)
+        finally:
+            self.inflight[address] -= 1
+
+
+async def test_a_burst_never_sends_a_worker_more_than_its_room(fleet: Fleet) -> None:
+    """40 jobs taken at once, each DISPATCHED write a round trip long: a worker's room is taken
+    as it is chosen, so the jobs that choose while the writes are under way see it; no worker
+    is sent more than its 8 (before, all 40 chose while every count was 0: the worker refused
+    what was over its queue)."""
+    config = msgspec.structs.replace(CONFIG, max_inflight=64)
+    calls = _CountingCalls(fleet.client)
+    await fleet.dispatcher("o1", store=cast("JobStore", _SlowWrites(fleet.store)),
+                           client=cast("WorkerClient", calls), config=config)  # fmt: skip
+    for i in range(40):
+        await fleet.submit(f"burst-{i}", "sleep", seconds=0.1)
+    for i in range(40):
+        job = await fleet.wait_state(f"burst-{i}", JobState.SUCCEEDED, within=30)
+        assert [a.outcome for a in job.attempts] == ["SUCCEEDED"]
+    assert max(calls.peak.values()) <= 8, calls.peak
+    assert sum(calls.peak.values()) == 16  # both filled up: the burst was one
+
+
 async def test_a_killed_worker_s_job_finishes_elsewhere_once(fleet: Fleet) -> None:
     d = await fleet.dispatcher("o1")
     await fleet.submit("k1", "sleep", seconds=1)

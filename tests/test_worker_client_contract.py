@@ -1,7 +1,9 @@
 """One contract for the orchestrator's edge to the workers, run against both implementations.
 
 `memory`: MemoryWorkerClient with an in-process MemoryWorker (asyncio and trio). `grpc`:
-GrpcWorkerClient against a real `jobworker worker` process (asyncio: grpclib needs it). The
+GrpcWorkerClient against a real `jobworker worker` process (asyncio: grpclib needs it), a RunWork
+per wait; `grpc-streamed`: the same with its work streams running (one RunWorkStream per worker
+carries the waits), as in the orchestrator. The
 dispatcher's in-process tests rely on the twin behaving as the real worker does; this is where
 that is shown.
 """
@@ -46,8 +48,10 @@ class Fleet:
         drain: Callable[[], None],
         kill: Callable[[], None],
         store: JobStore,
+        streamed: bool = False,
     ) -> None:
         self.client = client
+        self.streamed = streamed  # waits go over a work stream
         self.store = store  # where the worker records its runs' outcomes
         self.address = address
         self.accepted = accepted  # async: jobs the worker has taken so far
@@ -55,9 +59,9 @@ class Fleet:
         self.kill = kill
 
 
-@pytest.fixture(params=["memory", "grpc"])
+@pytest.fixture(params=["memory", "grpc", "grpc-streamed"])
 def impl(request: pytest.FixtureRequest, anyio_backend: str) -> str:
-    if request.param == "grpc" and anyio_backend == "trio":
+    if request.param.startswith("grpc") and anyio_backend == "trio":
         pytest.skip("grpclib runs on asyncio only")
     return str(request.param)
 
@@ -66,7 +70,7 @@ def impl(request: pytest.FixtureRequest, anyio_backend: str) -> str:
 def worker_process(
     impl: str, worker_env: dict[str, str], start_worker: Callable[..., WorkerProcess]
 ) -> WorkerProcess | None:
-    return start_worker(worker_env) if impl == "grpc" else None
+    return start_worker(worker_env) if impl.startswith("grpc") else None
 
 
 @pytest.fixture
@@ -111,12 +115,16 @@ async def fleet(
         process.process.wait(10)  # gone: nothing listens on its port any more
 
     try:
-        yield Fleet(
-            grpc, process.target, accepted=accepted_on_worker,
-            drain=lambda: process.signal(signal.SIGTERM),
-            kill=kill_process,
-            store=RedisJobStore(redis_client),
-        )  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            if impl == "grpc-streamed":
+                await tg.start(grpc.run)
+            yield Fleet(
+                grpc, process.target, accepted=accepted_on_worker,
+                drain=lambda: process.signal(signal.SIGTERM),
+                kill=kill_process,
+                store=RedisJobStore(redis_client), streamed=impl == "grpc-streamed",
+            )  # fmt: skip
+            tg.cancel_scope.cancel()
     finally:
         grpc.close()
         await redis_client.aclose()
@@ -282,8 +290,8 @@ async def test_a_channel_to_a_worker_remembers_few_closed_streams(fleet: Fleet) 
 async def test_the_calls_of_one_loop_turn_share_a_write_to_the_worker(fleet: Fleet) -> None:
     """grpclib writes a call's headers and its message apart: the orchestrator's channels join
     the writes of a loop turn into one send (a loopback send costs 50-100 µs here)."""
-    if not isinstance(fleet.client, GrpcWorkerClient):
-        pytest.skip("HTTP/2 connections are the gRPC client's")
+    if not isinstance(fleet.client, GrpcWorkerClient) or fleet.streamed:
+        pytest.skip("RunWork calls on the gRPC client's HTTP/2 connections (test_work_streams)")
     client = fleet.client
     assert (await client.wait(fleet.address, job("w0"))).reply is Reply.OK  # connected
     protocol = client._channels[fleet.address]._protocol

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from app.cli.logs import FORMATS
 from app.cli.runtime import run_async, setup_logging
 from app.config import load_config
+from app.core.exception_groups import first_leaf
 from app.errors import ConfigError
 
 T = TypeVar("T")
@@ -46,10 +47,7 @@ def run_service(main: Callable[[], Awaitable[T]]) -> T:
         config_errors = group.subgroup(ConfigError)
         if config_errors is None:
             raise
-        found: BaseException = config_errors
-        while isinstance(found, BaseExceptionGroup):
-            found = found.exceptions[0]
-        raise found from None
+        raise first_leaf(config_errors) from None
 
 
 def _orchestrator(args: argparse.Namespace) -> int:

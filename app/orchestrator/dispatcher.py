@@ -647,15 +647,18 @@ class Dispatcher:
             )
             job.attempts.append(attempt)
             job.state = JobState.DISPATCHED
+            # the worker's room is taken now, not once the write is done: the jobs that choose
+            # while it is under way must see it, or a burst all goes to one worker at once
+            self._worker_inflight[address] += 1
             try:
                 written = await self._write(job, token, advance=True, expect=expect)
-            except _CopyOutOfDate:
-                self.breaker(address).release()
+            except BaseException:
+                self._give_back(address)
                 raise
             expect = None
             if written is not WriteResult.WRITTEN:
                 log.info("job %s: not dispatched, the record is %s", job.job_id, written.name)
-                self.breaker(address).release()
+                self._give_back(address)
                 return False
             token += 1
             self._counts["dispatched"] += 1
@@ -813,10 +816,17 @@ class Dispatcher:
             candidates.remove(choice)
         return None
 
+    def _give_back(self, address: str) -> None:
+        """A dispatch that did not go ahead: the worker's room and the breaker's slot go back."""
+        self._worker_inflight[address] -= 1
+        self._wake_waiting()
+        self.breaker(address).release()
+
     async def _call(self, job: BatchJob, address: str, token: int) -> CallResult:
         """Run the job on one worker (RunWork: it starts the run, or attaches to it, and answers
         at its end), watched (registry, deadline, cancel requests; RUNNING recorded once the run
-        has gone on for a while); the breaker hears how it went."""
+        has gone on for a while); the breaker hears how it went. The caller has counted the call
+        in the worker's `_worker_inflight`; it is given back here."""
         breaker = self.breaker(address)
         lost: list[str] = []
         superseded: list[str] = []
@@ -824,7 +834,6 @@ class Dispatcher:
         # to a worker cut off may hang in its connect, where no keepalive runs yet)
         running = anyio.CancelScope()
         result: CallResult | None = None
-        self._worker_inflight[address] += 1
         logged = bind_log_fields(worker=address)  # the call's lines, its watchers' too
         try:
             with anyio.move_on_after(

@@ -13,17 +13,20 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import anyio
+import anyio.abc
 from grpclib.client import Channel, Handler
 from grpclib.config import Configuration
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 
 from app.fleet.batch_job import BatchJob, RunOutcome
 from app.fleet.job_state import JobState, from_worker_wire
 from app.grpc.fastpath.closed_streams import limit_closed_streams
 from app.grpc.fastpath.coalesced_writes import CoalescedWrites
-from app.grpc.status import StatusDetailsCodec, retry_info
+from app.grpc.status import StatusDetailsCodec
+from app.orchestrator.grpc_replies import failure_text, reply_for, status_text
+from app.orchestrator.work_streams import WorkStreams
 from app.orchestrator.worker_client import Admission, Completion, Reply
 from app.pb import worker as wpb
 
@@ -31,22 +34,8 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Res = TypeVar("Res")
 
-#: Connection-level failures of a call (no answer from the worker).
-CALL_ERRORS: tuple[type[Exception], ...] = (
-    OSError, ConnectionError, StreamTerminatedError, ProtocolError,
-)  # fmt: skip
-_REFUSED = {Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED}
-_REJECTED = {Status.INVALID_ARGUMENT, Status.NOT_FOUND, Status.ALREADY_EXISTS}
 CANCEL_TIMEOUT_SECONDS = 5.0
 LOOKUP_TIMEOUT_SECONDS = 2.0
-
-
-def _reply_for(status: Status) -> Reply:
-    if status in _REFUSED:
-        return Reply.REFUSED
-    if status in _REJECTED:
-        return Reply.REJECTED
-    return Reply.UNREACHABLE  # an answer that is no answer: UNKNOWN, INTERNAL, ...
 
 
 def _request(job: BatchJob) -> wpb.SendWorkReq:
@@ -97,19 +86,33 @@ class GrpcWorkerClient:
             _http2_min_sent_ping_interval_without_data=keepalive_seconds,
         )
         self._channels: dict[str, Channel] = {}
+        self._streams = WorkStreams(self._channel)
         self.forgotten = 0
 
     def __repr__(self) -> str:
-        return f"<GrpcWorkerClient {len(self._channels)} channels forgotten={self.forgotten}>"
+        return (
+            f"<GrpcWorkerClient {len(self._channels)} channels forgotten={self.forgotten}"
+            f" {self._streams!r}>"
+        )
 
-    def _stub(self, address: str) -> wpb.WorkerServiceStub:
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Host the work streams (one RunWorkStream per worker) until cancelled; without it
+        running, `wait` is a RunWork per job."""
+        await self._streams.run(task_status=task_status)
+
+    def _channel(self, address: str) -> Channel:
         channel = self._channels.get(address)
         if channel is None:
             host, _, port = address.rpartition(":")
             channel = self._channels[address] = _BoundedChannel(
                 host, int(port), config=self._config, status_details_codec=StatusDetailsCodec()
             )
-        return wpb.WorkerServiceStub(channel)
+        return channel
+
+    def _stub(self, address: str) -> wpb.WorkerServiceStub:
+        return wpb.WorkerServiceStub(self._channel(address))
 
     async def admit(self, address: str, job: BatchJob) -> Admission:
         """SendWork; ALREADY_EXISTS means the worker has the id: attach to that run."""
@@ -119,26 +122,30 @@ class GrpcWorkerClient:
         except GRPCError as exc:
             if exc.status is Status.ALREADY_EXISTS:
                 return Admission(reply=Reply.OK, running=True)
-            return Admission(reply=_reply_for(exc.status), error=_status_text(exc))
+            return Admission(reply=reply_for(exc.status), error=status_text(exc))
         except Exception as exc:
             return Admission(
                 reply=Reply.UNREACHABLE,
-                error=_failure_text(exc),
+                error=failure_text(exc),
                 absent=isinstance(exc, ConnectionRefusedError),
             )
         return Admission(reply=Reply.OK, running=reply.state == wpb.JobState.RUNNING)
 
     async def wait(self, address: str, job: BatchJob) -> Completion:
-        """RunWork: attaches to the worker's run of this id (or starts it) and waits."""
+        """RunWork, over the worker's work stream while the streams run: attaches to the
+        worker's run of this id (or starts it) and waits."""
+        streamed = await self._streams.wait(address, job)
+        if streamed is not None:
+            return streamed
         stub = self._stub(address)
         try:
             info = await _isolated(stub.run_work, _request(job))
         except GRPCError as exc:
-            return Completion(reply=_reply_for(exc.status), error=_status_text(exc))
+            return Completion(reply=reply_for(exc.status), error=status_text(exc))
         except Exception as exc:
             return Completion(
                 reply=Reply.UNREACHABLE,
-                error=_failure_text(exc),
+                error=failure_text(exc),
                 absent=isinstance(exc, ConnectionRefusedError),
             )
         state = from_worker_wire(info.state)
@@ -192,6 +199,7 @@ class GrpcWorkerClient:
 
     def forget(self, address: str) -> None:
         """Close the channel to a worker that is gone (the next call reconnects)."""
+        self._streams.forget(address)
         channel = self._channels.pop(address, None)
         if channel is not None:
             channel.close()
@@ -226,17 +234,3 @@ async def _isolated(call: Callable[[Req], Awaitable[Res]], request: Req) -> Res:
     if not results:  # cancelled natively by grpclib: the connection went away
         raise ConnectionError("the connection to the worker was lost during the call")
     return results[0]
-
-
-def _status_text(exc: GRPCError) -> str:
-    hint = retry_info(exc.details)  # the worker's RetryInfo, for the attempt's record
-    later = f" (retry after {hint.retry_delay_seconds:g}s)" if hint is not None else ""
-    return f"{exc.status.name}: {exc.message}{later}"
-
-
-def _failure_text(exc: Exception) -> str:
-    if not isinstance(exc, CALL_ERRORS):
-        # grpclib's own races around a connection that closes while it opens a stream (an
-        # AttributeError on the dropped transport): no answer either way
-        log.debug("call to a worker failed oddly", exc_info=True)
-    return f"{type(exc).__name__}: {exc}"

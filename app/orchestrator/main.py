@@ -161,6 +161,7 @@ async def serve_orchestrator(config: Config) -> None:
                     redis, signals, tg.cancel_scope, what=f"Redis at {config.redis.display_url()}"
                 )
                 await tg.start(batcher.run)
+                await tg.start(client.run)  # the work streams, one per worker
                 await tg.start(monitor.run)
                 await tg.start(events.run)
                 await tg.start(directory.run)

@@ -81,7 +81,7 @@ class JobCounts(msgspec.Struct, frozen=True, kw_only=True):
 class _Run:
     """A live run: the public record plus what only the job master needs."""
 
-    __slots__ = ("cancel_reason", "ended", "kwargs", "record", "scope", "spec")
+    __slots__ = ("cancel_reason", "ended", "kwargs", "on_end", "record", "scope", "spec")
 
     def __init__(self, record: JobRun, spec: JobSpec, kwargs: dict[str, Any]) -> None:
         self.record = record
@@ -91,6 +91,8 @@ class _Run:
         self.ended: anyio.Event | None = None
         self.scope: anyio.CancelScope | None = None
         self.cancel_reason: str | None = None
+        # told of the end, synchronously: a work stream's waits (`JobMaster.run_then`)
+        self.on_end: list[Callable[[JobRun], None]] | None = None
 
     async def wait_ended(self) -> None:
         if self.record.state.finished:
@@ -170,6 +172,7 @@ class JobMaster:
         self._scope = anyio.CancelScope()
         self._wakeup = anyio.Event()
         self._stopped = anyio.Event()
+        self._drain_begun = anyio.Event()
         self._state = Lifecycle.CREATED
         self._last_activity = 0.0
         self._counts = dict.fromkeys(("accepted", "rejected", *(s.value for s in JobState)), 0)
@@ -402,6 +405,10 @@ class JobMaster:
             self._remember(run)
         if run.ended is not None:
             run.ended.set()
+        if run.on_end is not None:
+            for then in run.on_end:
+                then(record)
+            run.on_end = None
         self._last_activity = anyio.current_time()
         if hand_over:
             self._hand_over()
@@ -620,6 +627,40 @@ class JobMaster:
             )
         return await self.wait_finished(job_id)
 
+    def run_then(
+        self,
+        name: str,
+        *,
+        job_id: str,
+        params: dict[str, str] | None = None,
+        timeout_seconds: float = 0.0,
+        fencing_token: int = 0,
+        then: Callable[[JobRun], None],
+    ) -> None:
+        """`run_and_wait` without the wait: `then(record)` is called once the run has ended (at
+        once when it has already), synchronously, from whichever task ends it. Raises as
+        `submit_nowait` does, except that a known id of the same name attaches."""
+        known = self._live.get(job_id) or self._history.get(job_id)
+        if known is not None and job_id:
+            if known.record.name != name:
+                raise JobAlreadyExists(f"job {job_id!r} exists for job {known.record.name!r}")
+            self._attach(known, fencing_token)
+        else:
+            self.submit_nowait(
+                name,
+                job_id=job_id,
+                params=params,
+                timeout_seconds=timeout_seconds,
+                fencing_token=fencing_token,
+            )
+            known = self._live[job_id]
+        if known.record.state.finished:
+            then(known.record)
+        elif known.on_end is None:
+            known.on_end = [then]
+        else:
+            known.on_end.append(then)
+
     async def cancel(self, job_id: str, reason: str = "cancelled by request") -> JobRun:
         """Cancel a queued or running job and wait for its end; a finished one comes back as is."""
         run = self._stop(job_id, reason)
@@ -647,12 +688,18 @@ class JobMaster:
             self._state = Lifecycle.DRAINING
         self._scope.deadline = min(self._scope.deadline, anyio.current_time() + grace_seconds)
         self._wakeup.set()
+        self._drain_begun.set()
 
     def cancel_all(self) -> None:
         """Cancel every job now (a second signal, or the grace already spent elsewhere)."""
         if self._state is not Lifecycle.STOPPED:
             self._state = Lifecycle.DRAINING
         self._scope.cancel()
+        self._drain_begun.set()
+
+    async def wait_draining(self) -> None:
+        """Return once the job master refuses new work (a drain begun, or everything cancelled)."""
+        await self._drain_begun.wait()
 
     async def wait_stopped(self) -> None:
         """Return once `run` has ended: every job finished, any still queued cancelled."""

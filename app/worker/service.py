@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import grpclib.server
 import msgspec
-from grpclib.const import Status
+from grpclib.const import Cardinality, Handler, Status
 from grpclib.exceptions import GRPCError
 
 from app.core.clock import utc_iso
@@ -26,6 +27,7 @@ from app.scheduling.schedule_manager import ScheduleManager
 from app.worker.job_master import JobMaster
 from app.worker.job_run import JobRun
 from app.worker.reporter import ApplicationInfoReportJob, PodIdentity
+from app.worker.work_stream import WorkStreamSession
 
 _STATUS: dict[type[JobWorkerError], Status] = {
     InvalidJobRequest: Status.INVALID_ARGUMENT,
@@ -42,14 +44,19 @@ _STATUS: dict[type[JobWorkerError], Status] = {
 QUEUE_FULL_RETRY_SECONDS = 1.0
 
 
-def grpc_error(exc: JobWorkerError) -> GRPCError:
-    """The status for a core error (the nearest mapped class), its message the error's line.
-
-    A full queue's RESOURCE_EXHAUSTED carries a retry hint (google.rpc.RetryInfo).
-    """
+def refusal(exc: JobWorkerError) -> tuple[Status, float]:
+    """The status for a core error (the nearest mapped class) and when to try again (seconds;
+    0: no hint): a full queue's RESOURCE_EXHAUSTED carries one."""
     status = next((_STATUS[c] for c in type(exc).__mro__ if c in _STATUS), Status.INTERNAL)
-    if isinstance(exc, QueueFull):
-        return retry_later(status, str(exc), QUEUE_FULL_RETRY_SECONDS)
+    return status, QUEUE_FULL_RETRY_SECONDS if isinstance(exc, QueueFull) else 0.0
+
+
+def grpc_error(exc: JobWorkerError) -> GRPCError:
+    """The status for a core error (`refusal`), its message the error's line; a retry hint goes
+    as google.rpc.RetryInfo."""
+    status, retry = refusal(exc)
+    if retry:
+        return retry_later(status, str(exc), retry)
     return GRPCError(status, str(exc))
 
 
@@ -121,6 +128,21 @@ class WorkerService(pb.WorkerServiceBase):
                 fencing_token=message.fencing_token,
             )
         return job_info(record)
+
+    async def _run_work_stream(
+        self, stream: grpclib.server.Stream[pb.WorkBatch, pb.WorkResults]
+    ) -> None:
+        """RunWorkStream (`WorkStreamSession`)."""
+        await WorkStreamSession(self._jobs, stream, refusal=refusal).serve()
+
+    def __mapping__(self) -> dict[str, Handler]:
+        # the stream's handler takes grpclib's stream itself: betterproto2's generated one is an
+        # async generator, which cannot read items while it waits for runs to end
+        mapping = super().__mapping__()
+        mapping["/worker.WorkerService/RunWorkStream"] = Handler(
+            self._run_work_stream, Cardinality.STREAM_STREAM, pb.WorkBatch, pb.WorkResults
+        )
+        return mapping
 
     async def get_job(self, message: pb.JobRef) -> pb.JobInfo:
         """A queued, running or remembered job's record; NOT_FOUND otherwise."""

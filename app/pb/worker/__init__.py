@@ -12,11 +12,16 @@ __all__ = (
     "SendWorkReq",
     "SendWorkRes",
     "StatusReq",
+    "WorkBatch",
+    "WorkItem",
+    "WorkResult",
+    "WorkResults",
     "WorkerServiceBase",
     "WorkerServiceStub",
     "WorkerStatus",
 )
 
+from collections.abc import AsyncIterable, AsyncIterator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -275,6 +280,19 @@ default_message_pool.register_message("worker", "StatusReq", StatusReq)
 
 
 @dataclass(eq=False, repr=False)
+class WorkBatch(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return WORKER_PROTO_DESCRIPTOR.message_types_by_name["WorkBatch"]
+
+    items: "list[WorkItem]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("worker", "WorkBatch", WorkBatch)
+
+
+@dataclass(eq=False, repr=False)
 class WorkerStatus(betterproto2.Message):
     @betterproto2.staticproperty
     @staticmethod
@@ -340,6 +358,74 @@ class WorkerStatus(betterproto2.Message):
 default_message_pool.register_message("worker", "WorkerStatus", WorkerStatus)
 
 
+@dataclass(eq=False, repr=False)
+class WorkItem(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return WORKER_PROTO_DESCRIPTOR.message_types_by_name["WorkItem"]
+
+    seq: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+    """
+    The caller's number for this item, unique within the call; its result carries it back.
+    """
+
+    work: "SendWorkReq | None" = betterproto2.field(2, betterproto2.TYPE_MESSAGE, optional=True)
+
+
+default_message_pool.register_message("worker", "WorkItem", WorkItem)
+
+
+@dataclass(eq=False, repr=False)
+class WorkResult(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return WORKER_PROTO_DESCRIPTOR.message_types_by_name["WorkResult"]
+
+    seq: "int" = betterproto2.field(1, betterproto2.TYPE_UINT64)
+
+    state: "JobState" = betterproto2.field(
+        2, betterproto2.TYPE_ENUM, default_factory=lambda: JobState(0)
+    )
+    """
+    The run's end state; JOB_STATE_UNSPECIFIED when the item was refused (see status).
+    """
+
+    result_json: "str" = betterproto2.field(3, betterproto2.TYPE_STRING)
+
+    error: "str" = betterproto2.field(4, betterproto2.TYPE_STRING)
+    """
+    One line: why the run failed, was cancelled or timed out, or why the item was refused.
+    """
+
+    status: "int" = betterproto2.field(5, betterproto2.TYPE_UINT32)
+    """
+    0 when the item ran; else the gRPC status code RunWork would have answered with.
+    """
+
+    retry_after_seconds: "float" = betterproto2.field(6, betterproto2.TYPE_DOUBLE)
+    """
+    With RESOURCE_EXHAUSTED: when to try again (RunWork's RetryInfo).
+    """
+
+
+default_message_pool.register_message("worker", "WorkResult", WorkResult)
+
+
+@dataclass(eq=False, repr=False)
+class WorkResults(betterproto2.Message):
+    @betterproto2.staticproperty
+    @staticmethod
+    def DESCRIPTOR() -> Descriptor:
+        return WORKER_PROTO_DESCRIPTOR.message_types_by_name["WorkResults"]
+
+    results: "list[WorkResult]" = betterproto2.field(1, betterproto2.TYPE_MESSAGE, repeated=True)
+
+
+default_message_pool.register_message("worker", "WorkResults", WorkResults)
+
+
 class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
     async def send_work(
         self,
@@ -384,6 +470,33 @@ class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
             deadline=deadline,
             metadata=metadata,
         )
+
+    async def run_work_stream(
+        self,
+        messages: "AsyncIterable[WorkBatch] | Iterable[WorkBatch]",
+        *,
+        timeout: "float | None" = None,
+        deadline: "Deadline | None" = None,
+        metadata: "MetadataLike | None" = None,
+    ) -> "AsyncIterator[WorkResults]":
+        """
+        RunWork for many jobs over one call: the orchestrators' way, one call per worker for as long
+        as the connection lasts. Each item in is answered by exactly one result out, carrying the
+        item's seq, when its run ends (in the order runs end, not the order they came); a refusal
+        (the status RunWork would answer with) comes back at once. Ending the call abandons the
+        waits, not the runs. A draining worker ends the call once its results are sent.
+        """
+
+        async for response in self._stream_stream(
+            "/worker.WorkerService/RunWorkStream",
+            messages,
+            WorkBatch,
+            WorkResults,
+            timeout=timeout,
+            deadline=deadline,
+            metadata=metadata,
+        ):
+            yield response
 
     async def get_job(
         self,
@@ -453,7 +566,7 @@ class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
 
 
 WORKER_PROTO_DESCRIPTOR = default_google_proto_descriptor_pool.AddSerializedFile(
-    b'\n\x0cworker.proto\x12\x06worker"\xf3\x01\n\x0bSendWorkReq\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x127\n\x06params\x18\x03 \x03(\x0b2\x1f.worker.SendWorkReq.ParamsEntryR\x06params\x12\'\n\x0ftimeout_seconds\x18\x04 \x01(\x01R\x0etimeoutSeconds\x12#\n\rfencing_token\x18\x05 \x01(\x04R\x0cfencingToken\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"O\n\x0bSendWorkRes\x12\x18\n\x07message\x18\x01 \x01(\tR\x07message\x12&\n\x05state\x18\x02 \x01(\x0e2\x10.worker.JobStateR\x05state"\x18\n\x06JobRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id"\x88\x03\n\x07JobInfo\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12&\n\x05state\x18\x03 \x01(\x0e2\x10.worker.JobStateR\x05state\x123\n\x06params\x18\x04 \x03(\x0b2\x1b.worker.JobInfo.ParamsEntryR\x06params\x12\x1f\n\x0bresult_json\x18\x05 \x01(\tR\nresultJson\x12\x14\n\x05error\x18\x06 \x01(\tR\x05error\x12!\n\x0csubmitted_at\x18\x07 \x01(\tR\x0bsubmittedAt\x12\x1d\n\nstarted_at\x18\x08 \x01(\tR\tstartedAt\x12\x1f\n\x0bfinished_at\x18\t \x01(\tR\nfinishedAt\x12\'\n\x0ftimeout_seconds\x18\n \x01(\x01R\x0etimeoutSeconds\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\x0b\n\tStatusReq"\xd8\x03\n\x0cScheduleInfo\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07trigger\x18\x02 \x01(\tR\x07trigger\x12 \n\x0cnext_fire_at\x18\x03 \x01(\tR\nnextFireAt\x12\x1e\n\x0blast_run_at\x18\x04 \x01(\tR\tlastRunAt\x12!\n\x0clast_outcome\x18\x05 \x01(\tR\x0blastOutcome\x12\x1b\n\trun_count\x18\x06 \x01(\x04R\x08runCount\x12#\n\rfailure_count\x18\x07 \x01(\x04R\x0cfailureCount\x12\x16\n\x06paused\x18\x08 \x01(\x08R\x06paused\x12#\n\rskipped_count\x18\t \x01(\x04R\x0cskippedCount\x12!\n\x0cmissed_count\x18\n \x01(\x04R\x0bmissedCount\x12\'\n\x0fcoalesced_count\x18\x0b \x01(\x04R\x0ecoalescedCount\x12\x18\n\x07running\x18\x0c \x01(\rR\x07running\x12\x18\n\x07overlap\x18\r \x01(\tR\x07overlap\x126\n\tdecisions\x18\x0e \x03(\x0b2\x18.worker.ScheduleDecisionR\tdecisions"\x87\x01\n\x10ScheduleDecision\x12\x12\n\x04tick\x18\x01 \x01(\tR\x04tick\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12\x14\n\x05count\x18\x04 \x01(\rR\x05count\x12\x1d\n\ndecided_at\x18\x05 \x01(\tR\tdecidedAt"\xba\x05\n\x0cWorkerStatus\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x0e\n\x02ip\x18\x02 \x01(\tR\x02ip\x12\x10\n\x03pid\x18\x03 \x01(\x05R\x03pid\x12\x12\n\x04host\x18\x04 \x01(\tR\x04host\x12\x1b\n\tgrpc_port\x18\x05 \x01(\x05R\x08grpcPort\x12\x18\n\x07version\x18\x06 \x01(\tR\x07version\x12\x1d\n\nstarted_at\x18\x07 \x01(\tR\tstartedAt\x12\x16\n\x06active\x18\x08 \x01(\x05R\x06active\x12\x1a\n\x08capacity\x18\t \x01(\x05R\x08capacity\x12\x1b\n\tcore_size\x18\n \x01(\x05R\x08coreSize\x12\x19\n\x08max_size\x18\x0b \x01(\x05R\x07maxSize\x12\x16\n\x06queued\x18\x0c \x01(\x05R\x06queued\x12%\n\x0equeue_capacity\x18\r \x01(\x05R\rqueueCapacity\x12\x1c\n\twatermark\x18\x0e \x01(\x05R\twatermark\x12#\n\rjobs_accepted\x18\x0f \x01(\x04R\x0cjobsAccepted\x12#\n\rjobs_rejected\x18\x10 \x01(\x04R\x0cjobsRejected\x12%\n\x0ejobs_succeeded\x18\x11 \x01(\x04R\rjobsSucceeded\x12\x1f\n\x0bjobs_failed\x18\x12 \x01(\x04R\njobsFailed\x12\x1b\n\tjob_names\x18\x13 \x03(\tR\x08jobNames\x122\n\tschedules\x18\x14 \x03(\x0b2\x14.worker.ScheduleInfoR\tschedules\x12-\n\x12registry_connected\x18\x15 \x01(\x08R\x11registryConnected\x12+\n\x11registry_failures\x18\x16 \x01(\x04R\x10registryFailures*u\n\x08JobState\x12\x17\n\x15JOB_STATE_UNSPECIFIED\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06FAILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\r\n\tTIMED_OUT\x10\x062\x85\x02\n\rWorkerService\x124\n\x08SendWork\x12\x13.worker.SendWorkReq\x1a\x13.worker.SendWorkRes\x12/\n\x07RunWork\x12\x13.worker.SendWorkReq\x1a\x0f.worker.JobInfo\x12)\n\x06GetJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x12,\n\tCancelJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x124\n\tGetStatus\x12\x11.worker.StatusReq\x1a\x14.worker.WorkerStatusB&\n"com.dovaj.job_worker_app_demo.grpcP\x01b\x06proto3'
+    b'\n\x0cworker.proto\x12\x06worker"\xf3\x01\n\x0bSendWorkReq\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x127\n\x06params\x18\x03 \x03(\x0b2\x1f.worker.SendWorkReq.ParamsEntryR\x06params\x12\'\n\x0ftimeout_seconds\x18\x04 \x01(\x01R\x0etimeoutSeconds\x12#\n\rfencing_token\x18\x05 \x01(\x04R\x0cfencingToken\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"E\n\x08WorkItem\x12\x10\n\x03seq\x18\x01 \x01(\x04R\x03seq\x12\'\n\x04work\x18\x02 \x01(\x0b2\x13.worker.SendWorkReqR\x04work"3\n\tWorkBatch\x12&\n\x05items\x18\x01 \x03(\x0b2\x10.worker.WorkItemR\x05items"\xc5\x01\n\nWorkResult\x12\x10\n\x03seq\x18\x01 \x01(\x04R\x03seq\x12&\n\x05state\x18\x02 \x01(\x0e2\x10.worker.JobStateR\x05state\x12\x1f\n\x0bresult_json\x18\x03 \x01(\tR\nresultJson\x12\x14\n\x05error\x18\x04 \x01(\tR\x05error\x12\x16\n\x06status\x18\x05 \x01(\rR\x06status\x12.\n\x13retry_after_seconds\x18\x06 \x01(\x01R\x11retryAfterSeconds";\n\x0bWorkResults\x12,\n\x07results\x18\x01 \x03(\x0b2\x12.worker.WorkResultR\x07results"O\n\x0bSendWorkRes\x12\x18\n\x07message\x18\x01 \x01(\tR\x07message\x12&\n\x05state\x18\x02 \x01(\x0e2\x10.worker.JobStateR\x05state"\x18\n\x06JobRef\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id"\x88\x03\n\x07JobInfo\x12\x0e\n\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n\x04name\x18\x02 \x01(\tR\x04name\x12&\n\x05state\x18\x03 \x01(\x0e2\x10.worker.JobStateR\x05state\x123\n\x06params\x18\x04 \x03(\x0b2\x1b.worker.JobInfo.ParamsEntryR\x06params\x12\x1f\n\x0bresult_json\x18\x05 \x01(\tR\nresultJson\x12\x14\n\x05error\x18\x06 \x01(\tR\x05error\x12!\n\x0csubmitted_at\x18\x07 \x01(\tR\x0bsubmittedAt\x12\x1d\n\nstarted_at\x18\x08 \x01(\tR\tstartedAt\x12\x1f\n\x0bfinished_at\x18\t \x01(\tR\nfinishedAt\x12\'\n\x0ftimeout_seconds\x18\n \x01(\x01R\x0etimeoutSeconds\x1a9\n\x0bParamsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x028\x01"\x0b\n\tStatusReq"\xd8\x03\n\x0cScheduleInfo\x12\x12\n\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n\x07trigger\x18\x02 \x01(\tR\x07trigger\x12 \n\x0cnext_fire_at\x18\x03 \x01(\tR\nnextFireAt\x12\x1e\n\x0blast_run_at\x18\x04 \x01(\tR\tlastRunAt\x12!\n\x0clast_outcome\x18\x05 \x01(\tR\x0blastOutcome\x12\x1b\n\trun_count\x18\x06 \x01(\x04R\x08runCount\x12#\n\rfailure_count\x18\x07 \x01(\x04R\x0cfailureCount\x12\x16\n\x06paused\x18\x08 \x01(\x08R\x06paused\x12#\n\rskipped_count\x18\t \x01(\x04R\x0cskippedCount\x12!\n\x0cmissed_count\x18\n \x01(\x04R\x0bmissedCount\x12\'\n\x0fcoalesced_count\x18\x0b \x01(\x04R\x0ecoalescedCount\x12\x18\n\x07running\x18\x0c \x01(\rR\x07running\x12\x18\n\x07overlap\x18\r \x01(\tR\x07overlap\x126\n\tdecisions\x18\x0e \x03(\x0b2\x18.worker.ScheduleDecisionR\tdecisions"\x87\x01\n\x10ScheduleDecision\x12\x12\n\x04tick\x18\x01 \x01(\tR\x04tick\x12\x12\n\x04kind\x18\x02 \x01(\tR\x04kind\x12\x16\n\x06reason\x18\x03 \x01(\tR\x06reason\x12\x14\n\x05count\x18\x04 \x01(\rR\x05count\x12\x1d\n\ndecided_at\x18\x05 \x01(\tR\tdecidedAt"\xba\x05\n\x0cWorkerStatus\x12\x16\n\x06status\x18\x01 \x01(\tR\x06status\x12\x0e\n\x02ip\x18\x02 \x01(\tR\x02ip\x12\x10\n\x03pid\x18\x03 \x01(\x05R\x03pid\x12\x12\n\x04host\x18\x04 \x01(\tR\x04host\x12\x1b\n\tgrpc_port\x18\x05 \x01(\x05R\x08grpcPort\x12\x18\n\x07version\x18\x06 \x01(\tR\x07version\x12\x1d\n\nstarted_at\x18\x07 \x01(\tR\tstartedAt\x12\x16\n\x06active\x18\x08 \x01(\x05R\x06active\x12\x1a\n\x08capacity\x18\t \x01(\x05R\x08capacity\x12\x1b\n\tcore_size\x18\n \x01(\x05R\x08coreSize\x12\x19\n\x08max_size\x18\x0b \x01(\x05R\x07maxSize\x12\x16\n\x06queued\x18\x0c \x01(\x05R\x06queued\x12%\n\x0equeue_capacity\x18\r \x01(\x05R\rqueueCapacity\x12\x1c\n\twatermark\x18\x0e \x01(\x05R\twatermark\x12#\n\rjobs_accepted\x18\x0f \x01(\x04R\x0cjobsAccepted\x12#\n\rjobs_rejected\x18\x10 \x01(\x04R\x0cjobsRejected\x12%\n\x0ejobs_succeeded\x18\x11 \x01(\x04R\rjobsSucceeded\x12\x1f\n\x0bjobs_failed\x18\x12 \x01(\x04R\njobsFailed\x12\x1b\n\tjob_names\x18\x13 \x03(\tR\x08jobNames\x122\n\tschedules\x18\x14 \x03(\x0b2\x14.worker.ScheduleInfoR\tschedules\x12-\n\x12registry_connected\x18\x15 \x01(\x08R\x11registryConnected\x12+\n\x11registry_failures\x18\x16 \x01(\x04R\x10registryFailures*u\n\x08JobState\x12\x17\n\x15JOB_STATE_UNSPECIFIED\x12\n\n\x06QUEUED\x10\x01\x12\x0b\n\x07RUNNING\x10\x02\x12\r\n\tSUCCEEDED\x10\x03\x12\n\n\x06FAILED\x10\x04\x12\r\n\tCANCELLED\x10\x05\x12\r\n\tTIMED_OUT\x10\x062\xc2\x02\n\rWorkerService\x124\n\x08SendWork\x12\x13.worker.SendWorkReq\x1a\x13.worker.SendWorkRes\x12/\n\x07RunWork\x12\x13.worker.SendWorkReq\x1a\x0f.worker.JobInfo\x12;\n\rRunWorkStream\x12\x11.worker.WorkBatch\x1a\x13.worker.WorkResults(\x010\x01\x12)\n\x06GetJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x12,\n\tCancelJob\x12\x0e.worker.JobRef\x1a\x0f.worker.JobInfo\x124\n\tGetStatus\x12\x11.worker.StatusReq\x1a\x14.worker.WorkerStatusB&\n"com.dovaj.job_worker_app_demo.grpcP\x01b\x06proto3'
 )
 
 
@@ -473,6 +586,20 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+
+    async def run_work_stream(
+        self, messages: "AsyncIterator[WorkBatch]"
+    ) -> "AsyncIterator[WorkResults]":
+        """
+        RunWork for many jobs over one call: the orchestrators' way, one call per worker for as long
+        as the connection lasts. Each item in is answered by exactly one result out, carrying the
+        item's seq, when its run ends (in the order runs end, not the order they came); a refusal
+        (the status RunWork would answer with) comes back at once. Ending the call abandons the
+        waits, not the runs. A draining worker ends the call once its results are sent.
+        """
+
+        raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
+        yield WorkResults()
 
     async def get_job(self, message: "JobRef") -> "JobInfo":
         """
@@ -509,6 +636,16 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
         response = await self.run_work(request)
         await stream.send_message(response)
 
+    async def __rpc_run_work_stream(
+        self, stream: "grpclib.server.Stream[WorkBatch, WorkResults]"
+    ) -> None:
+        request = stream.__aiter__()
+        await self._call_rpc_handler_server_stream(
+            self.run_work_stream,
+            stream,
+            request,
+        )
+
     async def __rpc_get_job(self, stream: "grpclib.server.Stream[JobRef, JobInfo]") -> None:
         request = await stream.recv_message()
         assert request is not None
@@ -542,6 +679,12 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
                 grpclib.const.Cardinality.UNARY_UNARY,
                 SendWorkReq,
                 JobInfo,
+            ),
+            "/worker.WorkerService/RunWorkStream": grpclib.const.Handler(
+                self.__rpc_run_work_stream,
+                grpclib.const.Cardinality.STREAM_STREAM,
+                WorkBatch,
+                WorkResults,
             ),
             "/worker.WorkerService/GetJob": grpclib.const.Handler(
                 self.__rpc_get_job,

@@ -29,6 +29,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.core.clock import SystemClock
+from app.core.exception_groups import first_leaf
 from app.core.lifecycle import Lifecycle
 from app.core.outage import Outage, OutageState
 from app.errors import BadDataKind
@@ -145,7 +146,7 @@ class RedisJobEvents:
                     tg.start_soon(self._ask, pubsub)
                     await self._listen(pubsub)
             except* (RedisError, OSError) as group:
-                delay = self._outage.failed(_first(group))
+                delay = self._outage.failed(first_leaf(group))
                 if not started:
                     task_status.started()
                     started = True
@@ -253,11 +254,3 @@ class RedisJobEvents:
     def watching_end(self, job_id: str) -> AbstractContextManager[anyio.Event]:
         """See `JobEvents.watching_end`: woken by a finished state's name on the job's channel."""
         return self._waiters.watching_end(job_id)
-
-
-def _first(group: BaseExceptionGroup[Exception]) -> Exception:
-    """The first exception of a (nested) group."""
-    first = group.exceptions[0]
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first
