@@ -16,6 +16,7 @@ from typing import Any, cast
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 import msgspec
 import pytest
 import trio.testing
@@ -32,7 +33,7 @@ from app.fleet.pod_info import PodInfo, PodStatus, encode_pod_info
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.memory_worker_client import MemoryWorker, MemoryWorkerClient
-from app.orchestrator.worker_client import WorkerClient
+from app.orchestrator.worker_client import Completion, Reply, WorkerClient
 from app.stores.abc import JobStore, WriteResult
 from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
 from tests.helpers import eventually, twin_jobs
@@ -73,6 +74,7 @@ class Fleet:
                         for i in range(1, workers + 1)}  # fmt: skip
         self.client = MemoryWorkerClient(self.workers, store=self.store)
         self.reporting = dict.fromkeys(self.workers, True)
+        self.queue_capacity = 0  # what the workers report
         self.dispatchers: list[Dispatcher] = []
 
     async def start(self) -> None:
@@ -89,6 +91,7 @@ class Fleet:
             status = PodStatus.DRAINING if worker.draining else PodStatus.IDLE
             info = PodInfo(
                 grpc_port=int(port), status=status, ip=ip, max_size=8, capacity=4,
+                queue_capacity=self.queue_capacity,
                 update_datetime=now.isoformat(), update_epoch_ms=int(now.timestamp() * 1000),
                 job_names=sorted(worker.jobs), live_job_ids=worker.live_ids(),
                 job_signatures=advertised(
@@ -340,6 +343,51 @@ async def test_a_burst_never_sends_a_worker_more_than_its_room(fleet: Fleet) -> 
         assert [a.outcome for a in job.attempts] == ["SUCCEEDED"]
     assert max(calls.peak.values()) <= 8, calls.peak
     assert sum(calls.peak.values()) == 16  # both filled up: the burst was one
+
+
+class _QueueTakenByOthers(_CountingCalls):
+    """Workers whose queues other orchestrators fill: past `limit` calls in flight from this
+    one, a call is refused as a real worker refuses with a full queue."""
+
+    def __init__(self, client: MemoryWorkerClient, limit: int) -> None:
+        super().__init__(client)
+        self.limit = limit
+        self.refused = 0
+
+    async def wait(self, address: str, job: BatchJob) -> Any:
+        if self.inflight[address] >= self.limit:
+            self.refused += 1
+            await anyio.lowlevel.checkpoint()
+            return Completion(
+                reply=Reply.REFUSED,
+                error="RESOURCE_EXHAUSTED: queue is full (12 waiting, 8 running)",
+            )
+        return await super().wait(address, job)
+
+
+async def test_a_worker_s_queue_shared_with_others_is_learnt_from_its_refusals(
+    fleet: Fleet,
+) -> None:
+    """A dispatcher may have a worker's whole room in flight (8 running, 100 queued): short jobs
+    go faster with some queued there. Other orchestrators fill that queue too: its refusals halve
+    this one's share, and a refusal for a full queue is load, which uses up no attempt: every
+    job SUCCEEDED."""
+    fleet.queue_capacity = 100
+    await fleet._report()
+    calls = _QueueTakenByOthers(fleet.client, limit=20)
+    config = msgspec.structs.replace(CONFIG, max_inflight=128, retry_budget_ratio=1.0)
+    d = await fleet.dispatcher("o1", client=cast("WorkerClient", calls), config=config)
+    for i in range(100):
+        await fleet.submit(f"q{i}", "sleep", seconds=0.05, max_attempts=1)
+    for i in range(100):
+        job = await fleet.wait_state(f"q{i}", JobState.SUCCEEDED, within=60)
+        assert job.attempts[-1].outcome == "SUCCEEDED"
+    assert calls.refused > 0
+    for address in fleet.workers:
+        entry = d._directory.get(address)
+        assert entry is not None
+        assert d.room(entry) < 8 + 100  # learnt
+        assert calls.peak[address] >= 20  # and the queue was used
 
 
 async def test_a_killed_worker_s_job_finishes_elsewhere_once(fleet: Fleet) -> None:

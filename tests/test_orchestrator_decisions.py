@@ -86,6 +86,28 @@ def test_attempts_run_out_with_the_last_error_named() -> None:
     )
 
 
+def test_a_full_queue_is_load_and_never_uses_up_the_job_s_attempts() -> None:
+    """Issue 12, point 1: load alone fails no job. A refusal for a full queue is retried (backed
+    off more each time, from the budget) until the deadline; other refusals count as before."""
+    j = job(*[(f"w{i}", "REFUSED") for i in range(5)])
+    for attempt in j.attempts:
+        attempt.error = "RESOURCE_EXHAUSTED: queue is full (100 waiting, 8 running)"
+    assert attempts_made(j) == 0
+    step = decide(j, None, now=NOW, cancel_requested=False)
+    assert isinstance(step, Dispatch)
+    assert (step.attempt, step.back_off, step.budgeted) == (6, True, True)
+    assert decide(j, None, now=j.deadline_at, cancel_requested=False) == Finish(
+        state=JobState.TIMED_OUT,
+        error="deadline passed: REFUSED on w4: RESOURCE_EXHAUSTED: queue is full (100 waiting,"
+        " 8 running)",
+    )
+    draining = job(*[(f"w{i}", "REFUSED") for i in range(3)])
+    for attempt in draining.attempts:
+        attempt.error = "UNAVAILABLE: worker is draining and takes no new work"
+    assert attempts_made(draining) == 3
+    assert isinstance(decide(draining, None, now=NOW, cancel_requested=False), Finish)
+
+
 def test_an_orphaned_run_goes_back_to_its_worker_and_is_not_counted() -> None:
     j = job(("w1", "UNREACHABLE"), ("w2", ""), max_attempts=2)
     assert adopt(j)

@@ -133,9 +133,22 @@ def sight_run(info: PodInfo | None, *, fresh: bool, job_id: str, since: float) -
 _RECOVERY = frozenset({"UNREACHABLE", "LOST"})
 
 
+#: How a refusal for a full queue reads (the worker's RESOURCE_EXHAUSTED status).
+QUEUE_FULL = "RESOURCE_EXHAUSTED"
+
+
+def _counts(attempt: AttemptRecord) -> bool:
+    # an orphaned attempt goes on elsewhere; a worker's full queue is load, not the job's fault:
+    # load alone must not fail a job (the back-off, the retry budget and the deadline bound it)
+    if attempt.outcome == ORPHANED:
+        return False
+    return not (attempt.outcome == CallKind.REFUSED.value and attempt.error.startswith(QUEUE_FULL))
+
+
 def attempts_made(job: BatchJob) -> int:
-    """Attempts that count against max_attempts (an orphaned one does not)."""
-    return sum(a.outcome != ORPHANED for a in job.attempts)
+    """Attempts that count against max_attempts (an orphaned one does not, nor a refusal for a
+    full queue)."""
+    return sum(_counts(a) for a in job.attempts)
 
 
 def adopt(job: BatchJob) -> bool:
@@ -198,8 +211,10 @@ def decide(job: BatchJob, call: CallResult | None, *, now: float, cancel_request
         )
     avoid = frozenset(a.worker for a in job.attempts if a.outcome and a.outcome != ORPHANED)
     last = job.attempts[-1].outcome if job.attempts else ""
+    # the back-off grows with every attempt, the ones that do not count included
+    tried = len(job.attempts)
     return Dispatch(
-        attempt=made + 1, back_off=made > 0, budgeted=last not in _RECOVERY, avoid=avoid
+        attempt=tried + 1, back_off=tried > 0, budgeted=last not in _RECOVERY, avoid=avoid
     )
 
 

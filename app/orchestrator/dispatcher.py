@@ -51,6 +51,7 @@ from app.core.lifecycle import Lifecycle
 from app.core.log_context import bind_log_fields, unbind_log_fields
 from app.core.outage import Outage
 from app.core.retry import RetryBudget, RetryPolicy
+from app.core.waiting_line import WaitingLine
 from app.errors import BadDataKind, CorruptRecord, QueueGone, StoreBusy
 from app.fleet.batch_job import AttemptRecord, BatchJob, LostJob
 from app.fleet.job_state import JobState
@@ -58,6 +59,7 @@ from app.fleet.pod_info import PodStatus
 from app.orchestrator.admission import willing
 from app.orchestrator.decisions import (
     ORPHANED,
+    QUEUE_FULL,
     CallKind,
     CallResult,
     Dispatch,
@@ -157,11 +159,13 @@ class Dispatcher:
         self._rng = rng
         self._slots = anyio.CapacityLimiter(config.max_inflight)
         self._slot_freed = anyio.Event()
-        # set when a worker may take more work (a call ended, the directory refreshed): jobs
-        # waiting for a worker look again at once, not at their next timer
-        self._capacity_changed = anyio.Event()
+        # the jobs waiting for a worker (by job type): a call's end wakes the first that its
+        # worker runs, a directory refresh all of them; they look again at once, not at their
+        # next timer
+        self._line: WaitingLine[str] = WaitingLine()
         self._entries: dict[str, str] = {}  # queue entry id -> job id, ours now
         self._worker_inflight: Counter[str] = Counter()
+        self._queue_share: dict[str, int] = {}  # by worker: see `room`
         self._waiting: Counter[int] = Counter()  # jobs waiting for a worker, by priority
         self._breakers: dict[str, CircuitBreaker] = {}
         # per worker: when it was last probed directly, and whether it answered
@@ -224,6 +228,28 @@ class Dispatcher:
         """This dispatcher's calls in flight to the worker at `address`."""
         return self._worker_inflight[address]
 
+    def room(self, entry: WorkerEntry) -> int:
+        """How many calls this dispatcher may have in flight to the worker: what it admits
+        (`max_size` running, `queue_capacity` queued: short jobs go faster with some queued
+        there), less what other orchestrators took of its queue as this one learnt from its
+        refusals (`_queue_share`: halved at a queue-full refusal, one more at each run that ends
+        there, so that several orchestrators share a worker without refusals becoming the rule).
+        """
+        running = max(1, entry.info.max_size)
+        queue = entry.info.queue_capacity
+        return running + min(queue, self._queue_share.get(entry.address, queue))
+
+    def _learn_room(self, address: str, result: CallResult) -> None:
+        entry = self._directory.get(address)
+        if entry is None:
+            return
+        queue = entry.info.queue_capacity
+        share = self._queue_share.get(address, queue)
+        if result.kind is CallKind.REFUSED and result.error.startswith(QUEUE_FULL):
+            self._queue_share[address] = share // 2
+        elif result.kind is CallKind.DONE and share < queue:
+            self._queue_share[address] = share + 1
+
     def eligibility(self, entry: WorkerEntry, job_type: str | None = None) -> str | None:
         """Why this worker gets no new work now (None: it does)."""
         stale = self._directory.stale_reason(entry)
@@ -233,7 +259,7 @@ class Dispatcher:
             return str(entry.info.status.value)
         if job_type is not None and entry.info.job_names and job_type not in entry.info.job_names:
             return f"does not run {job_type!r}"
-        if self._worker_inflight[entry.address] >= max(1, entry.info.max_size):
+        if self._worker_inflight[entry.address] >= self.room(entry):
             return "full with this orchestrator's calls"
         if not self.breaker(entry.address).allows():
             return f"circuit breaker {self.breaker(entry.address).state.value}"
@@ -375,13 +401,13 @@ class Dispatcher:
         """Each directory refresh may bring a worker (or room on one): wake the waiting jobs."""
         while True:
             await self._directory.wait_refreshed()
-            self._wake_waiting()
+            self._line.wake_all()
 
-    def _wake_waiting(self) -> None:
-        """Wake the jobs waiting for a worker (if any: no new event per job otherwise)."""
-        if any(self._waiting.values()):
-            self._capacity_changed.set()
-            self._capacity_changed = anyio.Event()
+    def _room_freed(self, address: str) -> None:
+        """Room on that worker: wake the first job in line that it runs."""
+        entry = self._directory.get(address)
+        if entry is not None:
+            self._line.wake_first(lambda job_type: self._directory.runs(entry, job_type))
 
     async def _wait_slot_freed(self) -> None:
         with anyio.move_on_after(1.0):
@@ -476,7 +502,7 @@ class Dispatcher:
         """Forget what is kept per worker (breakers, probes) for workers that left the registry
         and have no call in flight: workers come and go, each under a new address in k8s."""
         known = {e.address for e in self._directory.entries()}
-        for table in (self._breakers, self._probes):
+        for table in (self._breakers, self._probes, self._queue_share):
             for address in [a for a in table if a not in known and not self._worker_inflight[a]]:
                 del table[address]
         self._cut_off &= known
@@ -749,10 +775,10 @@ class Dispatcher:
         prefer = step.prefer
         losses = self._data_losses
         self._waiting[job.priority] += 1
+        still_wanted_at = anyio.current_time() + 1.0
+        woken = False
         try:
             while self._time_left(job) > 0:
-                # taken before looking: a change while this looks (and awaits) is not missed
-                changed = self._capacity_changed
                 if prefer is not None:
                     # the worker its run may go on: stale in the registry but answering (cut
                     # off from Redis only) still has it, and a copy elsewhere would run twice
@@ -767,16 +793,25 @@ class Dispatcher:
                     address = self._choose(job, step.avoid)
                     if address is not None:
                         return address
-                if await self._store.cancel_requested(job.job_id):
-                    return None
+                if anyio.current_time() >= still_wanted_at:
+                    # each second without a worker, not at each wake (a Redis read each time
+                    # made a burst cost 50 commands a job)
+                    still_wanted_at = anyio.current_time() + 1.0
+                    if await self._store.cancel_requested(job.job_id):
+                        return None
+                    continue  # room may have freed during the read: look again first
                 if losses != self._data_losses:  # Redis lost its data: is the record still there?
                     losses = self._data_losses
                     if await self._store.get(job.job_id) is None:
                         return None
+                    continue
+                # no await since the look above: room that frees from here on wakes this job
                 with anyio.move_on_after(
                     min(1.0, max(0.0, job.deadline_at - self._clock.timestamp()))
-                ):
-                    await changed.wait()
+                ) as waiting:
+                    with self._line.place(job.priority, job.job_type, front=woken) as event:
+                        await event.wait()
+                woken = not waiting.cancelled_caught
             return None
         finally:
             self._waiting[job.priority] -= 1
@@ -819,7 +854,7 @@ class Dispatcher:
     def _give_back(self, address: str) -> None:
         """A dispatch that did not go ahead: the worker's room and the breaker's slot go back."""
         self._worker_inflight[address] -= 1
-        self._wake_waiting()
+        self._room_freed(address)
         self.breaker(address).release()
 
     async def _call(self, job: BatchJob, address: str, token: int) -> CallResult:
@@ -859,8 +894,9 @@ class Dispatcher:
         finally:
             unbind_log_fields(logged)
             self._worker_inflight[address] -= 1
-            self._wake_waiting()  # they look once the breaker below has heard (no await between)
+            self._room_freed(address)  # it looks once the breaker below has heard (no await)
         assert result is not None
+        self._learn_room(address, result)
         if result.kind in (CallKind.UNREACHABLE, CallKind.LOST):
             self._client.forget(address)
             breaker.record_failure()
