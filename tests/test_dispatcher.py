@@ -33,7 +33,9 @@ from app.fleet.pod_info import PodInfo, PodStatus, encode_pod_info
 from app.orchestrator.directory import WorkerDirectory
 from app.orchestrator.dispatcher import Dispatcher
 from app.orchestrator.memory_worker_client import MemoryWorker, MemoryWorkerClient
+from app.orchestrator.service import OrchestratorService
 from app.orchestrator.worker_client import Completion, Reply, WorkerClient
+from app.pb import orchestrator as pb
 from app.stores.abc import JobStore, WriteResult
 from app.stores.memory import MemoryJobEvents, MemoryJobStore, MemoryPodRegistry
 from tests.helpers import eventually, twin_jobs
@@ -187,6 +189,30 @@ async def test_a_job_runs_once_and_its_entry_is_acked(fleet: Fleet) -> None:
     s = d.statistics()
     assert (s.state, s.dispatched, s.succeeded, s.retries) == (Lifecycle.RUNNING, 1, 1, 0)
     assert "succeeded=1" in repr(d)
+
+
+async def test_a_job_submitted_with_a_free_slot_is_driven_without_a_read_of_the_queue(
+    fleet: Fleet,
+) -> None:
+    """The Submit's own script delivers the entry to its orchestrator (one round trip and a wake
+    of the blocked read less). Without a free slot the job waits in the queue for the readers,
+    and is driven all the same."""
+    config = msgspec.structs.replace(CONFIG, max_inflight=4)
+    d = await fleet.dispatcher("o1", config=config)
+    service = OrchestratorService(fleet.store, fleet.events, d._directory, d, config)
+    for i in range(3):
+        answer = await service.submit(pb.BatchExecutionRequest(job_id=f"t{i}", job_type="echo"))
+        await fleet.wait_state(answer.job_id, JobState.SUCCEEDED)
+    assert d.statistics().taken_on_submit == 3
+    # 6 long runs at once, 4 slots (the blocked read keeps at least one): at most 3 are taken
+    # on their submit, the others by the queue's readers as slots free
+    for i in range(6):
+        await service.submit(pb.BatchExecutionRequest(job_id=f"long{i}", job_type="sleep",
+                                                      params={"seconds": "0.2"}))  # fmt: skip
+    for i in range(6):
+        await fleet.wait_state(f"long{i}", JobState.SUCCEEDED)
+    assert 3 < d.statistics().taken_on_submit <= 6
+    await fleet.wait_queue_empty()
 
 
 class _CancelledAsTaken:

@@ -309,13 +309,42 @@ async def test_registry_entries_expire(stores: Stores) -> None:
 async def test_submit_creates_the_record_and_queues_it(stores: Stores) -> None:
     store = stores.store
     submitted = job("a", params={"n": "1"})
-    assert await store.submit(submitted, bound=10) == (SubmitResult.CREATED, None, 0)
+    assert await store.submit(submitted, bound=10) == (SubmitResult.CREATED, None, 0, None)
     assert await store.get("a") == submitted
     assert await store.get("nope") is None
     assert await store.fence("a") == 0
     assert await store.cancel_requested("a") is False
     assert await store.queued_count("echo") == 1
     assert [job_id for _, job_id in await store.read_new("c1", count=10, block_ms=10)] == ["a"]
+
+
+async def test_a_submit_delivers_the_oldest_unread_entry_to_its_consumer(stores: Stores) -> None:
+    """`deliver_to`: the submit hands the oldest unread entry (its own when none waits) to the
+    consumer, pending for it as after `read_new`, its first take from the copy; others' reads
+    do not get it."""
+    store = stores.store
+    result, _, _, delivered = await store.submit(job("a"), bound=10, deliver_to="o1")
+    assert result is SubmitResult.CREATED
+    assert delivered is not None
+    entry_id, job_id = delivered
+    assert job_id == "a"
+    assert await store.holds_entry(entry_id)
+    assert await store.read_new("o2", count=10, block_ms=10) == []  # o1's now
+    copy = await store.take("a")
+    assert copy is not None
+    assert copy.unverified is not None  # read nothing
+    # a backlog: the oldest unread entry goes first, this submit's own stays for the readers
+    await store.submit(job("b"), bound=10)
+    *_, delivered = await store.submit(job("c"), bound=10, deliver_to="o1")
+    assert delivered is not None
+    assert delivered[1] == "b"
+    assert [j for _, j in await store.read_new("o2", count=10, block_ms=10)] == ["c"]
+    # refused submits deliver nothing
+    assert (await store.submit(job("a"), bound=10, deliver_to="o1"))[3] is None
+    assert (await store.submit(job("d"), bound=0, deliver_to="o1"))[3] is None
+    # claimable as any pending entry once its holder stops
+    claimed = await store.claim_idle("o3", min_idle_ms=0, count=10)
+    assert sorted(j for _, j in claimed) == ["a", "b", "c"]
 
 
 async def test_a_fresh_entry_is_taken_from_its_copy_once_and_its_first_write_expects_it(
@@ -372,7 +401,7 @@ async def test_submit_is_idempotent(stores: Stores) -> None:
     store = stores.store
     original = job("a", params={"n": "1"})
     assert (await store.submit(original, bound=10))[0] is SubmitResult.CREATED
-    result, existing, _ = await store.submit(job("a", params={"n": "2"}), bound=10)
+    result, existing, _, _ = await store.submit(job("a", params={"n": "2"}), bound=10)
     assert result is SubmitResult.EXISTS
     assert existing == original
     assert await store.get("a") == original
@@ -441,7 +470,7 @@ async def test_submit_is_bounded_per_type_and_a_finished_job_frees_its_slot(
     store = stores.store
     assert (await store.submit(job("a"), bound=2))[0] is SubmitResult.CREATED
     assert (await store.submit(job("b"), bound=2))[0] is SubmitResult.CREATED
-    assert await store.submit(job("c"), bound=2) == (SubmitResult.QUEUE_FULL, None, 2)
+    assert await store.submit(job("c"), bound=2) == (SubmitResult.QUEUE_FULL, None, 2, None)
     assert await store.get("c") is None  # nothing of a refused job is kept
     assert (await store.submit(job("x", "other"), bound=2))[0] is SubmitResult.CREATED
     assert (await store.queued_count("echo"), await store.queued_count("other")) == (2, 1)
@@ -454,17 +483,17 @@ async def test_submit_is_bounded_per_type_and_a_finished_job_frees_its_slot(
     assert await store.write(record, token) is WriteResult.WRITTEN
     assert await store.queued_count("echo") == 1
     assert (await store.submit(job("c"), bound=2))[0] is SubmitResult.CREATED
-    assert await store.submit(job("d"), bound=2) == (SubmitResult.QUEUE_FULL, None, 2)
+    assert await store.submit(job("d"), bound=2) == (SubmitResult.QUEUE_FULL, None, 2, None)
 
 
 async def test_a_known_id_answers_its_job_even_when_its_type_is_full(stores: Stores) -> None:
     store = stores.store
     first = job("a")
     assert (await store.submit(first, bound=1))[0] is SubmitResult.CREATED
-    assert await store.submit(job("a"), bound=1) == (SubmitResult.EXISTS, first, 0)
-    assert await store.submit(job("b"), bound=1) == (SubmitResult.QUEUE_FULL, None, 1)
+    assert await store.submit(job("a"), bound=1) == (SubmitResult.EXISTS, first, 0, None)
+    assert await store.submit(job("b"), bound=1) == (SubmitResult.QUEUE_FULL, None, 1, None)
     assert await store.queued_count("echo") == 1  # neither the repeat nor the refusal counted
-    assert await store.submit(job("a"), bound=2) == (SubmitResult.EXISTS, first, 0)
+    assert await store.submit(job("a"), bound=2) == (SubmitResult.EXISTS, first, 0, None)
     assert await store.queued_count("echo") == 1
     assert [j for _, j in await store.read_new("c1", count=10, block_ms=10)] == ["a"]
 

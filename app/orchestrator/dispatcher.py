@@ -74,7 +74,7 @@ from app.orchestrator.decisions import (
 )
 from app.orchestrator.directory import WorkerDirectory, WorkerEntry
 from app.orchestrator.worker_client import Completion, Reply, WorkerClient
-from app.stores.abc import JobEvents, JobStore, WriteResult
+from app.stores.abc import JobEvents, JobStore, QueueEntry, WriteResult
 from app.stores.patient import MAX_DELAY as PATIENCE_MAX_DELAY
 from app.stores.patient import PatientJobStore
 from app.stores.waits import wait_finished
@@ -120,6 +120,7 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     fences_restored: int
     found_on_worker: int
     copies_out_of_date: int  # fresh entries' copies refused at the first write: taken again
+    taken_on_submit: int  # jobs delivered by their submit here, not read from the queue
     store_waits: int
     store_busy: int
 
@@ -158,6 +159,9 @@ class Dispatcher:
         self.consumer = consumer
         self._rng = rng
         self._slots = anyio.CapacityLimiter(config.max_inflight)
+        # slots promised to a read or a claim of the queue under way (its entries take them as
+        # they come): a submit's reservation leaves them be
+        self._promised = 0
         self._slot_freed = anyio.Event()
         # the jobs waiting for a worker (by job type): a call's end wakes the first that its
         # worker runs, a directory refresh all of them; they look again at once, not at their
@@ -289,6 +293,7 @@ class Dispatcher:
             fences_restored=c["fences_restored"],
             found_on_worker=c["found_on_worker"],
             copies_out_of_date=c["copies_out_of_date"],
+            taken_on_submit=c["taken_on_submit"],
             store_waits=self._store.waits,
             store_busy=self._store.busy + c["store_busy"],
         )
@@ -414,22 +419,29 @@ class Dispatcher:
             await self._slot_freed.wait()
         self._slot_freed = anyio.Event()
 
+    def _free_slots(self) -> int:
+        return int(self._slots.available_tokens) - self._promised
+
     async def _consume_loop(self) -> None:
         while not self._draining:
-            free = int(self._slots.available_tokens)
+            free = self._free_slots()
             if free < 1:
                 await self._wait_slot_freed()
                 continue
+            # half the free slots at most: the blocked read mostly waits, and the submits taken
+            # here meanwhile need the others
+            count = min(max(1, free // 2), 64)
+            self._promised += count
             try:
-                entries = await self._store.read_new(
-                    self.consumer, count=min(free, 64), block_ms=1000
-                )
+                entries = await self._store.read_new(self.consumer, count=count, block_ms=1000)
             except QueueGone:
                 await self._recreate_queue()
                 continue
             except Exception as exc:  # Redis away: the jobs wait in the queue meanwhile
                 await anyio.sleep(self._queue_outage.failed(exc))
                 continue
+            finally:
+                self._promised -= count
             self._queue_outage.succeeded()
             for entry_id, job_id in entries:
                 self._take(entry_id, job_id)
@@ -439,13 +451,14 @@ class Dispatcher:
         while True:
             await anyio.sleep(self._config.claim_idle_seconds / 2)
             self._prune()
-            free = int(self._slots.available_tokens)
+            free = self._free_slots()
             if self._draining or free < 1:
                 continue
             # after an outage every entry looks idle, live holders' too: give their keep-alives
             # a claim period (and a retry) to refresh them first
             if self._store.unavailable_within(self._config.claim_idle_seconds + 1.0):
                 continue
+            self._promised += free
             try:
                 claimed = await self._store.claim_idle(
                     self.consumer, min_idle_ms=idle_ms, count=free
@@ -456,6 +469,8 @@ class Dispatcher:
             except Exception as exc:
                 self._queue_outage.failed(exc)
                 continue
+            finally:
+                self._promised -= free
             for entry_id, job_id in claimed:
                 if entry_id not in self._entries:
                     log.info("claimed job %s from an orchestrator that stopped", job_id,
@@ -508,6 +523,28 @@ class Dispatcher:
         self._cut_off &= known
         for address in [a for a, n in self._worker_inflight.items() if not n]:
             del self._worker_inflight[address]
+
+    def reserve_intake(self) -> object | None:
+        """A slot for a job submitted through this orchestrator, whose submit may deliver its
+        queue entry here (`take_delivered`): the job is then driven without a read of the queue
+        (a round trip, and a wake of the blocked read, less). None when no job is taken now
+        (draining, not running, every slot in use): the queue's readers take it."""
+        if self._draining or self._task_group is None or self._free_slots() < 1:
+            return None
+        reservation = object()
+        self._slots.acquire_on_behalf_of_nowait(reservation)
+        return reservation
+
+    def take_delivered(self, reservation: object, entry: QueueEntry | None) -> None:
+        """The reserved slot goes to the entry the submit delivered (None: back to the pool).
+        An entry this dispatcher cannot take any more stays pending for it: the claim loops
+        (this one's or another orchestrator's) take it once idle, as after a stop."""
+        self._slots.release_on_behalf_of(reservation)
+        if entry is not None and self._task_group is not None:
+            self._counts["taken_on_submit"] += 1
+            self._take(*entry)
+        else:
+            self._slot_freed.set()
 
     def _take(self, entry_id: str, job_id: str) -> None:
         assert self._task_group is not None

@@ -308,7 +308,19 @@ class OrchestratorService(pb.OrchestratorServiceBase):
                     return existing, True
             raise refusal
         bound = self._config.queue_bound_per_type
-        result, existing, queued = await self._store.submit(job, bound=bound)
+        # with a free slot here, the submit hands its entry to this orchestrator's dispatcher
+        reservation = self._dispatcher.reserve_intake()
+        deliver_to = "" if reservation is None else self._dispatcher.consumer
+        try:
+            result, existing, queued, delivered = await self._store.submit(
+                job, bound=bound, deliver_to=deliver_to
+            )
+        except BaseException:
+            if reservation is not None:
+                self._dispatcher.take_delivered(reservation, None)
+            raise
+        if reservation is not None:
+            self._dispatcher.take_delivered(reservation, delivered)
         if result is SubmitResult.QUEUE_FULL:
             raise retry_later(
                 Status.RESOURCE_EXHAUSTED,

@@ -174,11 +174,17 @@ class JobStore(Protocol):
         ...
 
     async def submit(
-        self, job: BatchJob, *, bound: int
-    ) -> tuple[SubmitResult, BatchJob | None, int]:
+        self, job: BatchJob, *, bound: int, deliver_to: str = ""
+    ) -> tuple[SubmitResult, BatchJob | None, int, QueueEntry | None]:
         """Create the record, queue the job and add it to the job index (by `submitted_at`),
         atomically, unless its id exists or its type has `bound` unfinished jobs. Returns
-        (result, the existing record for EXISTS, the unfinished count for QUEUE_FULL)."""
+        (result, the existing record for EXISTS, the unfinished count for QUEUE_FULL, the entry
+        delivered).
+
+        `deliver_to` (a consumer): in the same step, the oldest entry nobody has read (this
+        job's, unless others wait before it) is delivered to that consumer as `read_new` would,
+        and returned (its first `take` reads nothing, as after `read_new`): the orchestrator that
+        takes a Submit with a free slot drives the job without a read of the queue."""
         ...
 
     async def get(self, job_id: str) -> BatchJob | None:

@@ -335,16 +335,17 @@ class MemoryJobStore:
         return created
 
     async def submit(
-        self, job: BatchJob, *, bound: int
-    ) -> tuple[SubmitResult, BatchJob | None, int]:
-        """Create the record and queue the job unless its id exists or its type is full."""
+        self, job: BatchJob, *, bound: int, deliver_to: str = ""
+    ) -> tuple[SubmitResult, BatchJob | None, int, QueueEntry | None]:
+        """Create the record and queue the job unless its id exists or its type is full; the
+        oldest unread entry delivered to `deliver_to` when given."""
         await anyio.lowlevel.checkpoint()
         existing = self._records.get(job.job_id)
         if existing is not None:
-            return SubmitResult.EXISTS, self._decode(job.job_id, existing), 0
+            return SubmitResult.EXISTS, self._decode(job.job_id, existing), 0, None
         queued = self._queued.get(job.job_type, 0)
         if queued >= bound:
-            return SubmitResult.QUEUE_FULL, None, queued
+            return SubmitResult.QUEUE_FULL, None, queued, None
         self._queued[job.job_type] = queued + 1
         record = encode_job(job)
         self._records.set(job.job_id, record)
@@ -356,10 +357,14 @@ class MemoryJobStore:
         self._entries[self._last_entry] = job.job_id
         self._entry_records[self._last_entry] = record  # as the Redis entry carries it
         self._unread.append(self._last_entry)
+        if deliver_to and self._group:  # no group (Redis lost it): no delivery, as in Redis
+            self._consumers[deliver_to] = anyio.current_time()
+            delivered = self._deliver_new(deliver_to, 1)
+            return SubmitResult.CREATED, None, 0, delivered[0] if delivered else None
         if self._arrived is not None:
             self._arrived.set()
             self._arrived = None
-        return SubmitResult.CREATED, None, 0
+        return SubmitResult.CREATED, None, 0, None
 
     async def get(self, job_id: str) -> BatchJob | None:
         """The record (a fresh copy), or None when there is none."""

@@ -93,10 +93,10 @@ class PatientJobStore:
         return await self._call(self._store.ensure_group)
 
     async def submit(
-        self, job: BatchJob, *, bound: int
-    ) -> tuple[SubmitResult, BatchJob | None, int]:
+        self, job: BatchJob, *, bound: int, deliver_to: str = ""
+    ) -> tuple[SubmitResult, BatchJob | None, int, QueueEntry | None]:
         """See `JobStore.submit`."""
-        return await self._call(self._store.submit, job, bound=bound)
+        return await self._call(self._store.submit, job, bound=bound, deliver_to=deliver_to)
 
     async def get(self, job_id: str) -> BatchJob | None:
         """See `JobStore.get`."""

@@ -152,10 +152,12 @@ local function count_down(key)
 end
 """
 
-# KEYS: record, counter, stream, index   ARGV: json, bound, job_id, submitted_at
+# KEYS: record, counter, stream, index
+# ARGV: json, bound, job_id, submitted_at, group, consumer to deliver to ('': none)
 # {0, record} exists; {2, count} full; {3} its record is not a string value;
-# {1, entry id, 1 when the counter was junk, the junk (nil: not a string value),
-#  1 when the index is junk (the job goes on, unindexed)}
+# {1, entry id, 1 when the counter was junk, 1 when the index is junk (the job goes on,
+#  unindexed), the XREADGROUP reply of the delivery (nil: none), the counter's junk (nil: not a
+#  string value; last, since a nil ends a Lua array)}
 # The common case costs no read: the count goes up (INCR answers it) and the record is made
 # with SET NX; a full type or a known id undoes the count (DECR) and then reads what is there.
 # A junk counter (INCR refuses it, leaving it as it is) takes the careful path.
@@ -191,7 +193,15 @@ local id = redis.call('XADD', KEYS[3], '*', 'job_id', ARGV[3], 'record', ARGV[1]
 local indexed = redis.pcall('ZADD', KEYS[4], ARGV[4], ARGV[3])
 local index_junk = 0
 if type(indexed) == 'table' and indexed['err'] then index_junk = 1 end
-return {{1, id, junk, raw, index_junk}}
+-- the submitting orchestrator takes the oldest unread entry (this one, unless others wait) as
+-- its read would: best effort (no group, Redis lost it: no delivery; its readers recreate it)
+local delivered = false
+if ARGV[6] ~= '' then
+  local got = redis.pcall('XREADGROUP', 'GROUP', ARGV[5], ARGV[6], 'COUNT', 1,
+                          'STREAMS', KEYS[3], '>')
+  if type(got) == 'table' and not got['err'] then delivered = got end
+end
+return {{1, id, junk, index_junk, delivered, raw}}
 """
 
 # KEYS: record, fence, counter, channel, cancel, stream
@@ -427,34 +437,41 @@ class RedisJobStore:
 
     @translated
     async def submit(
-        self, job: BatchJob, *, bound: int
-    ) -> tuple[SubmitResult, BatchJob | None, int]:
-        """Create the record and queue it, atomically, unless the id exists or the type is full.
+        self, job: BatchJob, *, bound: int, deliver_to: str = ""
+    ) -> tuple[SubmitResult, BatchJob | None, int, QueueEntry | None]:
+        """Create the record and queue it, atomically, unless the id exists or the type is full
+        (and deliver the oldest unread entry to `deliver_to`, in the same script).
 
-        Returns (result, the existing job for EXISTS, the queued count for QUEUE_FULL);
-        CorruptRecord when the id's existing record does not read. A junk counter of the type
-        is started again from 0.
+        Returns (result, the existing job for EXISTS, the queued count for QUEUE_FULL, the
+        entry delivered); CorruptRecord when the id's existing record does not read. A junk
+        counter of the type is started again from 0.
         """
         keys = self._keys(job)
         reply = await self.batcher.script(
             self._submit,
             [keys[0], keys[2], self.stream_key, self.index_key],
-            [encode_job(job), bound, job.job_id, repr(job.submitted_at)],
+            [encode_job(job), bound, job.job_id, repr(job.submitted_at), self.group, deliver_to],
         )
         status = reply[0]
         if status == 3:
             raise self._bad_record(job.job_id, None)
         if status == 0:
-            return SubmitResult.EXISTS, self._decode(job.job_id, reply[1]), 0
+            return SubmitResult.EXISTS, self._decode(job.job_id, reply[1]), 0, None
         if status == 2:
-            return SubmitResult.QUEUE_FULL, None, int(reply[1])
+            return SubmitResult.QUEUE_FULL, None, int(reply[1]), None
         if reply[2]:
-            self.bad_data.found(
-                BadDataKind.QUEUED_COUNTER, keys[2], not_a(reply[3], "an integer"), "reset to 0"
-            )
-        if len(reply) > 4 and reply[4]:
+            self.bad_data.found(BadDataKind.QUEUED_COUNTER, keys[2],
+                                not_a(reply[5] if len(reply) > 5 else None, "an integer"),
+                                "reset to 0")  # fmt: skip
+        if reply[3]:
             self._index_is_junk()
-        return SubmitResult.CREATED, None, 0
+        delivered = None
+        if reply[4]:
+            # a script's XREADGROUP reply, as Redis sends it: fields as a flat list
+            entries = ((e[0], _pairs(e[1])) for _, es in reply[4] for e in es)
+            usable = await self._usable(entries, fresh=True)
+            delivered = usable[0] if usable else None
+        return SubmitResult.CREATED, None, 0, delivered
 
     @translated
     async def get(self, job_id: str) -> BatchJob | None:
@@ -965,6 +982,12 @@ def _job_id_of(fields: dict[Any, Any]) -> tuple[str, str]:
     except UnicodeDecodeError:
         return "", f"job_id {show(raw)} is not UTF-8"
     return (job_id, "") if job_id else ("", "empty job_id")
+
+
+def _pairs(flat: Sequence[Any] | None) -> dict[Any, Any]:
+    """A stream entry's fields from the flat list a script gets them as."""
+    flat = flat or []
+    return dict(zip(flat[::2], flat[1::2], strict=False))
 
 
 def _bytes(value: bytes | str) -> bytes:
