@@ -259,6 +259,37 @@ def test_every_worker_field_fuzzed(
     _alive(channels.worker, "/worker.WorkerService/GetStatus")
 
 
+# RunWorkStream's messages: WorkBatch{repeated WorkItem items = 1}, WorkItem{seq = 1, work = 2}
+_work_item = st.tuples(_field(1, INT), request(SEND_WORK).map(lambda b: _len_field(2, b))).map(
+    b"".join
+)
+work_batches = st.one_of(
+    st.lists(_work_item, max_size=4).map(lambda items: b"".join(_len_field(1, i) for i in items)),
+    junk,
+)
+
+
+def test_the_work_stream_fuzzed(channels: SimpleNamespace) -> None:
+    """Junk batches on RunWorkStream: the call answers its items (each refused with a status
+    and a reason, or run) and ends OK, or ends with a status; never UNKNOWN, never a traceback."""
+    call = channels.worker.stream_stream(
+        "/worker.WorkerService/RunWorkStream", request_serializer=bytes,
+        response_deserializer=bytes,
+    )  # fmt: skip
+    seen: Counter[str] = Counter()
+
+    @FUZZ
+    @given(data=work_batches)
+    def fuzz(data: bytes) -> None:
+        _check_reply(lambda: list(call(iter([data]), timeout=10)), seen)
+
+    fuzz()
+    print(dict(seen))
+    assert sum(seen.values()) >= 40
+    assert len(seen) >= 2, seen  # some calls went through, some did not read
+    _alive(channels.worker, "/worker.WorkerService/GetStatus")
+
+
 @pytest.mark.parametrize(
     ("method", "fields"),
     [

@@ -208,6 +208,18 @@ async def test_items_are_refused_one_by_one_with_runwork_s_status(worker: Worker
         await stream.end()
 
 
+async def test_a_client_that_ends_its_side_gets_its_results_then_ok(worker: WorkerProcess) -> None:
+    async for stream in raw_call(worker):
+        await stream.send_message(
+            wpb.WorkBatch(items=[item(1, "h1", "sleep", seconds="0.3"), item(2, "h2")]), end=True
+        )
+        got = await results_until(stream, 2)
+        assert (got[1].state, got[2].state) == (wpb.JobState.SUCCEEDED, wpb.JobState.SUCCEEDED)
+        with anyio.fail_after(10):
+            assert await stream.recv_message() is None
+        await stream.recv_trailing_metadata()  # OK: raises otherwise
+
+
 async def test_a_draining_worker_answers_its_runs_then_ends_the_call(worker: WorkerProcess) -> None:
     async for stream in raw_call(worker):
         await stream.send_message(wpb.WorkBatch(items=[item(1, "d1", "sleep", seconds="1")]))

@@ -7,11 +7,12 @@ the status RunWork would have answered when the item is refused. Results that en
 loop turn go out as one message. Per job this costs a share of one DATA frame each way, where a
 RunWork costs a stream's headers, message and trailers both ways.
 
-Ending the call (the orchestrator going, the connection breaking) abandons the waits, not the
-runs: their outcomes are recorded in the job store all the same (`OutcomeWriter`). A draining
-worker refuses new items (an item of a run it has attaches, as with RunWork), and ends the call
-with OK once no run of the call is left, so that the server's close is not held up by a call
-that never ends on its own; the client asks with RunWork for what it had sent after that.
+A client that ends its side of the call gets the results of what it sent, then the call's end
+(OK). Cancelling the call (the orchestrator going, the connection breaking) abandons the waits,
+not the runs: their outcomes are recorded in the job store all the same (`OutcomeWriter`). A
+draining worker refuses new items (an item of a run it has attaches, as with RunWork), and ends
+the call with OK once no run of the call is left, so that the server's close is not held up by
+a call that never ends on its own; the client asks with RunWork for what it had sent after that.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class WorkStreamSession:
         self._ready = anyio.Event()
         self._pending = 0  # items admitted whose runs have not ended yet
         self._closed = False  # ends after the call are dropped
-        self._ending = False  # draining: end the call once `_pending` is 0
+        # the client sent its last item, or a drain began: end the call once `_pending` is 0
+        self._ending = False
 
     async def serve(self) -> None:
         """Answer the call until the client ends it, or until a drain has no more to send."""
@@ -75,7 +77,9 @@ class WorkStreamSession:
                 async for batch in self._stream:
                     for item in batch.items:
                         self._admit(item)
-                tg.cancel_scope.cancel()  # the client is done: nothing it waits for is left
+                # the client has sent all it will: answer what it sent, then end the call
+                self._ending = True
+                self._ready.set()
         except BaseExceptionGroup as group:
             error = first_leaf(group)
             if isinstance(error, CALL_GONE):

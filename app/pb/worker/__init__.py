@@ -483,8 +483,9 @@ class WorkerServiceStub(betterproto2_grpclib.ServiceStub):
         RunWork for many jobs over one call: the orchestrators' way, one call per worker for as long
         as the connection lasts. Each item in is answered by exactly one result out, carrying the
         item's seq, when its run ends (in the order runs end, not the order they came); a refusal
-        (the status RunWork would answer with) comes back at once. Ending the call abandons the
-        waits, not the runs. A draining worker ends the call once its results are sent.
+        (the status RunWork would answer with) comes back at once. A client that ends its side gets
+        the results of what it sent, then OK; cancelling the call abandons the waits, not the runs.
+        A draining worker ends the call once its results are sent.
         """
 
         async for response in self._stream_stream(
@@ -594,8 +595,9 @@ class WorkerServiceBase(betterproto2_grpclib.ServiceBase):
         RunWork for many jobs over one call: the orchestrators' way, one call per worker for as long
         as the connection lasts. Each item in is answered by exactly one result out, carrying the
         item's seq, when its run ends (in the order runs end, not the order they came); a refusal
-        (the status RunWork would answer with) comes back at once. Ending the call abandons the
-        waits, not the runs. A draining worker ends the call once its results are sent.
+        (the status RunWork would answer with) comes back at once. A client that ends its side gets
+        the results of what it sent, then OK; cancelling the call abandons the waits, not the runs.
+        A draining worker ends the call once its results are sent.
         """
 
         raise grpclib.GRPCError(grpclib.const.Status.UNIMPLEMENTED)
