@@ -11,8 +11,10 @@ import logging
 from grpclib.const import Status
 from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
 
+from app.fleet.batch_job import RunOutcome
+from app.fleet.job_state import JobState, from_worker_wire
 from app.grpc.status import retry_info
-from app.orchestrator.worker_client import Reply
+from app.orchestrator.worker_client import Completion, Reply
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,16 @@ def status_text(exc: GRPCError) -> str:
     """`refusal_text` of a call's error status (its RetryInfo read from the details)."""
     hint = retry_info(exc.details)
     return refusal_text(exc.status, exc.message or "", hint.retry_delay_seconds if hint else 0.0)
+
+
+def ended(state: int, result_json: str, error: str) -> Completion:
+    """The answer of a run that ended on the worker (`state` as the worker's wire has it)."""
+    known = from_worker_wire(state)
+    if known is None:
+        outcome = RunOutcome(state=JobState.FAILED, error=f"worker answered {state!r}")
+    else:
+        outcome = RunOutcome(state=known, result_json=result_json, error=error)
+    return Completion(reply=Reply.OK, outcome=outcome)
 
 
 def failure_text(exc: Exception) -> str:

@@ -20,12 +20,11 @@ from grpclib.const import Status
 from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 
-from app.fleet.batch_job import BatchJob, RunOutcome
-from app.fleet.job_state import JobState, from_worker_wire
+from app.fleet.batch_job import BatchJob
 from app.grpc.fastpath.closed_streams import limit_closed_streams
 from app.grpc.fastpath.coalesced_writes import CoalescedWrites
 from app.grpc.status import StatusDetailsCodec
-from app.orchestrator.grpc_replies import failure_text, reply_for, status_text
+from app.orchestrator.grpc_replies import ended, failure_text, reply_for, status_text
 from app.orchestrator.work_streams import WorkStreams
 from app.orchestrator.worker_client import Admission, Completion, Reply
 from app.pb import worker as wpb
@@ -148,16 +147,7 @@ class GrpcWorkerClient:
                 error=failure_text(exc),
                 absent=isinstance(exc, ConnectionRefusedError),
             )
-        state = from_worker_wire(info.state)
-        if state is None:
-            return Completion(
-                reply=Reply.OK,
-                outcome=RunOutcome(state=JobState.FAILED, error=f"worker answered {info.state!r}"),
-            )
-        return Completion(
-            reply=Reply.OK,
-            outcome=RunOutcome(state=state, result_json=info.result_json, error=info.error),
-        )
+        return ended(info.state, info.result_json, info.error)
 
     async def cancel(self, address: str, job_id: str) -> bool:
         """CancelJob, bounded by CANCEL_TIMEOUT_SECONDS; True when the worker answered."""

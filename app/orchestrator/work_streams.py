@@ -32,9 +32,14 @@ from grpclib.const import Cardinality, Status
 from grpclib.exceptions import GRPCError
 
 from app.core.exception_groups import first_leaf
-from app.fleet.batch_job import BatchJob, RunOutcome
-from app.fleet.job_state import JobState, from_worker_wire
-from app.orchestrator.grpc_replies import failure_text, refusal_text, reply_for, status_text
+from app.fleet.batch_job import BatchJob
+from app.orchestrator.grpc_replies import (
+    ended,
+    failure_text,
+    refusal_text,
+    reply_for,
+    status_text,
+)
 from app.orchestrator.worker_client import Completion, Reply
 from app.pb import worker as wpb
 
@@ -104,16 +109,7 @@ def _completion(result: Any) -> Completion:
             reply=reply_for(status),
             error=refusal_text(status, result.error, result.retry_after_seconds),
         )
-    state = from_worker_wire(result.state)
-    if state is None:
-        return Completion(
-            reply=Reply.OK,
-            outcome=RunOutcome(state=JobState.FAILED, error=f"worker answered {result.state!r}"),
-        )
-    return Completion(
-        reply=Reply.OK,
-        outcome=RunOutcome(state=state, result_json=result.result_json, error=result.error),
-    )
+    return ended(result.state, result.result_json, result.error)
 
 
 def _fill(item: Any, seq: int, job: BatchJob) -> None:

@@ -612,20 +612,9 @@ class JobMaster:
         fencing_token: int = 0,
     ) -> JobRun:
         """Submit and wait for the outcome; an id known under the same name attaches to it."""
-        known = self._live.get(job_id) or self._history.get(job_id)
-        if known is not None and job_id:
-            if known.record.name != name:
-                raise JobAlreadyExists(f"job {job_id!r} exists for job {known.record.name!r}")
-            self._attach(known, fencing_token)
-        else:
-            self.submit_nowait(
-                name,
-                job_id=job_id,
-                params=params,
-                timeout_seconds=timeout_seconds,
-                fencing_token=fencing_token,
-            )
-        return await self.wait_finished(job_id)
+        run = self._submit_or_attach(name, job_id, params, timeout_seconds, fencing_token)
+        await run.wait_ended()
+        return run.record
 
     def run_then(
         self,
@@ -640,26 +629,37 @@ class JobMaster:
         """`run_and_wait` without the wait: `then(record)` is called once the run has ended (at
         once when it has already), synchronously, from whichever task ends it. Raises as
         `submit_nowait` does, except that a known id of the same name attaches."""
+        run = self._submit_or_attach(name, job_id, params, timeout_seconds, fencing_token)
+        if run.record.state.finished:
+            then(run.record)
+        elif run.on_end is None:
+            run.on_end = [then]
+        else:
+            run.on_end.append(then)
+
+    def _submit_or_attach(
+        self,
+        name: str,
+        job_id: str,
+        params: dict[str, str] | None,
+        timeout_seconds: float,
+        fencing_token: int,
+    ) -> _Run:
+        """The run of `job_id`: a known one of the same name (attached to), else a new one."""
         known = self._live.get(job_id) or self._history.get(job_id)
         if known is not None and job_id:
             if known.record.name != name:
                 raise JobAlreadyExists(f"job {job_id!r} exists for job {known.record.name!r}")
             self._attach(known, fencing_token)
-        else:
-            self.submit_nowait(
-                name,
-                job_id=job_id,
-                params=params,
-                timeout_seconds=timeout_seconds,
-                fencing_token=fencing_token,
-            )
-            known = self._live[job_id]
-        if known.record.state.finished:
-            then(known.record)
-        elif known.on_end is None:
-            known.on_end = [then]
-        else:
-            known.on_end.append(then)
+            return known
+        self.submit_nowait(
+            name,
+            job_id=job_id,
+            params=params,
+            timeout_seconds=timeout_seconds,
+            fencing_token=fencing_token,
+        )
+        return self._live[job_id]
 
     async def cancel(self, job_id: str, reason: str = "cancelled by request") -> JobRun:
         """Cancel a queued or running job and wait for its end; a finished one comes back as is."""
