@@ -195,15 +195,20 @@ async def test_a_job_submitted_with_a_free_slot_is_driven_without_a_read_of_the_
     fleet: Fleet,
 ) -> None:
     """The Submit's own script delivers the entry to its orchestrator (one round trip and a wake
-    of the blocked read less). Without a free slot the job waits in the queue for the readers,
-    and is driven all the same."""
+    of the blocked read less), and with a worker's room free, makes the first attempt too (the
+    DISPATCHED write less). Without a free slot the job waits in the queue for the readers, and
+    is driven all the same."""
     config = msgspec.structs.replace(CONFIG, max_inflight=4)
     d = await fleet.dispatcher("o1", config=config)
     service = OrchestratorService(fleet.store, fleet.events, d._directory, d, config)
     for i in range(3):
         answer = await service.submit(pb.BatchExecutionRequest(job_id=f"t{i}", job_type="echo"))
-        await fleet.wait_state(answer.job_id, JobState.SUCCEEDED)
-    assert d.statistics().taken_on_submit == 3
+        job = await fleet.wait_state(answer.job_id, JobState.SUCCEEDED)
+        # its first attempt made by the submit's own step: token 1, one attempt, run once
+        assert [(a.fencing_token, a.outcome) for a in job.attempts] == [(1, "SUCCEEDED")]
+        assert started(fleet, f"t{i}") == 1
+    s = d.statistics()
+    assert (s.taken_on_submit, s.dispatched_on_submit, s.dispatched) == (3, 3, 3)
     # 6 long runs at once, 4 slots (the blocked read keeps at least one): at most 3 are taken
     # on their submit, the others by the queue's readers as slots free
     for i in range(6):
@@ -587,6 +592,30 @@ async def test_a_stopped_dispatcher_s_job_is_claimed_and_attaches_to_its_run(
     assert [a.outcome for a in job.attempts] == ["ORPHANED", "SUCCEEDED"]
     assert job.attempts[0].worker == job.attempts[1].worker
     assert started(fleet, "a1") == 1  # attached, not run again
+    assert survivor.statistics().claimed == 1
+
+
+async def test_a_first_attempt_made_by_a_submit_whose_dispatcher_stopped_runs_once(
+    fleet: Fleet,
+) -> None:
+    """The submit wrote the first attempt (DISPATCHED, token 1) and delivered the entry, then
+    its orchestrator stopped before calling the worker (or as it did): another claims the entry,
+    finds the attempt, and sends the job to that worker, which runs it once."""
+    async with anyio.create_task_group() as first:
+        d = await fleet.dispatcher("o1", first)
+        service = OrchestratorService(fleet.store, fleet.events, d._directory, d, CONFIG)
+        await service.submit(pb.BatchExecutionRequest(job_id="s1", job_type="sleep",
+                                                      params={"seconds": "1"}))  # fmt: skip
+        assert d.statistics().dispatched_on_submit == 1
+        first.cancel_scope.cancel()  # as if o1 were killed: its entry stays pending
+    record = await fleet.store.get("s1")
+    assert record is not None
+    assert (record.state, record.fencing_token) == (JobState.DISPATCHED, 1)
+    survivor = await fleet.dispatcher("o2")
+    job = await fleet.wait_state("s1", JobState.SUCCEEDED)
+    assert [a.outcome for a in job.attempts] == ["ORPHANED", "SUCCEEDED"]
+    assert job.attempts[0].worker == job.attempts[1].worker  # where its run may have started
+    assert started(fleet, "s1") == 1
     assert survivor.statistics().claimed == 1
 
 

@@ -326,9 +326,8 @@ async def test_a_submit_delivers_the_oldest_unread_entry_to_its_consumer(stores:
     result, _, _, delivered = await store.submit(job("a"), bound=10, deliver_to="o1")
     assert result is SubmitResult.CREATED
     assert delivered is not None
-    entry_id, job_id = delivered
-    assert job_id == "a"
-    assert await store.holds_entry(entry_id)
+    assert (delivered.job_id, delivered.dispatched) == ("a", False)
+    assert await store.holds_entry(delivered.entry_id)
     assert await store.read_new("o2", count=10, block_ms=10) == []  # o1's now
     copy = await store.take("a")
     assert copy is not None
@@ -337,7 +336,7 @@ async def test_a_submit_delivers_the_oldest_unread_entry_to_its_consumer(stores:
     await store.submit(job("b"), bound=10)
     *_, delivered = await store.submit(job("c"), bound=10, deliver_to="o1")
     assert delivered is not None
-    assert delivered[1] == "b"
+    assert delivered.job_id == "b"
     assert [j for _, j in await store.read_new("o2", count=10, block_ms=10)] == ["c"]
     # refused submits deliver nothing
     assert (await store.submit(job("a"), bound=10, deliver_to="o1"))[3] is None
@@ -345,6 +344,48 @@ async def test_a_submit_delivers_the_oldest_unread_entry_to_its_consumer(stores:
     # claimable as any pending entry once its holder stops
     claimed = await store.claim_idle("o3", min_idle_ms=0, count=10)
     assert sorted(j for _, j in claimed) == ["a", "b", "c"]
+
+
+def first_attempt(submitted: BatchJob, worker: str = "w1:1") -> BatchJob:
+    return msgspec.structs.replace(
+        submitted, state=JobState.DISPATCHED, fencing_token=1,
+        attempts=[AttemptRecord(number=1, worker=worker, fencing_token=1, started_at=1.0)],
+    )  # fmt: skip
+
+
+async def test_a_submit_that_delivers_its_own_entry_makes_its_first_attempt_too(
+    stores: Stores,
+) -> None:
+    """`dispatched`: when the entry delivered is the job's own, the record is written as its
+    first attempt makes it and the fence set to 1, in the same step; the holder writes on with
+    token 1. When another entry comes first, nothing of it is written."""
+    store = stores.store
+    a = job("a")
+    *_, delivered = await store.submit(a, bound=10, deliver_to="o1", dispatched=first_attempt(a))
+    assert delivered is not None
+    assert (delivered.job_id, delivered.dispatched) == ("a", True)
+    record = await get(store, "a")
+    assert (record.state, record.fencing_token, await store.fence("a")) == (
+        JobState.DISPATCHED, 1, 1,
+    )  # fmt: skip
+    assert record.attempts[0].worker == "w1:1"
+    taken = await store.take("a")  # the entry's copy (PENDING) is not used: the store is read
+    assert taken is not None
+    assert (taken.unverified, taken.fence, taken.job.state) == (None, 1, JobState.DISPATCHED)
+    record.state = JobState.SUCCEEDED
+    assert await store.write(record, 1, ack=delivered.entry_id) is WriteResult.WRITTEN
+    assert not await store.holds_entry(delivered.entry_id)
+    # a backlog: the oldest entry is delivered, plain; this job stays PENDING in the queue
+    await store.submit(job("b"), bound=10)
+    c = job("c")
+    *_, delivered = await store.submit(c, bound=10, deliver_to="o1", dispatched=first_attempt(c))
+    assert delivered is not None
+    assert (delivered.job_id, delivered.dispatched) == ("b", False)
+    assert ((await get(store, "c")).state, await store.fence("c")) == (JobState.PENDING, 0)
+    # without a delivery, nothing of it is written
+    d = job("d")
+    assert (await store.submit(d, bound=10, dispatched=first_attempt(d)))[3] is None
+    assert ((await get(store, "d")).state, await store.fence("d")) == (JobState.PENDING, 0)
 
 
 async def test_a_fresh_entry_is_taken_from_its_copy_once_and_its_first_write_expects_it(

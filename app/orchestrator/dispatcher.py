@@ -74,7 +74,7 @@ from app.orchestrator.decisions import (
 )
 from app.orchestrator.directory import WorkerDirectory, WorkerEntry
 from app.orchestrator.worker_client import Completion, Reply, WorkerClient
-from app.stores.abc import JobEvents, JobStore, QueueEntry, WriteResult
+from app.stores.abc import Delivered, JobEvents, JobStore, Taken, WriteResult
 from app.stores.patient import MAX_DELAY as PATIENCE_MAX_DELAY
 from app.stores.patient import PatientJobStore
 from app.stores.waits import wait_finished
@@ -121,8 +121,21 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     found_on_worker: int
     copies_out_of_date: int  # fresh entries' copies refused at the first write: taken again
     taken_on_submit: int  # jobs delivered by their submit here, not read from the queue
+    dispatched_on_submit: int  # of those, jobs whose first attempt their submit made
     store_waits: int
     store_busy: int
+
+
+class Intake:
+    """What `Dispatcher.reserve_intake` holds for a job being submitted here: a slot, and maybe
+    a worker's room with the job as its first attempt there would make it."""
+
+    __slots__ = ("address", "dispatched", "reservation")
+
+    def __init__(self, reservation: object) -> None:
+        self.reservation = reservation
+        self.address: str | None = None
+        self.dispatched: BatchJob | None = None
 
 
 class Dispatcher:
@@ -294,6 +307,7 @@ class Dispatcher:
             found_on_worker=c["found_on_worker"],
             copies_out_of_date=c["copies_out_of_date"],
             taken_on_submit=c["taken_on_submit"],
+            dispatched_on_submit=c["dispatched_on_submit"],
             store_waits=self._store.waits,
             store_busy=self._store.busy + c["store_busy"],
         )
@@ -524,42 +538,79 @@ class Dispatcher:
         for address in [a for a, n in self._worker_inflight.items() if not n]:
             del self._worker_inflight[address]
 
-    def reserve_intake(self) -> object | None:
-        """A slot for a job submitted through this orchestrator, whose submit may deliver its
+    def reserve_intake(self, job: BatchJob) -> Intake | None:
+        """A slot for `job`, submitted through this orchestrator, whose submit may deliver its
         queue entry here (`take_delivered`): the job is then driven without a read of the queue
-        (a round trip, and a wake of the blocked read, less). None when no job is taken now
-        (draining, not running, every slot in use): the queue's readers take it."""
+        (a round trip, and a wake of the blocked read, less). And when a worker has room for it
+        at once (nobody waits for one), that worker's room: the submit may make the first
+        attempt too (`Intake.dispatched`), saving the DISPATCHED write. None when no job is
+        taken now (draining, not running, every slot in use): the queue's readers take it."""
         if self._draining or self._task_group is None or self._free_slots() < 1:
             return None
         reservation = object()
         self._slots.acquire_on_behalf_of_nowait(reservation)
-        return reservation
+        intake = Intake(reservation)
+        if any(self._waiting.values()) or anyio.current_time() < self._careful_until:
+            return intake  # others wait for a worker, or the workers must be asked first
+        address = self._choose(job, frozenset())
+        if address is not None:
+            self._worker_inflight[address] += 1  # its room, as a dispatch takes it
+            first = AttemptRecord(
+                number=1, worker=address, fencing_token=1, started_at=self._clock.timestamp()
+            )
+            intake.address = address
+            intake.dispatched = msgspec.structs.replace(
+                job, state=JobState.DISPATCHED, fencing_token=1, attempts=[first]
+            )
+        return intake
 
-    def take_delivered(self, reservation: object, entry: QueueEntry | None) -> None:
-        """The reserved slot goes to the entry the submit delivered (None: back to the pool).
-        An entry this dispatcher cannot take any more stays pending for it: the claim loops
-        (this one's or another orchestrator's) take it once idle, as after a stop."""
-        self._slots.release_on_behalf_of(reservation)
-        if entry is not None and self._task_group is not None:
-            self._counts["taken_on_submit"] += 1
-            self._take(*entry)
-        else:
+    def take_delivered(self, intake: Intake, delivered: Delivered | None) -> None:
+        """The reserved slot goes to the entry the submit delivered (None: back to the pool),
+        and the worker's room to its first attempt when the submit made it (else back). An
+        entry this dispatcher cannot take any more stays pending for it: the claim loops (this
+        one's or another orchestrator's) take it once idle, as after a stop, and find its
+        attempt (the worker attaches to the run)."""
+        self._slots.release_on_behalf_of(intake.reservation)
+        running = self._task_group is not None
+        made = delivered is not None and delivered.dispatched
+        first: tuple[BatchJob, str] | None = None
+        if made and running and intake.dispatched is not None and intake.address is not None:
+            first = (intake.dispatched, intake.address)
+        elif intake.address is not None:
+            self._give_back(intake.address)
+        if delivered is None or not running:
             self._slot_freed.set()
+            return
+        self._counts["taken_on_submit"] += 1
+        if first is not None:
+            self._counts["dispatched_on_submit"] += 1
+        self._take(delivered.entry_id, delivered.job_id, first_attempt=first)
 
-    def _take(self, entry_id: str, job_id: str) -> None:
+    def _take(
+        self, entry_id: str, job_id: str, *, first_attempt: tuple[BatchJob, str] | None = None
+    ) -> None:
         assert self._task_group is not None
         if entry_id in self._entries:
             return  # ours already: Redis went back in time and delivered it again
         self._slots.acquire_on_behalf_of_nowait(entry_id)
         self._entries[entry_id] = job_id
-        self._task_group.start_soon(self._handle, entry_id, job_id, name=f"job {job_id}")
+        self._task_group.start_soon(self._handle, entry_id, job_id, first_attempt,
+                                    name=f"job {job_id}")  # fmt: skip
 
-    async def _handle(self, entry_id: str, job_id: str) -> None:
+    async def _handle(
+        self, entry_id: str, job_id: str, first_attempt: tuple[BatchJob, str] | None = None
+    ) -> None:
         # this task's own context: every line it logs is the job's
         bind_log_fields(job_id=job_id)
         self._losses_at_take[job_id] = self._data_losses
+        dispatched_to: str | None = None
         try:
-            taken = await self._store.take(job_id)
+            if first_attempt is not None:
+                # made by its submit's script: DISPATCHED under token 1, that worker's room taken
+                taken: Taken | None = Taken(job=first_attempt[0], fence=1, cancel_requested=False)
+                dispatched_to = first_attempt[1]
+            else:
+                taken = await self._store.take(job_id)
             while True:
                 if taken is None and not await self._store.holds_entry(entry_id):
                     # the entry went with the record after we read it (Redis restarted, or lost
@@ -577,8 +628,9 @@ class Dispatcher:
                 if held.state.finished:
                     break
                 try:
+                    to, dispatched_to = dispatched_to, None
                     if await self._drive(held, entry_id, taken.fence, taken.cancel_requested,
-                                         expect=taken.unverified):  # fmt: skip
+                                         expect=taken.unverified, dispatched_to=to):  # fmt: skip
                         return  # ended here, and its entry acked by the same write
                 except _CopyOutOfDate:
                     # the fresh entry's copy was not the record any more (a cancel, a Redis
@@ -650,16 +702,30 @@ class Dispatcher:
     # --- one job: decide, then do -----------------------------------------------------------------
 
     async def _drive(
-        self, job: BatchJob, entry_id: str, token: int, cancel: bool, *, expect: bytes | None
+        self,
+        job: BatchJob,
+        entry_id: str,
+        token: int,
+        cancel: bool,
+        *,
+        expect: bytes | None,
+        dispatched_to: str | None = None,
     ) -> bool:
         """Steps until the job ends, or until another holder has a newer token. True when it
         ended here and the final write acked its queue entry `entry_id`.
 
         `token` and `cancel`: the job's fence and cancel flag, read as it was taken. `expect`:
         the fresh entry's copy it was taken from, unverified: the first write expects it, and
-        raises `_CopyOutOfDate` when refused."""
+        raises `_CopyOutOfDate` when refused. `dispatched_to`: its first attempt, to that
+        worker, was made by its submit (written, the room taken): the call comes first."""
         call: CallResult | None = None
-        if adopt(job):
+        fresh = True  # `cancel` was read just now
+        if dispatched_to is not None:
+            self._budget.record_call()
+            self._counts["dispatched"] += 1
+            call = await self._attempt(job, dispatched_to, token, job.attempts[-1])
+            fresh = False
+        elif adopt(job):
             # its holder stopped during the attempt: the run may have ended meanwhile, and its
             # worker may be gone with the answer; the worker recorded the outcome if it ended
             call = await self._recorded_outcome(job)
@@ -668,7 +734,6 @@ class Dispatcher:
         else:
             self._budget.record_call()  # a first attempt (an adopted run is not a new call)
         asked = False
-        fresh = True  # `cancel` was read just now
         while True:
             if not fresh and cancel_matters(call):
                 cancel = await self._store.cancel_requested(job.job_id)
@@ -725,11 +790,18 @@ class Dispatcher:
                 return False
             token += 1
             self._counts["dispatched"] += 1
-            call = await self._call(job, address, token)
-            if call.kind in (CallKind.UNREACHABLE, CallKind.LOST):
-                # the worker went away with the answer; if the run had ended, it said how
-                call = await self._recorded_outcome(job) or call
-            _note(attempt, call, self._clock.timestamp())
+            call = await self._attempt(job, address, token, attempt)
+
+    async def _attempt(
+        self, job: BatchJob, address: str, token: int, attempt: AttemptRecord
+    ) -> CallResult:
+        """The call of a dispatched attempt, and how it went noted in the attempt."""
+        call = await self._call(job, address, token)
+        if call.kind in (CallKind.UNREACHABLE, CallKind.LOST):
+            # the worker went away with the answer; if the run had ended, it said how
+            call = await self._recorded_outcome(job) or call
+        _note(attempt, call, self._clock.timestamp())
+        return call
 
     async def _write(
         self,

@@ -80,6 +80,8 @@ def orchestrator_metrics(
          " at the first write: taken again from the record", s.copies_out_of_date),
         ("taken_on_submit", "Jobs whose submit here delivered their queue entry to this"
          " orchestrator (no read of the queue)", s.taken_on_submit),
+        ("dispatched_on_submit", "Jobs whose submit here made their first attempt too (no"
+         " DISPATCHED write)", s.dispatched_on_submit),
         ("store_waits", "Store calls of jobs in hand that waited out a Redis outage",
          s.store_waits),
         ("store_busy", "Store calls of jobs in hand made again after every Redis connection"

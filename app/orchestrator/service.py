@@ -309,18 +309,20 @@ class OrchestratorService(pb.OrchestratorServiceBase):
             raise refusal
         bound = self._config.queue_bound_per_type
         # with a free slot here, the submit hands its entry to this orchestrator's dispatcher
-        reservation = self._dispatcher.reserve_intake()
-        deliver_to = "" if reservation is None else self._dispatcher.consumer
+        # (and makes its first attempt, when a worker has room at once)
+        intake = self._dispatcher.reserve_intake(job)
+        deliver_to = "" if intake is None else self._dispatcher.consumer
         try:
             result, existing, queued, delivered = await self._store.submit(
-                job, bound=bound, deliver_to=deliver_to
-            )
+                job, bound=bound, deliver_to=deliver_to,
+                dispatched=None if intake is None else intake.dispatched,
+            )  # fmt: skip
         except BaseException:
-            if reservation is not None:
-                self._dispatcher.take_delivered(reservation, None)
+            if intake is not None:
+                self._dispatcher.take_delivered(intake, None)
             raise
-        if reservation is not None:
-            self._dispatcher.take_delivered(reservation, delivered)
+        if intake is not None:
+            self._dispatcher.take_delivered(intake, delivered)
         if result is SubmitResult.QUEUE_FULL:
             raise retry_later(
                 Status.RESOURCE_EXHAUSTED,

@@ -144,6 +144,15 @@ RecordedRun = tuple[str, int, RunOutcome]
 QueueEntry = tuple[str, str]
 
 
+class Delivered(msgspec.Struct, frozen=True, kw_only=True):
+    """The queue entry a submit delivered to its orchestrator (`JobStore.submit(deliver_to=)`),
+    and whether the submit made the job's first attempt there too (`dispatched`)."""
+
+    entry_id: str
+    job_id: str
+    dispatched: bool = False
+
+
 class Quarantined(msgspec.Struct, frozen=True, kw_only=True):
     """A queue entry set aside because its job could not be driven, and why."""
 
@@ -174,8 +183,13 @@ class JobStore(Protocol):
         ...
 
     async def submit(
-        self, job: BatchJob, *, bound: int, deliver_to: str = ""
-    ) -> tuple[SubmitResult, BatchJob | None, int, QueueEntry | None]:
+        self,
+        job: BatchJob,
+        *,
+        bound: int,
+        deliver_to: str = "",
+        dispatched: BatchJob | None = None,
+    ) -> tuple[SubmitResult, BatchJob | None, int, Delivered | None]:
         """Create the record, queue the job and add it to the job index (by `submitted_at`),
         atomically, unless its id exists or its type has `bound` unfinished jobs. Returns
         (result, the existing record for EXISTS, the unfinished count for QUEUE_FULL, the entry
@@ -184,7 +198,12 @@ class JobStore(Protocol):
         `deliver_to` (a consumer): in the same step, the oldest entry nobody has read (this
         job's, unless others wait before it) is delivered to that consumer as `read_new` would,
         and returned (its first `take` reads nothing, as after `read_new`): the orchestrator that
-        takes a Submit with a free slot drives the job without a read of the queue."""
+        takes a Submit with a free slot drives the job without a read of the queue.
+
+        `dispatched` (with `deliver_to`): the job as its first attempt makes it (DISPATCHED,
+        `fencing_token` 1). When the entry delivered is this job's own, the record is written so
+        and the fence set to 1 in the same step (`Delivered.dispatched`): the DISPATCHED write
+        and its round trip are saved. Otherwise nothing of it is written."""
         ...
 
     async def get(self, job_id: str) -> BatchJob | None:

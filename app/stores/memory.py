@@ -45,6 +45,7 @@ from app.fleet.schedules import (
 )
 from app.stores.abc import (
     DecideResult,
+    Delivered,
     FreshCopies,
     PutMode,
     PutResult,
@@ -335,8 +336,13 @@ class MemoryJobStore:
         return created
 
     async def submit(
-        self, job: BatchJob, *, bound: int, deliver_to: str = ""
-    ) -> tuple[SubmitResult, BatchJob | None, int, QueueEntry | None]:
+        self,
+        job: BatchJob,
+        *,
+        bound: int,
+        deliver_to: str = "",
+        dispatched: BatchJob | None = None,
+    ) -> tuple[SubmitResult, BatchJob | None, int, Delivered | None]:
         """Create the record and queue the job unless its id exists or its type is full; the
         oldest unread entry delivered to `deliver_to` when given."""
         await anyio.lowlevel.checkpoint()
@@ -360,7 +366,22 @@ class MemoryJobStore:
         if deliver_to and self._group:  # no group (Redis lost it): no delivery, as in Redis
             self._consumers[deliver_to] = anyio.current_time()
             delivered = self._deliver_new(deliver_to, 1)
-            return SubmitResult.CREATED, None, 0, delivered[0] if delivered else None
+            if not delivered:
+                return SubmitResult.CREATED, None, 0, None
+            entry_id, job_id = delivered[0]
+            own = job_id == job.job_id
+            if own and dispatched is not None:  # the first attempt, made in the same step
+                self._records.set(job_id, encode_job(dispatched))
+                self._set_fence(job_id, 1)
+                self._fresh.take(job_id)  # the copy is not the record any more
+            return (
+                SubmitResult.CREATED,
+                None,
+                0,
+                Delivered(
+                    entry_id=entry_id, job_id=job_id, dispatched=own and dispatched is not None
+                ),
+            )
         if self._arrived is not None:
             self._arrived.set()
             self._arrived = None

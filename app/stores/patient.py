@@ -30,6 +30,7 @@ from app.errors import CorruptRecord, StoreBusy, StoreUnavailable
 from app.fleet.batch_job import BatchJob, LostJob, RunOutcome
 from app.fleet.job_index import IndexedJob, IndexPosition
 from app.stores.abc import (
+    Delivered,
     JobStore,
     Quarantined,
     QueueEntry,
@@ -93,10 +94,16 @@ class PatientJobStore:
         return await self._call(self._store.ensure_group)
 
     async def submit(
-        self, job: BatchJob, *, bound: int, deliver_to: str = ""
-    ) -> tuple[SubmitResult, BatchJob | None, int, QueueEntry | None]:
+        self,
+        job: BatchJob,
+        *,
+        bound: int,
+        deliver_to: str = "",
+        dispatched: BatchJob | None = None,
+    ) -> tuple[SubmitResult, BatchJob | None, int, Delivered | None]:
         """See `JobStore.submit`."""
-        return await self._call(self._store.submit, job, bound=bound, deliver_to=deliver_to)
+        return await self._call(self._store.submit, job, bound=bound, deliver_to=deliver_to,
+                                dispatched=dispatched)  # fmt: skip
 
     async def get(self, job_id: str) -> BatchJob | None:
         """See `JobStore.get`."""

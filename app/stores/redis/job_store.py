@@ -65,6 +65,7 @@ from app.fleet.batch_job import (
 from app.fleet.job_index import IndexedJob, IndexPosition, range_start
 from app.fleet.job_state import FINISHED, JobState
 from app.stores.abc import (
+    Delivered,
     FreshCopies,
     Quarantined,
     QueueEntry,
@@ -152,12 +153,13 @@ local function count_down(key)
 end
 """
 
-# KEYS: record, counter, stream, index
-# ARGV: json, bound, job_id, submitted_at, group, consumer to deliver to ('': none)
+# KEYS: record, counter, stream, index, fence
+# ARGV: json, bound, job_id, submitted_at, group, consumer to deliver to ('': none), the record
+#       as its first attempt makes it ('': none)
 # {0, record} exists; {2, count} full; {3} its record is not a string value;
 # {1, entry id, 1 when the counter was junk, 1 when the index is junk (the job goes on,
-#  unindexed), the XREADGROUP reply of the delivery (nil: none), the counter's junk (nil: not a
-#  string value; last, since a nil ends a Lua array)}
+#  unindexed), the XREADGROUP reply of the delivery (nil: none), 1 when the first attempt was
+#  made, the counter's junk (nil: not a string value; last, since a nil ends a Lua array)}
 # The common case costs no read: the count goes up (INCR answers it) and the record is made
 # with SET NX; a full type or a known id undoes the count (DECR) and then reads what is there.
 # A junk counter (INCR refuses it, leaving it as it is) takes the careful path.
@@ -195,13 +197,21 @@ local index_junk = 0
 if type(indexed) == 'table' and indexed['err'] then index_junk = 1 end
 -- the submitting orchestrator takes the oldest unread entry (this one, unless others wait) as
 -- its read would: best effort (no group, Redis lost it: no delivery; its readers recreate it)
-local delivered = false
+local delivered, dispatched = false, 0
 if ARGV[6] ~= '' then
   local got = redis.pcall('XREADGROUP', 'GROUP', ARGV[5], ARGV[6], 'COUNT', 1,
                           'STREAMS', KEYS[3], '>')
-  if type(got) == 'table' and not got['err'] then delivered = got end
+  if type(got) == 'table' and not got['err'] then
+    delivered = got
+    -- its own entry: the first attempt is made here too (no DISPATCHED write after)
+    if ARGV[7] ~= '' and got[1][2][1][1] == id then
+      redis.call('SET', KEYS[1], ARGV[7])
+      redis.call('SET', KEYS[5], 1)
+      dispatched = 1
+    end
+  end
 end
-return {{1, id, junk, index_junk, delivered, raw}}
+return {{1, id, junk, index_junk, delivered, dispatched, raw}}
 """
 
 # KEYS: record, fence, counter, channel, cancel, stream
@@ -437,10 +447,16 @@ class RedisJobStore:
 
     @translated
     async def submit(
-        self, job: BatchJob, *, bound: int, deliver_to: str = ""
-    ) -> tuple[SubmitResult, BatchJob | None, int, QueueEntry | None]:
+        self,
+        job: BatchJob,
+        *,
+        bound: int,
+        deliver_to: str = "",
+        dispatched: BatchJob | None = None,
+    ) -> tuple[SubmitResult, BatchJob | None, int, Delivered | None]:
         """Create the record and queue it, atomically, unless the id exists or the type is full
-        (and deliver the oldest unread entry to `deliver_to`, in the same script).
+        (and deliver the oldest unread entry to `deliver_to`, and make the first attempt when it
+        is this job's own, in the same script: see `JobStore.submit`).
 
         Returns (result, the existing job for EXISTS, the queued count for QUEUE_FULL, the
         entry delivered); CorruptRecord when the id's existing record does not read. A junk
@@ -449,9 +465,10 @@ class RedisJobStore:
         keys = self._keys(job)
         reply = await self.batcher.script(
             self._submit,
-            [keys[0], keys[2], self.stream_key, self.index_key],
-            [encode_job(job), bound, job.job_id, repr(job.submitted_at), self.group, deliver_to],
-        )
+            [keys[0], keys[2], self.stream_key, self.index_key, keys[1]],
+            [encode_job(job), bound, job.job_id, repr(job.submitted_at), self.group, deliver_to,
+             encode_job(dispatched) if dispatched is not None and deliver_to else b""],
+        )  # fmt: skip
         status = reply[0]
         if status == 3:
             raise self._bad_record(job.job_id, None)
@@ -461,7 +478,7 @@ class RedisJobStore:
             return SubmitResult.QUEUE_FULL, None, int(reply[1]), None
         if reply[2]:
             self.bad_data.found(BadDataKind.QUEUED_COUNTER, keys[2],
-                                not_a(reply[5] if len(reply) > 5 else None, "an integer"),
+                                not_a(reply[6] if len(reply) > 6 else None, "an integer"),
                                 "reset to 0")  # fmt: skip
         if reply[3]:
             self._index_is_junk()
@@ -469,8 +486,10 @@ class RedisJobStore:
         if reply[4]:
             # a script's XREADGROUP reply, as Redis sends it: fields as a flat list
             entries = ((e[0], _pairs(e[1])) for _, es in reply[4] for e in es)
-            usable = await self._usable(entries, fresh=True)
-            delivered = usable[0] if usable else None
+            made = bool(reply[5])
+            usable = await self._usable(entries, fresh=not made)
+            if usable:
+                delivered = Delivered(entry_id=usable[0][0], job_id=usable[0][1], dispatched=made)
         return SubmitResult.CREATED, None, 0, delivered
 
     @translated
