@@ -386,6 +386,14 @@ async def test_a_submit_that_delivers_its_own_entry_makes_its_first_attempt_too(
     d = job("d")
     assert (await store.submit(d, bound=10, dispatched=first_attempt(d)))[3] is None
     assert ((await get(store, "d")).state, await store.fence("d")) == (JobState.PENDING, 0)
+    # a fence there already (left over, or junk): the job goes the usual way, which meets it
+    await stores.plant(store, "e", "fence", b"7")
+    e = job("e")
+    await store.read_new("o2", count=10, block_ms=10)  # nothing unread before e's own entry
+    *_, delivered = await store.submit(e, bound=10, deliver_to="o1", dispatched=first_attempt(e))
+    assert delivered is not None
+    assert (delivered.job_id, delivered.dispatched) == ("e", False)
+    assert ((await get(store, "e")).state, await store.fence("e")) == (JobState.PENDING, 7)
 
 
 async def test_a_fresh_entry_is_taken_from_its_copy_once_and_its_first_write_expects_it(

@@ -203,7 +203,8 @@ class JobStore(Protocol):
         `dispatched` (with `deliver_to`): the job as its first attempt makes it (DISPATCHED,
         `fencing_token` 1). When the entry delivered is this job's own, the record is written so
         and the fence set to 1 in the same step (`Delivered.dispatched`): the DISPATCHED write
-        and its round trip are saved. Otherwise nothing of it is written."""
+        and its round trip are saved. Otherwise (or when a fence is there already: left over,
+        or junk, which the dispatcher's write then meets) nothing of it is written."""
         ...
 
     async def get(self, job_id: str) -> BatchJob | None:

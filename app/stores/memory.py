@@ -369,19 +369,16 @@ class MemoryJobStore:
             if not delivered:
                 return SubmitResult.CREATED, None, 0, None
             entry_id, job_id = delivered[0]
-            own = job_id == job.job_id
-            if own and dispatched is not None:  # the first attempt, made in the same step
+            # its own entry: the first attempt made in the same step, unless a fence is there
+            # already (left over, or junk: the dispatcher's write meets it)
+            made = job_id == job.job_id and self._fences.get(job_id) is None
+            if made and dispatched is not None:
                 self._records.set(job_id, encode_job(dispatched))
                 self._set_fence(job_id, 1)
                 self._fresh.take(job_id)  # the copy is not the record any more
-            return (
-                SubmitResult.CREATED,
-                None,
-                0,
-                Delivered(
-                    entry_id=entry_id, job_id=job_id, dispatched=own and dispatched is not None
-                ),
-            )
+            made = made and dispatched is not None
+            delivery = Delivered(entry_id=entry_id, job_id=job_id, dispatched=made)
+            return SubmitResult.CREATED, None, 0, delivery
         if self._arrived is not None:
             self._arrived.set()
             self._arrived = None

@@ -203,10 +203,10 @@ if ARGV[6] ~= '' then
                           'STREAMS', KEYS[3], '>')
   if type(got) == 'table' and not got['err'] then
     delivered = got
-    -- its own entry: the first attempt is made here too (no DISPATCHED write after)
-    if ARGV[7] ~= '' and got[1][2][1][1] == id then
+    -- its own entry: the first attempt is made here too (no DISPATCHED write after), unless
+    -- a fence is there already (left over, or junk: the dispatcher's write meets it)
+    if ARGV[7] ~= '' and got[1][2][1][1] == id and redis.call('SET', KEYS[5], 1, 'NX') then
       redis.call('SET', KEYS[1], ARGV[7])
-      redis.call('SET', KEYS[5], 1)
       dispatched = 1
     end
   end
