@@ -979,21 +979,31 @@ class Dispatcher:
         running = anyio.CancelScope()
         result: CallResult | None = None
         logged = bind_log_fields(worker=address)  # the call's lines, its watchers' too
+        started = anyio.current_time()
         try:
             with anyio.move_on_after(
                 max(0.0, job.deadline_at - self._clock.timestamp())
             ) as deadline:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._watch_worker, address, lost, tg.cancel_scope)
-                    tg.start_soon(self._watch_run, job, address, token, running, superseded,
-                                  tg.cancel_scope)  # fmt: skip
-                    with running:
+                # most runs end before RUNNING is due: until then the call goes alone, without
+                # the watchers' task group and tasks (a worker that dies breaks the call at once;
+                # one that goes silent, or a cancel asked meanwhile, waits for the watchers)
+                early = self._config.running_recorded_after_seconds
+                if early > 0:
+                    with anyio.move_on_after(early):
                         result = await self._run(job, address)
-                    if result is None or running.cancelled_caught:
-                        result = self._no_answer()
-                    if result.kind is CallKind.UNREACHABLE and not result.absent:
-                        result = await self._follow(job, address, token) or result
-                    tg.cancel_scope.cancel()
+                if result is None or (result.kind is CallKind.UNREACHABLE and not result.absent):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(self._watch_worker, address, lost, tg.cancel_scope)
+                        tg.start_soon(self._watch_run, job, address, token, running, superseded,
+                                      tg.cancel_scope, started)  # fmt: skip
+                        if result is None:  # still running: wait on (the worker attaches)
+                            with running:
+                                result = await self._run(job, address)
+                            if result is None or running.cancelled_caught:
+                                result = self._no_answer()
+                        if result.kind is CallKind.UNREACHABLE and not result.absent:
+                            result = await self._follow(job, address, token) or result
+                        tg.cancel_scope.cancel()
             if deadline.cancelled_caught:
                 result = CallResult(kind=CallKind.DEADLINE, error="deadline passed while running")
             elif lost:
@@ -1135,6 +1145,7 @@ class Dispatcher:
         running: anyio.CancelScope,
         superseded: list[str],
         scope: anyio.CancelScope,
+        started: float,
     ) -> None:
         """While the call runs: record RUNNING once the run has gone on for
         `running_recorded_after_seconds` (a shorter one goes from DISPATCHED to its end: a
@@ -1144,7 +1155,7 @@ class Dispatcher:
         run then ends CANCELLED). Woken by cancel requests only (not by the job's own writes),
         it reads the flag at least every CANCEL_CHECK_SECONDS, in case an event was missed."""
         job_id = job.job_id
-        mark_at = anyio.current_time() + self._config.running_recorded_after_seconds
+        mark_at = started + self._config.running_recorded_after_seconds
         marked = False
         while True:
             wait = CANCEL_CHECK_SECONDS if marked else mark_at - anyio.current_time()
