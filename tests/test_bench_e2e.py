@@ -33,12 +33,14 @@ def test_a_tiny_run_against_ours_measures_every_scenario(tmp_path: Path) -> None
         ours = rows["ours"]
         assert (ours["failed"], ours["repeats"]) == (0, 0), name
         assert ours["jobs_per_s"] > 0, name
-        # every job costs Redis commands and CPU (counted in 10 ms ticks: a process's own
-        # may read 0 in a run this small, the orchestrator's never has)
+        # every job costs Redis commands and CPU (counted in 10 ms ticks: a process's own may
+        # read 0 in a scenario this small, as the orchestrator's did for 4 executes at ~2 ms
+        # each; over the scenarios together it is counted)
         assert ours["redis_commands_per_job"] > 1, name
         assert ours["redis_cpu_ms_per_job"] > 0, name
         assert set(ours["cpu_ms_per_job"]) == {"orchestrator", "worker", "client"}, name
-        assert ours["cpu_ms_per_job"]["orchestrator"] > 0, name
+        assert ours["cpu_ms_per_job"]["orchestrator"] >= 0, name
+    assert sum(rows["ours"]["cpu_ms_per_job"]["orchestrator"] for rows in summary.values()) > 0
     paced = summary["paced-400"]["ours"]
     assert 0 < paced["p50_ms"] <= paced["p99_ms"]
     windows = result["windows"]
