@@ -26,7 +26,13 @@ from typing import Any
 import msgspec
 from grpclib.const import Handler, Status
 from grpclib.encoding.base import StatusDetailsCodecBase
-from grpclib.exceptions import GRPCError
+from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+
+#: Connection-level failures of a call, at either end (no status: the peer or the connection is
+#: gone, reset or broken), as grpclib and the socket raise them.
+CALL_ERRORS: tuple[type[Exception], ...] = (
+    OSError, ConnectionError, StreamTerminatedError, ProtocolError,
+)  # fmt: skip
 
 RETRY_INFO_TYPE_URL = "type.googleapis.com/google.rpc.RetryInfo"
 #: The trailer that repeats the RetryInfo delay, in whole milliseconds.

@@ -9,19 +9,15 @@ from __future__ import annotations
 import logging
 
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.exceptions import GRPCError
 
 from app.fleet.batch_job import RunOutcome
 from app.fleet.job_state import JobState, from_worker_wire
-from app.grpc.status import retry_info
+from app.grpc.status import CALL_ERRORS, retry_info
 from app.orchestrator.worker_client import Completion, Reply
 
 log = logging.getLogger(__name__)
 
-#: Connection-level failures of a call (no answer from the worker).
-CALL_ERRORS: tuple[type[Exception], ...] = (
-    OSError, ConnectionError, StreamTerminatedError, ProtocolError,
-)  # fmt: skip
 _REFUSED = {Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED}
 _REJECTED = {Status.INVALID_ARGUMENT, Status.NOT_FOUND, Status.ALREADY_EXISTS}
 

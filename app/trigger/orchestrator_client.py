@@ -19,9 +19,9 @@ import msgspec
 from grpclib.client import Channel
 from grpclib.config import Configuration
 from grpclib.const import Status
-from grpclib.exceptions import GRPCError, ProtocolError, StreamTerminatedError
+from grpclib.exceptions import GRPCError
 
-from app.grpc.status import StatusDetailsCodec, one_line, retry_info
+from app.grpc.status import CALL_ERRORS, StatusDetailsCodec, one_line, retry_info
 from app.pb import orchestrator as opb
 
 log = logging.getLogger(__name__)
@@ -33,10 +33,6 @@ RETRYABLE = frozenset({
     Status.UNAVAILABLE, Status.RESOURCE_EXHAUSTED, Status.DEADLINE_EXCEEDED, Status.INTERNAL,
     Status.UNKNOWN, Status.ABORTED, Status.CANCELLED,
 })  # fmt: skip
-#: Connection-level failures: no answer from that orchestrator.
-CALL_ERRORS: tuple[type[Exception], ...] = (
-    OSError, ConnectionError, StreamTerminatedError, ProtocolError,
-)  # fmt: skip
 _FAILURES: tuple[type[Exception], ...] = (GRPCError, TimeoutError, *CALL_ERRORS)
 #: How a Submit of a known id with another job type or other params is refused.
 EXISTS = f"{Status.ALREADY_EXISTS.name}: "

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
-from grpclib.exceptions import ProtocolError, StreamTerminatedError
 
 from app.core.exception_groups import first_leaf
 from app.errors import JobWorkerError
 from app.fleet.job_state import to_worker_wire
+from app.grpc.status import CALL_ERRORS
 from app.pb import worker as pb
 from app.worker.job_master import JobMaster
 from app.worker.job_run import JobRun
@@ -44,8 +44,6 @@ Refusal = Callable[[JobWorkerError], "tuple[Status, float]"]
 MAX_RESULTS_PER_MESSAGE = 512
 
 _UNSPECIFIED = pb.JobState.JOB_STATE_UNSPECIFIED
-#: What the call's reads and writes raise once the client has gone.
-CALL_GONE = (StreamTerminatedError, ProtocolError, ConnectionError)
 
 
 class WorkStreamSession:
@@ -82,7 +80,7 @@ class WorkStreamSession:
                 self._ready.set()
         except BaseExceptionGroup as group:
             error = first_leaf(group)
-            if isinstance(error, CALL_GONE):
+            if isinstance(error, CALL_ERRORS):
                 return  # the client reset the call or went: there is nobody to answer
             raise error from None  # a status (a message that does not read) for grpclib to send
         finally:
