@@ -126,16 +126,13 @@ class DispatcherStatistics(msgspec.Struct, frozen=True, kw_only=True):
     store_busy: int
 
 
-class Intake:
+class Intake(msgspec.Struct, frozen=True):
     """What `Dispatcher.reserve_intake` holds for a job being submitted here: a slot, and maybe
-    a worker's room with the job as its first attempt there would make it."""
+    a worker's room, with the job as its first attempt there makes it (`dispatched`: the worker
+    is that attempt's)."""
 
-    __slots__ = ("address", "dispatched", "reservation")
-
-    def __init__(self, reservation: object) -> None:
-        self.reservation = reservation
-        self.address: str | None = None
-        self.dispatched: BatchJob | None = None
+    reservation: object
+    dispatched: BatchJob | None = None
 
 
 class Dispatcher:
@@ -549,20 +546,19 @@ class Dispatcher:
             return None
         reservation = object()
         self._slots.acquire_on_behalf_of_nowait(reservation)
-        intake = Intake(reservation)
         if any(self._waiting.values()) or anyio.current_time() < self._careful_until:
-            return intake  # others wait for a worker, or the workers must be asked first
+            return Intake(reservation)  # others wait for a worker, or they must be asked first
         address = self._choose(job, frozenset())
-        if address is not None:
-            self._worker_inflight[address] += 1  # its room, as a dispatch takes it
-            first = AttemptRecord(
-                number=1, worker=address, fencing_token=1, started_at=self._clock.timestamp()
-            )
-            intake.address = address
-            intake.dispatched = msgspec.structs.replace(
-                job, state=JobState.DISPATCHED, fencing_token=1, attempts=[first]
-            )
-        return intake
+        if address is None:
+            return Intake(reservation)
+        self._worker_inflight[address] += 1  # its room, as a dispatch takes it
+        first = AttemptRecord(
+            number=1, worker=address, fencing_token=1, started_at=self._clock.timestamp()
+        )
+        dispatched = msgspec.structs.replace(
+            job, state=JobState.DISPATCHED, fencing_token=1, attempts=[first]
+        )
+        return Intake(reservation, dispatched)
 
     def take_delivered(self, intake: Intake, delivered: Delivered | None) -> None:
         """The reserved slot goes to the entry the submit delivered (None: back to the pool),
@@ -572,12 +568,10 @@ class Dispatcher:
         attempt (the worker attaches to the run)."""
         self._slots.release_on_behalf_of(intake.reservation)
         running = self._task_group is not None
-        made = delivered is not None and delivered.dispatched
-        first: tuple[BatchJob, str] | None = None
-        if made and running and intake.dispatched is not None and intake.address is not None:
-            first = (intake.dispatched, intake.address)
-        elif intake.address is not None:
-            self._give_back(intake.address)
+        first = intake.dispatched
+        if first is not None and not (running and delivered is not None and delivered.dispatched):
+            self._give_back(first.attempts[-1].worker)
+            first = None
         if delivered is None or not running:
             self._slot_freed.set()
             return
@@ -586,9 +580,7 @@ class Dispatcher:
             self._counts["dispatched_on_submit"] += 1
         self._take(delivered.entry_id, delivered.job_id, first_attempt=first)
 
-    def _take(
-        self, entry_id: str, job_id: str, *, first_attempt: tuple[BatchJob, str] | None = None
-    ) -> None:
+    def _take(self, entry_id: str, job_id: str, *, first_attempt: BatchJob | None = None) -> None:
         assert self._task_group is not None
         if entry_id in self._entries:
             return  # ours already: Redis went back in time and delivered it again
@@ -598,17 +590,16 @@ class Dispatcher:
                                     name=f"job {job_id}")  # fmt: skip
 
     async def _handle(
-        self, entry_id: str, job_id: str, first_attempt: tuple[BatchJob, str] | None = None
+        self, entry_id: str, job_id: str, first_attempt: BatchJob | None = None
     ) -> None:
         # this task's own context: every line it logs is the job's
         bind_log_fields(job_id=job_id)
         self._losses_at_take[job_id] = self._data_losses
-        dispatched_to: str | None = None
+        dispatched = first_attempt is not None
         try:
             if first_attempt is not None:
                 # made by its submit's script: DISPATCHED under token 1, that worker's room taken
-                taken: Taken | None = Taken(job=first_attempt[0], fence=1, cancel_requested=False)
-                dispatched_to = first_attempt[1]
+                taken: Taken | None = Taken(job=first_attempt, fence=1, cancel_requested=False)
             else:
                 taken = await self._store.take(job_id)
             while True:
@@ -628,9 +619,9 @@ class Dispatcher:
                 if held.state.finished:
                     break
                 try:
-                    to, dispatched_to = dispatched_to, None
+                    first, dispatched = dispatched, False  # a job taken again starts afresh
                     if await self._drive(held, entry_id, taken.fence, taken.cancel_requested,
-                                         expect=taken.unverified, dispatched_to=to):  # fmt: skip
+                                         expect=taken.unverified, dispatched=first):  # fmt: skip
                         return  # ended here, and its entry acked by the same write
                 except _CopyOutOfDate:
                     # the fresh entry's copy was not the record any more (a cancel, a Redis
@@ -709,21 +700,23 @@ class Dispatcher:
         cancel: bool,
         *,
         expect: bytes | None,
-        dispatched_to: str | None = None,
+        dispatched: bool = False,
     ) -> bool:
         """Steps until the job ends, or until another holder has a newer token. True when it
         ended here and the final write acked its queue entry `entry_id`.
 
         `token` and `cancel`: the job's fence and cancel flag, read as it was taken. `expect`:
         the fresh entry's copy it was taken from, unverified: the first write expects it, and
-        raises `_CopyOutOfDate` when refused. `dispatched_to`: its first attempt, to that
-        worker, was made by its submit (written, the room taken): the call comes first."""
+        raises `_CopyOutOfDate` when refused. `dispatched`: its first attempt (the last in
+        `job.attempts`) was made by its submit, written and its worker's room taken: the call
+        comes first."""
         call: CallResult | None = None
         fresh = True  # `cancel` was read just now
-        if dispatched_to is not None:
+        if dispatched:
             self._budget.record_call()
             self._counts["dispatched"] += 1
-            call = await self._attempt(job, dispatched_to, token, job.attempts[-1])
+            attempt = job.attempts[-1]
+            call = await self._attempt(job, attempt.worker, token, attempt)
             fresh = False
         elif adopt(job):
             # its holder stopped during the attempt: the run may have ended meanwhile, and its
