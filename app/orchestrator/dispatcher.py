@@ -32,11 +32,12 @@ workers whether one of them has it already.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal
 
 import anyio
@@ -433,6 +434,15 @@ class Dispatcher:
     def _free_slots(self) -> int:
         return int(self._slots.available_tokens) - self._promised
 
+    @contextlib.contextmanager
+    def _promising(self, slots: int) -> Iterator[None]:
+        """Slots promised to the read or claim of the queue inside (see `_promised`)."""
+        self._promised += slots
+        try:
+            yield
+        finally:
+            self._promised -= slots
+
     async def _consume_loop(self) -> None:
         while not self._draining:
             free = self._free_slots()
@@ -442,17 +452,15 @@ class Dispatcher:
             # half the free slots at most: the blocked read mostly waits, and the submits taken
             # here meanwhile need the others
             count = min(max(1, free // 2), 64)
-            self._promised += count
             try:
-                entries = await self._store.read_new(self.consumer, count=count, block_ms=1000)
+                with self._promising(count):
+                    entries = await self._store.read_new(self.consumer, count=count, block_ms=1000)
             except QueueGone:
                 await self._recreate_queue()
                 continue
             except Exception as exc:  # Redis away: the jobs wait in the queue meanwhile
                 await anyio.sleep(self._queue_outage.failed(exc))
                 continue
-            finally:
-                self._promised -= count
             self._queue_outage.succeeded()
             for entry_id, job_id in entries:
                 self._take(entry_id, job_id)
@@ -469,19 +477,17 @@ class Dispatcher:
             # a claim period (and a retry) to refresh them first
             if self._store.unavailable_within(self._config.claim_idle_seconds + 1.0):
                 continue
-            self._promised += free
             try:
-                claimed = await self._store.claim_idle(
-                    self.consumer, min_idle_ms=idle_ms, count=free
-                )
+                with self._promising(free):
+                    claimed = await self._store.claim_idle(
+                        self.consumer, min_idle_ms=idle_ms, count=free
+                    )
             except QueueGone:
                 await self._recreate_queue()
                 continue
             except Exception as exc:
                 self._queue_outage.failed(exc)
                 continue
-            finally:
-                self._promised -= free
             for entry_id, job_id in claimed:
                 if entry_id not in self._entries:
                     log.info("claimed job %s from an orchestrator that stopped", job_id,
