@@ -363,26 +363,23 @@ class MemoryJobStore:
         self._entries[self._last_entry] = job.job_id
         self._entry_records[self._last_entry] = record  # as the Redis entry carries it
         self._unread.append(self._last_entry)
+        delivery = None
         if deliver_to and self._group:  # no group (Redis lost it): no delivery, as in Redis
             self._consumers[deliver_to] = anyio.current_time()
-            delivered = self._deliver_new(deliver_to, 1)
-            if not delivered:
-                return SubmitResult.CREATED, None, 0, None
-            entry_id, job_id = delivered[0]
-            # its own entry: the first attempt made in the same step, unless a fence is there
-            # already (left over, or junk: the dispatcher's write meets it)
-            made = job_id == job.job_id and self._fences.get(job_id) is None
-            if made and dispatched is not None:
-                self._records.set(job_id, encode_job(dispatched))
-                self._set_fence(job_id, 1)
-                self._fresh.take(job_id)  # the copy is not the record any more
-            made = made and dispatched is not None
-            delivery = Delivered(entry_id=entry_id, job_id=job_id, dispatched=made)
-            return SubmitResult.CREATED, None, 0, delivery
-        if self._arrived is not None:
+            for entry_id, job_id in self._deliver_new(deliver_to, 1):
+                # its own entry: the first attempt made in the same step, unless a fence is
+                # there already (left over, or junk: the dispatcher's write meets it)
+                made = False
+                if dispatched is not None and job_id == job.job_id and not self._fences.get(job_id):
+                    self._records.set(job_id, encode_job(dispatched))
+                    self._set_fence(job_id, 1)
+                    self._fresh.take(job_id)  # the copy is not the record any more
+                    made = True
+                delivery = Delivered(entry_id=entry_id, job_id=job_id, dispatched=made)
+        if self._unread and self._arrived is not None:  # an entry left unread wakes a read
             self._arrived.set()
             self._arrived = None
-        return SubmitResult.CREATED, None, 0, None
+        return SubmitResult.CREATED, None, 0, delivery
 
     async def get(self, job_id: str) -> BatchJob | None:
         """The record (a fresh copy), or None when there is none."""
